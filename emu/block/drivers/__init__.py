@@ -1,0 +1,1 @@
+"""Protocol and simple format drivers: ``file`` (POSIX), ``raw`` (offset/size window), ``blkdebug``."""
