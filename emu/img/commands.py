@@ -1,0 +1,107 @@
+"""The emu-img subcommands (each registered with :func:`emu.img.main.command`)."""
+
+from __future__ import annotations
+
+import sys
+
+from emu.block.qcow2 import check as qcheck
+from emu.errors import EmuError
+from emu.img.main import ImgError, UsageError, command
+from emu.img.output import to_json_pretty
+from emu.img.util import output_format, probe_format, qprint
+
+# ---------------------------------------------------------------------------- check
+
+
+def _check_dict(filename: str, fmt: str, r: qcheck.CheckResult) -> dict:
+    """ImageCheck as QAPI builds it: optional members only when non-zero, QAPI member order."""
+    d: dict = {"filename": filename, "format": fmt, "check-errors": r.check_errors}
+    for key, val in (("image-end-offset", r.image_end_offset), ("corruptions", r.corruptions),
+                     ("leaks", r.leaks), ("corruptions-fixed", r.corruptions_fixed),
+                     ("leaks-fixed", r.leaks_fixed), ("total-clusters", r.total_clusters),
+                     ("allocated-clusters", r.allocated_clusters),
+                     ("fragmented-clusters", r.fragmented_clusters),
+                     ("compressed-clusters", r.compressed_clusters)):
+        if val:
+            d[key] = val
+    return d
+
+
+def _dump_human_check(r: qcheck.CheckResult, quiet: bool) -> None:
+    if not (r.corruptions or r.leaks or r.check_errors):
+        qprint(quiet, "No errors were found on the image.\n")
+    else:
+        if r.corruptions:
+            qprint(quiet, f"\n{r.corruptions} errors were found on the image.\n"
+                          "Data may be corrupted, or further writes to the image may corrupt it.\n")
+        if r.leaks:
+            qprint(quiet, f"\n{r.leaks} leaked clusters were found on the image.\n"
+                          "This means waste of disk space, but no harm to data.\n")
+        if r.check_errors:
+            qprint(quiet, f"\n{r.check_errors} internal errors have occurred during the check.\n")
+    if r.total_clusters and r.allocated_clusters:
+        qprint(quiet, "%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n" % (
+            r.allocated_clusters, r.total_clusters, r.allocated_clusters * 100.0 / r.total_clusters,
+            r.fragmented_clusters * 100.0 / r.allocated_clusters,
+            r.compressed_clusters * 100.0 / r.allocated_clusters))
+    if r.image_end_offset:
+        qprint(quiet, f"Image end offset: {r.image_end_offset}\n")
+
+
+@command("check", "f:r:T:qU", ["format=", "repair=", "output=", "object=", "image-opts", "force-share"])
+def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename``; exit 0/1/2/3/63."""
+    fmt = None
+    fix = 0
+    quiet = False
+    out = "human"
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o in ("-r", "--repair"):
+            if v == "leaks":
+                fix = qcheck.FIX_LEAKS
+            elif v == "all":
+                fix = qcheck.FIX_LEAKS | qcheck.FIX_ERRORS
+            else:
+                raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {v}")
+        elif o == "-q":
+            quiet = True
+        elif o == "--output":
+            out = v
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    out = output_format(out)
+    filename = args[0]
+    fmt = probe_format(filename, fmt)
+    if fmt != "qcow2":
+        raise ImgError("This image format does not support checks", 63)
+    try:
+        res = qcheck.check_qcow2(filename, fix)
+    except qcheck.CheckError as err:
+        raise ImgError(f"Check failed: {err}") from None
+    except EmuError as err:
+        raise ImgError(str(err)) from None
+    if res.corruptions_fixed or res.leaks_fixed:
+        if out == "human":
+            qprint(quiet, "The following inconsistencies were found and repaired:\n\n"
+                          f"    {res.leaks_fixed} leaked clusters\n"
+                          f"    {res.corruptions_fixed} corruptions\n\n"
+                          "Double checking the fixed image now...\n")
+        fixed_leaks, fixed_corr = res.leaks_fixed, res.corruptions_fixed
+        try:
+            res = qcheck.check_qcow2(filename, 0)
+        except qcheck.CheckError as err:
+            raise ImgError(f"Check failed: {err}") from None
+        res.leaks_fixed, res.corruptions_fixed = fixed_leaks, fixed_corr
+    if out == "json":
+        sys.stdout.write(to_json_pretty(_check_dict(filename, fmt, res)) + "\n")
+    else:
+        _dump_human_check(res, quiet)
+    if res.check_errors:
+        raise ImgError("Check failed")
+    if res.corruptions:
+        return 2
+    if res.leaks:
+        return 3
+    return 0
