@@ -1,0 +1,379 @@
+"""The PC's cascaded 8259A programmable interrupt controllers.
+
+Master at 0x20/0x21 (IRQ 0-7), slave at 0xA0/0xA1 (IRQ 8-15) on the master's
+IRQ 2, and PIIX3's edge/level control registers (ELCR) at 0x4D0/0x4D1.
+Implements (Intel 8259A datasheet): ICW1-ICW4, OCW1 (IMR), OCW2 (non-specific,
+specific and rotating EOI, set priority, rotate in automatic EOI), OCW3 (IRR/ISR
+read select, poll, special mask), automatic EOI, special fully nested mode,
+edge and level triggering (ICW1.LTIM or ELCR), and spurious IRQ 7/15.
+
+The vCPU asks :meth:`PicPair.has_interrupt` (a plain attribute read, it is on the
+run loop's hot path) and :meth:`PicPair.acknowledge` (the INTA cycle, returns the
+vector); ``notify`` is called whenever the INTR output rises so the machine can
+kick a halted or running vCPU.  All state changes happen under one lock because
+the vCPU thread (port I/O, INTA) and the timer / I/O threads (IRQ lines) race.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from emu.hw.bus import IOBus
+from emu.hw.irq import IrqLine
+
+PIC_MASTER_BASE = 0x20
+PIC_SLAVE_BASE = 0xA0
+ELCR_BASE = 0x4D0
+#: Master input the slave's INT output is wired to.
+CASCADE_IRQ = 2
+
+# ICW1 bits
+ICW1_IC4 = 0x01
+ICW1_SNGL = 0x02
+ICW1_LTIM = 0x08
+ICW1_INIT = 0x10
+# ICW4 bits
+ICW4_AEOI = 0x02
+ICW4_SFNM = 0x10
+# OCW3 bits
+OCW3_RIS = 0x01
+OCW3_RR = 0x02
+OCW3_POLL = 0x04
+OCW3_SEL = 0x08
+OCW3_SMM = 0x20
+OCW3_ESMM = 0x40
+# OCW2 commands (bits 7-5)
+OCW2_ROTATE_AEOI_CLEAR = 0
+OCW2_NONSPECIFIC_EOI = 1
+OCW2_NOP = 2
+OCW2_SPECIFIC_EOI = 3
+OCW2_ROTATE_AEOI_SET = 4
+OCW2_ROTATE_NONSPECIFIC_EOI = 5
+OCW2_SET_PRIORITY = 6
+OCW2_ROTATE_SPECIFIC_EOI = 7
+
+#: ELCR bits that PIIX3 lets software set: IRQ 0, 1, 2, 8 and 13 are always edge.
+ELCR_MASK_MASTER = 0xF8
+ELCR_MASK_SLAVE = 0xDE
+
+
+class I8259:
+    """One 8259A chip; the pair's lock is held by every caller.
+
+    :param master: True for the master (its IRQ 2 input is the cascade).
+    """
+
+    def __init__(self, master: bool) -> None:
+        self.master = master
+        self.elcr = 0
+        self.elcr_mask = ELCR_MASK_MASTER if master else ELCR_MASK_SLAVE
+        self.reset()
+
+    def reset(self) -> None:
+        """Power-on state (ELCR survives: it belongs to PIIX3, not to the 8259)."""
+        self.last_irr = 0  # input levels seen, for edge detection
+        self.irr = 0
+        self.imr = 0
+        self.isr = 0
+        self.priority_add = 0  # lowest-priority rotation: IRQ priority_add has the highest priority
+        self.irq_base = 0
+        self.read_reg_select = 0  # 0: IRR, 1: ISR
+        self.poll = False
+        self.special_mask = False
+        self.init_state = 0  # 0 ready, 1 expects ICW2, 2 ICW3, 3 ICW4
+        self.auto_eoi = False
+        self.rotate_on_auto_eoi = False
+        self.special_fully_nested = False
+        self.init4 = False
+        self.single_mode = False
+        self.ltim = False
+
+    # ---- priority resolution --------------------------------------------------------------------
+
+    def _priority(self, mask: int) -> int:
+        """Priority (0 highest) of the highest-priority bit set in ``mask``; 8 if none."""
+        if not mask:
+            return 8
+        p = 0
+        add = self.priority_add
+        while not mask & (1 << ((p + add) & 7)):
+            p += 1
+        return p
+
+    def get_irq(self) -> int:
+        """The input that would be delivered now, or -1."""
+        mask = self.irr & ~self.imr
+        priority = self._priority(mask)
+        if priority == 8:
+            return -1
+        # Compare with the highest in service; in special mask mode masked in-service levels
+        # do not block, and in special fully nested mode the cascade input never does.
+        mask = self.isr
+        if self.special_mask:
+            mask &= ~self.imr
+        if self.special_fully_nested and self.master:
+            mask &= ~(1 << CASCADE_IRQ)
+        if priority < self._priority(mask):
+            return (priority + self.priority_add) & 7
+        return -1
+
+    def set_input(self, irq: int, level: bool) -> None:
+        """Drive input ``irq`` (0-7) to ``level``."""
+        mask = 1 << irq
+        if self.ltim or self.elcr & mask:
+            if level:
+                self.irr |= mask
+                self.last_irr |= mask
+            else:
+                self.irr &= ~mask
+                self.last_irr &= ~mask
+        else:
+            if level:
+                if not self.last_irr & mask:
+                    self.irr |= mask
+                self.last_irr |= mask
+            else:
+                self.last_irr &= ~mask
+
+    def intack(self, irq: int) -> None:
+        """The INTA cycle for ``irq``: move it from IRR to ISR (or EOI it at once in AEOI)."""
+        if self.auto_eoi:
+            if self.rotate_on_auto_eoi:
+                self.priority_add = (irq + 1) & 7
+        else:
+            self.isr |= 1 << irq
+        # A level-triggered request stays in IRR while its line is high.
+        if not (self.ltim or self.elcr & (1 << irq)):
+            self.irr &= ~(1 << irq)
+
+    # ---- guest access ---------------------------------------------------------------------------
+
+    def write(self, addr: int, val: int) -> None:
+        """Guest write to port offset ``addr`` (0 or 1)."""
+        if addr == 0:
+            if val & ICW1_INIT:
+                self.reset_for_icw1()
+                self.init_state = 1
+                self.init4 = bool(val & ICW1_IC4)
+                self.single_mode = bool(val & ICW1_SNGL)
+                self.ltim = bool(val & ICW1_LTIM)
+            elif val & OCW3_SEL:
+                if val & OCW3_POLL:
+                    self.poll = True
+                if val & OCW3_RR:
+                    self.read_reg_select = val & OCW3_RIS
+                if val & OCW3_ESMM:
+                    self.special_mask = bool(val & OCW3_SMM)
+            else:
+                self._ocw2(val)
+        else:
+            state = self.init_state
+            if state == 0:
+                self.imr = val
+            elif state == 1:
+                self.irq_base = val & 0xF8
+                if self.single_mode:
+                    self.init_state = 3 if self.init4 else 0
+                else:
+                    self.init_state = 2
+            elif state == 2:
+                self.init_state = 3 if self.init4 else 0  # ICW3: the cascade wiring is fixed on a PC
+            else:
+                self.special_fully_nested = bool(val & ICW4_SFNM)
+                self.auto_eoi = bool(val & ICW4_AEOI)
+                self.init_state = 0
+
+    def reset_for_icw1(self) -> None:
+        """ICW1 clears the mask and in-service registers and edge memory, keeps ELCR."""
+        elcr = self.elcr
+        irr = self.irr & elcr  # level requests whose line is still high stay pending
+        self.reset()
+        self.irr = irr
+
+    def _ocw2(self, val: int) -> None:
+        cmd = val >> 5
+        if cmd in (OCW2_ROTATE_AEOI_CLEAR, OCW2_ROTATE_AEOI_SET):
+            self.rotate_on_auto_eoi = cmd == OCW2_ROTATE_AEOI_SET
+        elif cmd in (OCW2_NONSPECIFIC_EOI, OCW2_ROTATE_NONSPECIFIC_EOI):
+            priority = self._priority(self.isr)
+            if priority != 8:
+                irq = (priority + self.priority_add) & 7
+                self.isr &= ~(1 << irq)
+                if cmd == OCW2_ROTATE_NONSPECIFIC_EOI:
+                    self.priority_add = (irq + 1) & 7
+        elif cmd == OCW2_SPECIFIC_EOI:
+            self.isr &= ~(1 << (val & 7))
+        elif cmd == OCW2_SET_PRIORITY:
+            self.priority_add = (val + 1) & 7
+        elif cmd == OCW2_ROTATE_SPECIFIC_EOI:
+            irq = val & 7
+            self.isr &= ~(1 << irq)
+            self.priority_add = (irq + 1) & 7
+
+    def read(self, addr: int) -> int:
+        """Guest read of port offset ``addr`` (poll word, IRR/ISR, or IMR)."""
+        if self.poll:
+            self.poll = False
+            irq = self.get_irq()
+            if irq < 0:
+                return 0
+            self.intack(irq)
+            return 0x80 | irq
+        if addr == 0:
+            return self.isr if self.read_reg_select else self.irr
+        return self.imr
+
+
+class PicPair:
+    """Master + slave 8259A with ELCR, as wired on a PC.
+
+    :param notify: called (outside the lock) each time INTR rises; the machine passes ``vcpu.kick``.
+    """
+
+    io_max_size = 1
+
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
+        self.master = I8259(master=True)
+        self.slave = I8259(master=False)
+        self.notify = notify
+        self._lock = threading.Lock()
+        #: INTR output level; read lock-free by the vCPU.
+        self.output = False
+        self._master_io = _PicPort(self, self.master)
+        self._slave_io = _PicPort(self, self.slave)
+        self._elcr_io = _ElcrPorts(self)
+
+    def register(self, bus: IOBus) -> None:
+        """Claim 0x20-0x21, 0xA0-0xA1 and 0x4D0-0x4D1 on ``bus``."""
+        bus.register_ports(PIC_MASTER_BASE, 2, self._master_io, "pic-master")
+        bus.register_ports(PIC_SLAVE_BASE, 2, self._slave_io, "pic-slave")
+        bus.register_ports(ELCR_BASE, 2, self._elcr_io, "elcr")
+
+    def irq_line(self, irq: int) -> IrqLine:
+        """A fresh :class:`IrqLine` wired to input ``irq`` (0-15)."""
+        if not 0 <= irq < 16:
+            raise ValueError(f"ISA IRQ {irq} does not exist")
+        return IrqLine(self, irq)
+
+    def reset(self) -> None:
+        """System reset: both chips to their power-on state; ELCR cleared as PIIX3 does."""
+        with self._lock:
+            for chip in (self.master, self.slave):
+                chip.elcr = 0
+                chip.reset()
+            self._update()
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def set_irq(self, irq: int, level: bool) -> None:
+        """Drive ISA IRQ ``irq`` (0-15); the :class:`IrqSink` entry point."""
+        with self._lock:
+            if irq < 8:
+                self.master.set_input(irq, level)
+            else:
+                self.slave.set_input(irq - 8, level)
+            rose = self._update()
+        if rose and self.notify is not None:
+            self.notify()
+
+    def _update(self) -> bool:
+        """Propagate slave INT to master IRQ 2, compute INTR; True if INTR rose (lock held)."""
+        self.master.set_input(CASCADE_IRQ, self.slave.get_irq() >= 0)
+        out = self.master.get_irq() >= 0
+        rose = out and not self.output
+        self.output = out
+        return rose
+
+    def _locked(self, fn: Callable[[], int | None]) -> int | None:
+        with self._lock:
+            result = fn()
+            rose = self._update()
+        if rose and self.notify is not None:
+            self.notify()
+        return result
+
+    # ---- the CPU side ---------------------------------------------------------------------------
+
+    def has_interrupt(self) -> bool:
+        """True while INTR is asserted (an unmasked request outranks everything in service)."""
+        return self.output
+
+    def acknowledge(self) -> int:
+        """The INTA cycle: the vector to deliver (a spurious IRQ 7/15 vector if the request went away)."""
+        with self._lock:
+            master = self.master
+            irq = master.get_irq()
+            if irq >= 0:
+                master.intack(irq)
+                if irq == CASCADE_IRQ:
+                    slave = self.slave
+                    irq2 = slave.get_irq()
+                    if irq2 >= 0:
+                        slave.intack(irq2)
+                    else:
+                        irq2 = 7  # spurious IRQ 15: the slave request vanished
+                    vector = slave.irq_base + irq2
+                else:
+                    vector = master.irq_base + irq
+            else:
+                vector = master.irq_base + 7  # spurious IRQ 7
+            rose = self._update()
+        if rose and self.notify is not None:
+            self.notify()
+        return vector
+
+    # ---- inspection (monitor, tests) ------------------------------------------------------------
+
+    def irr(self) -> int:
+        """IRR of both chips as a 16-bit mask (IRQ n = bit n)."""
+        return self.master.irr | (self.slave.irr << 8)
+
+    def isr(self) -> int:
+        """ISR of both chips as a 16-bit mask."""
+        return self.master.isr | (self.slave.isr << 8)
+
+    def imr(self) -> int:
+        """IMR of both chips as a 16-bit mask."""
+        return self.master.imr | (self.slave.imr << 8)
+
+
+class _PicPort:
+    """Ports base+0/base+1 of one chip."""
+
+    io_max_size = 1
+
+    def __init__(self, pair: PicPair, chip: I8259) -> None:
+        self.pair = pair
+        self.chip = chip
+        self.name = "pic-master" if chip.master else "pic-slave"
+
+    def io_read(self, offset: int, size: int) -> int:
+        return self.pair._locked(lambda: self.chip.read(offset))  # poll may change state
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        self.pair._locked(lambda: self.chip.write(offset, value & 0xFF))
+
+
+class _ElcrPorts:
+    """PIIX3 ELCR1 (0x4D0, IRQ 0-7) and ELCR2 (0x4D1, IRQ 8-15)."""
+
+    io_max_size = 1
+    name = "elcr"
+
+    def __init__(self, pair: PicPair) -> None:
+        self.pair = pair
+
+    def io_read(self, offset: int, size: int) -> int:
+        return (self.pair.slave if offset else self.pair.master).elcr
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        chip = self.pair.slave if offset else self.pair.master
+
+        def apply() -> None:
+            chip.elcr = value & chip.elcr_mask
+            # Re-evaluate inputs whose trigger mode changed: a level input drops a stale
+            # edge request whose line is now low (its last_irr bit is clear).
+            chip.irr &= ~chip.elcr | chip.last_irr
+
+        self.pair._locked(apply)
