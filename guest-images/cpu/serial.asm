@@ -1,0 +1,200 @@
+; serial - the simplest guest: programs the 16550 at COM1 directly (divisor, LCR, FIFO, MCR),
+; checks its registers read back as a 16550A does, loops bytes back through the UART, and
+; prints text by polling LSR.  Real mode, interrupts off throughout.
+
+%include "boot.inc"
+
+        USE_BITS 16
+main:
+        PUTLN "emu-guest cpu/serial start"
+
+        ; Divisor latch: 9600 baud (divisor 12) reads back through DLAB, then back to 115200.
+        ; Nothing may be printed while DLAB or loopback is on: values are collected first.
+        mov dx, COM1 + UART_LCR
+        mov al, 0x83                    ; DLAB + 8N1
+        out dx, al
+        mov dx, COM1 + UART_DLL
+        mov al, 12
+        out dx, al
+        mov dx, COM1 + UART_DLM
+        xor al, al
+        out dx, al
+        call read_divisor
+        mov [dl_9600], ebx
+        mov dx, COM1 + UART_DLL
+        mov al, 1
+        out dx, al
+        call read_divisor
+        mov [dl_115200], ebx
+        mov dx, COM1 + UART_LCR
+        mov al, 0x03                    ; DLAB off
+        out dx, al
+        in al, dx
+        movzx ebx, al
+        TEST "divisor"
+        CHECK "dl_9600", dword [dl_9600], 0x000C
+        CHECK "dl_115200", dword [dl_115200], 0x0001
+        CHECK "lcr", ebx, 0x03
+        ENDTEST
+
+        mov dx, COM1 + UART_SCR
+        mov al, 0x5A
+        out dx, al
+        in al, dx
+        movzx ebx, al
+        mov al, 0xA5
+        out dx, al
+        in al, dx
+        movzx ecx, al
+        TEST "scratch"
+        CHECK "scr_5a", ebx, 0x5A
+        CHECK "scr_a5", ecx, 0xA5
+        ENDTEST
+
+        ; Idle state with FIFOs on: IER reads 0, IIR = FIFO-enabled + no interrupt pending,
+        ; LSR = THR empty + transmitter empty once the last byte has gone.
+        call wait_temt
+        mov dx, COM1 + UART_IER
+        in al, dx
+        movzx ebx, al
+        mov dx, COM1 + UART_IIR
+        in al, dx
+        movzx ecx, al
+        mov dx, COM1 + UART_LSR
+        in al, dx
+        movzx edi, al
+        TEST "idle"
+        CHECK "ier", ebx, 0x00
+        CHECK "iir", ecx, 0xC1
+        CHECK "lsr", edi, 0x60
+        ENDTEST
+
+        ; THR-empty interrupt: enabling ETBEI with the THR empty raises it (IIR=C2); reading
+        ; IIR while it is the reported source clears it (IIR=C1).  CPU interrupts stay off.
+        call wait_temt
+        mov dx, COM1 + UART_IER
+        mov al, 0x02
+        out dx, al
+        mov dx, COM1 + UART_IIR
+        in al, dx
+        movzx ebx, al
+        in al, dx
+        movzx ecx, al
+        mov dx, COM1 + UART_IER
+        xor al, al
+        out dx, al
+        TEST "thri"
+        CHECK "iir_thri", ebx, 0xC2
+        CHECK "iir_after", ecx, 0xC1
+        ENDTEST
+
+        ; Loopback: MSR mirrors MCR (RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD), bytes sent
+        ; come back through RBR in order, DR follows the receive FIFO.
+        call wait_temt
+        mov dx, COM1 + UART_MCR
+        mov al, 0x1F                    ; LOOP + OUT2 + OUT1 + RTS + DTR
+        out dx, al
+        mov dx, COM1 + UART_MSR
+        in al, dx
+        mov [msr_1f], al
+        mov dx, COM1 + UART_MCR
+        mov al, 0x11                    ; LOOP + DTR
+        out dx, al
+        mov dx, COM1 + UART_MSR
+        in al, dx
+        mov [msr_11], al
+        mov si, loop_bytes
+        mov cx, loop_bytes_len
+.send:
+        lodsb
+        mov dx, COM1 + UART_THR
+        out dx, al
+        call wait_temt
+        loop .send
+        mov dx, COM1 + UART_LSR
+        in al, dx
+        mov [lsr_dr], al
+        xor ebx, ebx                    ; the bytes back, the first one ending in the top byte
+        mov cx, loop_bytes_len
+.recv:
+        mov dx, COM1 + UART_RBR
+        in al, dx
+        shl ebx, 8
+        mov bl, al
+        loop .recv
+        mov dx, COM1 + UART_LSR
+        in al, dx
+        mov [lsr_empty], al
+        mov dx, COM1 + UART_MCR
+        mov al, 0x03
+        out dx, al
+        TEST "loopback"
+        movzx eax, byte [msr_1f]
+        CHECK "msr_1f", eax, 0xF0
+        movzx eax, byte [msr_11]
+        CHECK "msr_11", eax, 0x20
+        movzx eax, byte [lsr_dr]
+        CHECK "lsr_rx", eax, 0x61       ; data ready, THR and transmitter empty
+        CHECK "rbr", ebx, 0x5AA5C30F
+        movzx eax, byte [lsr_empty]
+        CHECK "lsr_drained", eax, 0x60
+        ENDTEST
+
+        TEST "text"
+        PUTS " the quick brown fox jumps over the lazy dog 0123456789"
+        ENDTEST
+        PUTS "ascii:"
+        mov al, 0x20
+.ascii:
+        call putc16
+        inc al
+        cmp al, 0x7F
+        jne .ascii
+        call crlf16
+        FINISH
+
+; read_divisor: EBX = DLM:DLL read with DLAB set (LCR left at 0x83).
+read_divisor:
+        mov dx, COM1 + UART_LCR
+        mov al, 0x83
+        out dx, al
+        mov dx, COM1 + UART_DLM
+        in al, dx
+        mov bh, al
+        mov dx, COM1 + UART_DLL
+        in al, dx
+        mov bl, al
+        movzx ebx, bx
+        ret
+
+; wait_temt: poll LSR until the transmitter is empty (bounded).
+wait_temt:
+        push ecx
+        push ax
+        push dx
+        mov ecx, 0x100000
+        mov dx, COM1 + UART_LSR
+.poll:
+        in al, dx
+        test al, UART_LSR_TEMT
+        jnz .done
+        dec ecx
+        jnz .poll
+.done:
+        pop dx
+        pop ax
+        pop ecx
+        ret
+
+loop_bytes:     db 0x5A, 0xA5, 0xC3, 0x0F
+loop_bytes_len  equ $ - loop_bytes
+        align 4
+dl_9600:        dd 0
+dl_115200:      dd 0
+msr_1f:         db 0
+msr_11:         db 0
+lsr_dr:         db 0
+lsr_empty:      db 0
+
+%include "print.inc"
+%include "end.inc"

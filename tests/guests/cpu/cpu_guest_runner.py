@@ -1,0 +1,193 @@
+"""Boot the CPU/platform test guests (guest-images/cpu) on an emulator and parse their report.
+
+The same image runs on every emulator in :data:`EMULATORS` with the same command line (QEMU's
+``-machine pc`` with COM1 on stdio and isa-debug-exit at 0x501), so a guest's verdict on emu can
+be compared line by line with QEMU's.  :func:`emu_readiness` is the one switch that decides how
+emu's runs count while emu's machine is being built:
+
+- ``python -m emu -version`` fails, or emu cannot boot the ``serial`` guest: emu runs are skipped
+  with the reason (the probe result is cached for the session);
+- emu boots ``serial``: emu runs execute; a guest listed in :data:`EMU_CONFORMANT` (or every guest
+  when ``EMU_GUESTS_STRICT=1``) must pass, the others are ``xfail(strict=False)`` until they are
+  added there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, requires_qemu_system
+
+GUESTS_DIR = REPO / "guest-images" / "cpu"
+#: isa-debug-exit turns the value v the guest writes into exit status (v << 1) | 1.
+STATUS_PASS = (0 << 1) | 1
+STATUS_FAIL = (1 << 1) | 1
+#: First line every guest prints from its payload; printed twice means the machine reset.
+BANNER = "emu-guest cpu/{name} start"
+#: Guests that must pass on emu (not xfail) once emu boots; grow this as emu's layers land.
+EMU_CONFORMANT: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """An emulator binary that takes QEMU's command line."""
+
+    name: str
+    argv: tuple[str, ...]
+    timeout: float
+
+
+QEMU = Emulator("qemu", ("qemu-system-x86_64",), timeout=30.0)
+EMU = Emulator("emu", (sys.executable, "-m", "emu"), timeout=60.0)
+EMULATORS = [pytest.param(QEMU, marks=requires_qemu_system, id="qemu"), pytest.param(EMU, id="emu")]
+
+
+def machine_args(image: Path) -> list[str]:
+    """The machine every guest runs on (the brief's reference command line, minus the binary).
+
+    :param image: raw disk image to boot from (opened read-write, as QEMU's default).
+    """
+    return ["-machine", "pc", "-m", "64", "-nodefaults", "-display", "none", "-serial", "stdio",
+            "-drive", f"file={image},format=raw,if=ide",
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
+
+
+@dataclass
+class GuestRun:
+    """What one boot of a guest produced."""
+
+    emulator: str
+    guest: str
+    status: int | None          #: exit status; None when the run was killed at the timeout
+    output: str                 #: COM1 output (stdout), CR LF normalised
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        """The guest's lines from its banner on (firmware chatter before it is dropped)."""
+        banner = BANNER.format(name=self.guest)
+        lines = self.output.split("\n")
+        for i, line in enumerate(lines):
+            if line.strip() == banner:
+                return [line.rstrip() for line in lines[i + 1:] if line.strip()]
+        return []
+
+    def results(self) -> dict[str, str]:
+        """``{test: rest of its line}`` for every ``<test>: ...`` result line."""
+        found = {}
+        for line in self.lines:
+            m = re.match(r"^([\w-]+):(.*)$", line)
+            if m:
+                found[m.group(1)] = m.group(2).strip()
+        return found
+
+    def fields(self, test: str) -> dict[str, int]:
+        """The ``field=hex`` values a result line printed (``want=`` values are not included)."""
+        rest = self.results()[test]
+        values: dict[str, int] = {}
+        for name, value in re.findall(r"(\w+)=([0-9a-f]+)\b", rest):
+            if name != "want":
+                values[name] = int(value, 16)
+        return values
+
+    def describe(self) -> str:
+        """Everything needed to diagnose a failed run, for assertion messages."""
+        status = "timed out" if self.status is None else f"exit status {self.status}"
+        return (f"{self.guest} on {self.emulator}: {status}\n--- COM1 ---\n{self.output}"
+                f"\n--- stderr ---\n{self.stderr[-2000:]}")
+
+
+def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | None = None) -> GuestRun:
+    """Boot ``guest-images/cpu/<guest>.img`` (a private copy, so runs never share a lock) to its end.
+
+    :param emulator: which emulator to run.
+    :param guest: image name without ``.img``.
+    :param workdir: scratch directory for the image copy.
+    :param timeout: seconds before the run is killed (default: the emulator's).
+    """
+    image = workdir / f"{guest}-{emulator.name}.img"
+    shutil.copyfile(GUESTS_DIR / f"{guest}.img", image)
+    cmd = [*emulator.argv, *machine_args(image)]
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout or emulator.timeout, cwd=workdir)
+    except subprocess.TimeoutExpired as exc:
+        return GuestRun(emulator.name, guest, None, _text(exc.stdout), _text(exc.stderr))
+    return GuestRun(emulator.name, guest, proc.returncode, _text(proc.stdout), _text(proc.stderr))
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data.replace("\r\n", "\n")
+    return data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def emu_readiness(workdir: str) -> tuple[bool, str]:
+    """Whether emu's machine boots test guests yet, and why not: ``(ready, reason)``.
+
+    :param workdir: scratch directory for the probe (the first caller's; cached for the session).
+    """
+    try:
+        version = subprocess.run([*EMU.argv, "-version"], stdin=subprocess.DEVNULL,
+                                 capture_output=True, timeout=30, cwd=workdir)
+    except subprocess.TimeoutExpired:
+        return False, "`python -m emu -version` did not finish in 30 s"
+    if version.returncode != 0:
+        err = _text(version.stderr).strip().splitlines()
+        return False, (f"emu has no machine yet: `python -m emu -version` exited {version.returncode}"
+                       f" ({err[-1] if err else 'no message'})")
+    probe = run_guest(EMU, "serial", Path(workdir), timeout=30)
+    if probe.status != STATUS_PASS or "PASS" not in probe.lines:
+        status = "timed out" if probe.status is None else f"exit status {probe.status}"
+        tail = (probe.lines or probe.output.strip().splitlines() or ["no COM1 output"])[-1]
+        return False, f"emu's machine does not boot the serial guest yet ({status}, last line: {tail!r})"
+    return True, ""
+
+
+def prepare(emulator: Emulator, guest: str, request: pytest.FixtureRequest, workdir: Path) -> None:
+    """Skip or mark a test for ``emulator`` according to :func:`emu_readiness`.
+
+    :param emulator: the emulator the test is about to run.
+    :param guest: the guest it boots.
+    :param request: the test's request, to apply the xfail marker.
+    :param workdir: scratch directory for the readiness probe.
+    """
+    if emulator is not EMU:
+        return
+    ready, reason = emu_readiness(str(workdir))
+    if not ready:
+        pytest.skip(reason)
+    if guest not in EMU_CONFORMANT and os.environ.get("EMU_GUESTS_STRICT") != "1":
+        request.applymarker(pytest.mark.xfail(
+            strict=False, reason=f"{guest} is not yet in EMU_CONFORMANT (emu's machine is new)"))
+
+
+def assert_passed(run: GuestRun, tests: list[str]) -> None:
+    """The verdict every guest must reach: each named check line ends ``ok``, then ``PASS``,
+    exit status 1, and no reset on the way.
+
+    :param run: the finished run.
+    :param tests: names of the result lines the guest must print, in order.
+    """
+    banner = BANNER.format(name=run.guest)
+    assert run.output.count(banner) == 1, f"banner seen {run.output.count(banner)} times\n{run.describe()}"
+    results = run.results()
+    for test in tests:
+        assert test in results, f"no {test!r} line\n{run.describe()}"
+        assert results[test].endswith(" ok") or results[test] == "ok", f"{test}: {results[test]}\n{run.describe()}"
+    order = [t for t in results if t in tests]
+    assert order == tests, f"result lines out of order: {order}\n{run.describe()}"
+    assert run.lines[-1] == "PASS", run.describe()
+    assert run.status == STATUS_PASS, run.describe()
