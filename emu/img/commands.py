@@ -10,6 +10,9 @@ from emu.img.main import ImgError, UsageError, command
 from emu.img.output import to_json_pretty
 from emu.img.util import output_format, probe_format, qprint
 
+# The other command modules register themselves on import.
+from emu.img import cmd_copy, cmd_image  # noqa: E402,F401  (after the shared imports)
+
 # ---------------------------------------------------------------------------- check
 
 

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except EmuError as err:
         error_report(str(err))
         code = 1
+    except OSError as err:
+        # Host errors outside the block layer (e.g. a full disk while creating).
+        error_report(err.strerror or str(err))
+        code = 1
     except KeyboardInterrupt:
         code = 1
     except BrokenPipeError:
@@ -133,12 +137,12 @@ def _dispatch(args: list[str]) -> int:
     if name not in COMMANDS:
         raise UsageError(f"Command not found: {name}")
     fn, shortopts, longopts = COMMANDS[name]
+    pre = getattr(fn, "preparse", None)
+    if pre is not None:
+        args = pre(args)
     opts, operands = parse_opts(args, shortopts, longopts)
     if any(o in ("-h", "--help") for o, _ in opts):
         sys.stdout.write(usage())
         return 0
     return fn(opts, operands)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

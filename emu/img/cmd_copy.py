@@ -1,0 +1,371 @@
+"""emu-img subcommands that move data between images: convert, compare, bench."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from emu.errors import EmuError
+from emu.img.cmd_image import Progress, block_status_above, create_image, parse_o
+from emu.img.imgopen import session
+from emu.img.main import ImgError, UsageError, command
+from emu.img.util import parse_size, qprint
+
+#: Bytes read per request (qemu-img's IO_BUF_SIZE is 2 MiB).
+IO_BUF_SIZE = 2 << 20
+SECTOR = 512
+
+
+def _first_diff_sector(a: bytes, b: bytes) -> int:
+    """Offset of the first 512-byte sector that differs (``len`` if none)."""
+    if a == b:
+        return len(a)
+    lo, hi = 0, len(a)
+    # Binary search on equal prefixes keeps this in C for large buffers.
+    while hi - lo > SECTOR:
+        mid = lo + ((hi - lo) // 2 // SECTOR) * SECTOR or lo + SECTOR
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _first_nonzero_sector(buf: bytes) -> int:
+    """Offset of the first 512-byte sector holding a non-zero byte, or -1."""
+    stripped = buf.lstrip(b"\0")
+    if not stripped:
+        return -1
+    return ((len(buf) - len(stripped)) // SECTOR) * SECTOR
+
+
+# ---------------------------------------------------------------------------- convert
+
+@command("convert", "f:O:B:Cco:l:S:pt:T:qnm:WUr:F:",
+         ["object=", "image-opts", "target-image-opts", "salvage", "target-is-zero", "bitmaps",
+          "force-share", "skip-broken-bitmaps"])
+def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt]
+    [-o options] [-S sparse_size] filename [filename2 [...]] output_filename``."""
+    fmt = None
+    out_fmt = "raw"
+    olist: list[str] = []
+    compress = progress = quiet = no_create = share = False
+    cache = "unsafe"
+    src_cache = None
+    sparse = 4096
+    for o, v in opts:
+        if o == "-f":
+            fmt = v
+        elif o == "-O":
+            out_fmt = v
+        elif o == "-o":
+            olist.append(v)
+        elif o == "-c":
+            compress = True
+        elif o == "-p":
+            progress = True
+        elif o == "-q":
+            quiet = True
+        elif o == "-n":
+            no_create = True
+        elif o in ("-U", "--force-share"):
+            share = True
+        elif o == "-t":
+            cache = v
+        elif o == "-T":
+            src_cache = v
+        elif o == "-S":
+            try:
+                sparse = parse_size(v)
+            except ValueError:
+                raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are "
+                               "multiples of 512 up to 16M.") from None
+            if sparse % SECTOR or sparse > 16 << 20:
+                raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are "
+                               "multiples of 512 up to 16M.")
+        elif o == "-B":
+            raise ImgError("emu-img convert does not support -B")
+    if len(args) < 2:
+        raise ImgError("Must specify image file name")
+    if out_fmt not in ("qcow2", "raw"):
+        raise ImgError(f"Unknown file format '{out_fmt}'")
+    if compress and out_fmt != "qcow2":
+        raise ImgError("Compression not supported for this file format")
+    *srcs, target = args
+    with session() as s:
+        nodes = [s.open(f, fmt, read_only=True, force_share=share, cache=src_cache) for f in srcs]
+        total = sum(n.size for n in nodes)
+        if not no_create:
+            o = parse_o(out_fmt, olist, target)
+            create_image(target, out_fmt, total, o, quiet=True)
+        dst = s.open(target, out_fmt, read_only=False, cache=cache)
+        if no_create and dst.size < total:
+            raise ImgError("Error while writing to target image")  # qemu: size check before copy
+        fresh = not no_create
+        if compress and not hasattr(dst.impl, "write_compressed"):
+            raise ImgError("Compression not supported for this file format")
+        gran = getattr(dst.impl, "cluster_size", 0) or 65536
+        if compress:
+            gran = dst.impl.cluster_size
+        prog = Progress(progress and not quiet, 1.0)
+        base = 0
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            prog.update(done[0] * 100.0 / total if total else 100.0)
+
+        try:
+            for src in nodes:
+                _convert_one(src, dst, base, fresh, sparse, compress, gran, tick)
+                base += src.size
+            dst.flush()
+        except EmuError as err:
+            raise ImgError(f"error while writing at byte {base}: {err}") from None
+        prog.force(100.0)
+        prog.end()
+    return 0
+
+
+def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, gran: int, tick) -> None:
+    size = src.size
+    zero = bytes(max(sparse, gran, SECTOR))
+    off = 0
+    while off < size:
+        ent, n = block_status_above(src, off, min(size - off, 1 << 30))
+        if not ent["data"]:
+            if not fresh:
+                dst.write_zeroes(base + off, n)
+            tick(n)
+            off += n
+            continue
+        end = off + n
+        pos = off
+        while pos < end:
+            m = min(IO_BUF_SIZE, end - pos)
+            buf = src.read(pos, m)
+            if compress:
+                _write_compressed(dst, base + pos, buf, gran)
+            elif sparse == 0:
+                dst.write(base + pos, buf)
+            else:
+                _write_sparse(dst, base + pos, buf, max(sparse, SECTOR), zero, fresh)
+            tick(m)
+            pos += m
+        off = end
+
+
+def _write_sparse(dst, offset: int, buf: bytes, step: int, zero: bytes, fresh: bool) -> None:
+    """Write ``buf`` skipping ``step``-sized all-zero blocks (written as zeroes when not fresh)."""
+    mv = memoryview(buf)
+    if buf.count(0) == len(buf):
+        if not fresh:
+            dst.write_zeroes(offset, len(buf))
+        return
+    i = 0
+    n = len(buf)
+    zstep = zero[:step]
+    while i < n:
+        # Extend a run of blocks of one kind, then issue it as one request.
+        j = i
+        is_zero = mv[i:i + step] == zstep[:len(mv[i:i + step])]
+        while j < n and (mv[j:j + step] == zstep[:len(mv[j:j + step])]) == is_zero:
+            j += step
+        j = min(j, n)
+        if not is_zero:
+            dst.write(offset + i, bytes(mv[i:j]))
+        elif not fresh:
+            dst.write_zeroes(offset + i, j - i)
+        i = j
+
+
+def _write_compressed(dst, offset: int, buf: bytes, cluster: int) -> None:
+    for i in range(0, len(buf), cluster):
+        piece = buf[i:i + cluster]
+        if piece.count(0) == len(piece):
+            continue
+        if len(piece) < cluster or (offset + i) % cluster:
+            dst.write(offset + i, piece)
+        else:
+            with dst.lock:
+                dst.impl.write_compressed(offset + i, piece)
+
+
+# ---------------------------------------------------------------------------- compare
+
+@command("compare", "f:F:T:pqsU", ["object=", "image-opts", "force-share"])
+def cmd_compare(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2``.
+
+    Exit 0: identical; 1: different; 2: an error opened or read the images.
+    """
+    fmt1 = fmt2 = None
+    progress = quiet = strict = share = False
+    cache = None
+    for o, v in opts:
+        if o == "-f":
+            fmt1 = v
+        elif o == "-F":
+            fmt2 = v
+        elif o == "-T":
+            cache = v
+        elif o == "-p":
+            progress = True
+        elif o == "-q":
+            quiet = True
+        elif o == "-s":
+            strict = True
+        elif o in ("-U", "--force-share"):
+            share = True
+    if len(args) != 2:
+        raise UsageError("Expecting two image file names")
+    if fmt2 is None:
+        fmt2 = fmt1
+    f1, f2 = args
+    try:
+        return _compare(f1, f2, fmt1, fmt2, cache, share, quiet, strict, progress and not quiet)
+    except ImgError as err:
+        if err.code == 1:
+            err.code = 2
+        raise
+
+
+def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, strict: bool,
+             progress: bool) -> int:
+    with session() as s:
+        bs1 = s.open(f1, fmt1, read_only=True, force_share=share, cache=cache)
+        bs2 = s.open(f2, fmt2, read_only=True, force_share=share, cache=cache)
+        prog = Progress(progress, 2.0)
+        size1, size2 = bs1.size, bs2.size
+        total = min(size1, size2)
+        if strict and size1 != size2:
+            qprint(quiet, "Strict mode: Image size mismatch!\n")
+            return 1
+        off = 0
+        try:
+            while off < total:
+                st1, n1 = block_status_above(bs1, off, total - off)
+                st2, n2 = block_status_above(bs2, off, total - off)
+                chunk = min(n1, n2)
+                a1, a2 = st1["present"], st2["present"]
+                if strict and (a1, st1["zero"], st1["data"]) != (a2, st2["zero"], st2["data"]):
+                    qprint(quiet, f"Strict mode: Offset {off} block status mismatch!\n")
+                    return 1
+                if st1["zero"] and st2["zero"]:
+                    pass
+                elif a1 == a2:
+                    chunk = min(chunk, IO_BUF_SIZE)
+                    b1, b2 = bs1.read(off, chunk), bs2.read(off, chunk)
+                    d = _first_diff_sector(b1, b2)
+                    if d < chunk:
+                        qprint(quiet, f"Content mismatch at offset {off + d}!\n")
+                        return 1
+                else:
+                    chunk = min(chunk, IO_BUF_SIZE)
+                    node = bs1 if a1 else bs2
+                    i = _first_nonzero_sector(node.read(off, chunk))
+                    if i >= 0:
+                        qprint(quiet, f"Content mismatch at offset {off + i}!\n")
+                        return 1
+                off += chunk
+                prog.update(off * 100.0 / total)
+            if size1 != size2:
+                qprint(quiet, "Warning: Image size mismatch!\n")
+                big = bs1 if size1 > size2 else bs2
+                off = total
+                while off < big.size:
+                    st, n = block_status_above(big, off, big.size - off)
+                    n = min(n, IO_BUF_SIZE)
+                    if not st["zero"]:
+                        i = _first_nonzero_sector(big.read(off, n))
+                        if i >= 0:
+                            qprint(quiet, f"Content mismatch at offset {off + i}!\n")
+                            return 1
+                    off += n
+        except EmuError as err:
+            raise ImgError(f"Error while reading offset {off}: {err}", 4) from None
+        qprint(quiet, "Images are identical.\n")
+        prog.end()
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench
+
+@command("bench", "c:d:f:ni:o:qs:S:t:wU",
+         ["flush-interval=", "no-drain", "pattern=", "force-share", "object=", "image-opts"])
+def cmd_bench(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``bench [-c count] [-d depth] [-f fmt] [-o offset] [-q] [-s buffer_size] [-S step_size]
+    [-t cache] [-w] [-U] [--pattern=p] [--flush-interval=n] filename``: sequential I/O timing."""
+    count, depth, fmt = 75000, 64, None
+    offset, size, step = 0, 4096, None
+    cache = "writeback"
+    write = quiet = share = False
+    pattern = 0
+    flush_interval = 0
+    for o, v in opts:
+        try:
+            if o == "-c":
+                count = int(v)
+            elif o == "-d":
+                depth = int(v)
+            elif o == "-f":
+                fmt = v
+            elif o == "-n":
+                cache = "none"
+            elif o == "-o":
+                offset = parse_size(v)
+            elif o == "-s":
+                size = parse_size(v)
+            elif o == "-S":
+                step = parse_size(v)
+            elif o == "-t":
+                cache = v
+            elif o == "-w":
+                write = True
+            elif o == "-q":
+                quiet = True
+            elif o in ("-U", "--force-share"):
+                share = True
+            elif o == "--pattern":
+                pattern = int(v, 0)
+            elif o == "--flush-interval":
+                flush_interval = int(v)
+        except ValueError:
+            raise ImgError(f"Invalid {o.lstrip('-')} specified") from None
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    if step is None:
+        step = size
+    with session() as s:
+        bs = s.open(args[0], fmt, read_only=not write, force_share=share and not write, cache=cache)
+        image_size = bs.size
+        if image_size < size:
+            raise ImgError("Image size is smaller than buffer size")
+        qprint(quiet, "Sending %d %s requests, %d bytes each, %d in parallel (starting at offset %d, "
+                      "step size %d)%s\n" % (count, "write" if write else "read", size, depth, offset, step,
+                                             f" with flush interval {flush_interval}" if flush_interval
+                                             else ""))
+        sys.stdout.flush()
+        buf = bytes([pattern & 0xFF]) * size
+        start = time.monotonic()
+        pos = offset
+        try:
+            for i in range(count):
+                if pos + size > image_size:
+                    pos = 0
+                if write:
+                    bs.write(pos, buf)
+                    if flush_interval and (i + 1) % flush_interval == 0:
+                        bs.flush()
+                else:
+                    bs.read(pos, size)
+                pos = (pos + step) % image_size
+            if write:
+                bs.flush()
+        except EmuError as err:
+            raise ImgError(f"Failed request: {err}") from None
+        elapsed = time.monotonic() - start
+    qprint(quiet, "Run completed in %3.3f seconds.\n" % elapsed)
+    return 0

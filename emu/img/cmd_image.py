@@ -1,0 +1,814 @@
+"""emu-img subcommands that create or inspect one image: create, info, snapshot, map, resize,
+commit, rebase."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from emu.errors import EmuError
+from emu.img.imgopen import session
+from emu.img.main import ImgError, UsageError, command
+from emu.img.output import (SNAPSHOT_HEADER_LINE, qdict_order, size_to_str, snapshot_line,
+                            to_json_pretty)
+from emu.img.util import output_format, parse_size, qprint
+
+# ---------------------------------------------------------------------------- create options
+
+#: qcow2 creation options in the order qemu-img prints them on its "Formatting" line,
+#: with their defaults (None: printed only when given).
+QCOW2_CREATE_OPTS: list[tuple[str, str | None]] = [
+    ("cluster_size", "65536"), ("extended_l2", "off"), ("preallocation", None),
+    ("compression_type", "zlib"), ("size", None), ("backing_file", None), ("backing_fmt", None),
+    ("compat", None), ("lazy_refcounts", "off"), ("refcount_bits", "16"),
+]
+RAW_CREATE_OPTS: list[tuple[str, str | None]] = [("size", None), ("preallocation", None)]
+_SIZE_OPTS = {"cluster_size", "size"}
+_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def parse_o(fmt: str, items: list[str], filename: str) -> dict[str, str]:
+    """Parse ``-o key=value[,key=value]`` lists (QemuOpts syntax: ``,,`` escapes a comma)."""
+    table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
+    known = {k for k, _ in table}
+    out: dict[str, str] = {}
+    for item in items:
+        parts, cur, i = [], "", 0
+        while i < len(item):
+            if item[i] == "," and item[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            if item[i] == ",":
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += item[i]
+            i += 1
+        parts.append(cur)
+        for p in parts:
+            if not p:
+                continue
+            key, eq, val = p.partition("=")
+            if not eq:
+                raise ImgError(f"{filename}: Invalid parameter '{key}'")
+            if key not in known:
+                raise ImgError(f"{filename}: Invalid parameter '{key}'")
+            if key in _SIZE_OPTS:
+                try:
+                    val = str(parse_size(val))
+                except ValueError:
+                    raise ImgError(f"{filename}: Parameter '{key}' expects a non-negative number below 2^64\n"
+                                   "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, "
+                                   "peta-\nand exabytes, respectively.") from None
+            out[key] = val
+    return out
+
+
+def formatting_line(filename: str, fmt: str, opts: dict[str, str]) -> str:
+    """qemu-img create's ``Formatting '...', fmt=... `` line."""
+    table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
+    parts = [f"Formatting '{filename}', fmt={fmt}"]
+    for key, default in table:
+        val = opts.get(key, default)
+        if val is not None:
+            parts.append(f"{key}={val}")
+    return " ".join(parts) + "\n"
+
+
+def _bool_opt(opts: dict[str, str], key: str, filename: str) -> bool:
+    v = opts.get(key, "off")
+    if v not in _BOOL:
+        raise ImgError(f"{filename}: Parameter '{key}' expects 'on' or 'off'")
+    return _BOOL[v]
+
+
+def create_image(filename: str, fmt: str, size: int, opts: dict[str, str], *, quiet: bool = False,
+                 unsafe: bool = False) -> None:
+    """Create an image as ``qemu-img create`` does (prints the Formatting line unless ``quiet``).
+
+    :param opts: parsed ``-o`` options (``cluster_size``, ``compat``, ``lazy_refcounts``,
+        ``preallocation``, ``backing_file``, ``backing_fmt``, ``refcount_bits``).
+    :raises ImgError: with qemu-img's text.
+    """
+    opts = dict(opts)
+    opts["size"] = str(size)
+    qprint(quiet, formatting_line(filename, fmt, opts))
+    sys.stdout.flush()
+    prealloc = opts.get("preallocation", "off")
+    if fmt == "raw":
+        if prealloc not in ("off", "falloc", "full"):
+            raise ImgError(f"{filename}: Invalid parameter '{prealloc}'")
+        try:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as err:
+            raise ImgError(f"{filename}: Could not create '{filename}': {os.strerror(err.errno)}") from None
+        try:
+            os.ftruncate(fd, size)
+            if prealloc in ("falloc", "full") and size:
+                os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+        return
+    cluster_size = int(opts.get("cluster_size", "65536"))
+    if cluster_size < 512 or cluster_size > 2 * 1024 * 1024 or cluster_size & (cluster_size - 1):
+        raise ImgError(f"{filename}: Cluster size must be a power of two between 512 and 2048k")
+    compat = opts.get("compat", "1.1")
+    if compat in ("0.10", "v2"):
+        version = 2
+    elif compat in ("1.1", "v3"):
+        version = 3
+    else:
+        raise ImgError(f"{filename}: Invalid parameter '{compat}'")
+    lazy = _bool_opt(opts, "lazy_refcounts", filename)
+    if lazy and version < 3:
+        raise ImgError(f"{filename}: Lazy refcounts only supported with compatibility level 1.1 and above "
+                       "(use version=v3 or greater)")
+    if _bool_opt(opts, "extended_l2", filename):
+        raise ImgError(f"{filename}: Extended L2 entries are not supported")
+    if opts.get("compression_type", "zlib") != "zlib":
+        raise ImgError(f"{filename}: Invalid parameter '{opts['compression_type']}'")
+    refcount_bits = int(opts.get("refcount_bits", "16"))
+    if refcount_bits > 64 or refcount_bits & (refcount_bits - 1) or refcount_bits < 1:
+        raise ImgError(f"{filename}: Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise ImgError(f"{filename}: Different refcount widths than 16 bits require compatibility level "
+                       "1.1 or above (use version=v3 or greater)")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise ImgError(f"{filename}: Invalid parameter '{prealloc}'")
+    backing_file = opts.get("backing_file")
+    backing_fmt = opts.get("backing_fmt")
+    if backing_file and prealloc != "off":
+        raise ImgError(f"{filename}: Backing file and preallocation can only be used at the same time "
+                       "if extended_l2 is on")
+    try:
+        from emu.block.qcow2 import create as qcreate
+    except ImportError:
+        raise ImgError(f"{filename}: qcow2 creation is not available") from None
+    try:
+        qcreate.create_qcow2(filename, size, cluster_size=cluster_size, version=version,
+                             lazy_refcounts=lazy, refcount_bits=refcount_bits, preallocation=prealloc,
+                             backing_file=backing_file, backing_format=backing_fmt)
+    except EmuError as err:
+        raise ImgError(f"{filename}: {err}") from None
+    except OSError as err:
+        raise ImgError(f"{filename}: Could not create '{filename}': {os.strerror(err.errno or 5)}") from None
+
+
+@command("create", "F:b:f:o:qu", ["object="])
+def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]``."""
+    fmt = "raw"
+    base = base_fmt = None
+    olist: list[str] = []
+    quiet = unsafe = False
+    for o, v in opts:
+        if o == "-f":
+            fmt = v
+        elif o == "-b":
+            base = v
+        elif o == "-F":
+            base_fmt = v
+        elif o == "-o":
+            olist.append(v)
+        elif o == "-q":
+            quiet = True
+        elif o == "-u":
+            unsafe = True
+    if not args:
+        raise UsageError("Expecting image file name")
+    filename = args[0]
+    if fmt not in ("qcow2", "raw"):
+        raise ImgError(f"Unknown file format '{fmt}'")
+    if any(x.strip() == "help" for x in olist):
+        table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
+        sys.stdout.write(f"Supported options:\n" + "".join(f"  {k}\n" for k, _ in table))
+        return 0
+    o = parse_o(fmt, olist, filename)
+    if base is not None:
+        o["backing_file"] = base
+    if base_fmt is not None:
+        o["backing_fmt"] = base_fmt
+    if len(args) > 2:
+        raise UsageError("Unexpected argument: " + args[2])
+    size: int | None = None
+    if len(args) == 2:
+        try:
+            size = parse_size(args[1])
+        except ValueError:
+            if args[1].lstrip().startswith("-") or _too_big(args[1]):
+                raise ImgError("Invalid image size specified. Must be between 0 and 9223372036854775807.") from None
+            raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+                           f"{_prog()}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    elif "size" in o:
+        size = int(o["size"])
+    bfile = o.get("backing_file")
+    if bfile and fmt != "qcow2":
+        raise ImgError(f"{filename}: Invalid parameter 'backing_file'")
+    if bfile and not o.get("backing_fmt"):
+        # qemu-img 7.2 refuses to probe the backing format on create.
+        detected = _detect_backing_fmt(filename, bfile)
+        raise ImgError(f"{filename}: Backing file specified without backing format"
+                       + (f"\nDetected format of {detected}." if detected else ""))
+    if bfile and (size is None or not unsafe):
+        from emu.block.node import resolve_backing_path
+        try:
+            with session() as s:
+                bs = s.open(resolve_backing_path(filename, bfile), o.get("backing_fmt"), read_only=True,
+                            force_share=True)
+                bsize = bs.size
+        except ImgError as err:
+            msg = str(err)
+            if msg.startswith("Could not open '"):
+                msg = msg.split(": ", 1)[1] if msg.count(": ") >= 2 else msg
+            qprint(quiet, formatting_line(filename, fmt, dict(o, size=str(size if size is not None else 0))))
+            raise ImgError(f"{filename}: {_strip_open(str(err))}\nCould not open backing image.") from None
+        if size is None:
+            size = bsize
+    if size is None:
+        raise ImgError(f"{filename}: Image creation needs a size parameter")
+    create_image(filename, fmt, size, o, quiet=quiet, unsafe=unsafe)
+    return 0
+
+
+def _strip_open(msg: str) -> str:
+    # "Could not open 'x': Could not open 'x': reason" -> "Could not open 'x': reason"
+    head = "Could not open '"
+    if msg.startswith(head) and msg.count(head) >= 2:
+        return msg[msg.index(head, 1):]
+    return msg
+
+
+def _detect_backing_fmt(filename: str, bfile: str) -> str | None:
+    from emu.block.node import resolve_backing_path
+    try:
+        with open(resolve_backing_path(filename, bfile), "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError:
+        return None
+
+
+def _too_big(text: str) -> bool:
+    try:
+        return parse_size(text.replace("E", "P").replace("e", "p")) >= 0 and text[-1:] in "eE"
+    except ValueError:
+        return False
+
+
+def _prog() -> str:
+    from emu.img.main import PROG
+    return PROG
+
+
+# ---------------------------------------------------------------------------- info
+
+def _dump_specific(d: dict, indent: int) -> str:
+    """qemu's dump_qdict for ``Format specific information``."""
+    out = []
+    pad = " " * indent
+    for key in qdict_order(d):
+        val = d[key]
+        name = key.replace("-", " ")
+        if isinstance(val, dict):
+            out.append(f"{pad}{name}:\n" + _dump_specific(val, indent + 4))
+        elif isinstance(val, list):
+            out.append(f"{pad}{name}:\n")
+            for i, item in enumerate(val):
+                if isinstance(item, dict):
+                    out.append(f"{pad}    [{i}]:\n" + _dump_specific(item, indent + 8))
+                else:
+                    out.append(f"{pad}    [{i}]: {_scalar_text(item)}\n")
+        else:
+            out.append(f"{pad}{name}: {_scalar_text(val)}\n")
+    return "".join(out)
+
+
+def _scalar_text(v: Any) -> str:
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return str(v)
+
+
+def human_info(info: dict) -> str:
+    """qemu's bdrv_image_info_dump."""
+    actual = info.get("actual-size")
+    lines = [f"image: {info['filename']}\n", f"file format: {info['format']}\n",
+             f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)\n",
+             f"disk size: {size_to_str(actual) if actual is not None else 'unavailable'}\n"]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes\n")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}\n")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no\n")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line + "\n")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}\n")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:\n" + SNAPSHOT_HEADER_LINE + "\n")
+        for sn in info["snapshots"]:
+            lines.append(_snap_row(sn) + "\n")
+    spec = info.get("format-specific")
+    if spec:
+        lines.append("Format specific information:\n")
+        lines.append(_dump_specific(spec.get("data", {}), 4))
+    return "".join(lines)
+
+
+def _snap_row(sn: dict) -> str:
+    return snapshot_line(sn["id"], sn["name"], sn.get("vm-state-size", 0), sn.get("date-sec", 0),
+                         sn.get("vm-clock-sec", 0) * 1_000_000_000 + sn.get("vm-clock-nsec", 0),
+                         sn.get("icount"))
+
+
+def _clean_info(info: dict) -> dict:
+    info = {k: v for k, v in info.items() if k != "backing-image"}
+    return info
+
+
+@command("info", "f:U", ["format=", "output=", "backing-chain", "object=", "image-opts", "force-share"])
+def cmd_info(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename``."""
+    fmt = None
+    out = "human"
+    chain = share = False
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o == "--output":
+            out = v
+        elif o == "--backing-chain":
+            chain = True
+        elif o in ("-U", "--force-share"):
+            share = True
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    out = output_format(out)
+    filename = args[0]
+    with session() as s:
+        bs = s.open(filename, fmt, read_only=True, force_share=share)
+        nodes = bs.backing_chain() if chain else [bs]
+        infos = []
+        for n in nodes:
+            try:
+                infos.append(_clean_info(n.image_info()))
+            except EmuError as err:
+                raise ImgError(str(err)) from None
+    if out == "json":
+        sys.stdout.write(to_json_pretty(infos if chain else infos[0]) + "\n")
+    else:
+        sys.stdout.write("\n".join(human_info(i) for i in infos))
+    return 0
+
+
+# ---------------------------------------------------------------------------- snapshot
+
+@command("snapshot", "la:c:d:qU", ["object=", "image-opts", "force-share"])
+def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename``."""
+    action = None
+    name = ""
+    quiet = share = False
+    for o, v in opts:
+        if o in ("-l", "-a", "-c", "-d"):
+            if action is not None:
+                raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+            action, name = o, v
+        elif o == "-q":
+            quiet = True
+        elif o in ("-U", "--force-share"):
+            share = True
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    filename = args[0]
+    if action is None:
+        return 0
+    if share and action != "-l":
+        raise ImgError("force-share=on can only be used with read-only images")
+    with session() as s:
+        bs = s.open(filename, None, read_only=(action == "-l"), force_share=share, no_backing=False)
+        if action == "-l":
+            snaps = bs.snapshot_list()
+            if snaps:
+                sys.stdout.write("Snapshot list:\n" + SNAPSHOT_HEADER_LINE + "\n")
+                for sn in snaps:
+                    sys.stdout.write(_snap_row(sn) + "\n")
+            return 0
+        try:
+            if action == "-c":
+                if not bs.supports_snapshots:
+                    raise ImgError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
+                bs.snapshot_create(name, date=time.time())
+            elif action == "-d":
+                if not bs.supports_snapshots:
+                    raise ImgError(f"Could not delete snapshot '{name}': snapshot not found")
+                bs.snapshot_delete(_by_id(bs, name), None if _by_id(bs, name) else name)
+            else:
+                if not bs.supports_snapshots:
+                    raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
+                                   "No such file or directory")
+                bs.snapshot_goto(name)
+        except EmuError as err:
+            verb = {"-c": "create", "-d": "delete", "-a": "apply"}[action]
+            msg = str(err)
+            if action == "-d" and "not found" in msg.lower():
+                msg = "snapshot not found"
+            if action == "-a" and "not found" in msg.lower():
+                msg = "Failed to load snapshot: No such file or directory"
+            raise ImgError(f"Could not {verb} snapshot '{name}': {msg}") from None
+    return 0
+
+
+def _by_id(bs, name: str) -> str | None:
+    """qemu-img snapshot -d looks the argument up as an id first, then as a name."""
+    for sn in bs.snapshot_list():
+        if sn["id"] == name:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------- map
+
+def block_status_above(bs, offset: int, length: int) -> tuple[dict, int]:
+    """Walk the backing chain like bdrv_block_status_above; returns (map entry fields, length)."""
+    depth = 0
+    node = bs
+    n = length
+    while True:
+        kind, cnt, host = node.block_status(offset, n)
+        cnt = max(1, min(cnt, n))
+        if kind != "unallocated" or node.backing is None or offset >= node.backing.size:
+            break
+        n = cnt
+        node = node.backing
+        depth += 1
+    present = kind != "unallocated"
+    if kind == "unallocated":
+        # Past the end of the chain or nothing allocated: reads as zeroes.
+        ent = {"depth": depth, "present": False, "zero": True, "data": False, "offset": None,
+               "filename": node.filename}
+    else:
+        ent = {"depth": depth, "present": present, "zero": kind == "zero", "data": kind == "data",
+               "offset": host, "filename": node.filename}
+    return ent, cnt
+
+
+def _fmt_hex(v: int) -> str:
+    return "%-16s" % (("0x%x" % v) if v else "0")
+
+
+@command("map", "f:U", ["format=", "output=", "start-offset=", "max-length=", "object=", "image-opts",
+                        "force-share"])
+def cmd_map(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``map [-f fmt] [--start-offset=o] [--max-length=l] [--output=ofmt] [-U] filename``."""
+    fmt = None
+    out = "human"
+    share = False
+    start, max_len = 0, None
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o == "--output":
+            out = v
+        elif o in ("-U", "--force-share"):
+            share = True
+        elif o == "--start-offset":
+            try:
+                start = parse_size(v)
+            except ValueError:
+                raise ImgError("Invalid start offset specified! You may use k, M, G, T, P or E suffixes "
+                               "for") from None
+        elif o == "--max-length":
+            try:
+                max_len = parse_size(v)
+            except ValueError:
+                raise ImgError("Invalid max length specified! You may use k, M, G, T, P or E suffixes "
+                               "for") from None
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    out = output_format(out)
+    with session() as s:
+        bs = s.open(args[0], fmt, read_only=True, force_share=share)
+        size = bs.size
+        end = size if max_len is None else min(size, start + max_len)
+        entries: list[dict] = []
+        off = start
+        while off < end:
+            ent, n = block_status_above(bs, off, min(end - off, 1 << 30))
+            ent["start"], ent["length"] = off, n
+            last = entries[-1] if entries else None
+            if last and all(last[k] == ent[k] for k in ("depth", "present", "zero", "data", "filename")) and \
+                    last["start"] + last["length"] == off and (
+                    (last["offset"] is None and ent["offset"] is None) or
+                    (last["offset"] is not None and ent["offset"] is not None and
+                     last["offset"] + last["length"] == ent["offset"])):
+                last["length"] += n
+            else:
+                entries.append(ent)
+            off += n
+    if out == "human":
+        sys.stdout.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+        for e in entries:
+            if e["data"] and e["offset"] is None:
+                raise ImgError("File contains external, encrypted or compressed clusters.")
+            if e["data"] and not e["zero"]:
+                sys.stdout.write(_fmt_hex(e["start"]) + _fmt_hex(e["length"]) + _fmt_hex(e["offset"] or 0)
+                                 + e["filename"] + "\n")
+        return 0
+    lines = []
+    for e in entries:
+        line = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
+                % (e["start"], e["length"], e["depth"], _scalar_text(e["present"]),
+                   _scalar_text(e["zero"]), _scalar_text(e["data"])))
+        if e["offset"] is not None:
+            line += ', "offset": %d' % e["offset"]
+        lines.append(line + "}")
+    sys.stdout.write("[" + ",\n".join(lines) + "]\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- resize
+
+RESIZE_SIZE_ERROR = ("Parameter 'size' expects a non-negative number below 2^64\n"
+                     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                     "and exabytes, respectively.")
+
+
+@command("resize", "f:q", ["format=", "preallocation=", "shrink", "object=", "image-opts"])
+def cmd_resize(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``resize [-f fmt] [--preallocation=p] [-q] [--shrink] filename [+ | -]size``."""
+    fmt = None
+    quiet = shrink = False
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o == "-q":
+            quiet = True
+        elif o == "--shrink":
+            shrink = True
+        elif o == "--preallocation" and v not in ("off",):
+            raise ImgError(f"Invalid preallocation mode: '{v}'" if v not in ("metadata", "falloc", "full")
+                           else f"Preallocation mode '{v}' is not supported by emu-img resize")
+    if len(args) != 2:
+        raise UsageError("Expecting image file name and size")
+    filename, text = args
+    rel = 0
+    if text[:1] == "+":
+        rel, text = 1, text[1:]
+    elif text[:1] == "-":
+        rel, text = -1, text[1:]
+    try:
+        n = parse_size(text)
+    except ValueError:
+        raise ImgError(RESIZE_SIZE_ERROR) from None
+    with session() as s:
+        bs = s.open(filename, fmt, read_only=False)
+        cur = bs.size
+        total = cur + rel * n if rel else n
+        if total < 0:
+            raise ImgError("New image size must be positive")
+        if total < cur and not shrink:
+            from emu.img.main import error_report
+            error_report("Use the --shrink option to perform a shrink operation.")
+            raise ImgError("warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+                           "Before performing such an operation, make sure there is no important data there.")
+        try:
+            bs.truncate(total)
+        except EmuError as err:
+            raise ImgError(str(err)) from None
+    qprint(quiet, "Image resized.\n")
+    return 0
+
+
+def pre_resize_args(args: list[str]) -> list[str]:
+    """qemu-img lets the size of ``resize`` start with '-' without ``--``."""
+    if len(args) >= 2 and args[-1].startswith("-") and args[-2] != "--" and len(args[-1]) > 1 and \
+            (args[-1][1].isdigit() or args[-1][1] == "."):
+        return args[:-1] + ["--", args[-1]] if "--" not in args else args
+    return args
+
+
+# ---------------------------------------------------------------------------- commit / rebase
+
+def copy_allocated(src, dst, offset: int, length: int, chunk: int = 1 << 20) -> None:
+    """Copy every extent that ``src`` itself allocates (data or zero) into ``dst``."""
+    end = offset + length
+    while offset < end:
+        kind, n, _ = src.block_status(offset, min(end - offset, 1 << 30))
+        n = max(1, min(n, end - offset))
+        if kind == "data":
+            pos = offset
+            while pos < offset + n:
+                m = min(chunk, offset + n - pos)
+                dst.write(pos, src.read(pos, m))
+                pos += m
+        elif kind == "zero":
+            dst.write_zeroes(offset, n)
+        offset += n
+
+
+@command("commit", "f:t:b:dpr:q", ["format=", "object=", "image-opts"])
+def cmd_commit(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename``: data of the top image into
+    its backing file, then (without ``-d``) empty the top image."""
+    fmt = None
+    cache = "writeback"
+    quiet = drop = progress = False
+    base_name = None
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o == "-t":
+            cache = v
+        elif o == "-b":
+            base_name = v
+            drop = True  # qemu-img: -b implies -d
+        elif o == "-d":
+            drop = True
+        elif o == "-q":
+            quiet = True
+        elif o == "-p":
+            progress = True
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    filename = args[0]
+    with session() as s:
+        probe = s.open(filename, fmt, read_only=True, no_backing=True)
+        if not probe.backing_file:
+            raise ImgError("Image does not have a backing file")
+        from emu.block.node import resolve_backing_path
+        bpath, bfmt = probe.full_backing_filename(), probe.backing_format
+        s.graph.remove(probe)
+        base = s.open(bpath, bfmt, read_only=False, cache=cache)
+        top = s.open(filename, fmt, read_only=False, cache=cache, backing=base)
+        if base_name is not None and os.path.realpath(base_name) != os.path.realpath(bpath):
+            raise ImgError(f"Did not find '{base_name}' in the backing chain of '{filename}'")
+        prog = Progress(progress and not quiet)
+        size = top.size
+        if base.size < size:
+            base.truncate(size)
+        step = 64 << 20
+        for off in range(0, size, step):
+            copy_allocated(top, base, off, min(step, size - off))
+            prog.update((off + min(step, size - off)) * 100.0 / size if size else 100)
+        base.flush()
+        if not drop:
+            top.discard(0, size)
+        top.flush()
+        prog.end()
+    qprint(quiet, "Image committed.\n")
+    return 0
+
+
+@command("rebase", "f:F:b:t:T:upqU", ["format=", "object=", "image-opts", "force-share"])
+def cmd_rebase(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``rebase [-U] [-q] [-f fmt] [-t cache] [-p] [-u] -b backing_file [-F backing_fmt] filename``."""
+    fmt = None
+    new_base = new_fmt = None
+    unsafe = quiet = progress = False
+    cache = "writeback"
+    for o, v in opts:
+        if o in ("-f", "--format"):
+            fmt = v
+        elif o == "-F":
+            new_fmt = v
+        elif o == "-b":
+            new_base = v
+        elif o == "-u":
+            unsafe = True
+        elif o == "-q":
+            quiet = True
+        elif o == "-p":
+            progress = True
+        elif o == "-t":
+            cache = v
+    if len(args) != 1:
+        raise UsageError("Expecting one image file name")
+    if not unsafe and new_base is None:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    filename = args[0]
+    from emu.block.node import resolve_backing_path
+    new_base = new_base or ""
+    with session() as s:
+        if unsafe:
+            bs = s.open(filename, fmt, read_only=False, cache=cache, no_backing=True)
+        else:
+            bs = s.open(filename, fmt, read_only=False, cache=cache)
+        if new_base and new_fmt is None:
+            new_fmt = _detect_backing_fmt(filename, new_base) if not unsafe else None
+        if not unsafe:
+            new_node = None
+            if new_base:
+                try:
+                    new_node = s.open(resolve_backing_path(filename, new_base), new_fmt, read_only=True)
+                except ImgError as err:
+                    raise ImgError(f"Could not open new backing file '{new_base}': "
+                                   f"{_strip_open(str(err)).split(': ', 1)[-1]}") from None
+            old_node = bs.backing
+            size = bs.size
+            prog = Progress(progress and not quiet)
+            chunk = 1 << 20
+            off = 0
+            while off < size:
+                kind, n, _ = bs.block_status(off, min(size - off, 1 << 30))
+                n = max(1, min(n, size - off))
+                if kind == "unallocated":
+                    pos = off
+                    while pos < off + n:
+                        m = min(chunk, off + n - pos)
+                        old = _read_or_zero(old_node, pos, m)
+                        new = _read_or_zero(new_node, pos, m)
+                        if old != new:
+                            _write_diff(bs, pos, old, new)
+                        pos += m
+                off += n
+                prog.update(off * 100.0 / size)
+            prog.end()
+        _set_backing(bs, new_base or None, new_fmt if new_base else None)
+    return 0
+
+
+def _read_or_zero(node, offset: int, length: int) -> bytes:
+    if node is None or offset >= node.size:
+        return bytes(length)
+    n = min(length, node.size - offset)
+    return node.read(offset, n) + bytes(length - n)
+
+
+def _write_diff(bs, pos: int, old: bytes, new: bytes, gran: int = 512) -> None:
+    """Write the old backing data where it differs from the new one (sector runs)."""
+    i = 0
+    n = len(old)
+    while i < n:
+        if old[i:i + gran] == new[i:i + gran]:
+            i += gran
+            continue
+        j = i
+        while j < n and old[j:j + gran] != new[j:j + gran]:
+            j += gran
+        bs.write(pos + i, old[i:j])
+        i = j
+
+
+def _set_backing(bs, name: str | None, fmt: str | None) -> None:
+    impl = bs.impl
+    fn = getattr(impl, "change_backing_file", None)
+    if fn is None:
+        raise ImgError("Could not change the backing file to "
+                       f"'{name or ''}': Operation not supported")
+    try:
+        fn(name, fmt)
+    except EmuError as err:
+        raise ImgError(f"Could not change the backing file to '{name or ''}': {err}") from None
+
+
+# ---------------------------------------------------------------------------- progress
+
+class Progress:
+    """qemu-progress's simple printer: ``    (12.34/100%)\\r`` lines on stdout."""
+
+    def __init__(self, enabled: bool, min_skip: float = 1.0) -> None:
+        self.enabled = enabled
+        self.min_skip = min_skip
+        self.current = 0.0
+        self.last = 0.0
+        if enabled:
+            self._print()
+
+    def _print(self) -> None:
+        sys.stdout.write("    (%3.2f/100%%)\r" % self.current)
+        sys.stdout.flush()
+
+    def update(self, percent: float) -> None:
+        """Move to ``percent`` (0..100) and print when it moved by at least ``min_skip``."""
+        if not self.enabled:
+            return
+        self.current = min(100.0, percent)
+        if self.current - self.last >= self.min_skip or self.current >= 100.0 and self.last < 100.0:
+            self.last = self.current
+            self._print()
+
+    def force(self, percent: float) -> None:
+        """Print ``percent`` unconditionally (qemu-img convert's final 100%)."""
+        if self.enabled:
+            self.current = self.last = percent
+            self._print()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+cmd_resize.preparse = pre_resize_args  # type: ignore[attr-defined]

@@ -1,0 +1,68 @@
+"""Opening images for emu-img: one :class:`BlockGraph` per run, qemu-img's error texts."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from emu.errors import EmuError
+from emu.img.main import ImgError
+
+PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write operations "
+    "on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+class Session:
+    """The block graph of one emu-img run; closes (flushes) every node at the end."""
+
+    def __init__(self) -> None:
+        from emu.block.node import BlockGraph
+        self.graph = BlockGraph()
+
+    def open(self, filename: str, fmt: str | None = None, *, read_only: bool = True,
+             force_share: bool = False, cache: str | None = None, backing=None, no_backing: bool = False):
+        """Open ``filename`` as a format node.
+
+        :param no_backing: do not open the backing chain (``rebase -u``, ``create -u``).
+        :raises ImgError: ``Could not open '<file>': <reason>`` as qemu-img prints it.
+        """
+        kw = {}
+        if no_backing:
+            kw["backing"] = None
+        elif backing is not None:
+            kw["backing"] = backing
+        if fmt is not None and fmt not in ("qcow2", "raw"):
+            raise ImgError(f"Could not open '{filename}': Unknown driver '{fmt}'")
+        try:
+            bs = self.graph.open_image(filename, fmt, read_only=read_only, force_share=force_share,
+                                       cache=cache, **kw)
+        except EmuError as err:
+            raise ImgError(f"Could not open '{filename}': {err}") from None
+        if fmt is None and bs.drv == "raw" and not read_only:
+            sys.stderr.write(PROBE_WARNING.format(filename))
+        return bs
+
+    def close(self) -> None:
+        """Flush and close every node; errors become qemu-img style errors."""
+        try:
+            self.graph.close_all()
+        except EmuError as err:
+            raise ImgError(str(err)) from None
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """``with session() as s: bs = s.open(...)``; everything is closed on exit."""
+    s = Session()
+    try:
+        yield s
+    finally:
+        try:
+            s.close()
+        except ImgError:
+            if sys.exc_info()[0] is None:
+                raise
