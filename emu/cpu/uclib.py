@@ -227,7 +227,7 @@ def invalidate_code(uc: "unicorn.Uc", address: int, size: int) -> None:
     """
     if size == 0:
         return
-    if size < 0 or address < 0 or address + size > 1 << 64:
+    if size < 0 or address < 0 or address + size >= 1 << 64:
         raise ValueError(f"bad guest-physical range {address:#x}+{size:#x}")
     if PATCHED:
         err = _emu_invalidate_phys(uc._uch, address, size)
