@@ -100,17 +100,15 @@ def _open_error(path: str, msg: str) -> ImageFormatError:
     return ImageFormatError(f"Could not open '{path}': {msg}")
 
 
-def read_header(f, path: str) -> _Image:
+def read_header(io: "FileIO | NodeIO", path: str) -> _Image:
     """Parse and validate the header, as QEMU's qcow2_do_open does before a check.
 
-    :param f: the image file, opened in binary mode.
+    :param io: the image bytes (:class:`FileIO` or :class:`NodeIO`).
     :param path: the file name, for messages.
     :raises ImageFormatError: with QEMU's text when the image cannot be opened.
     """
-    f.seek(0, os.SEEK_END)
-    file_size = f.tell()
-    f.seek(0)
-    first = f.read(1 << fmt.MAX_CLUSTER_BITS)
+    file_size = io.length()
+    first = io.pread(0, min(file_size, 1 << fmt.MAX_CLUSTER_BITS))
     try:
         h = fmt.parse_header(first)
         fmt.check_features(h)
@@ -145,8 +143,7 @@ def read_header(f, path: str) -> _Image:
         if snap_off % cs or snap_off >= file_size:
             raise _open_error(path, "Snapshot table offset invalid")
         # Reads past EOF see zeros (bdrv_pread): the last entry need not be padded on disk.
-        f.seek(snap_off)
-        buf = f.read(min(QCOW_MAX_SNAPSHOTS_SIZE, file_size - snap_off)) + bytes(8)
+        buf = io.pread(snap_off, min(QCOW_MAX_SNAPSHOTS_SIZE, file_size - snap_off)) + bytes(8)
         try:
             snaps = fmt.parse_snapshot_table(buf, h.nb_snapshots)
         except ImageFormatError as err:
@@ -158,11 +155,66 @@ def read_header(f, path: str) -> _Image:
     return img
 
 
+class FileIO:
+    """Image bytes through a Python file object (emu-img check works on the file alone)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def length(self) -> int:
+        self.f.seek(0, os.SEEK_END)
+        return self.f.tell()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read like bdrv_pread: zeros past the end of the file."""
+        self.f.seek(offset)
+        data = self.f.read(length)
+        return data + bytes(length - len(data))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.f.seek(offset)
+        self.f.write(data)
+
+    def truncate(self, size: int) -> None:
+        self.f.truncate(size)
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+
+class NodeIO:
+    """Image bytes through the protocol node of an open qcow2 driver (repair on open)."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def length(self) -> int:
+        return self.node.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        size = self.node.size
+        n = max(0, min(length, size - offset))
+        data = self.node.read(offset, n) if n else b""
+        return data + bytes(length - n)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if offset + len(data) > self.node.size:
+            self.node.truncate(offset + len(data))
+        self.node.write(offset, data)
+
+    def truncate(self, size: int) -> None:
+        self.node.truncate(size)
+
+    def sync(self) -> None:
+        self.node.flush()
+
+
 class _Checker:
     """One check (and optional repair) pass over an open image file."""
 
-    def __init__(self, f, img: _Image, log: Callable[[str], None]) -> None:
-        self.f = f
+    def __init__(self, io: FileIO | NodeIO, img: _Image, log: Callable[[str], None]) -> None:
+        self.io = io
         self.img = img
         self.log = log
         self.cs = img.cluster_size
@@ -178,18 +230,13 @@ class _Checker:
 
     # -- raw I/O -------------------------------------------------------------------
     def file_length(self) -> int:
-        self.f.seek(0, os.SEEK_END)
-        return self.f.tell()
+        return self.io.length()
 
     def pread(self, offset: int, length: int) -> bytes:
-        """Read like bdrv_pread: zeros past the end of the file."""
-        self.f.seek(offset)
-        data = self.f.read(length)
-        return data + bytes(length - len(data))
+        return self.io.pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes) -> None:
-        self.f.seek(offset)
-        self.f.write(data)
+        self.io.pwrite(offset, data)
 
     def _read_u64s(self, offset: int, count: int) -> list[int]:
         data = self.pread(offset, count * 8)
@@ -297,7 +344,7 @@ class _Checker:
                     if fix & FIX_ERRORS:
                         # Make it a plain zero cluster; the offset is then no reference.
                         self.pwrite(l2_offset + i * 8, struct.pack(">Q", QCOW_OFLAG_ZERO))
-                        self.f.flush()
+                        self.io.sync()
                         res.corruptions -= 1
                         res.corruptions_fixed += 1
                         continue
@@ -352,7 +399,7 @@ class _Checker:
                 self.log(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} refcount block {i} is outside image\n")
                 if fix & FIX_ERRORS:
                     # Grow the file so that the refblock is inside it (it then reads as zeros).
-                    self.f.truncate(offset + self.cs)
+                    self.io.truncate(offset + self.cs)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
                     self.inc_refcounts(res, imrt, offset, self.cs)
@@ -462,12 +509,10 @@ class _Checker:
             reftable[b] = off
         rt_off = rt_start << self.cbits
         self.pwrite(rt_off, struct.pack(f">{len(reftable)}Q", *reftable))
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self.io.sync()
         # Ordering: refblocks and reftable are on disk before the header points at them.
         self.pwrite(REFCOUNT_TABLE_OFFSET_FIELD, struct.pack(">QI", rt_off, n_rt))
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self.io.sync()
         self.img.refcount_table_offset = rt_off
         self.img.refcount_table_clusters = n_rt
         self.reftable = reftable
@@ -528,8 +573,7 @@ class _Checker:
         """Clear the dirty and corrupt bits (v3 only), after everything else is on disk."""
         if self.img.version < 3 or not self.img.incompatible & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT):
             return
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self.io.sync()
         new = self.img.incompatible & ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)
         self.pwrite(INCOMPAT_FEATURES_FIELD, struct.pack(">Q", new))
         self.img.incompatible = new
@@ -573,7 +617,7 @@ class _Checker:
         res.image_end_offset = (highest + 1) * self.cs
         if fix and not res.check_errors and not res.corruptions:
             self.mark_clean()
-        self.f.flush()
+        self.io.sync() if fix else None
         return res
 
 
@@ -612,11 +656,44 @@ def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None) -> CheckResu
     except OSError as err:
         raise ImageOpenError(f"Could not open '{path}': {err.strerror}") from err
     with f:
-        img = read_header(f, path)
-        checker = _Checker(f, img, out.write)
+        io = FileIO(f)
+        img = read_header(io, path)
+        checker = _Checker(io, img, out.write)
         try:
             return checker.run(fix)
         except _CheckFailed as err:
             raise CheckError(_EIO, err.res) from None
         except OSError as err:
             raise CheckError(err.strerror or str(err), CheckResult(check_errors=1)) from err
+
+
+def repair_refcounts(drv, log: TextIO | None = None) -> CheckResult:
+    """Repair an image opened read/write with the dirty bit set (lazy refcounts), as QEMU's
+    qcow2_do_open runs ``qcow2_check(BDRV_FIX_ERRORS | BDRV_FIX_LEAKS)``.
+
+    Works through the driver's protocol node; the driver's cached metadata is written
+    back first.  When the repair leaves no corruption the dirty bit is cleared and the
+    driver is re-opened from the repaired file (so its refcount state is current).
+
+    :param drv: the qcow2 driver instance (``bs.impl``) during open.
+    :param log: where QEMU's per-cluster messages go (default: nowhere, as QEMU is silent here
+        unless corruption remains).
+    :raises ImageFormatError: the image could not be repaired.
+    """
+    import io as _io
+    out = log if log is not None else _io.StringIO()
+    node = drv.bs.file
+    flush = getattr(drv, "_write_caches", None)
+    if flush is not None:
+        flush()
+    nio = NodeIO(node)
+    img = read_header(nio, drv.bs.filename)
+    try:
+        res = _Checker(nio, img, out.write).run(FIX_LEAKS | FIX_ERRORS)
+    except _CheckFailed as err:
+        raise ImageFormatError("Could not repair dirty image: Input/output error") from None
+    if res.corruptions or res.check_errors:
+        raise ImageFormatError("Could not repair dirty image: corruption remains")
+    node.flush()
+    drv.open({})
+    return res
