@@ -34,3 +34,25 @@ def test_cpu_guest_serial(emulator: Emulator, request: pytest.FixtureRequest, tm
     assert "\x5a\xa5" not in run.output
     ascii_line = next(line for line in run.lines if line.startswith("ascii:"))
     assert ascii_line == "ascii:" + "".join(chr(c) for c in range(0x20, 0x7F)).rstrip()
+
+
+def test_cpu_guest_pic_pit(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    run = boot(emulator, "pic-pit", request, tmp_path)
+    assert_passed(run, ["imr", "pit", "irq0", "masked", "unmask", "rate", "spurious"])
+    assert run.fields("irq0") == {"count": 200, "isr_in_handler": 1, "isr_after_eoi": 0,
+                                  "imr_masked_by_handler": 0xFF}
+    assert run.fields("masked") == {"count": 200, "irr": 1}
+    assert run.fields("unmask") == {"count": 201}
+    assert run.fields("pit")["status"] == 0x34
+
+
+def test_cpu_guest_rtc(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    run = boot(emulator, "rtc", request, tmp_path)
+    assert_passed(run, ["status", "bcd", "hour12", "tick", "uie", "uip", "spurious"])
+    assert run.fields("status") == {"reg_a": 0x26, "reg_b": 0x02, "reg_d": 0x80}
+    assert run.fields("uie")["count"] == 2
+    # The guest's clock is the host's UTC clock (QEMU's default -rtc base=utc).
+    stamp = next(line for line in run.lines if line.startswith("rtc-time:")).split(":", 1)[1].strip()
+    guest_time = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert dt.timedelta(0) <= now - guest_time < dt.timedelta(seconds=60), (stamp, now)
