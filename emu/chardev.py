@@ -1,0 +1,423 @@
+"""QEMU's character devices (``-chardev``): socket (unix/tcp, server/client, ``fd=``),
+stdio, file, null — and the one asyncio loop thread that serves them all.
+
+A chardev carries byte streams between a *frontend* (a QMP monitor, the serial port) and
+the host.  Like QEMU's, a socket chardev has at most **one** connection at a time; a
+second client waits (accepted by the kernel, but not served — no greeting) until the
+first one leaves.  Frontends plug in with :meth:`Chardev.set_frontend`:
+
+* a session frontend (the monitor) gets ``await session(reader, writer)`` per connection;
+* a byte frontend (the serial port) uses :meth:`Chardev.write` (thread-safe; dropped while
+  nobody is connected, as QEMU drops) and :meth:`Chardev.set_receiver` for input.
+
+Backends register in one table (:func:`backend`).  Unix sockets are created owner-only
+(mode 0600 before ``bind``, so no umask window) and removed again on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import sys
+import threading
+from typing import Any, Awaitable, Callable
+
+from emu.errors import ConfigError
+
+__all__ = ["IOThread", "Chardev", "backend", "create_chardev", "BACKENDS",
+           "SocketChardev", "StdioChardev", "FileChardev", "NullChardev"]
+
+Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class IOThread:
+    """The single asyncio loop thread serving every chardev and monitor."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="emu-io", daemon=True)
+        self._started = False
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def call(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._started and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+
+BACKENDS: dict[str, type["Chardev"]] = {}
+
+
+def backend(name: str) -> Callable[[type["Chardev"]], type["Chardev"]]:
+    """Register a chardev backend class under QEMU's backend name."""
+
+    def deco(cls: type[Chardev]) -> type[Chardev]:
+        BACKENDS[name] = cls
+        cls.backend_name = name
+        return cls
+
+    return deco
+
+
+def _bool(opts: dict[str, str], key: str, default: bool) -> bool:
+    v = opts.get(key)
+    if v is None:
+        return default
+    if v in ("on", "yes", "true", "y"):
+        return True
+    if v in ("off", "no", "false", "n"):
+        return False
+    raise ConfigError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+class Chardev:
+    """Base of every backend.
+
+    :param id: the chardev id (``-chardev …,id=``).
+    :param options: the backend's options as strings, QEMU's spelling.
+    """
+
+    backend_name = ""
+
+    def __init__(self, id: str, options: dict[str, str]) -> None:
+        self.id = id
+        self.options = options
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._session: Session | None = None
+        self._receiver: Callable[[bytes], None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._slot: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.daemonized = False
+
+    # -- frontends
+    def set_frontend(self, session: Session) -> None:
+        """Serve every connection with ``session`` (a QMP monitor does this)."""
+        self._session = session
+
+    def set_receiver(self, fn: Callable[[bytes], None]) -> None:
+        """Deliver input bytes to ``fn`` (called in the I/O thread)."""
+        self._receiver = fn
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the connected peer; thread-safe; dropped when unconnected."""
+        loop = self.loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._write_now, bytes(data))
+
+    def _write_now(self, data: bytes) -> None:
+        w = self._writer
+        if w is not None and not w.is_closing():
+            w.write(data)
+
+    async def _byte_session(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            if self._receiver is not None:
+                self._receiver(data)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        assert self._slot is not None
+        try:
+            async with self._slot:          # one connection at a time, as QEMU
+                self._writer = writer
+                try:
+                    await (self._session or self._byte_session)(reader, writer)
+                finally:
+                    self._writer = None
+                    await _close_writer(writer)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            await _close_writer(writer)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        assert self.loop is not None
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- lifecycle
+    def prepare(self) -> None:
+        """Synchronous set-up at start-up (bind, connect); raises ConfigError."""
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin serving on ``loop``."""
+        self.loop = loop
+        self._slot = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Stop serving and close every connection."""
+        for t in list(self._tasks):
+            t.cancel()
+        w = self._writer
+        if w is not None:
+            await _close_writer(w)
+
+
+async def _close_writer(w: asyncio.StreamWriter) -> None:
+    try:
+        if not w.is_closing():
+            try:
+                await asyncio.wait_for(w.drain(), 2)
+            except (asyncio.TimeoutError, ConnectionError, OSError):
+                pass
+            w.close()
+        await asyncio.wait_for(w.wait_closed(), 2)
+    except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
+        pass
+
+
+@backend("socket")
+class SocketChardev(Chardev):
+    """``-chardev socket``: ``path=`` (unix) or ``host=,port=`` (tcp) or ``fd=N``;
+    ``server=on`` listens (``wait=on`` blocks start-up until the first client),
+    otherwise emu connects out as the client (QEMU's python harness does this)."""
+
+    def __init__(self, id: str, options: dict[str, str]) -> None:
+        super().__init__(id, options)
+        self.server = _bool(options, "server", False)
+        self.wait = _bool(options, "wait", True)
+        self.path = options.get("path")
+        self.host = options.get("host")
+        self.port = options.get("port")
+        self.fd = options.get("fd")
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._aserver: asyncio.AbstractServer | None = None
+        self._unlink_path: str | None = None
+        if self.fd is None and self.path is None and self.port is None:
+            raise ConfigError(f"Unable to parse FD number {self.fd or ''}".rstrip() + " ")
+        if self.path is None and self.fd is None and self.host is None:
+            self.host = "localhost"
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"disconnected:unix:{self.path},server=on"
+        return f"disconnected:tcp:{self.host}:{self.port},server=on"
+
+    def prepare(self) -> None:
+        if self.fd is not None:
+            try:
+                fd = int(self.fd)
+                s = socket.socket(fileno=fd)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"Unable to parse FD number {self.fd}") from e
+            accepting = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if accepting:
+                self._listener = s
+            else:
+                self._conn = s
+            return
+        if self.server:
+            self._listener = self._listen()
+            if self.wait:
+                print(f"{_progname()}: -chardev socket,id={self.id}: info: QEMU waiting for "
+                      f"connection on: {self.describe()}", file=sys.stderr, flush=True)
+                conn, _ = self._listener.accept()
+                self._conn = conn
+            return
+        self._conn = self._connect()
+
+    def _listen(self) -> socket.socket:
+        if self.path is not None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                # owner-only from the start: the socket inode's mode is applied at bind
+                os.fchmod(s.fileno(), 0o600)
+                try:
+                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                s.bind(self.path)
+                os.chmod(self.path, 0o600)
+                s.listen(1)
+            except OSError as e:
+                s.close()
+                raise ConfigError(f"Failed to bind socket to {self.path}: "
+                                  f"{os.strerror(e.errno or 0)}") from e
+            self._unlink_path = self.path
+            return s
+        try:
+            infos = socket.getaddrinfo(self.host or None, int(self.port or 0),
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"address resolution failed for {self.host}:{self.port}: "
+                              f"{e}") from e
+        last: OSError | None = None
+        for fam, typ, proto, _, addr in infos:
+            s = socket.socket(fam, typ, proto)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+                s.listen(1)
+                return s
+            except OSError as e:
+                last = e
+                s.close()
+        raise ConfigError(f"Failed to bind socket: {os.strerror(last.errno or 0) if last else ''}")
+
+    def _connect(self) -> socket.socket:
+        if self.path is not None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+            except OSError as e:
+                s.close()
+                raise ConfigError(f"Failed to connect to '{self.path}': "
+                                  f"{os.strerror(e.errno or 0)}") from e
+            return s
+        try:
+            return socket.create_connection((self.host or "localhost", int(self.port or 0)))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Failed to connect to '{self.host}:{self.port}': "
+                              f"{getattr(e, 'strerror', None) or e}") from e
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super().start(loop)
+        if self._conn is not None:
+            conn = self._conn
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
+            self._spawn(self._serve_connection(reader, writer))
+        if self._listener is not None:
+            lst = self._listener
+            lst.setblocking(False)
+            if lst.family == socket.AF_UNIX:
+                self._aserver = await asyncio.start_unix_server(
+                    self._serve_connection, sock=lst, limit=1 << 20)
+            else:
+                self._aserver = await asyncio.start_server(
+                    self._serve_connection, sock=lst, limit=1 << 20)
+
+    async def close(self) -> None:
+        if self._aserver is not None:
+            self._aserver.close()
+        await super().close()
+        if self._unlink_path is not None:
+            try:
+                os.unlink(self._unlink_path)
+            except OSError:
+                pass
+
+
+class _NullWriterProtocol(asyncio.BaseProtocol):
+    pass
+
+
+@backend("stdio")
+class StdioChardev(Chardev):
+    """``-chardev stdio``: input from stdin, output to stdout."""
+
+    def prepare(self) -> None:
+        if self.daemonized:
+            raise ConfigError("cannot use stdio with -daemonize")
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super().start(loop)
+        reader = asyncio.StreamReader(limit=1 << 20)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                         os.fdopen(os.dup(0), "rb", 0))
+        except (OSError, ValueError):
+            reader.feed_eof()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(1), "wb", 0))
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self._spawn(self._serve_connection(reader, writer))
+
+
+class _FileSink:
+    """A StreamWriter-like sink for the file and null backends (output only)."""
+
+    def __init__(self, fobj: Any) -> None:
+        self._f = fobj
+        self._closing = False
+
+    def write(self, data: bytes) -> None:
+        if self._f is not None and not self._closing:
+            self._f.write(data)
+            self._f.flush()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._closing = True
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+@backend("file")
+class FileChardev(Chardev):
+    """``-chardev file,path=``: output appended to/truncating a file; no input."""
+
+    def __init__(self, id: str, options: dict[str, str]) -> None:
+        super().__init__(id, options)
+        if not options.get("path"):
+            raise ConfigError("chardev: file: no filename given")
+        self._f: Any = None
+
+    def prepare(self) -> None:
+        append = _bool(self.options, "append", False)
+        try:
+            self._f = open(self.options["path"], "ab" if append else "wb")
+        except OSError as e:
+            raise ConfigError(f"Could not open '{self.options['path']}': "
+                              f"{os.strerror(e.errno or 0)}") from e
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super().start(loop)
+        reader = asyncio.StreamReader()     # never fed: a file has no input
+        self._spawn(self._serve_connection(reader, _FileSink(self._f)))  # type: ignore[arg-type]
+
+
+@backend("null")
+class NullChardev(Chardev):
+    """``-chardev null``: discards output, never has input."""
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        await super().start(loop)
+        reader = asyncio.StreamReader()
+        self._spawn(self._serve_connection(reader, _FileSink(None)))  # type: ignore[arg-type]
+
+
+def create_chardev(backend_name: str, id: str, options: dict[str, str]) -> Chardev:
+    """Instantiate a registered backend; ConfigError with QEMU's text otherwise."""
+    cls = BACKENDS.get(backend_name)
+    if cls is None:
+        raise ConfigError(f"'{backend_name}' is not a valid char driver name")
+    return cls(id, options)
+
+
+def _progname() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "emu"
+    return "emu" if name in ("__main__.py", "-c", "") else name

@@ -1,0 +1,775 @@
+"""QEMU's command line -> :class:`emu.machine.config.MachineConfig`, and the process main.
+
+Options follow qemu-system-x86_64 7.2: ``-opt value`` or ``--opt value``; option values
+in QemuOpts syntax (``key=value,…``, ``,,`` for a literal comma, an implied first key for
+``-machine``/``-chardev``/``-device``/``-accel``/``-display``/``-m``); ``-blockdev`` in
+keyval syntax with dotted keys.  Errors are QEMU's: ``<prog>: <option text>: <message>``
+on stderr and exit status 1 (``-foo: invalid option``, ``-m: requires an argument``, …).
+
+Names are QEMU's: a ``-drive`` without ``id=`` is ``ide0-hd0``/``virtio0``/…; implicit
+devices get QEMU's qdev paths (``/machine/unattached/device[18]`` for the first IDE disk,
+``/machine/peripheral-anon/device[N]`` for anonymous ``-device``s and ``if=virtio``
+drives, ``/machine/peripheral/<id>`` for devices with an id).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from emu.errors import ConfigError, EmuError
+from emu.machine.config import (IF_MAX_DEVS, PC_IDE_BUSES, BlockdevConfig, ChardevConfig,
+                                DeviceConfig, DriveConfig, MachineConfig, MonitorConfig,
+                                drive_default_id)
+
+__all__ = ["main", "parse_args", "OptionError", "parse_qemu_opts", "parse_keyval", "progname"]
+
+QEMU_VERSION_STR = "7.2.22"
+#: machine types accepted for ``-machine`` (all mean emu's i440FX-like PC)
+MACHINE_TYPES = ("pc", "pc-i440fx-7.2", "pc-i440fx-2.0", "none")
+#: device models ``-device`` accepts, with the property QEMU names in drive errors
+BLOCK_DEVICE_MODELS = {"virtio-blk-pci": "virtio-blk-device", "ide-hd": "ide-hd",
+                       "ide-cd": "ide-cd", "virtio-blk": "virtio-blk-device"}
+OTHER_DEVICE_MODELS = ("isa-debug-exit", "isa-serial", "virtio-serial-pci")
+DISPLAY_TYPES = ("none", "default", "gtk", "sdl", "egl-headless", "curses", "cocoa",
+                 "dbus", "spice-app", "vnc")
+VGA_TYPES = ("none", "std", "cirrus", "vmware", "qxl", "xenfb", "tcx", "cg3", "virtio")
+CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+AIO_MODES = ("threads", "native", "io_uring")
+BOOL_TRUE = ("on", "yes", "true", "y")
+BOOL_FALSE = ("off", "no", "false", "n")
+
+
+def progname() -> str:
+    """The program name QEMU-style messages start with."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "emu"
+    return "emu" if name in ("__main__.py", "-c", "", "-m") else name
+
+
+class OptionError(ConfigError):
+    """A command-line error; ``loc`` is the option text QEMU prefixes (may be empty)."""
+
+    def __init__(self, msg: str, loc: str = "") -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+    def render(self) -> str:
+        prefix = f"{progname()}: "
+        if self.loc:
+            prefix += f"{self.loc}: "
+        return prefix + str(self)
+
+
+# --------------------------------------------------------------------- option syntax
+
+def parse_qemu_opts(text: str, implied: str | None = None) -> list[tuple[str, str]]:
+    """Split QemuOpts text ``a=1,b=x,,y,flag`` into ``[(key, value)]``.
+
+    ``,,`` is a literal comma; a bare first word is the ``implied`` key's value; a bare
+    later word ``flag`` means ``flag=on`` and ``noflag`` means ``flag=off`` (QEMU's
+    deprecated short form).
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    out: list[tuple[str, str]] = []
+    for n, p in enumerate(parts):
+        if "=" in p:
+            k, v = p.split("=", 1)
+            out.append((k, v))
+        elif n == 0 and implied is not None:
+            out.append((implied, p))
+        elif p == "":
+            continue
+        elif p.startswith("no") and len(p) > 2:
+            out.append((p[2:], "off"))
+        else:
+            out.append((p, "on"))
+    return out
+
+
+def parse_keyval(text: str) -> dict[str, Any]:
+    """``-blockdev`` keyval syntax: ``driver=qcow2,file.driver=file`` -> nested dict."""
+    root: dict[str, Any] = {}
+    for k, v in parse_qemu_opts(text):
+        node = root
+        keys = k.split(".")
+        for part in keys[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise OptionError(f"Parameters '{part}.*' are in conflict with parameter '{part}'")
+            node = nxt
+        if keys[-1] in node:
+            raise OptionError(f"Parameter '{k}' is duplicate") if not isinstance(
+                node[keys[-1]], dict) else OptionError(
+                f"Parameter '{k}' is in conflict with parameters '{k}.*'")
+        node[keys[-1]] = v
+    return root
+
+
+def parse_bool(value: str, key: str) -> bool:
+    if value in BOOL_TRUE:
+        return True
+    if value in BOOL_FALSE:
+        return False
+    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+_SIZE_SUFFIX = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
+                "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_mem_size(text: str) -> int:
+    """``-m`` value -> MiB (no suffix means MiB, as QEMU)."""
+    opts = dict(parse_qemu_opts(text, "size"))
+    value = opts.get("size", "")
+    num = value.rstrip("bBkKmMgGtTpPeE")
+    suffix = value[len(num):].lower()
+    try:
+        n = float(num) if num else None
+    except ValueError:
+        n = None
+    if n is None or n < 0 or len(suffix) > 1 or suffix not in _SIZE_SUFFIX or "e" in num.lower():
+        raise OptionError("Parameter 'size' expects a non-negative number below 2^64\n"
+                          "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                          "tera-, peta-\nand exabytes, respectively.")
+    size = int(n * _SIZE_SUFFIX[suffix])
+    return max(1, size >> 20) if size else 128
+
+
+# ----------------------------------------------------------------- the option table
+
+@dataclass
+class _Opt:
+    name: str
+    has_arg: bool
+    handler: Callable[["_Builder", str], None] | None
+
+
+class _Builder:
+    """Accumulates options into a MachineConfig, checking them as QEMU does."""
+
+    def __init__(self) -> None:
+        self.cfg = MachineConfig()
+        self.raw_drives: list[tuple[str, dict[str, str]]] = []
+        self.raw_devices: list[tuple[str, list[tuple[str, str]]]] = []
+        self.chardev_ids: set[str] = set()
+        self.version = False
+        self.help = False
+        self.compat_monitors = 0
+        self.serial_specs: list[str] = []
+        self.add_fds: list[dict[str, str]] = []
+        self.qtest: str | None = None
+
+    # -- chardev helpers
+    def add_chardev(self, spec: str, backend: str, id: str, options: dict[str, str]) -> None:
+        from emu.chardev import BACKENDS
+
+        if backend not in BACKENDS:
+            raise OptionError(f"'{backend}' is not a valid char driver name", spec)
+        if id in self.chardev_ids:
+            raise OptionError(f"Duplicate ID '{id}' for chardev", spec)
+        if backend == "file" and not options.get("path"):
+            raise OptionError("chardev: file: no filename given", spec)
+        if backend == "socket" and not any(k in options for k in ("path", "port", "fd")):
+            raise OptionError(f"Unable to parse FD number ", spec)
+        for key in ("server", "wait", "append", "nodelay", "telnet", "tls", "websocket"):
+            if key in options:
+                parse_bool(options[key], key) if True else None
+        self.chardev_ids.add(id)
+        self.cfg.chardevs.append(ChardevConfig(spec, backend, id, options))
+
+    def compat_chardev(self, loc: str, spec: str, id: str) -> None:
+        """QEMU's legacy chardev syntax (``-qmp``, ``-serial``): ``unix:PATH,…``,
+        ``tcp:HOST:PORT,…``, ``stdio``, ``null``, ``file:PATH``."""
+        head, sep, rest = spec.partition(",")
+        extra = dict(parse_qemu_opts(rest)) if sep else {}
+        try:
+            for k in ("server", "wait"):
+                if k in extra:
+                    parse_bool(extra[k], k)
+        except OptionError as e:
+            raise OptionError(str(e), loc) from None
+        if head.startswith("unix:"):
+            self.add_chardev(loc, "socket", id, {"path": head[5:], **extra})
+        elif head.startswith("tcp:"):
+            hostport = head[4:]
+            host, colon, port = hostport.rpartition(":")
+            if not colon or not port:
+                raise OptionError(f"parse error: {spec}", loc)
+            self.add_chardev(loc, "socket", id, {"host": host, "port": port, **extra})
+        elif head in ("stdio", "null"):
+            self.add_chardev(loc, head, id, extra)
+        elif head.startswith("file:"):
+            self.add_chardev(loc, "file", id, {"path": head[5:], **extra})
+        else:
+            from emu.chardev import BACKENDS
+
+            name = head.split(":", 1)[0]
+            if name not in BACKENDS:
+                print(f"{progname()}: {loc}: '{name}' is not a valid char driver",
+                      file=sys.stderr)
+                raise OptionError(f"parse error: {spec}", loc)
+            self.add_chardev(loc, name, id, extra)
+
+
+def _opt_machine(b: _Builder, arg: str) -> None:
+    for k, v in parse_qemu_opts(arg, "type"):
+        if k == "type":
+            if v not in MACHINE_TYPES:
+                raise OptionError("unsupported machine type\n"
+                                  "Use -machine help to list supported machines")
+            b.cfg.machine_type = v
+        elif k == "accel":
+            b.cfg.accel = v
+        elif k in ("usb", "dump-guest-core", "mem-merge", "vmport", "smm", "hpet", "graphics"):
+            continue
+        else:
+            raise OptionError(f"Property 'pc-i440fx-7.2-machine.{k}' not found")
+
+
+def _opt_accel(b: _Builder, arg: str) -> None:
+    for k, v in parse_qemu_opts(arg, "accel"):
+        if k == "accel":
+            b.cfg.accel = v
+
+
+def _opt_m(b: _Builder, arg: str) -> None:
+    b.cfg.memory_mib = parse_mem_size(arg)
+
+
+def _opt_drive(b: _Builder, arg: str) -> None:
+    opts: dict[str, str] = {}
+    for k, v in parse_qemu_opts(arg, None):
+        opts[k] = v
+    b.raw_drives.append((arg, opts))
+
+
+def _opt_hda(b: _Builder, arg: str) -> None:
+    b.raw_drives.append((arg, {"file": arg, "index": "0", "media": "disk"}))
+
+
+def _opt_blockdev(b: _Builder, arg: str) -> None:
+    opts = parse_keyval(arg)
+    if "driver" not in opts:
+        raise OptionError("Parameter 'driver' is missing")
+    b.cfg.blockdevs.append(BlockdevConfig(arg, opts))
+
+
+def _opt_device(b: _Builder, arg: str) -> None:
+    b.raw_devices.append((arg, parse_qemu_opts(arg, "driver")))
+
+
+def _opt_chardev(b: _Builder, arg: str) -> None:
+    items = parse_qemu_opts(arg, "backend")
+    opts = dict(items)
+    backend = opts.pop("backend", "")
+    cid = opts.pop("id", None)
+    from emu.chardev import BACKENDS
+
+    if backend not in BACKENDS:
+        raise OptionError(f"'{backend}' is not a valid char driver name")
+    if not cid:
+        raise OptionError("chardev: no id specified")
+    for key in ("server", "wait", "append"):
+        if key in opts:
+            parse_bool(opts[key], key)
+    b.add_chardev(arg, backend, cid, opts)
+
+
+def _opt_mon(b: _Builder, arg: str) -> None:
+    opts = dict(parse_qemu_opts(arg, "chardev"))
+    mode = opts.get("mode", "readline")
+    if mode not in ("control", "readline"):
+        raise OptionError(f"Parameter 'mode' does not accept value '{mode}'")
+    chardev = opts.get("chardev")
+    if not chardev:
+        raise OptionError("Parameter 'chardev' is missing")
+    if mode == "readline":
+        raise OptionError("the human monitor (mode=readline) is not supported; use mode=control")
+    pretty = parse_bool(opts.get("pretty", "off"), "pretty")
+    b.cfg.monitors.append(MonitorConfig(chardev, mode, pretty))
+
+
+def _opt_qmp(b: _Builder, arg: str, pretty: bool = False) -> None:
+    cid = f"compat_monitor{b.compat_monitors}"
+    b.compat_monitors += 1
+    b.compat_chardev(f"-qmp {arg}", arg, cid)
+    b.cfg.monitors.append(MonitorConfig(cid, "control", pretty))
+
+
+def _opt_monitor(b: _Builder, arg: str) -> None:
+    if arg in ("none", "null"):
+        return
+    raise OptionError("the human monitor is not supported; use -qmp")
+
+
+def _opt_serial(b: _Builder, arg: str) -> None:
+    if arg == "none":
+        return
+    if arg.startswith("chardev:"):
+        b.cfg.serials.append(arg[8:])
+        return
+    cid = f"serial{len(b.cfg.serials)}"
+    b.compat_chardev(f"-serial {arg}", arg, cid)
+    b.cfg.serials.append(cid)
+
+
+def _opt_display(b: _Builder, arg: str) -> None:
+    kind = dict(parse_qemu_opts(arg, "type")).get("type", "")
+    if kind not in DISPLAY_TYPES:
+        raise OptionError(f"Parameter 'type' does not accept value '{kind}'")
+    if kind not in ("none", "default"):
+        raise OptionError(f"Display '{kind}' is not available.")
+    b.cfg.display = kind
+
+
+def _opt_vga(b: _Builder, arg: str) -> None:
+    if arg not in VGA_TYPES:
+        raise OptionError(f"unknown vga type: {arg}", "")
+    b.cfg.vga = arg
+
+
+def _opt_name(b: _Builder, arg: str) -> None:
+    opts = dict(parse_qemu_opts(arg, "guest"))
+    b.cfg.name = opts.get("guest")
+
+
+def _opt_add_fd(b: _Builder, arg: str) -> None:
+    opts = dict(parse_qemu_opts(arg))
+    if "fd" not in opts:
+        raise OptionError("fd option is required and must be non-negative")
+    b.add_fds.append(opts)
+
+
+def _set(attr: str, value: Any = True) -> Callable[[_Builder, str], None]:
+    def h(b: _Builder, arg: str) -> None:
+        setattr(b.cfg, attr, arg if value is None else value)
+    return h
+
+
+def _flag(attr: str) -> Callable[[_Builder, str], None]:
+    def h(b: _Builder, arg: str) -> None:
+        setattr(b, attr, True)
+    return h
+
+
+def _ignore(b: _Builder, arg: str) -> None:
+    return None
+
+
+def _opt_nographic(b: _Builder, arg: str) -> None:
+    b.cfg.display = "none"
+
+
+def _opt_qtest(b: _Builder, arg: str) -> None:
+    b.qtest = arg
+
+
+def _opt_smp(b: _Builder, arg: str) -> None:
+    opts = dict(parse_qemu_opts(arg, "cpus"))
+    if opts.get("cpus", "1") not in ("1",):
+        raise OptionError("emu emulates exactly one CPU (-smp 1)")
+
+
+OPTIONS: dict[str, _Opt] = {o.name: o for o in [
+    _Opt("machine", True, _opt_machine), _Opt("M", True, _opt_machine),
+    _Opt("accel", True, _opt_accel),
+    _Opt("enable-kvm", False, lambda b, a: setattr(b.cfg, "accel", "kvm")),
+    _Opt("m", True, _opt_m),
+    _Opt("nodefaults", False, _set("nodefaults")),
+    _Opt("display", True, _opt_display),
+    _Opt("nographic", False, _opt_nographic),
+    _Opt("vga", True, _opt_vga),
+    _Opt("S", False, _set("start_paused")),
+    _Opt("drive", True, _opt_drive),
+    _Opt("hda", True, _opt_hda),
+    _Opt("blockdev", True, _opt_blockdev),
+    _Opt("device", True, _opt_device),
+    _Opt("chardev", True, _opt_chardev),
+    _Opt("mon", True, _opt_mon),
+    _Opt("qmp", True, _opt_qmp),
+    _Opt("qmp-pretty", True, lambda b, a: _opt_qmp(b, a, True)),
+    _Opt("monitor", True, _opt_monitor),
+    _Opt("serial", True, _opt_serial),
+    _Opt("kernel", True, _set("kernel", None)),
+    _Opt("initrd", True, _set("initrd", None)),
+    _Opt("append", True, _set("append", None)),
+    _Opt("bios", True, _set("bios", None)),
+    _Opt("pidfile", True, _set("pidfile", None)),
+    _Opt("daemonize", False, _set("daemonize")),
+    _Opt("no-shutdown", False, _set("no_shutdown")),
+    _Opt("no-reboot", False, _set("no_reboot")),
+    _Opt("name", True, _opt_name),
+    _Opt("add-fd", True, _opt_add_fd),
+    _Opt("qtest", True, _opt_qtest),
+    _Opt("smp", True, _opt_smp),
+    _Opt("cpu", True, _ignore),
+    _Opt("boot", True, _ignore),
+    _Opt("rtc", True, _ignore),
+    _Opt("L", True, _ignore),
+    _Opt("no-user-config", False, _ignore),
+    _Opt("version", False, _flag("version")),
+    _Opt("h", False, _flag("help")),
+    _Opt("help", False, _flag("help")),
+]}
+
+
+def parse_args(argv: list[str]) -> tuple[MachineConfig, _Builder]:
+    """Parse ``argv`` (without the program name) the way QEMU does.
+
+    :raises OptionError: QEMU's message and location for the first bad option.
+    """
+    b = _Builder()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if not a.startswith("-") or a == "-":
+            try:
+                _opt_hda(b, a)
+            except OptionError as e:
+                raise OptionError(str(e), e.loc or a) from None
+            continue
+        name = a[2:] if a.startswith("--") else a[1:]
+        opt = OPTIONS.get(name)
+        if opt is None:
+            raise OptionError("invalid option", a)
+        arg = ""
+        if opt.has_arg:
+            if i >= len(argv):
+                raise OptionError("requires an argument", a)
+            arg = argv[i]
+            i += 1
+        if b.version or b.help:
+            continue
+        try:
+            assert opt.handler is not None
+            opt.handler(b, arg)
+        except OptionError as e:
+            if e.loc == "" and opt.handler not in (_opt_machine, _opt_vga):
+                raise OptionError(str(e), f"{a} {arg}" if opt.has_arg else a) from None
+            raise
+    if not (b.version or b.help):
+        _resolve(b)
+    return b.cfg, b
+
+
+# ---------------------------------------------------------- drives and devices
+
+def _resolve(b: _Builder) -> None:
+    cfg = b.cfg
+    if cfg.accel not in ("tcg",):
+        raise OptionError(f"invalid accelerator {cfg.accel}",
+                          f"-accel {cfg.accel}" if cfg.accel != "kvm" else "")
+    used: dict[tuple[str, int, int], str] = {}
+    ids: set[str] = set()
+    for spec, opts in b.raw_drives:
+        d = _make_drive(spec, opts, used, ids)
+        cfg.drives.append(d)
+    ide = [d for d in cfg.drives if d.interface == "ide"]
+    if ide and max(d.bus for d in ide) >= PC_IDE_BUSES:
+        raise OptionError(f"Too many IDE buses defined ({max(d.bus for d in ide) + 1} > "
+                          f"{PC_IDE_BUSES})")
+    # devices: explicit -device first, then those implied by if=virtio drives (QEMU
+    # appends them to the -device list when it processes the drives)
+    drives = {d.id: d for d in cfg.drives}
+    claimed: set[str] = {d.id for d in cfg.drives if d.interface in ("ide", "virtio")}
+    anon = 0
+    dev_ids: set[str] = set()
+    for spec, items in b.raw_devices:
+        props = dict(items)
+        driver = props.pop("driver", "")
+        did = props.pop("id", None)
+        if driver not in BLOCK_DEVICE_MODELS and driver not in OTHER_DEVICE_MODELS:
+            raise OptionError(f"'{driver}' is not a valid device model name", f"-device {spec}")
+        if did is not None:
+            if did in dev_ids:
+                raise OptionError(f"Duplicate ID '{did}' for device", f"-device {spec}")
+            dev_ids.add(did)
+            path = f"/machine/peripheral/{did}"
+        else:
+            path = f"/machine/peripheral-anon/device[{anon}]"
+            anon += 1
+        if driver in BLOCK_DEVICE_MODELS:
+            drv = props.get("drive")
+            if drv is not None:
+                if drv not in drives:
+                    raise OptionError(f"Property '{BLOCK_DEVICE_MODELS[driver]}.drive' can't "
+                                      f"find value '{drv}'", f"-device {spec}")
+                if drv in claimed:
+                    raise OptionError(f"Drive '{drv}' is already in use by another device",
+                                      f"-device {spec}")
+                claimed.add(drv)
+            bus = props.get("bus")
+            if driver.startswith("ide-") and bus is not None and bus not in ("ide.0", "ide.1"):
+                raise OptionError(f"Bus '{bus}' not found", f"-device {spec}")
+            if driver.startswith("virtio-blk"):
+                path += "/virtio-backend"
+        cfg.devices.append(DeviceConfig(spec, driver, did, props, path))
+    for n, d in enumerate(sorted(ide, key=lambda d: (d.bus, d.unit))):
+        cfg.devices.append(DeviceConfig(
+            d.spec, "ide-cd" if d.media == "cdrom" else "ide-hd", None,
+            {"drive": d.id, "bus": f"ide.{d.bus}", "unit": str(d.unit)},
+            f"/machine/unattached/device[{18 + n}]", implicit=True))
+    for d in cfg.drives:
+        if d.interface == "virtio":
+            cfg.devices.append(DeviceConfig(
+                d.spec, "virtio-blk-pci", None, {"drive": d.id},
+                f"/machine/peripheral-anon/device[{anon}]/virtio-backend", implicit=True))
+            anon += 1
+    known = {c.id for c in cfg.chardevs}
+    for m in cfg.monitors:
+        if m.chardev not in known:
+            raise OptionError(f'chardev "{m.chardev}" not found',
+                              f"-mon chardev={m.chardev},mode={m.mode}")
+    for s in cfg.serials:
+        if s not in known:
+            raise OptionError(f"could not connect serial device to character backend '{s}'",
+                              f"-serial chardev:{s}")
+
+
+def _make_drive(spec: str, opts: dict[str, str], used: dict, ids: set[str]) -> DriveConfig:
+    loc = f"-drive {spec}"
+    o = dict(opts)
+    iface = o.pop("if", "ide")
+    if iface not in IF_MAX_DEVS:
+        raise OptionError(f"unsupported bus type '{iface}'", loc)
+    media = o.pop("media", "disk")
+    if media not in ("disk", "cdrom"):
+        raise OptionError(f"'{media}' invalid media", loc)
+    cache = o.pop("cache", None)
+    if cache is not None and cache not in CACHE_MODES:
+        raise OptionError("invalid cache option", loc)
+    aio = o.pop("aio", None)
+    if aio is not None and aio not in AIO_MODES:
+        raise OptionError("invalid aio option", loc)
+    ro_text = o.pop("readonly", o.pop("read-only", None))
+    readonly = parse_bool(ro_text, "read-only") if ro_text is not None else False
+    if media == "cdrom":
+        readonly = True
+    max_devs = IF_MAX_DEVS[iface]
+
+    def num(key: str) -> int | None:
+        v = o.pop(key, None)
+        if v is None:
+            return None
+        try:
+            n = int(v, 0)
+        except ValueError:
+            raise OptionError(f"Parameter '{key}' expects a number", loc) from None
+        if n < 0:
+            raise OptionError(f"invalid {key} number: {n}" if key != "index" else
+                              f"index cannot be used with bus and unit", loc)
+        return n
+
+    index, bus, unit = num("index"), num("bus"), num("unit")
+    if index is not None:
+        if bus is not None or unit is not None:
+            raise OptionError("index cannot be used with bus and unit", loc)
+        bus = index // max_devs if max_devs else 0
+        unit = index % max_devs if max_devs else index
+    if bus is None:
+        bus = 0
+    if unit is None:
+        unit = 0
+        while (iface, bus, unit) in used:
+            unit += 1
+            if max_devs and unit >= max_devs:
+                unit -= max_devs
+                bus += 1
+    if max_devs and unit >= max_devs:
+        raise OptionError(f"unit {unit} too big (max is {max_devs - 1})", loc)
+    if (iface, bus, unit) in used:
+        raise OptionError(f"drive with bus={bus}, unit={unit} (index={index if index is not None else bus * max(max_devs, 1) + unit}) exists", loc)
+    did = o.pop("id", None)
+    if did is None:
+        did = drive_default_id(iface, bus, unit, media)
+    if did in ids:
+        raise OptionError(f"Duplicate ID '{did}' for drive", loc)
+    ids.add(did)
+    used[(iface, bus, unit)] = did
+    node_name = o.pop("node-name", None)
+    file = o.pop("file", None)
+    fmt = o.pop("format", None)
+    return DriveConfig(spec=spec, id=did, interface=iface, bus=bus, unit=unit,
+                       index=index if index is not None else -1, file=file, format=fmt,
+                       node_name=node_name, media=media, readonly=readonly, cache=cache,
+                       aio=aio, options=o)
+
+
+# ------------------------------------------------------------------------ main
+
+def _print_version() -> None:
+    print(f"QEMU emulator version {QEMU_VERSION_STR} (emu 0.1.0)")
+    print("emu: a QEMU-compatible x86 PC in Python on the Unicorn CPU engine")
+
+
+def _print_help() -> None:
+    _print_version()
+    print(f"usage: {progname()} [options] [disk_image]\n")
+    print("Options (QEMU syntax): " + " ".join("-" + n for n in sorted(OPTIONS)))
+
+
+def _check_files(cfg: MachineConfig) -> None:
+    if cfg.kernel is not None and not os.path.isfile(cfg.kernel):
+        err = "No such file or directory" if not os.path.exists(cfg.kernel) else "Is a directory"
+        raise _PlainExit(f"qemu: could not open kernel file '{cfg.kernel}': {err}")
+    if cfg.initrd is not None and not os.path.isfile(cfg.initrd):
+        raise _PlainExit(f"qemu: could not load initial ram disk '{cfg.initrd}'")
+    if cfg.bios is not None and not os.path.isfile(cfg.bios):
+        raise _PlainExit(f"qemu: could not load PC BIOS '{cfg.bios}'")
+
+
+class _PlainExit(Exception):
+    """An error QEMU prints without the usual prefix (e.g. ``qemu: could not …``)."""
+
+
+def _daemonize() -> int | None:
+    """Fork: the parent waits for the child's start-up verdict and exits with it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        data = os.read(r, 1)
+        os._exit(0 if data == b"0" else 1)
+    os.close(r)
+    os.setsid()
+    return w
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``emu`` / ``python -m emu``; returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, b = parse_args(args)
+    except OptionError as e:
+        print(e.render(), file=sys.stderr)
+        return 1
+    if b.version:
+        _print_version()
+        return 0
+    if b.help:
+        _print_help()
+        return 0
+    try:
+        _check_files(cfg)
+    except _PlainExit as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    ready_fd = _daemonize() if cfg.daemonize else None
+    try:
+        return _run(cfg, b, ready_fd)
+    except OptionError as e:
+        print(e.render(), file=sys.stderr)
+    except EmuError as e:
+        print(f"{progname()}: {e}", file=sys.stderr)
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+    return 1
+
+
+def _write_pidfile(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise OptionError(f"cannot create PID file: {os.strerror(e.errno or 0)}") from e
+
+
+def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
+    from emu.chardev import IOThread, create_chardev
+    from emu.machine.pc import Machine, ShutdownCause
+    from emu.qmp.protocol import QmpServer
+
+    if b.qtest is not None:
+        raise OptionError("qtest is not supported by emu", f"-qtest {b.qtest}")
+    pidfile = cfg.pidfile
+    if pidfile is not None:
+        _write_pidfile(pidfile)
+    machine = Machine(cfg)
+    io = IOThread()
+    server: QmpServer | None = None
+    chardevs = {}
+    try:
+        from emu.machine.drives import open_drives
+
+        open_drives(machine)
+        for c in cfg.chardevs:
+            try:
+                chardev = create_chardev(c.backend, c.id, c.options)
+                chardev.daemonized = cfg.daemonize
+                chardev.prepare()
+            except ConfigError as e:
+                raise OptionError(str(e), c.spec if c.spec.startswith("-") else
+                                  f"-chardev {c.spec}") from None
+            chardevs[c.id] = chardev
+        io.start()
+        server = QmpServer(machine, io.loop)
+        for m in cfg.monitors:
+            server.add_monitor(chardevs[m.chardev])
+        machine.serial_chardevs = [chardevs[s] for s in cfg.serials]
+        for chardev in chardevs.values():
+            io.call(chardev.start(io.loop))
+
+        def on_signal(signum: int, frame: Any) -> None:
+            print(f"{progname()}: terminating on signal {signum}", file=sys.stderr, flush=True)
+            machine.quit(ShutdownCause.HOST_SIGNAL)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        machine.start()
+        if ready_fd is not None:
+            os.write(ready_fd, b"0")
+            os.close(ready_fd)
+            ready_fd = None
+            _detach_stdio()
+        code = None
+        while code is None:
+            code = machine.main_loop(timeout=0.5)
+        return code
+    finally:
+        if server is not None:
+            try:
+                io.call(server.shutdown(), timeout=10)
+            except Exception:   # noqa: BLE001 - exit regardless
+                pass
+        else:
+            for chardev in chardevs.values():
+                if chardev.loop is not None:
+                    try:
+                        io.call(chardev.close(), timeout=5)
+                    except Exception:   # noqa: BLE001
+                        pass
+        machine.close()
+        io.stop()
+        if pidfile is not None:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+
+
+def _detach_stdio() -> None:
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)

@@ -1,0 +1,127 @@
+"""The machine's configuration, as the command line (or a test) describes it.
+
+:mod:`emu.cli` turns QEMU's options into these dataclasses; :class:`emu.machine.pc.Machine`
+builds the PC from them.  Names follow QEMU: a ``-drive`` without ``id=`` is called
+``ide0-hd0``, ``virtio0``, … (:func:`drive_default_id`), and every device has the qdev path
+QEMU gives it (:attr:`DeviceConfig.qdev_path`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: ``-drive if=`` values QEMU knows (``if_name[]`` in blockdev.c) and their devices per bus.
+IF_MAX_DEVS = {"none": 0, "ide": 2, "scsi": 7, "floppy": 2, "pflash": 0, "mtd": 0,
+               "sd": 0, "virtio": 0, "xen": 0}
+#: number of IDE buses on the pc machine (PIIX3: primary and secondary channel).
+PC_IDE_BUSES = 2
+
+
+@dataclass
+class DriveConfig:
+    """One ``-drive``.
+
+    :param spec: the option text as given (QEMU quotes it in error messages).
+    :param id: the drive's name (``id=`` or QEMU's default, e.g. ``ide0-hd0``).
+    :param interface: ``if=`` (``ide``, ``virtio``, ``none``, …).
+    :param bus: bus number (``ide0`` → 0); :param unit: unit on that bus.
+    :param options: every remaining block option (``file.filename``, ``driver``, …), as
+        QEMU passes them to the block layer.
+    """
+
+    spec: str
+    id: str
+    interface: str
+    bus: int
+    unit: int
+    index: int
+    file: str | None = None
+    format: str | None = None
+    node_name: str | None = None
+    media: str = "disk"
+    readonly: bool = False
+    cache: str | None = None
+    aio: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlockdevConfig:
+    """One ``-blockdev``: QEMU's nested options (``file.driver=file`` → ``{"file": {...}}``)."""
+
+    spec: str
+    options: dict[str, Any]
+
+
+@dataclass
+class DeviceConfig:
+    """One ``-device`` (explicit, or implied by ``-drive if=virtio``/``if=ide``).
+
+    :param qdev_path: QOM path as QEMU reports it in ``query-block`` ``qdev``: e.g.
+        ``/machine/peripheral/vblk2/virtio-backend``.
+    """
+
+    spec: str
+    driver: str
+    id: str | None
+    props: dict[str, str]
+    qdev_path: str = ""
+    implicit: bool = False
+
+
+@dataclass
+class ChardevConfig:
+    """One character device backend (``-chardev``, or implied by ``-qmp``/``-serial``)."""
+
+    spec: str
+    backend: str
+    id: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MonitorConfig:
+    """One monitor: ``-mon chardev=ID,mode=control`` or ``-qmp …``."""
+
+    chardev: str
+    mode: str = "control"
+    pretty: bool = False
+
+
+@dataclass
+class MachineConfig:
+    """Everything the command line selected; defaults are QEMU's."""
+
+    machine_type: str = "pc"
+    accel: str = "tcg"
+    memory_mib: int = 128
+    start_paused: bool = False
+    name: str | None = None
+    drives: list[DriveConfig] = field(default_factory=list)
+    blockdevs: list[BlockdevConfig] = field(default_factory=list)
+    devices: list[DeviceConfig] = field(default_factory=list)
+    chardevs: list[ChardevConfig] = field(default_factory=list)
+    monitors: list[MonitorConfig] = field(default_factory=list)
+    serials: list[str] = field(default_factory=list)
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    bios: str | None = None
+    pidfile: str | None = None
+    daemonize: bool = False
+    nodefaults: bool = False
+    no_shutdown: bool = False
+    no_reboot: bool = False
+    display: str | None = None
+    vga: str | None = None
+
+
+def drive_default_id(interface: str, bus: int, unit: int, media: str) -> str:
+    """QEMU's name for a ``-drive`` without ``id=`` (blockdev.c ``drive_new``)."""
+    mediastr = ""
+    if interface in ("ide", "scsi"):
+        mediastr = "-cd" if media == "cdrom" else "-hd"
+    if IF_MAX_DEVS.get(interface, 0):
+        return f"{interface}{bus}{mediastr}{unit}"
+    return f"{interface}{mediastr}{unit}"

@@ -1,0 +1,91 @@
+"""Open every ``-drive`` / ``-blockdev`` of a configuration into the machine.
+
+Each ``-drive`` becomes a named :class:`emu.machine.pc.BlockDevice` with the qdev path of
+the device it is attached to (QEMU's naming, see :mod:`emu.machine.config`) and, through
+the block layer (``emu.block.node.BlockGraph``), its node graph: a format node on a
+protocol node, auto-named ``#block…`` unless ``node-name=`` was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emu.errors import BlockError, ConfigError, EmuError
+from emu.machine.config import DriveConfig, MachineConfig
+from emu.machine.pc import BlockDevice, Machine
+
+__all__ = ["open_drives", "drive_qdev_paths"]
+
+
+def drive_qdev_paths(cfg: MachineConfig) -> dict[str, str]:
+    """drive id -> the qdev path of the device using it (``""`` if none)."""
+    out: dict[str, str] = {}
+    for dev in cfg.devices:
+        drv = dev.props.get("drive")
+        if drv is not None:
+            out[drv] = dev.qdev_path
+    return out
+
+
+def _graph() -> Any:
+    try:
+        from emu.block.node import BlockGraph
+    except ImportError:
+        return None
+    return BlockGraph()
+
+
+def _backend_for(node: Any, name: str, readonly: bool) -> Any:
+    try:
+        from emu.block.api import BlockBackend
+    except ImportError:
+        return None
+    try:
+        return BlockBackend(node, name=name)
+    except TypeError:
+        return BlockBackend(node)
+
+
+def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
+    """Open one drive (or register an empty cdrom) and add it to ``machine``."""
+    dev = BlockDevice(name=d.id, qdev=qdev, media=d.media,
+                      removable=d.media == "cdrom")
+    dev.extra["drive"] = d
+    graph = machine.block_graph
+    if d.file and graph is not None:
+        try:
+            options = dict(d.options)
+            fmt = d.format or options.pop("driver", None)
+            node = graph.open_image(d.file, fmt, read_only=d.readonly,
+                                    node_name=d.node_name, cache=d.cache,
+                                    options=options or None)
+        except EmuError as e:
+            raise ConfigError(str(e)) from e
+        except OSError as e:
+            raise ConfigError(f"Could not open '{d.file}': {e.strerror}") from e
+        dev.node = node
+        dev.backend = _backend_for(node, d.id, d.readonly)
+    machine.add_block_device(dev)
+    return dev
+
+
+def open_drives(machine: Machine) -> None:
+    """Open every drive of ``machine.config``; ConfigError carries QEMU's text and the
+    option it came from (``-drive …``)."""
+    from emu.cli import OptionError
+
+    cfg = machine.config
+    machine.block_graph = _graph()
+    paths = drive_qdev_paths(cfg)
+    for b in cfg.blockdevs:
+        if machine.block_graph is None:
+            break
+        try:
+            machine.block_graph.blockdev_add(b.options)
+        except (BlockError, EmuError) as e:
+            raise OptionError(str(e), f"-blockdev {b.spec}") from e
+    for d in cfg.drives:
+        try:
+            open_drive(machine, d, paths.get(d.id, ""))
+        except ConfigError as e:
+            raise OptionError(str(e), f"-drive {d.spec}") from e

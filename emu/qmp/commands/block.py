@@ -1,0 +1,384 @@
+"""Block commands: queries (query-block, query-named-block-nodes, query-blockstats),
+internal snapshots, external snapshots, blockdev-add/-del — on the machine's block graph
+(``emu.block.node.BlockGraph``).  Texts are QEMU 7.2's (qmp-golden/error-index.md).
+
+Job commands (drive-backup, blockdev-backup, block-job-*, job-*) and ``transaction`` are
+declared here with their full QAPI arguments (so malformed requests get QEMU's exact
+errors) and run through ``emu.block.jobs`` / ``emu.block.transaction``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from emu.errors import BlockError, EmuError, QmpError
+from emu.qmp.commands import CommandContext, command
+from emu.qmp.errors import DEVICE_NOT_ACTIVE
+from emu.qmp.schema import (ANY, BOOL, INT, STR, Alternate, Enum, List, Struct, Union)
+
+# ------------------------------------------------------------------------ types
+
+SYNC_MODE = Enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
+BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ["on-success", "never", "always"])
+ON_ERROR = Enum("BlockdevOnError", ["report", "ignore", "enospc", "stop", "auto"])
+NEW_IMAGE_MODE = Enum("NewImageMode", ["existing", "absolute-paths"])
+PERF = Struct("BackupPerf", [("?use-copy-range", BOOL), ("?max-workers", INT),
+                             ("?max-chunk", INT)])
+_BACKUP_COMMON = [("?job-id", STR), ("device", STR), ("sync", SYNC_MODE), ("?speed", INT),
+                  ("?bitmap", STR), ("?bitmap-mode", BITMAP_SYNC_MODE), ("?compress", BOOL),
+                  ("?on-source-error", ON_ERROR), ("?on-target-error", ON_ERROR),
+                  ("?auto-finalize", BOOL), ("?auto-dismiss", BOOL),
+                  ("?filter-node-name", STR), ("?x-perf", PERF)]
+BACKUP_COMMON = Struct("BackupCommon", _BACKUP_COMMON)
+DRIVE_BACKUP = Struct("DriveBackup", [("target", STR), ("?format", STR),
+                                      ("?mode", NEW_IMAGE_MODE)], base=BACKUP_COMMON)
+BLOCKDEV_BACKUP = Struct("BlockdevBackup", [("target", STR)], base=BACKUP_COMMON)
+SNAPSHOT_SYNC = Struct("BlockdevSnapshotSync", [
+    ("?device", STR), ("?node-name", STR), ("snapshot-file", STR),
+    ("?snapshot-node-name", STR), ("?format", STR), ("?mode", NEW_IMAGE_MODE)])
+SNAPSHOT = Struct("BlockdevSnapshot", [("node", STR), ("overlay", STR)])
+SNAPSHOT_INTERNAL = Struct("BlockdevSnapshotInternal", [("device", STR), ("name", STR)])
+BITMAP_ADD = Struct("BlockDirtyBitmapAdd", [("node", STR), ("name", STR),
+                                            ("?granularity", INT), ("?persistent", BOOL),
+                                            ("?disabled", BOOL)])
+BITMAP = Struct("BlockDirtyBitmap", [("node", STR), ("name", STR)])
+BITMAP_OR_STR = Alternate("BlockDirtyBitmapOrStr", [STR, BITMAP])
+BITMAP_MERGE = Struct("BlockDirtyBitmapMerge", [("node", STR), ("target", STR),
+                                                ("bitmaps", List(BITMAP_OR_STR))])
+ABORT = Struct("Abort")
+ACTION_KIND = Enum("TransactionActionKind", [
+    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge", "blockdev-backup", "blockdev-snapshot",
+    "blockdev-snapshot-internal-sync", "blockdev-snapshot-sync", "drive-backup"])
+_ACTION_DATA = {"abort": ABORT, "block-dirty-bitmap-add": BITMAP_ADD,
+                "block-dirty-bitmap-remove": BITMAP, "block-dirty-bitmap-clear": BITMAP,
+                "block-dirty-bitmap-enable": BITMAP, "block-dirty-bitmap-disable": BITMAP,
+                "block-dirty-bitmap-merge": BITMAP_MERGE, "blockdev-backup": BLOCKDEV_BACKUP,
+                "blockdev-snapshot": SNAPSHOT, "blockdev-snapshot-internal-sync":
+                SNAPSHOT_INTERNAL, "blockdev-snapshot-sync": SNAPSHOT_SYNC,
+                "drive-backup": DRIVE_BACKUP}
+TRANSACTION_ACTION = Union(
+    "TransactionAction", Struct("q_obj_TransactionAction-base", [("type", ACTION_KIND)]),
+    "type", {k: Struct(f"{v.name}Wrapper", [("data", v)]) for k, v in _ACTION_DATA.items()})
+COMPLETION_MODE = Enum("ActionCompletionMode", ["individual", "grouped"])
+TRANSACTION_PROPS = Struct("TransactionProperties", [("?completion-mode", COMPLETION_MODE)])
+
+SNAPSHOT_INFO = Struct("SnapshotInfo", [
+    ("id", STR), ("name", STR), ("vm-state-size", INT), ("date-sec", INT),
+    ("date-nsec", INT), ("vm-clock-sec", INT), ("vm-clock-nsec", INT), ("?icount", INT)])
+BLOCK_INFO = Struct("BlockInfo", [("device", STR), ("?qdev", STR), ("type", STR),
+                                  ("removable", BOOL), ("locked", BOOL)])
+BLOCK_DEVICE_INFO = Struct("BlockDeviceInfo", [("file", STR), ("?node-name", STR),
+                                               ("ro", BOOL), ("drv", STR)])
+BLOCK_STATS = Struct("BlockStats", [("?device", STR), ("?qdev", STR), ("?node-name", STR)])
+
+# BlockdevOptions: a flat union on ``driver``; the members of each branch are what
+# emu's block layer understands for that driver.
+BLOCKDEV_DRIVER = Enum("BlockdevDriver", [
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster",
+    "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
+    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed",
+    "quorum", "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi",
+    "vhdx", "vmdk", "vpc", "vvfat"])
+DETECT_ZEROES = Enum("BlockdevDetectZeroesOptions", ["off", "on", "unmap"])
+DISCARD = Enum("BlockdevDiscardOptions", ["ignore", "unmap"])
+CACHE_OPTS = Struct("BlockdevCacheOptions", [("?direct", BOOL), ("?no-flush", BOOL)])
+BLOCKDEV_BASE = Struct("q_obj_BlockdevOptions-base", [
+    ("driver", BLOCKDEV_DRIVER), ("?node-name", STR), ("?discard", DISCARD),
+    ("?cache", CACHE_OPTS), ("?read-only", BOOL), ("?auto-read-only", BOOL),
+    ("?force-share", BOOL), ("?detect-zeroes", DETECT_ZEROES)])
+_BLOCKDEV_REF_PLACEHOLDER: list = []
+
+
+class _BlockdevRef(Alternate):
+    """``BlockdevRef``: an inline BlockdevOptions object or a node name (recursive)."""
+
+    def __init__(self, name: str, with_null: bool = False) -> None:
+        super().__init__(name, [])
+        self.with_null = with_null
+
+    def check(self, value: Any, full: str, name: str | None) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            return BLOCKDEV_OPTIONS.check(value, full, name)
+        if value is None and self.with_null:
+            return None
+        raise QmpError(f"Invalid parameter type for '{full}', expected: "
+                       f"{self.name}")
+
+
+BLOCKDEV_REF = _BlockdevRef("BlockdevRef")
+BLOCKDEV_REF_OR_NULL = _BlockdevRef("BlockdevRefOrNull", True)
+BLOCKDEV_REF.choices = (BLOCKDEV_BASE, STR)
+BLOCKDEV_REF_OR_NULL.choices = (BLOCKDEV_BASE, STR)
+_GENERIC_FORMAT = Struct("BlockdevOptionsGenericFormat", [("file", BLOCKDEV_REF)])
+_BRANCHES = {
+    "file": Struct("BlockdevOptionsFile", [
+        ("filename", STR), ("?pr-manager", STR), ("?locking", Enum("OnOffAuto", ["auto", "on", "off"])),
+        ("?aio", Enum("BlockdevAioOptions", ["threads", "native", "io_uring"])),
+        ("?aio-max-batch", INT), ("?drop-cache", BOOL), ("?x-check-cache-dropped", BOOL)]),
+    "raw": Struct("BlockdevOptionsRaw", [("?offset", INT), ("?size", INT)], base=_GENERIC_FORMAT),
+    "qcow2": Struct("BlockdevOptionsQcow2", [
+        ("?backing", BLOCKDEV_REF_OR_NULL), ("?lazy-refcounts", BOOL),
+        ("?pass-discard-request", BOOL), ("?pass-discard-snapshot", BOOL),
+        ("?pass-discard-other", BOOL), ("?cache-size", INT), ("?l2-cache-size", INT),
+        ("?l2-cache-entry-size", INT), ("?refcount-cache-size", INT),
+        ("?cache-clean-interval", INT), ("?data-file", BLOCKDEV_REF)], base=_GENERIC_FORMAT),
+    "blkdebug": Struct("BlockdevOptionsBlkdebug", [
+        ("image", BLOCKDEV_REF), ("?config", STR), ("?align", INT), ("?max-transfer", INT),
+        ("?opt-write-zero", INT), ("?max-write-zero", INT), ("?opt-discard", INT),
+        ("?max-discard", INT), ("?inject-error", List(ANY)), ("?set-state", List(ANY)),
+        ("?take-child-perms", List(STR)), ("?unshare-child-perms", List(STR))]),
+}
+BLOCKDEV_OPTIONS = Union("BlockdevOptions", BLOCKDEV_BASE, "driver", _BRANCHES)
+
+
+# ----------------------------------------------------------------- lookups
+
+def _graph(ctx: CommandContext) -> Any:
+    g = ctx.machine.block_graph
+    if g is None:
+        raise QmpError("the block layer is not available in this build")
+    return g
+
+
+def _lookup_bs(ctx: CommandContext, device: str | None, node_name: str | None) -> Any:
+    """QEMU's bdrv_lookup_bs: a BlockBackend name first, then a node name."""
+    if device is not None:
+        dev = ctx.machine.find_block_device(device)
+        if dev is not None:
+            if dev.node is None:
+                raise QmpError(f"Device '{device}' has no medium")
+            return dev.node
+    if node_name is not None and ctx.machine.block_graph is not None:
+        bs = ctx.machine.block_graph.lookup(node_name)
+        if bs is not None:
+            return bs
+    raise QmpError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def _device_name_of(ctx: CommandContext, bs: Any) -> str:
+    """The BlockBackend name attached to ``bs`` (QEMU's bdrv_get_device_or_node_name)."""
+    for d in ctx.machine.block_devices:
+        if d.node is bs:
+            return d.name
+    return bs.node_name
+
+
+def _active_layer(ctx: CommandContext, name: str) -> tuple[Any, str]:
+    dev = ctx.machine.find_block_device(name)
+    if dev is not None:
+        if dev.node is None:
+            raise QmpError(f"Device '{name}' has no medium")
+        return dev.node, dev.name
+    bs = _graph(ctx).lookup(name) if ctx.machine.block_graph is not None else None
+    if bs is None:
+        raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
+    return bs, _device_name_of(ctx, bs)
+
+
+# ----------------------------------------------------------------- queries
+
+def _cache_info(bs: Any) -> dict:
+    return {"writeback": True, "direct": bool(bs.cache_direct), "no-flush": bool(bs.cache_no_flush)}
+
+
+def _image_info(bs: Any) -> dict:
+    info = bs.image_info(backing_chain=True)
+    if bs.drv == "file" or (bs.impl.__class__.__dict__.get("is_protocol", False)):
+        info.pop("cluster-size", None)
+    return info
+
+
+def block_device_info(bs: Any, depth_from_chain: bool = True) -> dict:
+    """QEMU's BlockDeviceInfo for node ``bs``, members in schema order."""
+    chain_depth = len(bs.backing_chain()) - 1 if depth_from_chain else 0
+    d: dict[str, Any] = {"file": bs.filename, "node-name": bs.node_name, "ro": bool(bs.read_only),
+                         "drv": bs.drv}
+    if bs.backing_file:
+        d["backing_file"] = bs.backing_file
+    d["backing_file_depth"] = chain_depth
+    d["encrypted"] = False
+    d["detect_zeroes"] = "off"
+    d["bps"] = d["bps_rd"] = d["bps_wr"] = 0
+    d["iops"] = d["iops_rd"] = d["iops_wr"] = 0
+    d["image"] = _image_info(bs)
+    d["cache"] = _cache_info(bs)
+    d["write_threshold"] = 0
+    return d
+
+
+@command("query-block", returns=List(BLOCK_INFO))
+def query_block(ctx: CommandContext) -> list:
+    out = []
+    for dev in ctx.machine.block_devices:
+        e: dict[str, Any] = {"device": dev.name}
+        if dev.qdev:
+            e["qdev"] = dev.qdev
+        e["type"] = dev.type
+        e["removable"] = dev.removable
+        e["locked"] = dev.locked
+        if dev.node is not None:
+            e["inserted"] = block_device_info(dev.node)
+        if dev.removable:
+            e["tray_open"] = False
+        e["io-status"] = dev.io_status
+        out.append(e)
+    return out
+
+
+@command("query-named-block-nodes", args=[("?flat", BOOL)], returns=List(BLOCK_DEVICE_INFO))
+def query_named_block_nodes(ctx: CommandContext, flat: bool = False) -> list:
+    g = ctx.machine.block_graph
+    if g is None:
+        return []
+    out = []
+    for bs in g.nodes():
+        info = block_device_info(bs, depth_from_chain=False)
+        if flat:
+            info["image"].pop("backing-image", None)
+        out.append(info)
+    return out
+
+
+_STAT_KEYS = ("rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+              "flush_operations", "unmap_operations", "rd_total_time_ns", "wr_total_time_ns",
+              "flush_total_time_ns", "unmap_total_time_ns", "wr_highest_offset", "rd_merged",
+              "wr_merged", "unmap_merged", "failed_rd_operations", "failed_wr_operations",
+              "failed_flush_operations", "failed_unmap_operations", "invalid_rd_operations",
+              "invalid_wr_operations", "invalid_flush_operations", "invalid_unmap_operations")
+
+
+def _stats(source: Any, accounted: bool) -> dict:
+    """BlockDeviceStats from a backend's/node's ``stats`` counters (0 when it keeps none)."""
+    counters = getattr(source, "stats", None) or {}
+    if not isinstance(counters, dict):
+        counters = dict(getattr(counters, "__dict__", {}))
+    s: dict[str, Any] = {k: int(counters.get(k, 0)) for k in _STAT_KEYS}
+    s["idle_time_ns"] = counters.get("idle_time_ns")
+    if s["idle_time_ns"] is None:
+        del s["idle_time_ns"]
+    s["account_invalid"] = accounted
+    s["account_failed"] = accounted
+    s["timed_stats"] = []
+    return s
+
+
+def _node_stats(bs: Any, with_parent: bool = True) -> dict:
+    e: dict[str, Any] = {"node-name": bs.node_name, "stats": _stats(bs, False)}
+    if with_parent and bs.file is not None:
+        e["parent"] = _node_stats(bs.file)
+    if bs.drv == "file":
+        e["driver-specific"] = {"driver": "file", "discard-nb-ok": 0, "discard-nb-failed": 0,
+                                "discard-bytes-ok": 0}
+    return e
+
+
+@command("query-blockstats", args=[("?query-nodes", BOOL)], returns=List(BLOCK_STATS))
+def query_blockstats(ctx: CommandContext, query_nodes: bool = False) -> list:
+    out = []
+    if query_nodes:
+        g = ctx.machine.block_graph
+        for bs in reversed(g.nodes()) if g is not None else []:
+            out.append(_node_stats(bs))
+        return out
+    for dev in ctx.machine.block_devices:
+        e: dict[str, Any] = {"device": dev.name}
+        if dev.qdev:
+            e["qdev"] = dev.qdev
+        if dev.node is not None:
+            e["node-name"] = dev.node.node_name
+        e["stats"] = _stats(dev.backend, True)
+        if dev.node is not None and dev.node.file is not None:
+            e["parent"] = _node_stats(dev.node.file)
+        out.append(e)
+    return out
+
+
+# ------------------------------------------------------- internal snapshots
+
+@command("blockdev-snapshot-internal-sync", args=SNAPSHOT_INTERNAL)
+def blockdev_snapshot_internal_sync(ctx: CommandContext, device: str, name: str) -> dict:
+    bs, devname = _active_layer(ctx, device)
+    with ctx.machine.quiesce():
+        internal_snapshot_create(ctx, bs, devname, name)
+    return {}
+
+
+def internal_snapshot_create(ctx: CommandContext, bs: Any, devname: str, name: str) -> dict:
+    """Create snapshot ``name`` on ``bs`` with QEMU's checks and texts."""
+    if not bs.supports_snapshots:
+        raise QmpError(f"Block format '{bs.drv}' used by device '{devname}' does not "
+                       "support internal snapshots")
+    if not name:
+        raise QmpError("Name is empty")
+    for s in bs.snapshot_list():
+        if s["name"] == name:
+            raise QmpError(f"Snapshot with name '{name}' already exists on device '{devname}'")
+    vm_clock = int(getattr(ctx.machine, "vm_clock_ns", lambda: 0)()) if callable(
+        getattr(ctx.machine, "vm_clock_ns", None)) else 0
+    try:
+        return bs.snapshot_create(name, vm_clock_ns=vm_clock)
+    except BlockError as e:
+        raise QmpError(str(e)) from e
+
+
+@command("blockdev-snapshot-delete-internal-sync",
+         args=[("device", STR), ("?id", STR), ("?name", STR)], returns=SNAPSHOT_INFO)
+def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, device: str,
+                                           id: str | None = None,
+                                           name: str | None = None) -> dict:
+    bs, devname = _active_layer(ctx, device)
+    if id is None and name is None:
+        raise QmpError("Name or id must be provided")
+    if not bs.supports_snapshots:
+        raise QmpError("Failed to get a snapshot list: Operation not supported")
+    match = None
+    for s in bs.snapshot_list():
+        if (id is None or s["id"] == id) and (name is None or s["name"] == name):
+            match = s
+            break
+    if match is None:
+        raise QmpError(f"Snapshot with id '{id if id is not None else 'null'}' and name "
+                       f"'{name if name is not None else 'null'}' does not exist on device "
+                       f"'{devname}'")
+    with ctx.machine.quiesce():
+        try:
+            return bs.snapshot_delete(match["id"], match["name"])
+        except BlockError as e:
+            raise QmpError(str(e)) from e
+
+
+# ------------------------------------------------------- jobs and transactions
+
+def _delegate(module: str, func: str, ctx: CommandContext, **kw: Any) -> Any:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise QmpError(f"{module} is not available in this build") from None
+    fn = getattr(mod, func, None)
+    if fn is None:
+        raise QmpError(f"{module}.{func} is not available in this build")
+    return fn(ctx.machine, **kw)
+
+
+@command("drive-backup", args=DRIVE_BACKUP, features=("deprecated",), boxed=True)
+def drive_backup(ctx: CommandContext, args: dict) -> Any:
+    return _delegate("emu.block.jobs", "qmp_drive_backup", ctx, args=args)
+
+
+@command("blockdev-backup", args=BLOCKDEV_BACKUP, boxed=True)
+def blockdev_backup(ctx: CommandContext, args: dict) -> Any:
+    return _delegate("emu.block.jobs", "qmp_blockdev_backup", ctx, args=args)
+
+
+@command("transaction", args=[("actions", List(TRANSACTION_ACTION)),
+                              ("?properties", TRANSACTION_PROPS)], boxed=True)
+def transaction(ctx: CommandContext, args: dict) -> Any:
+    return _delegate("emu.block.transaction", "qmp_transaction", ctx, args=args)
