@@ -148,9 +148,9 @@ def create_image(filename: str, fmt: str, size: int, opts: dict[str, str], *, qu
     except ImportError:
         raise ImgError(f"{filename}: qcow2 creation is not available") from None
     try:
-        qcreate.create_qcow2(filename, size, cluster_size=cluster_size, version=version,
+        qcreate.create_qcow2(filename, size, cluster_size=cluster_size, compat="1.1" if version == 3 else "0.10",
                              lazy_refcounts=lazy, refcount_bits=refcount_bits, preallocation=prealloc,
-                             backing_file=backing_file, backing_format=backing_fmt)
+                             backing_file=backing_file, backing_fmt=backing_fmt)
     except EmuError as err:
         raise ImgError(f"{filename}: {err}") from None
     except OSError as err:
@@ -198,7 +198,7 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
         try:
             size = parse_size(args[1])
         except ValueError:
-            if args[1].lstrip().startswith("-") or _too_big(args[1]):
+            if _too_big(args[1]):
                 raise ImgError("Invalid image size specified. Must be between 0 and 9223372036854775807.") from None
             raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
                            f"{_prog()}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
@@ -210,8 +210,10 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
     if bfile and not o.get("backing_fmt"):
         # qemu-img 7.2 refuses to probe the backing format on create.
         detected = _detect_backing_fmt(filename, bfile)
-        raise ImgError(f"{filename}: Backing file specified without backing format"
+        err = ImgError(f"{filename}: Backing file specified without backing format"
                        + (f"\nDetected format of {detected}." if detected else ""))
+        err.newline = not detected  # qemu-img's hint ends without a newline
+        raise err
     if bfile and (size is None or not unsafe):
         from emu.block.node import resolve_backing_path
         try:
@@ -223,7 +225,6 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
             msg = str(err)
             if msg.startswith("Could not open '"):
                 msg = msg.split(": ", 1)[1] if msg.count(": ") >= 2 else msg
-            qprint(quiet, formatting_line(filename, fmt, dict(o, size=str(size if size is not None else 0))))
             raise ImgError(f"{filename}: {_strip_open(str(err))}\nCould not open backing image.") from None
         if size is None:
             size = bsize
@@ -332,8 +333,33 @@ def _snap_row(sn: dict) -> str:
                          sn.get("icount"))
 
 
-def _clean_info(info: dict) -> dict:
-    info = {k: v for k, v in info.items() if k != "backing-image"}
+def image_info(bs) -> dict:
+    """QEMU's ImageInfo for one node, members inserted in QAPI order (printing reorders them).
+
+    Built from the node's public attributes rather than ``bs.image_info()`` so that the
+    disk size is measured as qemu-img does: blocks allocated to the image file.
+    """
+    info: dict[str, Any] = {"filename": bs.filename, "format": bs.drv,
+                            "dirty-flag": bool(bs.impl.dirty_flag())}
+    try:
+        info["actual-size"] = os.stat(bs.filename).st_blocks * 512
+    except OSError:
+        pass
+    info["virtual-size"] = bs.size
+    cs = getattr(bs.impl, "cluster_size", None)
+    if cs:
+        info["cluster-size"] = cs
+    if bs.backing_file:
+        info["backing-filename"] = bs.backing_file
+        info["full-backing-filename"] = bs.full_backing_filename()
+        if bs.backing_format:
+            info["backing-filename-format"] = bs.backing_format
+    snaps = bs.snapshot_list()
+    if snaps:
+        info["snapshots"] = snaps
+    spec = bs.impl.info_specific()
+    if spec is not None:
+        info["format-specific"] = spec
     return info
 
 
@@ -362,7 +388,7 @@ def cmd_info(opts: list[tuple[str, str]], args: list[str]) -> int:
         infos = []
         for n in nodes:
             try:
-                infos.append(_clean_info(n.image_info()))
+                infos.append(image_info(n))
             except EmuError as err:
                 raise ImgError(str(err)) from None
     if out == "json":
@@ -422,9 +448,10 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
         except EmuError as err:
             verb = {"-c": "create", "-d": "delete", "-a": "apply"}[action]
             msg = str(err)
-            if action == "-d" and "not found" in msg.lower():
+            missing = "not found" in msg.lower() or "can't find" in msg.lower()
+            if action == "-d" and missing:
                 msg = "snapshot not found"
-            if action == "-a" and "not found" in msg.lower():
+            if action == "-a" and missing:
                 msg = "Failed to load snapshot: No such file or directory"
             raise ImgError(f"Could not {verb} snapshot '{name}': {msg}") from None
     return 0
@@ -453,13 +480,27 @@ def block_status_above(bs, offset: int, length: int) -> tuple[dict, int]:
         n = cnt
         node = node.backing
         depth += 1
-    present = kind != "unallocated"
-    if kind == "unallocated":
+    zero_in_file = False
+    if kind == "data" and host is not None and node.drv != "raw" and node.file is not None:
+        # Like bdrv_co_block_status with want_zero: a data range over a hole of the image
+        # file reads as zeroes (e.g. preallocated metadata).
+        try:
+            fkind, fn, _ = node.file.block_status(host, cnt)
+        except EmuError:
+            fkind, fn = "data", cnt
+        cnt = max(1, min(cnt, fn))
+        zero_in_file = fkind == "zero"
+    if kind == "zero" and host is None and node.drv == "raw":
+        # A hole in a raw file still has a host offset (qemu-img map prints it).
+        host = offset + getattr(node.impl, "offset", 0)
+    present = kind not in ("unallocated", "zero-unallocated")
+    if not present:
         # Past the end of the chain or nothing allocated: reads as zeroes.
         ent = {"depth": depth, "present": False, "zero": True, "data": False, "offset": None,
                "filename": node.filename}
     else:
-        ent = {"depth": depth, "present": present, "zero": kind == "zero", "data": kind == "data",
+        ent = {"depth": depth, "present": present, "zero": kind == "zero" or zero_in_file,
+               "data": kind == "data",
                "offset": host, "filename": node.filename}
     return ent, cnt
 
@@ -655,6 +696,7 @@ def cmd_commit(opts: list[tuple[str, str]], args: list[str]) -> int:
         if base_name is not None and os.path.realpath(base_name) != os.path.realpath(bpath):
             raise ImgError(f"Did not find '{base_name}' in the backing chain of '{filename}'")
         prog = Progress(progress and not quiet)
+        prog.force(0.0)  # qemu-img prints the starting point twice (init, then job start)
         size = top.size
         if base.size < size:
             base.truncate(size)
@@ -664,7 +706,7 @@ def cmd_commit(opts: list[tuple[str, str]], args: list[str]) -> int:
             prog.update((off + min(step, size - off)) * 100.0 / size if size else 100)
         base.flush()
         if not drop:
-            top.discard(0, size)
+            _make_empty(top)
         top.flush()
         prog.end()
     qprint(quiet, "Image committed.\n")
@@ -723,7 +765,7 @@ def cmd_rebase(opts: list[tuple[str, str]], args: list[str]) -> int:
             while off < size:
                 kind, n, _ = bs.block_status(off, min(size - off, 1 << 30))
                 n = max(1, min(n, size - off))
-                if kind == "unallocated":
+                if kind in ("unallocated", "zero-unallocated"):
                     pos = off
                     while pos < off + n:
                         m = min(chunk, off + n - pos)
@@ -737,6 +779,24 @@ def cmd_rebase(opts: list[tuple[str, str]], args: list[str]) -> int:
             prog.end()
         _set_backing(bs, new_base or None, new_fmt if new_base else None)
     return 0
+
+
+def _make_empty(bs) -> None:
+    """QEMU's bdrv_make_empty: every cluster of ``bs`` unallocated again (reads from backing).
+
+    Uses the driver's ``make_empty()`` when it has one; otherwise the qcow2 driver's
+    cluster-zapping primitive with "unallocated" entries (full discard), as qcow2_make_empty.
+    """
+    impl = bs.impl
+    with bs.lock:
+        if hasattr(impl, "make_empty"):
+            impl.make_empty()
+        elif hasattr(impl, "_zero_clusters"):
+            impl.mark_dirty_for_write()
+            impl._zero_clusters(0, impl.l1_coverage(), False)
+        else:
+            bs.discard(0, bs.size)
+    bs.flush()
 
 
 def _read_or_zero(node, offset: int, length: int) -> bytes:
@@ -763,7 +823,7 @@ def _write_diff(bs, pos: int, old: bytes, new: bytes, gran: int = 512) -> None:
 
 def _set_backing(bs, name: str | None, fmt: str | None) -> None:
     impl = bs.impl
-    fn = getattr(impl, "change_backing_file", None)
+    fn = getattr(impl, "set_backing", None)
     if fn is None:
         raise ImgError("Could not change the backing file to "
                        f"'{name or ''}': Operation not supported")

@@ -28,6 +28,8 @@ class ImgError(Exception):
     def __init__(self, msg: str, code: int = 1) -> None:
         super().__init__(msg)
         self.code = code
+        #: False for the few qemu-img messages whose hint has no final newline.
+        self.newline = True
 
 
 class UsageError(ImgError):
@@ -47,9 +49,9 @@ def command(name: str, shortopts: str = "", longopts: list[str] | None = None):
     return deco
 
 
-def error_report(msg: str) -> None:
+def error_report(msg: str, newline: bool = True) -> None:
     """Print one qemu-img style error line."""
-    sys.stderr.write(f"{PROG}: {msg}\n")
+    sys.stderr.write(f"{PROG}: {msg}" + ("\n" if newline else ""))
     sys.stderr.flush()
 
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"Try '{PROG} --help' for more information\n")
         code = err.code
     except ImgError as err:
-        error_report(str(err))
+        error_report(str(err), err.newline)
         code = err.code
     except EmuError as err:
         error_report(str(err))
