@@ -1,0 +1,107 @@
+"""The platform devices of QEMU's ``pc`` machine, built and wired in one place.
+
+:class:`PcBoard` owns the I/O and MMIO buses and puts on them what a PC has
+(and what Linux touches, see shared/research/linux-guest):
+
+=====================  ===================  =========
+device                 ports                ISA IRQ
+=====================  ===================  =========
+8259 master / slave    0x20-21, 0xA0-A1     (cascade 2)
+ELCR                   0x4D0-0x4D1
+8254 PIT               0x40-0x43            0
+port B (speaker/gate)  0x61
+i8042 + port A         0x60, 0x64, 0x92     1, 12
+MC146818 RTC/CMOS      0x70-0x71            8
+16550A COM1            0x3F8-0x3FF          4
+POST port              0x80
+PCI conf1 + RCR        0xCF8-0xCFF
+isa-debug-exit         (if configured)
+=====================  ===================  =========
+
+plus i440FX at 00:00.0 and PIIX3 at 00:01.0 on PCI bus 0.  The machine facade
+hands the vCPU ``board.iobus.port_read`` / ``port_write`` and ``board.pic`` (the
+interrupt controller), maps ``board.mmiobus`` ranges, and adds disk controllers
+with ``board.pci.add(function, slot, fn)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from emu.hw.bus import IOBus, MMIOBus
+from emu.hw.clock import VirtualClock
+from emu.hw.pc.debugexit import DebugExit, PostPort
+from emu.hw.pc.i8042 import I8042
+from emu.hw.pc.pic import PicPair
+from emu.hw.pc.pit import Pit
+from emu.hw.pc.rtc import Rtc
+from emu.hw.pc.serial import COM1, COM1_IRQ, SerialBackend, Serial16550
+from emu.hw.pci.chipset import I440FX, PIIX3
+from emu.hw.pci.host import PciHost
+
+PIIX3_SLOT = 1  # 00:01.0 ISA bridge; 00:01.1 is where the PIIX3 IDE function goes
+
+
+class PcBoard:
+    """All platform devices, wired as on QEMU's ``pc`` (i440FX + PIIX3) machine.
+
+    :param clock: the VM's virtual clock (its timer thread drives the PIT, RTC and UART timeouts).
+    :param notify: called when the PIC's INTR output rises (pass ``vcpu.kick``).
+    :param on_reset: guest-requested system reset (0x64/0xFE, 0x92, 0xCF9).
+    :param on_a20: guest A20 gate changes (i8042 output port, port 0x92).
+    :param on_exit: isa-debug-exit status; required when ``debug_exit`` is given.
+    :param serial_backend: COM1's host side (None: output discarded).
+    :param debug_exit: ``(iobase, iosize)`` to add an isa-debug-exit device, else None.
+    :param start_time: RTC start time as UTC epoch seconds (default: host time).
+    """
+
+    def __init__(
+        self,
+        clock: VirtualClock,
+        notify: Callable[[], None] | None = None,
+        on_reset: Callable[[], None] | None = None,
+        on_a20: Callable[[bool], None] | None = None,
+        on_exit: Callable[[int], None] | None = None,
+        serial_backend: SerialBackend | None = None,
+        debug_exit: tuple[int, int] | None = None,
+        start_time: float | None = None,
+    ) -> None:
+        self.clock = clock
+        self.iobus = IOBus()
+        self.mmiobus = MMIOBus()
+        bus = self.iobus
+        self.pic = PicPair(notify)
+        self.pic.register(bus)
+        self.pit = Pit(clock, self.pic.irq_line(0))
+        self.pit.register(bus)
+        self.i8042 = I8042(self.pic.irq_line(1), self.pic.irq_line(12), on_reset, on_a20)
+        self.i8042.register(bus)
+        self.rtc = Rtc(clock, self.pic.irq_line(8), start_time)
+        self.rtc.register(bus)
+        self.serial = Serial16550(self.pic.irq_line(COM1_IRQ), clock, serial_backend, COM1, "serial0")
+        self.serial.register(bus)
+        self.port80 = PostPort()
+        self.port80.register(bus)
+        self.pci = PciHost(bus, self.mmiobus)
+        self.pci.register()
+        self.i440fx = I440FX()
+        self.piix3 = PIIX3(self.pic, on_reset)
+        self.pci.add(self.i440fx, 0)
+        self.pci.add(self.piix3, PIIX3_SLOT)
+        self.pci.set_irq_router(self.piix3)
+        self.pci.set_reset_control(self.piix3)
+        self.debug_exit: DebugExit | None = None
+        if debug_exit is not None:
+            if on_exit is None:
+                raise ValueError("isa-debug-exit needs an on_exit callback")
+            self.debug_exit = DebugExit(on_exit, *debug_exit)
+            self.debug_exit.register(bus)
+
+    def reset(self) -> None:
+        """System reset of every device (RTC time and CMOS RAM survive, as on a PC)."""
+        self.pic.reset()
+        self.pit.reset()
+        self.i8042.reset()
+        self.rtc.reset()
+        self.serial.reset()
+        self.pci.reset()

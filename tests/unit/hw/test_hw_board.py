@@ -1,0 +1,102 @@
+"""The wired PC platform: a guest-like interrupt consumer counts timer, RTC and UART IRQs."""
+
+import io
+
+import pytest
+
+from emu.hw.clock import VirtualClock
+from emu.hw.pc.board import PcBoard
+from emu.hw.pc.serial import FileBackend
+
+US = 1000
+
+
+class Cpu:
+    """The vCPU's side of the contract: INTA when INTR is up, EOI like an IRQ handler."""
+
+    def __init__(self, board):
+        self.board = board
+        self.vectors = []
+
+    def step(self):
+        pic = self.board.pic
+        bus = self.board.iobus
+        while pic.has_interrupt():
+            v = pic.acknowledge()
+            self.vectors.append(v)
+            if v == 0x28:  # RTC: read register C, EOI both
+                bus.port_write(0x70, 1, 0x0C)
+                bus.port_read(0x71, 1)
+                bus.port_write(0xA0, 1, 0x20)
+            elif v == 0x24:  # UART: read IIR, drain RX
+                bus.port_read(0x3FA, 1)
+                while bus.port_read(0x3FD, 1) & 1:
+                    bus.port_read(0x3F8, 1)
+            bus.port_write(0x20, 1, 0x20)
+
+
+def make():
+    clock = VirtualClock(manual=True)
+    kicks = []
+    out = io.BytesIO()
+    board = PcBoard(clock, notify=lambda: kicks.append(clock.now()), serial_backend=FileBackend(out),
+                    debug_exit=(0x501, 2), on_exit=lambda s: kicks.append(("exit", s)))
+    bus = board.iobus
+    for port, val in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01),
+                      (0xA0, 0x11), (0xA1, 0x28), (0xA1, 0x02), (0xA1, 0x01)):
+        bus.port_write(port, 1, val)
+    return clock, board, kicks, out
+
+
+def test_pit_1khz_exact_irq_count_and_kicks():
+    clock, board, kicks, _ = make()
+    bus = board.iobus
+    bus.port_write(0x21, 1, 0xFE)  # only IRQ0
+    bus.port_write(0xA1, 1, 0xFF)
+    bus.port_write(0x43, 1, 0x34)
+    bus.port_write(0x40, 1, 1193 & 0xFF)
+    bus.port_write(0x40, 1, 1193 >> 8)
+    cpu = Cpu(board)
+    for _ in range(500):  # 50 ms in 100 us steps
+        clock.advance(100 * US)
+        cpu.step()
+    assert cpu.vectors == [0x20] * 50
+    assert len(kicks) == 50
+
+
+def test_rtc_and_uart_irqs_with_priorities():
+    clock, board, kicks, out = make()
+    bus = board.iobus
+    bus.port_write(0x21, 1, 0xFA & ~0x10)  # IRQ0 masked; 2 and 4 open
+    bus.port_write(0xA1, 1, 0xFE)  # IRQ8
+    bus.port_write(0x70, 1, 0x0B)
+    bus.port_write(0x71, 1, 0x02 | 0x40)  # PIE, 1024 Hz
+    bus.port_write(0x3F9, 1, 0x01)  # UART RDA interrupts
+    bus.port_write(0x3FC, 1, 0x08)  # OUT2
+    cpu = Cpu(board)
+    board.serial.receive(b"k")
+    cpu.step()
+    assert cpu.vectors == [0x24]
+    cpu.vectors.clear()
+    for _ in range(100):
+        clock.advance(100 * US)
+        cpu.step()
+    assert cpu.vectors == [0x28] * 10  # 10 ms at 1024 Hz -> 10 periodic interrupts
+    for ch in b"ok":
+        bus.port_write(0x3F8, 1, ch)
+    assert out.getvalue() == b"ok"
+    bus.port_write(0x501, 1, 0x10)
+    assert kicks[-1] == ("exit", 0x21)
+
+
+def test_reset_and_port_map():
+    clock, board, kicks, _ = make()
+    bus = board.iobus
+    names = {base: getattr(dev, "name", type(dev).__name__) for base, _, dev in bus.regions()}
+    for port in (0x20, 0xA0, 0x4D0, 0x40, 0x61, 0x60, 0x64, 0x92, 0x70, 0x3F8, 0x80, 0xCF8, 0x501):
+        assert port in names, hex(port)
+    assert bus.port_read(0x2F8, 1) == 0xFF  # no COM2: all ones, as Linux expects
+    board.reset()
+    assert board.pic.imr() == 0 and board.pic.master.irq_base == 0
+    with pytest.raises(ValueError):
+        PcBoard(clock, debug_exit=(0x501, 2))
