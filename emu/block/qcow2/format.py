@@ -406,7 +406,8 @@ def serialize_header(h: QCowHeader, cluster_size: int | None = None) -> bytes:
 
     if h.backing_format:
         add(QCOW2_EXT_MAGIC_BACKING_FORMAT, h.backing_format.encode("ascii"))
-    if h.version >= 3:
+    if h.version >= 3 and cluster_size > 4096:
+        # qemu-img 7.2 writes the feature name table only for clusters above 4 KiB.
         table = h.feature_table or list(QEMU_FEATURE_TABLE)
         add(QCOW2_EXT_MAGIC_FEATURE_TABLE, b"".join(
             FEATURE_NAME.pack(t, b, n.encode()) for t, b, n in table))
@@ -471,6 +472,11 @@ def parse_snapshot_table(buf: bytes, nb_snapshots: int) -> list[QCowSnapshot]:
 
     :raises ImageFormatError: truncated entries or oversize extra data.
     """
+    return parse_snapshot_table_ex(buf, nb_snapshots)[0]
+
+
+def parse_snapshot_table_ex(buf: bytes, nb_snapshots: int) -> tuple[list[QCowSnapshot], int]:
+    """Like :func:`parse_snapshot_table`, also returning the table's length in bytes."""
     snaps = []
     off = 0
     for _ in range(nb_snapshots):
@@ -500,7 +506,7 @@ def parse_snapshot_table(buf: bytes, nb_snapshots: int) -> list[QCowSnapshot]:
         off += name_len
         off = _ext_padded(off)
         snaps.append(s)
-    return snaps
+    return snaps, off
 
 
 def serialize_snapshot(s: QCowSnapshot) -> bytes:

@@ -1,0 +1,661 @@
+"""Block nodes (QEMU's BlockDriverState), the node graph, the driver table and image locking.
+
+A :class:`BlockDriverState` is one node: a format (``qcow2``, ``raw``), a protocol (``file``)
+or a filter (``blkdebug``).  Format nodes have a ``file`` child (the protocol node holding
+their bytes) and optionally a ``backing`` node.  The :class:`BlockGraph` owns every node,
+names them (``#block<N>`` when unnamed, as QEMU does) and opens images with format probing.
+
+Drivers register in one table with :func:`register_driver`; a driver class implements the
+:class:`BlockDriver` interface and is instantiated once per node.
+
+Locking follows QEMU's file-posix: open file description (OFD) read locks on byte
+``100 + perm_bit`` for each permission a node holds and ``200 + perm_bit`` for each it
+does not share, so emu and QEMU see each other's locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import struct
+import threading
+from typing import Any, Callable, ClassVar
+
+from emu.errors import BlockError, ImageFormatError, ImageOpenError
+
+# --- permissions and locks (QEMU include/block/block-common.h, file-posix.c) ---------
+BLK_PERM_CONSISTENT_READ = 0x01
+BLK_PERM_WRITE = 0x02
+BLK_PERM_WRITE_UNCHANGED = 0x04
+BLK_PERM_RESIZE = 0x08
+BLK_PERM_ALL = 0x0F
+PERM_NAMES = ("consistent read", "write", "write unchanged", "resize")
+RAW_LOCK_PERM_BASE = 100
+RAW_LOCK_SHARED_BASE = 200
+
+#: Probe buffer size (QEMU's BLOCK_PROBE_BUF_SIZE).
+BLOCK_PROBE_BUF_SIZE = 512
+#: Deepest backing chain emu follows before calling it hostile.
+MAX_BACKING_DEPTH = 256
+
+_FLOCK = struct.Struct("hhxxxxqqi4x")  # struct flock on Linux x86-64
+
+
+def _ofd_lock(fd: int, ltype: int, start: int, length: int = 1) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(ltype, os.SEEK_SET, start, length, 0))
+
+
+def _ofd_conflict(fd: int, ltype: int, start: int) -> bool:
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(ltype, os.SEEK_SET, start, 1, 0))
+    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+
+
+def apply_perm_locks(fd: int, path: str, perm: int, shared: int) -> None:
+    """Take QEMU-compatible permission locks on ``fd`` and check nobody conflicts.
+
+    :param perm: ``BLK_PERM_*`` bits this opener needs.
+    :param shared: ``BLK_PERM_*`` bits this opener lets others have.
+    :raises ImageOpenError: with QEMU's text, e.g. ``Failed to get "write" lock``.
+    """
+    hint = f"Is another process using the image [{path}]?"
+    try:
+        for i in range(len(PERM_NAMES)):
+            bit = 1 << i
+            if perm & bit:
+                _ofd_lock(fd, fcntl.F_RDLCK, RAW_LOCK_PERM_BASE + i)
+            else:
+                _ofd_lock(fd, fcntl.F_UNLCK, RAW_LOCK_PERM_BASE + i)
+            if not shared & bit:
+                _ofd_lock(fd, fcntl.F_RDLCK, RAW_LOCK_SHARED_BASE + i)
+            else:
+                _ofd_lock(fd, fcntl.F_UNLCK, RAW_LOCK_SHARED_BASE + i)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.ENOTSUP):
+            return  # file system without OFD locks: QEMU's locking=auto skips too
+        raise ImageOpenError(f"Failed to lock byte: {os.strerror(err.errno)}") from err
+    for i, name in enumerate(PERM_NAMES):
+        bit = 1 << i
+        # Someone who does not share what we want holds the "shared" byte.
+        if perm & bit and _ofd_conflict(fd, fcntl.F_WRLCK, RAW_LOCK_SHARED_BASE + i):
+            raise ImageOpenError(f'Failed to get "{name}" lock\n{hint}')
+        # Someone holds a permission we refuse to share.
+        if not shared & bit and _ofd_conflict(fd, fcntl.F_WRLCK, RAW_LOCK_PERM_BASE + i):
+            raise ImageOpenError(f'Failed to get shared "{name}" lock\n{hint}')
+
+
+def release_locks(fd: int) -> None:
+    """Drop every permission lock byte held through ``fd``."""
+    try:
+        _ofd_lock(fd, fcntl.F_UNLCK, RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE + 100 - RAW_LOCK_PERM_BASE)
+    except OSError:
+        pass
+
+
+# --- driver table -----------------------------------------------------------------------
+class BlockDriver:
+    """Interface of a driver instance bound to one node.
+
+    Subclasses set :attr:`format_name`, :attr:`is_protocol` / :attr:`is_filter`, and
+    implement what they support; unsupported operations raise :class:`BlockError`.
+    """
+
+    format_name: ClassVar[str] = ""
+    is_protocol: ClassVar[bool] = False
+    #: Requests past the end are allowed (protocols grow; formats never do).
+    can_grow: bool = False
+    is_filter: ClassVar[bool] = False
+    supports_backing: ClassVar[bool] = False
+    supports_snapshots: ClassVar[bool] = False
+
+    def __init__(self, bs: "BlockDriverState") -> None:
+        self.bs = bs
+
+    def open(self, options: dict[str, Any]) -> None:
+        """Open with driver options (after ``bs.file`` was set up for format drivers)."""
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise BlockError(f"Driver '{self.format_name}' does not support writing")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.write(offset, bytes(length))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard is advisory: drivers that cannot do it ignore it, as QEMU does."""
+
+    def flush(self) -> None:
+        if self.bs.file is not None:
+            self.bs.file.flush()
+
+    def drain_metadata(self) -> None:
+        """Write back cached metadata so other processes see every completed write."""
+        self.flush()
+
+    def truncate(self, size: int) -> None:
+        raise BlockError(f"Image format '{self.format_name}' does not support resizing")
+
+    def close(self) -> None:
+        pass
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
+        """Return ``(kind, length, host_offset)`` for the extent at ``offset``.
+
+        ``kind`` is ``"data"``, ``"zero"`` (reads as zeroes here), or ``"unallocated"``
+        (defer to backing).
+        """
+        return "data", length, offset
+
+    def actual_size(self) -> int:
+        return self.bs.file.actual_size() if self.bs.file is not None else 0
+
+    def info_specific(self) -> dict | None:
+        return None
+
+    def dirty_flag(self) -> bool:
+        return False
+
+
+class DriverEntry:
+    """One row of the driver table."""
+
+    def __init__(self, name: str, cls: type[BlockDriver], probe: Callable[[bytes, str], int] | None):
+        self.name, self.cls, self.probe = name, cls, probe
+
+
+DRIVERS: dict[str, DriverEntry] = {}
+
+
+def register_driver(name: str, probe: Callable[[bytes, str], int] | None = None):
+    """Class decorator: add a :class:`BlockDriver` to the table under ``name``.
+
+    :param probe: ``probe(first_bytes, filename) -> score`` for format probing (higher wins).
+    """
+    def deco(cls: type[BlockDriver]) -> type[BlockDriver]:
+        cls.format_name = name
+        DRIVERS[name] = DriverEntry(name, cls, probe)
+        return cls
+    return deco
+
+
+def _load_drivers() -> None:
+    # Importing registers them; done lazily to keep import order simple.
+    from emu.block.drivers import blkdebug, file, raw  # noqa: F401
+    from emu.block.qcow2 import driver  # noqa: F401
+
+
+def probe_format(buf: bytes, filename: str) -> str:
+    """The best format for ``buf`` (QEMU's bdrv_probe_all): ``raw`` if nothing else claims it."""
+    _load_drivers()
+    best, score = "raw", 0
+    for entry in DRIVERS.values():
+        if entry.probe is not None:
+            s = entry.probe(buf, filename)
+            if s > score:
+                best, score = entry.name, s
+    return best
+
+
+# --- nodes --------------------------------------------------------------------------------
+class BlockDriverState:
+    """One node of the block graph.
+
+    :ivar node_name: unique name in the graph (``#block<N>`` when auto-assigned).
+    :ivar drv: driver (format or protocol) name.
+    :ivar filename: the file name as given (protocol filename for format nodes).
+    :ivar file: protocol child or ``None``.
+    :ivar backing: backing node or ``None``.
+    :ivar read_only: whether writes are refused.
+    """
+
+    def __init__(self, graph: "BlockGraph", drv: str, node_name: str, *, filename: str = "",
+                 read_only: bool = False, force_share: bool = False,
+                 cache_direct: bool = False, cache_no_flush: bool = False) -> None:
+        self.graph = graph
+        self.drv = drv
+        self.node_name = node_name
+        self.filename = filename
+        self.file: BlockDriverState | None = None
+        self.backing: BlockDriverState | None = None
+        self.read_only = read_only
+        self.force_share = force_share
+        self.cache_direct = cache_direct
+        self.cache_no_flush = cache_no_flush
+        #: What the image header named as backing (may differ from backing.filename).
+        self.backing_file: str | None = None
+        self.backing_format: str | None = None
+        self.options: dict[str, Any] = {}
+        self.impl: BlockDriver = DRIVERS[drv].cls(self)
+        #: Serialises requests on this node; drivers keep shared state (caches).
+        self.lock = threading.RLock()
+        self.parents = 0
+        self.closed = False
+
+    # --- I/O ---------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self.impl.size
+
+    def _check_request(self, offset: int, length: int, write: bool) -> None:
+        if self.closed:
+            raise BlockError(f"Node '{self.node_name}' is closed")
+        if offset < 0 or length < 0:
+            raise BlockError(f"Invalid request: offset {offset} length {length}")
+        if offset + length > self.size and not self.impl.can_grow:
+            raise BlockError(f"Request out of range: offset {offset} length {length} "
+                             f"beyond the end of '{self.node_name}' ({self.size} bytes)")
+        if write and self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at guest ``offset``."""
+        self._check_request(offset, length, False)
+        if length == 0:
+            return b""
+        with self.lock:
+            return self.impl.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at guest ``offset``."""
+        self._check_request(offset, len(data), True)
+        if not data:
+            return
+        with self.lock:
+            self.impl.write(offset, bytes(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeroes (cheaply when the format can)."""
+        self._check_request(offset, length, True)
+        if length:
+            with self.lock:
+                self.impl.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Advisory discard; the range then reads as zeroes or as the backing file."""
+        self._check_request(offset, length, True)
+        if length:
+            with self.lock:
+                self.impl.discard(offset, length)
+
+    def flush(self) -> None:
+        """Write back caches and ask the host to make everything durable."""
+        if self.closed:
+            return
+        with self.lock:
+            self.impl.flush()
+
+    def drain_metadata(self) -> None:
+        """Write back cached metadata of this node and its children (used by drain)."""
+        with self.lock:
+            self.impl.drain_metadata()
+        if self.backing is not None and not self.backing.read_only:
+            self.backing.drain_metadata()
+
+    def truncate(self, size: int) -> None:
+        """Resize (grow) the node."""
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+        with self.lock:
+            self.impl.truncate(size)
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
+        """See :meth:`BlockDriver.block_status`."""
+        with self.lock:
+            return self.impl.block_status(offset, min(length, self.size - offset))
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """Read from the backing node, zero-filled past its end (used by format drivers)."""
+        if self.backing is None:
+            return bytes(length)
+        bsize = self.backing.size
+        if offset >= bsize:
+            return bytes(length)
+        n = min(length, bsize - offset)
+        data = self.backing.read(offset, n)
+        return data + bytes(length - n)
+
+    # --- snapshots ---------------------------------------------------------------------
+    @property
+    def supports_snapshots(self) -> bool:
+        return self.impl.supports_snapshots
+
+    def _snap_impl(self):
+        if not self.impl.supports_snapshots:
+            raise BlockError(f"Block format '{self.drv}' used by device '{self.node_name}' "
+                             "does not support feature 'internal snapshots'")
+        return self.impl
+
+    def snapshot_list(self) -> list[dict]:
+        """Snapshots as QEMU's SnapshotInfo dicts (id, name, vm-state-size, date-*, vm-clock-*)."""
+        if not self.impl.supports_snapshots:
+            return []
+        with self.lock:
+            return self.impl.snapshot_list()
+
+    def snapshot_create(self, name: str, vm_clock_ns: int = 0, date: float | None = None,
+                        vm_state_size: int = 0, snapshot_id: str | None = None) -> dict:
+        """Create an internal snapshot; returns its SnapshotInfo."""
+        impl = self._snap_impl()
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+        with self.lock:
+            return impl.snapshot_create(name, vm_clock_ns=vm_clock_ns, date=date,
+                                        vm_state_size=vm_state_size, snapshot_id=snapshot_id)
+
+    def snapshot_delete(self, snapshot_id: str | None = None, name: str | None = None) -> dict:
+        """Delete the snapshot matching id and/or name; returns the deleted SnapshotInfo."""
+        impl = self._snap_impl()
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+        with self.lock:
+            return impl.snapshot_delete(snapshot_id, name)
+
+    def snapshot_goto(self, id_or_name: str) -> dict:
+        """Revert the active image to a snapshot (by id first, then name)."""
+        impl = self._snap_impl()
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+        with self.lock:
+            return impl.snapshot_goto(id_or_name)
+
+    # --- info ----------------------------------------------------------------------------
+    def full_backing_filename(self) -> str | None:
+        if not self.backing_file:
+            return None
+        return resolve_backing_path(self.filename, self.backing_file)
+
+    def image_info(self, backing_chain: bool = False) -> dict:
+        """QEMU's ImageInfo for this node (member names and order as ``qemu-img info --output=json``).
+
+        :param backing_chain: add ``backing-image`` recursively (QMP query-block style).
+        """
+        with self.lock:
+            info: dict[str, Any] = {}
+            snaps = self.snapshot_list()
+            if snaps:
+                info["snapshots"] = snaps
+            info["virtual-size"] = self.size
+            info["filename"] = self.filename
+            cs = getattr(self.impl, "cluster_size", None)
+            if cs:
+                info["cluster-size"] = cs
+            info["format"] = self.drv
+            info["actual-size"] = self.impl.actual_size()
+            specific = self.impl.info_specific()
+            if specific is not None:
+                info["format-specific"] = specific
+            if self.backing_file:
+                info["full-backing-filename"] = self.full_backing_filename()
+                info["backing-filename"] = self.backing_file
+                if self.backing_format:
+                    info["backing-filename-format"] = self.backing_format
+            info["dirty-flag"] = self.impl.dirty_flag()
+        if backing_chain and self.backing is not None:
+            info["backing-image"] = self.backing.image_info(True)
+        return info
+
+    def backing_chain(self) -> list["BlockDriverState"]:
+        """This node followed by its backing nodes, top first."""
+        chain, n = [], self
+        while n is not None:
+            chain.append(n)
+            n = n.backing
+        return chain
+
+    def close(self) -> None:
+        """Flush and close this node only (children are closed by :meth:`BlockGraph.remove`)."""
+        if self.closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            self.closed = True
+            self.impl.close()
+
+    def __repr__(self) -> str:
+        return f"<BlockDriverState {self.node_name} {self.drv} {self.filename!r}>"
+
+
+def resolve_backing_path(overlay_filename: str, backing: str) -> str:
+    """QEMU's path_combine: a relative backing name is relative to the overlay's directory."""
+    if os.path.isabs(backing) or ":" in backing.split("/", 1)[0] or not overlay_filename:
+        return backing
+    d = os.path.dirname(overlay_filename)
+    return os.path.join(d, backing) if d else backing
+
+
+_UNSET: Any = object()
+
+
+class BlockGraph:
+    """All nodes of one emulator (or one emu-img run), by node name."""
+
+    def __init__(self) -> None:
+        self._nodes: list[BlockDriverState] = []
+        self._counter = 0
+        self._lock = threading.RLock()
+
+    # --- names ---------------------------------------------------------------------------
+    def _auto_name(self) -> str:
+        # QEMU's id_generate(): "#block" + counter + two random digits.
+        while True:
+            self._counter += 1
+            name = f"#block{self._counter}{random.randrange(100):02d}"
+            if self.lookup(name) is None:
+                return name
+
+    def _check_name(self, name: str) -> None:
+        if not name or len(name) > 31 or not (name[0].isalpha()) or not all(
+                c.isalnum() or c in "-._" for c in name):
+            raise BlockError("Invalid node-name: '%s'" % name)
+        if self.lookup(name) is not None:
+            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+
+    def lookup(self, node_name: str) -> BlockDriverState | None:
+        """The node named ``node_name`` or ``None``."""
+        for n in self._nodes:
+            if n.node_name == node_name:
+                return n
+        return None
+
+    def nodes(self) -> list[BlockDriverState]:
+        """Every node, newest first (QEMU's query-named-block-nodes order)."""
+        return list(reversed(self._nodes))
+
+    def _new_node(self, drv: str, node_name: str | None, **kw: Any) -> BlockDriverState:
+        _load_drivers()
+        if drv not in DRIVERS:
+            raise BlockError(f"Unknown driver '{drv}'")
+        with self._lock:
+            if node_name is None:
+                node_name = self._auto_name()
+            else:
+                self._check_name(node_name)
+            bs = BlockDriverState(self, drv, node_name, **kw)
+            self._nodes.append(bs)
+        return bs
+
+    def _drop(self, bs: BlockDriverState) -> None:
+        with self._lock:
+            if bs in self._nodes:
+                self._nodes.remove(bs)
+
+    # --- opening -------------------------------------------------------------------------
+    def open_protocol(self, filename: str, *, read_only: bool = False, force_share: bool = False,
+                      node_name: str | None = None, cache: str | None = None,
+                      driver: str = "file", extra: dict | None = None) -> BlockDriverState:
+        """Open a protocol node (``file`` or a ``blkdebug:`` filename)."""
+        direct, no_flush = parse_cache_mode(cache)
+        if filename.startswith("blkdebug:"):
+            driver = "blkdebug"
+        bs = self._new_node(driver, node_name, filename=filename, read_only=read_only,
+                            force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
+        opts = {"filename": filename}
+        opts.update(extra or {})
+        try:
+            bs.impl.open(opts)
+        except BaseException:
+            self._drop(bs)
+            raise
+        return bs
+
+    def open_image(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
+                   force_share: bool = False, node_name: str | None = None, cache: str | None = None,
+                   backing: Any = _UNSET, options: dict | None = None,
+                   _seen: frozenset[str] = frozenset()) -> BlockDriverState:
+        """Open ``filename`` as a format node on a protocol node (QEMU's bdrv_open).
+
+        :param fmt: format name; probed (qcow2 or raw) when ``None``.
+        :param force_share: ``-U``: take no locks that refuse other writers (read-only only).
+        :param cache: QEMU cache mode (``writeback``, ``none``, ``directsync``, ``writethrough``, ``unsafe``).
+        :param backing: by default the backing file named in the image is opened (read-only);
+            ``None`` opens no backing; a node uses that node.
+        :param options: extra driver options (e.g. raw ``offset``/``size``).
+        :raises ImageOpenError: file cannot be opened or locked.
+        :raises ImageFormatError: the image is corrupt or unsupported.
+        """
+        if force_share and not read_only:
+            raise BlockError("force-share=on can only be used with read-only images")
+        if fmt is not None:
+            _load_drivers()
+            if fmt not in DRIVERS or DRIVERS[fmt].cls.is_protocol:
+                raise BlockError(f"Unknown driver '{fmt}'")
+        key = os.path.realpath(filename) if not filename.startswith("blkdebug:") else filename
+        if key in _seen:
+            raise ImageFormatError(f"Backing file chain has a loop: '{filename}' is its own backing file")
+        if len(_seen) >= MAX_BACKING_DEPTH:
+            raise ImageFormatError(f"Backing chain of '{filename}' is too deep")
+        proto = self.open_protocol(filename, read_only=read_only, force_share=force_share, cache=cache)
+        try:
+            if fmt is None:
+                head = proto.read(0, min(BLOCK_PROBE_BUF_SIZE, proto.size))
+                fmt = probe_format(head, filename)
+            bs = self._new_node(fmt, node_name, filename=filename, read_only=read_only,
+                                force_share=force_share, cache_direct=proto.cache_direct,
+                                cache_no_flush=proto.cache_no_flush)
+        except BaseException:
+            self.remove(proto)
+            raise
+        bs.file = proto
+        proto.parents += 1
+        try:
+            bs.impl.open(dict(options or {}))
+            if bs.impl.supports_backing and bs.backing_file and backing is _UNSET:
+                bpath = bs.full_backing_filename()
+                bs.backing = self.open_image(bpath, bs.backing_format, read_only=True,
+                                             force_share=force_share, cache=cache,
+                                             _seen=_seen | {key})
+                bs.backing.parents += 1
+            elif isinstance(backing, BlockDriverState):
+                bs.backing = backing
+                backing.parents += 1
+        except BaseException:
+            self.remove(bs)
+            raise
+        return bs
+
+    def blockdev_add(self, options: dict[str, Any]) -> BlockDriverState:
+        """Create a node from QMP blockdev-add's options dict.
+
+        Understood: ``driver``, ``node-name``, ``read-only``, ``force-share``,
+        ``cache`` ({``direct``, ``no-flush``}), ``file`` (dict or node name), ``backing``
+        (dict, node name or ``None``), ``filename`` (file), ``offset``/``size`` (raw),
+        blkdebug's ``image``/``config``/``inject-error``/``set-state``.
+        """
+        opts = dict(options)
+        drv = opts.pop("driver", None)
+        if drv is None:
+            raise BlockError("Parameter 'driver' is missing")
+        _load_drivers()
+        if drv not in DRIVERS:
+            raise BlockError(f"Invalid parameter '{drv}'")
+        node_name = opts.pop("node-name", None)
+        read_only = bool(opts.pop("read-only", False))
+        force_share = bool(opts.pop("force-share", False))
+        cache = opts.pop("cache", {}) or {}
+        direct, no_flush = bool(cache.get("direct", False)), bool(cache.get("no-flush", False))
+        entry = DRIVERS[drv]
+        if entry.cls.is_protocol:
+            if "filename" not in opts:
+                raise BlockError("Parameter 'filename' is missing")
+            bs = self._new_node(drv, node_name, filename=opts["filename"], read_only=read_only,
+                                force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
+            try:
+                bs.impl.open(opts)
+            except BaseException:
+                self._drop(bs)
+                raise
+            return bs
+        child = opts.pop("file", None) if drv != "blkdebug" else opts.pop("image", opts.pop("file", None))
+        if child is None:
+            raise BlockError("Parameter 'file' is missing" if drv != "blkdebug" else
+                             "Parameter 'image' is missing")
+        if isinstance(child, str):
+            fnode = self.lookup(child)
+            if fnode is None:
+                raise BlockError(f"Cannot find device='' nor node-name='{child}'")
+        else:
+            copts = dict(child)
+            copts.setdefault("read-only", read_only)
+            copts.setdefault("cache", cache)
+            if force_share:
+                copts.setdefault("force-share", True)
+            fnode = self.blockdev_add(copts)
+        bs = self._new_node(drv, node_name, filename=fnode.filename, read_only=read_only,
+                            force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
+        bs.file = fnode
+        fnode.parents += 1
+        backing = opts.pop("backing", _UNSET)
+        try:
+            bs.impl.open(opts)
+            if bs.impl.supports_backing:
+                if backing is _UNSET and bs.backing_file:
+                    bs.backing = self.open_image(bs.full_backing_filename(), bs.backing_format,
+                                                 read_only=True, force_share=force_share)
+                elif isinstance(backing, str):
+                    b = self.lookup(backing)
+                    if b is None:
+                        raise BlockError(f"Cannot find device='' nor node-name='{backing}'")
+                    bs.backing = b
+                elif isinstance(backing, dict):
+                    bs.backing = self.blockdev_add(dict(backing, **{"read-only": True}))
+                if bs.backing is not None:
+                    bs.backing.parents += 1
+        except BaseException:
+            self.remove(bs)
+            raise
+        return bs
+
+    def remove(self, node: BlockDriverState) -> None:
+        """Close ``node`` and drop it from the graph, with children nobody else uses."""
+        node.close()
+        self._drop(node)
+        for child in (node.file, node.backing):
+            if child is not None:
+                child.parents -= 1
+                if child.parents <= 0 and child in self._nodes:
+                    self.remove(child)
+
+    def close_all(self) -> None:
+        """Close every node (top nodes first)."""
+        for n in self.nodes():
+            if n.parents <= 0 and n in self._nodes:
+                self.remove(n)
+
+
+def parse_cache_mode(cache: str | None) -> tuple[bool, bool]:
+    """QEMU's cache modes -> ``(direct, no_flush)``; ``None`` is writeback."""
+    modes = {None: (False, False), "writeback": (False, False), "writethrough": (False, False),
+             "none": (True, False), "directsync": (True, False), "unsafe": (False, True)}
+    if cache not in modes:
+        raise BlockError(f"Invalid cache mode '{cache}'")
+    return modes[cache]

@@ -1,0 +1,249 @@
+"""Refcounts: the refcount table, refcount blocks, cluster allocation and freeing.
+
+Invariants kept here (so an interrupted process only ever leaks clusters):
+
+- a cluster's refcount is raised on disk before any metadata pointing at it is written
+  (the L2 cache depends on the refcount cache, see :mod:`.cache`);
+- a new refcount block is written before the refcount table entry that points to it;
+- a grown refcount table is complete on disk (and flushed) before the header points to it,
+  and the old table is freed only after that.
+
+Frees of clusters that active L2 tables stopped referencing are deferred until those L2
+tables are on disk (:meth:`RefcountManager.defer_free`), so a freed cluster is never
+reused while an on-disk table still points at it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from emu.block.qcow2 import format as f
+from emu.block.qcow2.cache import TableCache
+from emu.errors import ImageFormatError
+
+if TYPE_CHECKING:
+    from emu.block.qcow2.driver import Qcow2Driver
+
+
+class _Again(Exception):
+    """Metadata was allocated while updating refcounts: search for free clusters again."""
+
+
+class RefcountManager:
+    """Refcount table + refcount block cache of one open image."""
+
+    def __init__(self, drv: "Qcow2Driver", table: list[int]) -> None:
+        self.drv = drv
+        h = drv.header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = 1 << h.cluster_bits
+        self.order = h.refcount_order
+        self.max_refcount = (1 << (1 << self.order)) - 1
+        self.block_entries = f.refcount_block_entries(h.cluster_bits, h.refcount_order)
+        self.table = table
+        self.free_hint = 0
+        self.pending_free: list[tuple[int, int]] = []
+        cap = max(4, (4 << 20) // self.cluster_size)
+        self.cache = TableCache("Refcount block", drv.file_read, drv.file_write, self.cluster_size,
+                                cap, validate=self._validate_block)
+
+    def _validate_block(self, offset: int) -> None:
+        if offset & (self.cluster_size - 1) or offset < self.cluster_size:
+            raise ImageFormatError(f"Refblock offset {offset:#x} unaligned or inside the header")
+        if offset >= self.drv.file_size_limit():
+            raise ImageFormatError(f"Refblock at {offset:#x} is beyond the end of the image file")
+
+    # --- lookup ---------------------------------------------------------------------------
+    def get(self, cluster_index: int) -> int:
+        """Refcount of host cluster ``cluster_index`` (0 where no block exists)."""
+        ti, bi = divmod(cluster_index, self.block_entries)
+        if ti >= len(self.table):
+            return 0
+        boff = self.table[ti] & f.REFT_OFFSET_MASK
+        if not boff:
+            return 0
+        return f.read_refcount(self.cache.get(boff), bi, self.order)
+
+    def _set(self, cluster_index: int, value: int) -> None:
+        ti, bi = divmod(cluster_index, self.block_entries)
+        boff = self.table[ti] & f.REFT_OFFSET_MASK
+        block = self.cache.get(boff)
+        f.write_refcount(block, bi, self.order, value)
+        self.cache.mark_dirty(boff)
+
+    def _covered(self, cluster_index: int) -> bool:
+        ti = cluster_index // self.block_entries
+        return ti < len(self.table) and bool(self.table[ti] & f.REFT_OFFSET_MASK)
+
+    # --- update ---------------------------------------------------------------------------
+    def update(self, offset: int, length: int, delta: int) -> None:
+        """Add ``delta`` to the refcount of every cluster touched by ``[offset, offset+length)``."""
+        if length <= 0:
+            return
+        while True:
+            try:
+                self._update(offset, length, delta)
+                return
+            except _Again:
+                continue
+
+    def _update(self, offset: int, length: int, delta: int) -> None:
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        done = first
+        try:
+            for c in range(first, last + 1):
+                if not self._covered(c):
+                    if delta < 0:
+                        raise ImageFormatError(f"Cannot decrease refcount of unreferenced cluster "
+                                               f"{c << self.cluster_bits:#x}")
+                    self._alloc_refcount_block(c)
+                v = self.get(c) + delta
+                if v < 0:
+                    raise ImageFormatError(f"Refcount of cluster {c << self.cluster_bits:#x} would become negative")
+                if v > self.max_refcount:
+                    raise ImageFormatError(f"Refcount of cluster {c << self.cluster_bits:#x} would overflow")
+                self._set(c, v)
+                done = c + 1
+                if v == 0:
+                    if c < self.free_hint:
+                        self.free_hint = c
+                    self.drv.on_cluster_freed(c << self.cluster_bits)
+        except _Again:
+            # Undo what this call changed so the caller's search starts over (QEMU's -EAGAIN).
+            if done > first and delta > 0:
+                self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta)
+            raise
+
+    def defer_free(self, offset: int, length: int) -> None:
+        """Decrement later, once the L2 tables that dropped the reference are on disk."""
+        self.pending_free.append((offset, length))
+
+    def apply_pending_frees(self) -> None:
+        pend, self.pending_free = self.pending_free, []
+        for off, length in pend:
+            self.update(off, length, -1)
+
+    # --- allocation -----------------------------------------------------------------------
+    def _alloc_noref(self, n: int) -> int:
+        """QEMU's alloc_clusters_noref: first run of ``n`` free clusters from the hint,
+        leaving the hint just past it."""
+        run = 0
+        while run < n:
+            c = self.free_hint
+            self.free_hint += 1
+            run = run + 1 if self.get(c) == 0 else 0
+        return self.free_hint - n
+
+    def _find_free(self, n: int) -> int:
+        return self._alloc_noref(n)
+
+    def alloc(self, nbytes: int) -> int:
+        """Allocate clusters for ``nbytes`` bytes (refcount 1); returns the host offset."""
+        n = max(1, (nbytes + self.cluster_size - 1) >> self.cluster_bits)
+        while True:
+            start = self._alloc_noref(n)
+            try:
+                self._update(start << self.cluster_bits, n << self.cluster_bits, 1)
+            except _Again:
+                continue  # metadata moved: search again, as QEMU does on -EAGAIN
+            self.drv.note_allocated((start + n) << self.cluster_bits)
+            return start << self.cluster_bits
+
+    def _ensure_blocks(self, first: int, count: int) -> bool:
+        """Make sure refcount blocks cover clusters ``first..first+count-1``.
+
+        :returns: ``True`` if it had to allocate something (the caller re-searches).
+        """
+        for c in range(first, first + count):
+            if not self._covered(c):
+                try:
+                    self._alloc_refcount_block(c)
+                except _Again:
+                    return True
+        return False
+
+    def _alloc_refcount_block(self, c: int) -> None:
+        """Create the refcount block covering cluster ``c``; always ends with :class:`_Again`."""
+        ti = c // self.block_entries
+        if ti >= len(self.table):
+            self._grow_table(ti)
+            raise _Again()
+        fc = self._alloc_noref(1)
+        boff = fc << self.cluster_bits
+        block = bytearray(self.cluster_size)
+        if fc // self.block_entries == ti:
+            # The new block describes itself.
+            f.write_refcount(block, fc % self.block_entries, self.order, 1)
+        else:
+            # Described elsewhere (may itself need a new block first: recursion ends
+            # at a block that describes itself, as in QEMU).
+            self._update(boff, self.cluster_size, 1)
+            # Its own refcount reaches disk before the table points at it.
+            self.cache.flush()
+        self.drv.file_write(boff, bytes(block))
+        self.drv.note_allocated(boff + self.cluster_size)
+        # The block is on disk before the refcount table entry that points at it.
+        self.table[ti] = boff
+        self.drv.file_write(self.drv.header.refcount_table_offset + ti * 8, struct.pack(">Q", boff))
+        self.cache.forget(boff)
+        self.drv.invalidate_meta()
+        raise _Again()
+
+    def _grow_table(self, min_index: int) -> None:
+        """Move the refcount table to the end of the image with room for ``min_index``."""
+        cs = self.cluster_size
+        entries_per_cluster = cs // 8
+        # Everything from the first cluster the old table cannot describe is free, so the
+        # new self-describing area goes there (QEMU's meta_offset); callers re-search after.
+        start = max(len(self.table), min_index) * self.block_entries
+        want = max(min_index + 1, len(self.table) * 3 // 2, len(self.table) + 1)
+        while True:
+            tc = (want + entries_per_cluster - 1) // entries_per_cluster
+            nb = 0
+            while True:
+                end = start + tc + nb
+                missing = [ti for ti in range(start // self.block_entries, (end - 1) // self.block_entries + 1)
+                           if ti >= len(self.table) or not self.table[ti] & f.REFT_OFFSET_MASK]
+                if len(missing) == nb:
+                    break
+                nb = len(missing)
+            end = start + tc + nb
+            need = (end - 1) // self.block_entries + 1
+            if need <= tc * entries_per_cluster:
+                break
+            want = need
+        if tc * cs > f.QCOW_MAX_REFTABLE_SIZE:
+            raise ImageFormatError("Refcount table too large")
+        new_table = self.table + [0] * (tc * entries_per_cluster - len(self.table))
+        blocks: dict[int, bytearray] = {}
+        for k, ti in enumerate(missing):
+            new_table[ti] = (start + tc + k) << self.cluster_bits
+            blocks[ti] = bytearray(cs)
+        for c in range(start, end):
+            ti, bi = divmod(c, self.block_entries)
+            if ti in blocks:
+                f.write_refcount(blocks[ti], bi, self.order, 1)
+            else:
+                self._set(c, 1)
+        # Old blocks' new counts, then the new blocks and table, all reach the disk
+        # before the header switches to the new table.
+        self.cache.flush()
+        for ti, b in blocks.items():
+            self.drv.file_write(new_table[ti], bytes(b))
+        self.drv.file_write(start << self.cluster_bits, f.serialize_table(new_table))
+        self.drv.note_allocated(end << self.cluster_bits)
+        self.drv.barrier()
+        h = self.drv.header
+        old_off, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        h.refcount_table_offset, h.refcount_table_clusters = start << self.cluster_bits, tc
+        self.drv.file_write(48, struct.pack(">QI", h.refcount_table_offset, tc))
+        self.drv.barrier()
+        self.table = new_table
+        self.drv.invalidate_meta()
+        # The header no longer points at the old table: free it.
+        self.update(old_off, old_clusters * cs, -1)
+
+    def flush(self) -> None:
+        self.cache.flush()
