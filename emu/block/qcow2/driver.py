@@ -313,6 +313,11 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
             self.refs.update(old_off, old_size * 8, -1)
             self.refs.flush()
 
+    def make_empty(self) -> None:
+        """QEMU's bdrv_make_empty: every cluster unallocated again (reads from backing)."""
+        self.mark_dirty_for_write()
+        self._zero_clusters(0, self.l1_coverage(), False)
+
     def truncate(self, size: int) -> None:
         h = self.header
         if size < h.size:

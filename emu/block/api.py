@@ -1,0 +1,258 @@
+"""BlockBackend: all that devices and jobs ever see of storage.
+
+A backend wraps the root node of a graph.  Requests run synchronously on the caller's
+thread (``read``/``write``/...) or on the backend's worker threads (``aio_*``, completion
+via ``callback(result_or_exception)``).  Every request counts in :attr:`BlockBackend.in_flight`
+from admission to completion.
+
+:meth:`drain` is QEMU's drained section: stop admitting new requests (they wait, or for
+``aio_*`` are queued), wait for in-flight ones to complete, then write back cached
+metadata of the whole chain so another process (``qemu-img -U``) sees every completed
+write.  :meth:`resume` re-admits and submits what was queued.  The thread that drained
+may keep doing I/O through the backend (jobs and transactions do).
+
+Guest-side errors (offset past the end, negative length, read-only) raise
+:class:`BlockRangeError` / :class:`~emu.errors.BlockError`; host errors arrive as
+``BlockError`` subclasses carrying ``errno``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from emu.block.node import BlockDriverState
+from emu.errors import BlockError
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[Any], None]
+
+
+class BlockRangeError(BlockError):
+    """A request outside the device (a guest fault: report it as device status)."""
+
+
+class BlockReadOnlyError(BlockError):
+    """A write to a read-only backend."""
+
+
+class BlockBackend:
+    """The device-facing end of a block graph.
+
+    :param root: the root node (format node, usually).
+    :param name: the device/backend name (``ide0-hd0``, ``drive0``...).
+    :param workers: worker threads for ``aio_*`` requests.
+    """
+
+    def __init__(self, root: BlockDriverState | None, name: str = "", *, workers: int = 4) -> None:
+        self.name = name
+        self._root = root
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._quiesce = 0
+        self._drain_owner: int | None = None
+        self._queued: list[tuple[Callable[[], Any], Callback | None]] = []
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+
+    # --- root ------------------------------------------------------------------------------
+    @property
+    def root(self) -> BlockDriverState | None:
+        return self._root
+
+    def set_root(self, node: BlockDriverState | None) -> None:
+        """Switch the root node (external snapshot, change medium); call while drained."""
+        self._root = node
+
+    @property
+    def size(self) -> int:
+        """Virtual size of the device in bytes (0 with no medium)."""
+        return self._root.size if self._root is not None else 0
+
+    @property
+    def read_only(self) -> bool:
+        return self._root is None or self._root.read_only
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet completed."""
+        with self._cond:
+            return self._in_flight
+
+    # --- admission -----------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._cond:
+            if self._quiesce and self._drain_owner != threading.get_ident():
+                self._cond.wait_for(lambda: not self._quiesce)
+            self._in_flight += 1
+
+    def _done(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _node(self) -> BlockDriverState:
+        if self._root is None:
+            raise BlockError(f"Device '{self.name}' has no medium")
+        return self._root
+
+    def _check(self, offset: int, length: int, write: bool) -> BlockDriverState:
+        node = self._node()
+        if offset < 0 or length < 0 or offset + length > node.size:
+            raise BlockRangeError(f"Request out of range: offset {offset} length {length} "
+                                  f"(device '{self.name}' has {node.size} bytes)")
+        if write and node.read_only:
+            raise BlockReadOnlyError(f"Device '{self.name}' is read-only")
+        return node
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        self._admit()
+        try:
+            return fn()
+        finally:
+            self._done()
+
+    # --- synchronous I/O --------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``."""
+        node = self._check(offset, length, False)
+        return self._run(lambda: node.read(offset, length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``."""
+        node = self._check(offset, len(data), True)
+        data = bytes(data)
+        self._run(lambda: node.write(offset, data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeroes."""
+        node = self._check(offset, length, True)
+        self._run(lambda: node.write_zeroes(offset, length))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard (trim) the range; advisory."""
+        node = self._check(offset, length, True)
+        self._run(lambda: node.discard(offset, length))
+
+    def flush(self) -> None:
+        """Write back caches and make completed writes durable."""
+        node = self._node()
+        self._run(node.flush)
+
+    # --- asynchronous I/O -------------------------------------------------------------------
+    def _submit(self, fn: Callable[[], Any], callback: Callback | None) -> None:
+        with self._cond:
+            if self._quiesce and self._drain_owner != threading.get_ident():
+                self._queued.append((fn, callback))
+                return
+            self._in_flight += 1
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=f"blk-{self.name}")
+            pool = self._pool
+        pool.submit(self._worker, fn, callback)
+
+    def _worker(self, fn: Callable[[], Any], callback: Callback | None) -> None:
+        try:
+            result: Any = fn()
+        except BaseException as err:  # completion carries the error to the device
+            result = err
+        try:
+            if callback is not None:
+                callback(result)
+        except Exception:
+            log.exception("block completion callback of '%s' failed", self.name)
+        finally:
+            self._done()
+
+    def _aio(self, fn: Callable[[], Any], callback: Callback | None, check: Callable[[], Any]) -> None:
+        try:
+            check()
+        except BlockError as err:
+            if callback is not None:
+                callback(err)
+            return
+        self._submit(fn, callback)
+
+    def aio_read(self, offset: int, length: int, callback: Callback) -> None:
+        """Read on a worker thread; ``callback(bytes | Exception)``."""
+        self._aio(lambda: self._node().read(offset, length), callback,
+                  lambda: self._check(offset, length, False))
+
+    def aio_write(self, offset: int, data: bytes, callback: Callback | None = None) -> None:
+        """Write on a worker thread; ``callback(None | Exception)``."""
+        data = bytes(data)
+        self._aio(lambda: self._node().write(offset, data), callback,
+                  lambda: self._check(offset, len(data), True))
+
+    def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None) -> None:
+        self._aio(lambda: self._node().write_zeroes(offset, length), callback,
+                  lambda: self._check(offset, length, True))
+
+    def aio_discard(self, offset: int, length: int, callback: Callback | None = None) -> None:
+        self._aio(lambda: self._node().discard(offset, length), callback,
+                  lambda: self._check(offset, length, True))
+
+    def aio_flush(self, callback: Callback | None = None) -> None:
+        self._aio(lambda: self._node().flush(), callback, self._node)
+
+    # --- drain ----------------------------------------------------------------------------
+    def drain(self, timeout: float | None = None) -> None:
+        """Stop admitting, wait for in-flight requests, write back cached metadata.
+
+        Nests: each ``drain()`` needs one :meth:`resume`.
+        :raises BlockError: requests still in flight after ``timeout`` seconds (the
+            backend stays drained; call :meth:`resume`).
+        """
+        with self._cond:
+            self._quiesce += 1
+            self._drain_owner = threading.get_ident()
+            if not self._cond.wait_for(lambda: self._in_flight == 0, timeout):
+                raise BlockError(f"Timed out draining '{self.name}': {self._in_flight} request(s) in flight")
+        if self._root is not None:
+            for node in self._root.backing_chain():
+                if not node.read_only and not node.closed:
+                    node.drain_metadata()
+
+    def resume(self) -> None:
+        """End a drained section; queued ``aio_*`` requests are submitted."""
+        with self._cond:
+            if self._quiesce == 0:
+                return
+            self._quiesce -= 1
+            if self._quiesce:
+                return
+            self._drain_owner = None
+            queued, self._queued = self._queued, []
+            self._cond.notify_all()
+        for fn, cb in queued:
+            self._submit(fn, cb)
+
+    @property
+    def drained(self) -> bool:
+        with self._cond:
+            return self._quiesce > 0
+
+    @contextmanager
+    def drained_section(self, timeout: float | None = None) -> Iterator[None]:
+        """``with blk.drained_section(): ...`` = drain + resume."""
+        self.drain(timeout)
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def close(self) -> None:
+        """Drain, flush and stop the worker threads (the nodes stay in the graph)."""
+        self.drain()
+        try:
+            if self._root is not None and not self._root.read_only and not self._root.closed:
+                self._root.flush()
+        finally:
+            self.resume()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
