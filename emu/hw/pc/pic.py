@@ -231,8 +231,6 @@ class PicPair:
     :param notify: called (outside the lock) each time INTR rises; the machine passes ``vcpu.kick``.
     """
 
-    io_max_size = 1
-
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.master = I8259(master=True)
         self.slave = I8259(master=False)
@@ -349,10 +347,21 @@ class _PicPort:
         self.name = "pic-master" if chip.master else "pic-slave"
 
     def io_read(self, offset: int, size: int) -> int:
-        return self.pair._locked(lambda: self.chip.read(offset))  # poll may change state
+        chip = self.chip
+        if not chip.poll:
+            # Plain register reads change nothing: no lock, no re-evaluation (hot in Linux's IRQ paths).
+            if offset:
+                return chip.imr
+            return chip.isr if chip.read_reg_select else chip.irr
+        return self.pair._locked(lambda: chip.read(offset))  # poll acknowledges
 
     def io_write(self, offset: int, size: int, value: int) -> None:
-        self.pair._locked(lambda: self.chip.write(offset, value & 0xFF))
+        pair = self.pair
+        with pair._lock:
+            self.chip.write(offset, value & 0xFF)
+            rose = pair._update()
+        if rose and pair.notify is not None:
+            pair.notify()
 
 
 class _ElcrPorts:

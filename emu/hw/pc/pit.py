@@ -278,7 +278,7 @@ class Pit:
     def __init__(self, clock: VirtualClock, irq0: IrqLine | None) -> None:
         self.clock = clock
         self.irq0 = irq0
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self.channels = [PitChannel(self, i) for i in range(3)]
         self.port61 = 0  # bits 0-3 as written (gate2, speaker, parity/IOCHK enables)
         self._timer = clock.timer(self._on_timer)

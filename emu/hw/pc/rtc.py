@@ -130,6 +130,7 @@ class Rtc:
         self.irq = irq
         self._lock = threading.RLock()
         self.cmos = bytearray(CMOS_SIZE)
+        self._stored_key: tuple[int, int] | None = None
         self.index = 0
         self.nmi_disabled = False
         self._periodic_timer = clock.timer(self._on_periodic)
@@ -187,9 +188,14 @@ class Rtc:
         hour = self._dec(v & 0x7F) % 12
         return hour + 12 if v & 0x80 else hour
 
-    def _store_time(self) -> None:
+    def _store_time(self, force: bool = False) -> None:
         """Copy the current time of day into registers 0-9 and the century byte."""
-        tm = time.gmtime(self.now_ns() // NS_PER_SEC)
+        sec = self.now_ns() // NS_PER_SEC
+        key = (sec, self.cmos[RTC_REG_B] & (REG_B_DM | REG_B_24H))
+        if key == self._stored_key and not force:
+            return  # registers already hold this second (a guest polls them in loops)
+        self._stored_key = key
+        tm = time.gmtime(sec)
         c = self.cmos
         c[RTC_SECONDS] = self._enc(tm.tm_sec)
         c[RTC_MINUTES] = self._enc(tm.tm_min)
@@ -338,6 +344,7 @@ class Rtc:
             if self._running():
                 self._store_time()
             c[index] = value
+            self._stored_key = None
             if self._running():
                 self._load_time()
                 self._arm_second()

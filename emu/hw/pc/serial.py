@@ -326,6 +326,10 @@ class Serial16550:
     # ---- guest ports ----------------------------------------------------------------------------
 
     def io_read(self, offset: int, size: int) -> int:
+        if offset == UART_LSR:
+            lsr = self.lsr
+            if not lsr & UART_LSR_ERRORS:
+                return lsr  # the polling hot path (Linux's console writes poll LSR per byte): no side effects
         with self._lock:
             if offset == UART_RBR:
                 if self.lcr & UART_LCR_DLAB:
