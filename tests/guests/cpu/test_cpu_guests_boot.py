@@ -56,3 +56,21 @@ def test_cpu_guest_rtc(emulator: Emulator, request: pytest.FixtureRequest, tmp_p
     guest_time = dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
     now = dt.datetime.now(dt.timezone.utc)
     assert dt.timedelta(0) <= now - guest_time < dt.timedelta(seconds=60), (stamp, now)
+
+
+KSTACK_TOP = 0x30000     # the guests' TSS stack for CPL0 (ESP0 / RSP0)
+USTACK_TOP = 0x38000     # where their CPL3 code's stack starts
+
+
+def test_cpu_guest_pm_exceptions(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    run = boot(emulator, "pm-exceptions", request, tmp_path)
+    assert_passed(run, ["ud", "gp_selector", "pf_read", "pf_write", "int3", "into", "int80_dpl3",
+                        "int81_dpl0", "pf_user", "cli_user", "irq_cpl3"])
+    assert run.fields("gp_selector")["error"] == 0x100
+    assert (run.fields("pf_read")["error"], run.fields("pf_read")["cr2"]) == (0, 0x300010)
+    assert (run.fields("pf_write")["error"], run.fields("pf_write")["cr2"]) == (2, 0x300024)
+    assert (run.fields("pf_user")["error"], run.fields("pf_user")["cr2"]) == (5, 0x301008)
+    assert run.fields("int81_dpl0")["error"] == 0x81 * 8 + 2
+    for test in ("int80_dpl3", "int81_dpl0", "irq_cpl3"):
+        fields = run.fields(test)
+        assert (fields["frame"], fields["esp3"], fields["ss3"]) == (KSTACK_TOP - 20, USTACK_TOP, 0x23), test
