@@ -1,0 +1,23 @@
+"""The vCPU: an x86-64 processor on Unicorn 2.1.4, driven like a PC's CPU.
+
+Unicorn executes guest code but has no interrupt controller, never delivers an
+interrupt or exception through the guest's IVT/IDT and only *reports* SYSCALL and
+SYSENTER.  This package supplies the rest, the way the hardware does it.
+
+Which module owns what:
+
+``uclib``       the one import point for Unicorn (stock or patched library; not ours)
+``layout``      the CPUX86State fields we read and write through the context blob, their
+                offsets in the pinned build, and the start-up check that refuses another build
+``mmu``         guest physical memory access and the linear->physical page walk used
+                while delivering events (IDT/GDT/TSS reads, stack pushes, #PF on failure)
+``interrupts``  delivery of IRQs, INT n, exceptions (real-mode IVT, 32-bit IDT, 64-bit IDT,
+                TSS stack switch, IST, #DF / triple fault) and SYSCALL / SYSENTER
+``features``    CPUID as we implement it, the MSRs we emulate, the virtual TSC
+``vcpu``        :class:`~emu.cpu.vcpu.VCPU`: memory map, hooks, the vCPU thread and its run
+                loop, pause/resume/reset/stop, A20, code invalidation after DMA
+
+Threads: one thread (the vCPU thread) makes every Unicorn call; other threads talk to
+it through :meth:`VCPU.kick`, :meth:`VCPU.pause`, :meth:`VCPU.resume`,
+:meth:`VCPU.reset`, :meth:`VCPU.stop`, which only set flags, call ``emu_stop`` and wait.
+"""

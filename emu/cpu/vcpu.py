@@ -1,0 +1,951 @@
+"""The vCPU: one Unicorn instance, one thread, and the run loop of ../shared/DESIGN.md.
+
+Memory map (guest physical), as a PC's:
+
+=========================  ==============================================================
+0 - 0x9FFFF                RAM
+0xA0000 - 0xBFFFF          nothing (legacy VGA window): reads all ones
+0xC0000 - lowmem           RAM; 0xE0000-0xFFFFF holds a copy of the BIOS's last 128 KiB
+                           (re-copied at every reset: the PC's shadowed BIOS alias)
+4 GiB - ROM size - 4 GiB   the BIOS ROM (read-only; guest writes are dropped)
+4 GiB -                    RAM above ``lowmem`` when there is more than 3.5 GiB
+anything else              reads all ones, writes dropped (mapped lazily on first access);
+                           executing there gives #UD (0xFF 0xFF is an invalid opcode)
+=========================  ==============================================================
+
+``lowmem`` is the RAM size, or 3 GiB when the RAM is 3.5 GiB or more (QEMU's pc machine).
+Guest RAM is one host mmap (:attr:`VCPU.ram`); :meth:`VCPU.dma_view` maps a guest range to
+it for devices.  Host writes into RAM do not invalidate translated code in Unicorn: call
+:meth:`VCPU.invalidate_code` after writing a range that may hold code.
+
+Run loop (vCPU thread): park if a pause is requested; apply requests from other threads
+(reset, A20, code invalidation); deliver the event a hook recorded (exception, INT n,
+SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR); deliver a pending IRQ when IF=1 and no
+interrupt shadow; if halted wait on an Event; else ``emu_start(rip, 0)`` with exits enabled
+and an empty exit set.  ``emu_start(timeout=)`` and ``count=`` are never used.
+
+How HLT and the MSRs are caught: Unicorn has no hook for HLT, RDMSR or WRMSR, but its
+QEMU core still has AMD SVM's intercept checks.  We set hflags.HF_GUEST_MASK and the
+HLT/MSR/MONITOR/MWAIT intercept bits in the CPU state, with a hidden VMCB and MSR permission
+map (above the guest's physical address width).  The instructions then end ``emu_start``
+through ``UC_HOOK_INTR`` with vector ``0x100 + exit code`` and RIP on the instruction,
+which the loop emulates.  HLT detection is therefore exact (no byte heuristic), and unknown
+MSRs raise #GP as on hardware.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+import logging
+import mmap
+import struct
+import threading
+import time
+from typing import Callable, Optional, Protocol
+
+from emu.cpu import layout as L
+from emu.cpu.features import (MISC_ENABLE_DEFAULT, MSR_CSTAR, MSR_FMASK, MSR_IA32_MISC_ENABLE,
+                              MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
+                              MSR_IA32_SYSENTER_ESP, MSR_LSTAR, MSR_STAR, MSR_TSC_AUX,
+                              CpuidTable, MsrFile, msr_permission_map)
+from emu.cpu.interrupts import Delivery, DeliveryResult, Kind
+from emu.cpu.layout import CpuState
+from emu.cpu.mmu import GuestFault, LinearMem, PhysMem
+from emu.cpu.uclib import unicorn
+from emu.errors import CpuError
+
+log = logging.getLogger("emu.cpu")
+
+uc_const = unicorn.unicorn_const
+x86 = unicorn.x86_const
+UcError = unicorn.UcError
+
+PAGE = 0x1000
+FOUR_GIB = 1 << 32
+#: Where the hidden VMCB and MSR permission map live: beyond any guest-physical address.
+HIDDEN_GPA = 0x000F_FFFF_FFF0_0000
+BIOS_ALIAS_END = 0x100000
+BIOS_ALIAS_MAX = 128 * 1024
+VGA_HOLE = (0xA0000, 0xC0000)
+FILLER_CHUNK = 0x10000
+TSC_HZ_DEFAULT = 1_000_000_000
+#: Reset values (Intel SDM vol. 3, table 9-1).
+RESET_CR0 = 0x60000010
+RESET_CS = 0xF000
+RESET_CS_BASE = 0xFFFF0000
+RESET_RIP = 0xFFF0
+
+_INTERCEPTS = sum(1 << (code - L.SVM_EXIT_INTR)
+                  for code in (L.SVM_EXIT_HLT, L.SVM_EXIT_MSR, L.SVM_EXIT_MONITOR, L.SVM_EXIT_MWAIT))
+_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
+_INSN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class InterruptController(Protocol):
+    """What the vCPU needs from the interrupt controller (the 8259 pair)."""
+
+    def has_interrupt(self) -> bool:
+        """True when an unmasked interrupt is waiting for the CPU."""
+
+    def acknowledge(self) -> int:
+        """INTA: the vector of the interrupt the CPU takes now."""
+
+
+PortRead = Callable[[int, int], int]
+PortWrite = Callable[[int, int, int], None]
+MmioRead = Callable[[int, int], int]
+MmioWrite = Callable[[int, int, int], None]
+
+
+class RunState(enum.Enum):
+    """Where the vCPU thread is."""
+
+    CREATED = "created"    # constructed, thread not started
+    RUNNING = "running"    # executing, halted or shut down, but not parked
+    PAUSED = "paused"      # parked on a pause request
+    STOPPED = "stopped"    # thread exited
+
+
+@functools.lru_cache(maxsize=1)
+def _native_cpuid() -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """Unicorn's own CPUID answers, collected once on a scratch instance."""
+    uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+    uc.mem_map(0, PAGE)
+    uc.mem_write(0, b"\x0f\xa2")  # cpuid
+
+    def one(leaf: int, sub: int) -> tuple[int, int, int, int]:
+        uc.reg_write(x86.UC_X86_REG_RAX, leaf)
+        uc.reg_write(x86.UC_X86_REG_RCX, sub)
+        uc.emu_start(0, 2)
+        return tuple(uc.reg_read(r) & 0xFFFFFFFF for r in (  # type: ignore[return-value]
+            x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX))
+
+    out: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    max_leaf = one(0, 0)[0]
+    for leaf in range(0, max_leaf + 1):
+        for sub in range(8 if leaf in (4, 7, 0xB, 0xD) else 1):
+            out[(leaf, sub)] = one(leaf, sub)
+    max_ext = one(0x80000000, 0)[0]
+    for leaf in range(0x80000000, max_ext + 1):
+        out[(leaf, 0)] = one(leaf, 0)
+    return out
+
+
+def _native_lookup(leaf: int, sub: int) -> tuple[int, int, int, int]:
+    table = _native_cpuid()
+    return table.get((leaf, sub), table.get((leaf, 0), (0, 0, 0, 0)))
+
+
+class VCPU:
+    """An x86-64 processor with a PC's memory map, run by its own thread.
+
+    :param ram_size: guest RAM in bytes (multiple of 4 KiB, at least 1 MiB).
+    :param port_read: ``port_read(port, size) -> int`` for IN (size 1, 2 or 4).
+    :param port_write: ``port_write(port, size, value)`` for OUT.
+    :param intc: the interrupt controller (``has_interrupt()``, ``acknowledge()``).
+    :param on_reset_request: called on the vCPU thread with a reason (``"triple-fault"``)
+        when the CPU asks for a system reset; the machine resets (``reset()``) or exits
+        (``-no-reboot``).  Without it the vCPU resets itself.
+    :param clock_ns: the machine's virtual clock in ns (drives the TSC); by default a
+        monotonic clock that stands still while the vCPU is paused (:meth:`clock_ns`).
+    :param tsc_hz: TSC ticks per second of that clock.
+    """
+
+    def __init__(self, ram_size: int, port_read: PortRead, port_write: PortWrite,
+                 intc: InterruptController, *,
+                 on_reset_request: Optional[Callable[[str], None]] = None,
+                 clock_ns: Optional[Callable[[], int]] = None,
+                 tsc_hz: int = TSC_HZ_DEFAULT) -> None:
+        if ram_size < 0x100000 or ram_size % PAGE:
+            raise CpuError(f"RAM size {ram_size:#x} must be a multiple of 4 KiB and at least 1 MiB")
+        L.verify_layout()
+        self.ram_size = ram_size
+        self._port_read = port_read
+        self._port_write = port_write
+        self._intc = intc
+        self._on_reset_request = on_reset_request
+        self._external_clock = clock_ns
+        self._tsc_hz = tsc_hz
+        self._clock_base = time.monotonic_ns()
+        self._paused_ns = 0
+        self._paused_since: Optional[int] = None
+
+        self._uc = uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        self._st = CpuState(uc)
+        self._mapped: list[tuple[int, int, str]] = []   # (start, end, kind), sorted
+        self._filler: set[int] = set()
+        self._mmio: dict[int, int] = {}                  # base -> size
+        self._roms: list[tuple[int, mmap.mmap, bytes]] = []
+        self._bios_alias: Optional[tuple[int, bytes]] = None
+        self._map_ram()
+        self._map_hidden()
+        self._phys = PhysMem(self._lookup, self._slow_read, self._slow_write)
+        self._delivery = Delivery(self._st, self._phys)
+        self._cpuid = CpuidTable(_native_lookup)
+        self._msrs = MsrFile(self._tsc_ticks)
+        self._callbacks: list[object] = []   # ctypes callbacks that must stay alive
+        self._install_hooks()
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        self._reset_bytes = self._make_reset_state()
+
+        # Requests from other threads (all guarded by _lock / _cond).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._state = RunState.CREATED
+        self._pause_req = False
+        self._stop_req = False
+        self._reset_req = False
+        self._a20_req: Optional[bool] = None
+        self._inval: list[tuple[int, int]] = []
+        self._inval_seq = 0
+        self._inval_done = 0
+        self._kick_pending = False
+        self._in_emu = False
+        self._thread: Optional[threading.Thread] = None
+        self._stopper: Optional[threading.Thread] = None
+
+        # vCPU-thread state
+        self._event: Optional[tuple] = None
+        self._halted = False
+        self._shutdown = False
+        self._rom_dirty = False
+        self.a20_enabled = True
+        self._do_reset()
+
+    # ================================================================== public API
+    @property
+    def ram(self) -> memoryview:
+        """Guest RAM (host mmap); index = guest-physical address below ``lowmem``."""
+        return self._ram
+
+    @property
+    def state(self) -> RunState:
+        """Where the vCPU thread is."""
+        return self._state
+
+    @property
+    def halted(self) -> bool:
+        """True while the guest sits in HLT (or is shut down after a triple fault)."""
+        return self._halted or self._shutdown
+
+    def clock_ns(self) -> int:
+        """The virtual clock in ns (stands still while paused unless a clock was given)."""
+        if self._external_clock is not None:
+            return self._external_clock()
+        now = time.monotonic_ns()
+        paused = self._paused_ns
+        if self._paused_since is not None:
+            paused += now - self._paused_since
+        return now - self._clock_base - paused
+
+    def dma_view(self, gpa: int, length: int) -> Optional[memoryview]:
+        """The RAM behind ``[gpa, gpa + length)``, or ``None`` if any of it is not RAM.
+
+        Devices copy into/out of the returned view; call :meth:`invalidate_code` after
+        writing to a range that may hold guest code.
+        """
+        if length < 0 or gpa < 0:
+            return None
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa and gpa + length <= end:
+                return self._ram[offset + gpa - start: offset + gpa - start + length]
+        return None
+
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPU thread (parked at once when ``paused``, as for ``-S``)."""
+        with self._cond:
+            if self._state is not RunState.CREATED:
+                raise CpuError("vCPU already started")
+            self._pause_req = paused
+            self._state = RunState.RUNNING
+        self._stopper = threading.Thread(target=self._stopper_main, name="vcpu-stopper", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="vcpu0", daemon=True)
+        self._stopper.start()
+        self._thread.start()
+        if paused:
+            self._wait_parked(None)
+
+    def kick(self) -> None:
+        """Make the vCPU look at its inputs now (an IRQ was raised, a request posted).
+
+        Safe from any thread, including device callbacks on the vCPU thread.
+        """
+        self._kick_pending = True
+        self._uc.emu_stop()
+        self._wake.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def pause(self, timeout: Optional[float] = None) -> bool:
+        """Park the vCPU; returns when it is parked (other threads) or at once (vCPU thread).
+
+        :returns: False if ``timeout`` expired first.
+        """
+        with self._cond:
+            if self._state in (RunState.STOPPED, RunState.CREATED):
+                self._pause_req = True
+                return True
+            self._pause_req = True
+        self.kick()
+        if self._on_cpu_thread():
+            return True
+        return self._wait_parked(timeout)
+
+    def resume(self) -> None:
+        """Let a paused vCPU run again."""
+        with self._cond:
+            self._pause_req = False
+            self._cond.notify_all()
+        self._wake.set()
+
+    def reset(self) -> None:
+        """System reset of the processor: back to F000:FFF0 in real mode, A20 on.
+
+        RAM keeps its contents (as on a PC); the BIOS alias at 0xE0000 is refreshed.
+        """
+        if self._state is RunState.CREATED or self._state is RunState.STOPPED:
+            self._do_reset()
+            return
+        with self._cond:
+            self._reset_req = True
+        self.kick()
+
+    def stop(self) -> None:
+        """End the vCPU thread (for machine shutdown); waits for it unless called on it."""
+        with self._cond:
+            self._stop_req = True
+            self._cond.notify_all()
+        self.kick()
+        if self._thread is not None and not self._on_cpu_thread():
+            self._thread.join()
+        if self._stopper is not None and threading.current_thread() is not self._stopper:
+            self._stopper.join(timeout=1)
+        if self._thread is None:
+            self._state = RunState.STOPPED
+
+    def set_a20(self, enabled: bool) -> None:
+        """Drive the A20 gate (port 0x92 / the i8042 output port)."""
+        if self._state in (RunState.CREATED, RunState.STOPPED):
+            self._apply_a20(enabled)
+            return
+        with self._cond:
+            self._a20_req = bool(enabled)
+        self.kick()
+
+    def invalidate_code(self, gpa: int, length: int) -> None:
+        """Drop translated code for guest-physical ``[gpa, gpa + length)`` after a host write.
+
+        From the vCPU thread outside ``emu_start`` it acts at once; from a device hook it
+        acts before the guest executes another translation block; from other threads it
+        returns once the vCPU has done it (or queues it while the vCPU is parked/halted).
+        """
+        if length <= 0:
+            return
+        if self._on_cpu_thread() or self._state in (RunState.CREATED, RunState.STOPPED):
+            if self._in_emu:
+                with self._cond:
+                    self._inval.append((gpa, length))
+                    self._inval_seq += 1
+                self._uc.emu_stop()
+            else:
+                self._invalidate_now([(gpa, length)])
+            return
+        with self._cond:
+            self._inval.append((gpa, length))
+            self._inval_seq += 1
+            seq = self._inval_seq
+        self.kick()
+        deadline = time.monotonic() + 1.0
+        with self._cond:
+            while self._inval_done < seq and self._in_emu and time.monotonic() < deadline:
+                self._cond.wait(0.01)
+
+    def load_rom(self, gpa: int, data: bytes) -> None:
+        """Map ``data`` read-only at ``gpa``.
+
+        A ROM that ends at 4 GiB is the BIOS: its last 128 KiB (or all of it, if smaller) is
+        also copied below 1 MiB, ending at 0xFFFFF, as a PC's BIOS alias.
+        Call before :meth:`start` or while paused.
+
+        :raises ValueError: for an empty/unaligned ROM or one that overlaps something mapped.
+        """
+        size = len(data)
+        if size == 0 or gpa % PAGE or size % PAGE or gpa + size > FOUR_GIB:
+            raise ValueError(f"ROM at {gpa:#x} of {size:#x} bytes must be page aligned and below 4 GiB")
+        self._check_free(gpa, gpa + size)
+        buf = mmap.mmap(-1, size)
+        buf[:] = bytes(data)
+        self._drop_filler(gpa, gpa + size)
+        self._uc.mem_map_ptr(gpa, size, uc_const.UC_PROT_READ | uc_const.UC_PROT_EXEC, _addr(buf))
+        self._add_mapped(gpa, gpa + size, "rom")
+        self._roms.append((gpa, buf, bytes(data)))
+        if gpa + size == FOUR_GIB:
+            alias = bytes(data[-min(size, BIOS_ALIAS_MAX):])
+            self._bios_alias = (BIOS_ALIAS_END - len(alias), alias)
+            self._copy_bios_alias()
+
+    def map_mmio(self, base: int, size: int, read: MmioRead, write: MmioWrite) -> None:
+        """Route guest-physical ``[base, base + size)`` to a device (page granular).
+
+        :param read: ``read(offset, size) -> int`` (offset from ``base``).
+        :param write: ``write(offset, size, value)``.
+        :raises ValueError: unaligned, or overlapping RAM/ROM/another MMIO region.
+        """
+        if base % PAGE or size <= 0 or size % PAGE:
+            raise ValueError(f"MMIO region {base:#x}+{size:#x} must be page aligned")
+        self._check_free(base, base + size)
+
+        def on_read(_uc: object, offset: int, width: int, _ud: object) -> int:
+            try:
+                return read(offset, width) & ((1 << (8 * width)) - 1)
+            except Exception:  # a device bug must not kill the vCPU
+                log.exception("MMIO read at %#x+%#x failed", base, offset)
+                return (1 << (8 * width)) - 1
+
+        def on_write(_uc: object, offset: int, width: int, value: int, _ud: object) -> None:
+            try:
+                write(offset, width, value)
+            except Exception:
+                log.exception("MMIO write at %#x+%#x failed", base, offset)
+
+        self._drop_filler(base, base + size)
+        self._uc.mmio_map(base, size, on_read, None, on_write, None)
+        self._add_mapped(base, base + size, "mmio")
+        self._mmio[base] = size
+
+    def unmap_mmio(self, base: int, size: int) -> None:
+        """Remove a region made by :meth:`map_mmio` (e.g. a BAR moving)."""
+        if self._mmio.get(base) != size:
+            raise ValueError(f"no MMIO region at {base:#x} of size {size:#x}")
+        self._uc.mem_unmap(base, size)
+        del self._mmio[base]
+        self._mapped = [m for m in self._mapped if m[0] != base]
+
+    # ================================================================== memory map
+    def _map_ram(self) -> None:
+        size = self.ram_size
+        lowmem = size if size < 0xE0000000 else 0xC0000000
+        self._ram_mm = mmap.mmap(-1, size)
+        self._ram = memoryview(self._ram_mm)
+        base = _addr(self._ram_mm)
+        ranges = [(0, VGA_HOLE[0], 0), (VGA_HOLE[1], lowmem, VGA_HOLE[1])]
+        if size > lowmem:
+            ranges.append((FOUR_GIB, FOUR_GIB + size - lowmem, lowmem))
+        self._ram_ranges = ranges
+        for start, end, offset in ranges:
+            self._uc.mem_map_ptr(start, end - start, uc_const.UC_PROT_ALL, base + offset)
+            self._add_mapped(start, end, "ram")
+
+    def _map_hidden(self) -> None:
+        self._hidden = mmap.mmap(-1, 3 * PAGE)
+        struct.pack_into("<Q", self._hidden, L.VMCB_MSRPM_BASE_PA, HIDDEN_GPA + PAGE)
+        self._hidden[PAGE:3 * PAGE] = msr_permission_map()
+        self._uc.mem_map_ptr(HIDDEN_GPA, 3 * PAGE, uc_const.UC_PROT_READ, _addr(self._hidden))
+
+    def _add_mapped(self, start: int, end: int, kind: str) -> None:
+        self._mapped.append((start, end, kind))
+        self._mapped.sort()
+
+    def _check_free(self, start: int, end: int) -> None:
+        for s, e, kind in self._mapped:
+            if kind != "filler" and s < end and start < e:
+                raise ValueError(f"{start:#x}-{end - 1:#x} overlaps {kind} at {s:#x}-{e - 1:#x}")
+
+    def _drop_filler(self, start: int, end: int) -> None:
+        keep = []
+        for s, e, kind in self._mapped:
+            if kind == "filler" and s < end and start < e:
+                self._uc.mem_unmap(s, e - s)
+                self._filler.discard(s)
+            else:
+                keep.append((s, e, kind))
+        self._mapped = keep
+
+    def _map_filler(self, addr: int) -> bool:
+        """Map an all-ones region around ``addr`` (nothing decodes it: reads 0xFF)."""
+        lo = addr & ~(FILLER_CHUNK - 1)
+        hi = lo + FILLER_CHUNK
+        for s, e, _k in self._mapped:   # every boundary here is page aligned
+            if s <= addr < e:
+                return False
+            if e <= addr:
+                lo = max(lo, e)
+            elif s > addr:
+                hi = min(hi, s)
+        self._uc.mmio_map(lo, hi - lo, _filler_read, None, _filler_write, None)
+        self._add_mapped(lo, hi, "filler")
+        self._filler.add(lo)
+        return True
+
+    def _lookup(self, gpa: int) -> Optional[tuple]:
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa < end:
+                return self._ram, offset + gpa - start, end - gpa, True
+        for base, buf, _data in self._roms:
+            if base <= gpa < base + len(buf):
+                return buf, gpa - base, base + len(buf) - gpa, False
+        return None
+
+    def _slow_read(self, gpa: int, n: int) -> Optional[bytes]:
+        for s, e, kind in self._mapped:
+            if s <= gpa < e and kind == "mmio":
+                try:
+                    return bytes(self._uc.mem_read(gpa, n))
+                except UcError:
+                    return None
+        return None
+
+    def _slow_write(self, gpa: int, data: bytes) -> None:
+        for s, e, kind in self._mapped:
+            if s <= gpa < e and kind == "mmio":
+                try:
+                    self._uc.mem_write(gpa, data)
+                except UcError:
+                    pass
+                return
+
+    def _copy_bios_alias(self) -> None:
+        if self._bios_alias is None:
+            return
+        start, data = self._bios_alias
+        self._ram[start:start + len(data)] = data
+
+    # ================================================================== reset state
+    def _make_reset_state(self) -> bytes:
+        """The CPU after RESET: a UC_MODE_16 context with a PC's reset values filled in."""
+        real = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_16)
+        real.reg_write(x86.UC_X86_REG_FPCW, 0x37F)
+        real.reg_write(x86.UC_X86_REG_FPTAG, 0xFFFF)
+        real.reg_write(x86.UC_X86_REG_MXCSR, 0x1F80)
+        ctx = real.context_save()
+        raw = (ctypes.c_char * ctx.size).from_address(ctx.context.value)
+        st = self._st
+        st.restore_bytes(bytes(memoryview(raw).cast("B")[L.CTX_HEADER:]))
+        st.set_cr(0, RESET_CR0)
+        st.eflags = 0x2
+        st.hflags = st.hflags | L.HF_GUEST_MASK
+        cs_flags = st.seg(L.R_CS)[3]
+        for seg in (L.R_ES, L.R_SS, L.R_DS, L.R_FS, L.R_GS):
+            st.load_seg_cache(seg, 0, 0, 0xFFFF, st.seg(seg)[3])
+        st.load_seg_cache(L.R_CS, RESET_CS, RESET_CS_BASE, 0xFFFF, cs_flags)
+        st.rip = RESET_RIP
+        for i in range(16):
+            st.set_reg(i, 0)
+        st.set_reg(L.R_EDX, self._cpuid.signature)
+        for off in (L.OFF_GDT, L.OFF_IDT):
+            st.w64(off + 8, 0)
+            st.w32(off + 16, 0xFFFF)
+        st.w32(L.OFF_A20_MASK, 0xFFFFFFFF)
+        st.w32(L.OFF_OLD_EXCEPTION, 0xFFFFFFFF)
+        st.w32(L.OFF_EXC_IS_INT, 0)
+        st.w64(L.OFF_VM_VMCB, HIDDEN_GPA)
+        st.w64(L.OFF_INTERCEPT, _INTERCEPTS)
+        return st.snapshot()
+
+    def _do_reset(self) -> None:
+        st = self._st
+        st.restore_bytes(self._reset_bytes)
+        st.store()
+        self._uc.msr_write(MSR_IA32_MISC_ENABLE, MISC_ENABLE_DEFAULT)
+        self._msrs.reset()
+        self._event = None
+        self._halted = False
+        self._shutdown = False
+        self.a20_enabled = True
+        self._copy_bios_alias()
+        self._restore_roms()
+        self._uc.ctl_flush_tb()
+        self._flush_tlb()
+
+    def _restore_roms(self) -> None:
+        for _base, buf, data in self._roms:
+            if buf[:] != data:
+                buf[:] = data
+        self._hidden[PAGE:3 * PAGE] = msr_permission_map()
+        self._rom_dirty = False
+
+    # ================================================================== hooks
+    def _install_hooks(self) -> None:
+        uc = self._uc
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_intr)
+        uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid)
+        uc.hook_add(uc_const.UC_HOOK_MEM_READ_UNMAPPED | uc_const.UC_HOOK_MEM_WRITE_UNMAPPED,
+                    self._hook_unmapped)
+        uc.hook_add(uc_const.UC_HOOK_MEM_FETCH_UNMAPPED | uc_const.UC_HOOK_MEM_FETCH_PROT,
+                    self._hook_bad_fetch)
+        uc.hook_add(uc_const.UC_HOOK_MEM_WRITE_PROT, self._hook_rom_write)
+        # The Python binding does not offer RDTSC/RDTSCP hooks; the C API does.
+        for insn, cb in ((x86.UC_X86_INS_RDTSC, self._hook_rdtsc),
+                         (x86.UC_X86_INS_RDTSCP, self._hook_rdtscp)):
+            fptr = _INSN_CB(cb)
+            self._callbacks.append(fptr)
+            uc._Uc__do_hook_add(uc_const.UC_HOOK_INSN, fptr, 1, 0, ctypes.c_int(insn))
+
+    def _hook_in(self, uc: object, port: int, size: int, _ud: object) -> int:
+        mask = (1 << (8 * size)) - 1
+        try:
+            return self._port_read(port, size) & mask
+        except Exception:
+            log.exception("IN from port %#x failed", port)
+            return mask
+
+    def _hook_out(self, uc: object, port: int, size: int, value: int, _ud: object) -> None:
+        try:
+            self._port_write(port, size, value & ((1 << (8 * size)) - 1))
+        except Exception:
+            log.exception("OUT to port %#x failed", port)
+
+    def _record(self, event: tuple) -> None:
+        if self._event is None:
+            self._event = event
+        self._uc.emu_stop()
+
+    def _hook_intr(self, uc: object, intno: int, _ud: object) -> None:
+        self._record(("intr", intno))
+
+    def _hook_invalid(self, uc: object, _ud: object) -> bool:
+        self._record(("exception", 6))
+        return True
+
+    def _hook_syscall(self, uc: object, _ud: object) -> None:
+        self._record(("syscall",))
+
+    def _hook_sysenter(self, uc: object, _ud: object) -> None:
+        self._record(("sysenter",))
+
+    def _hook_bad_fetch(self, uc: object, access: int, address: int, size: int, value: int,
+                        _ud: object) -> bool:
+        # Code fetched where no RAM/ROM is reads 0xFF 0xFF: an invalid opcode.
+        self._record(("exception", 6))
+        return False
+
+    def _hook_unmapped(self, uc: object, access: int, address: int, size: int, value: int,
+                       _ud: object) -> bool:
+        try:
+            return self._map_filler(address)
+        except Exception:
+            log.exception("cannot map all-ones region at %#x", address)
+            return False
+
+    def _hook_rom_write(self, uc: object, access: int, address: int, size: int, value: int,
+                        _ud: object) -> bool:
+        # Unicorn lets a "handled" write land (and a stop here would re-execute the store
+        # forever); the loop puts the ROM back at its next iteration, which the stopper
+        # thread brings within a millisecond.
+        self._rom_dirty = True
+        self._kick_pending = True
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    def _hook_cpuid(self, uc: "unicorn.Uc", _ud: object) -> int:
+        try:
+            leaf = uc.reg_read(x86.UC_X86_REG_RAX) & 0xFFFFFFFF
+            sub = uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFFFFFF
+            osxsave = bool(uc.reg_read(x86.UC_X86_REG_CR4) & L.CR4_OSXSAVE)
+            a, b, c, d = self._cpuid.lookup(leaf, sub, osxsave)
+            uc.reg_write(x86.UC_X86_REG_RAX, a)
+            uc.reg_write(x86.UC_X86_REG_RBX, b)
+            uc.reg_write(x86.UC_X86_REG_RCX, c)
+            uc.reg_write(x86.UC_X86_REG_RDX, d)
+            return 1
+        except Exception:
+            log.exception("CPUID emulation failed")
+            return 0
+
+    def _tsc_ticks(self) -> int:
+        return self.clock_ns() * self._tsc_hz // 1_000_000_000
+
+    def _hook_rdtsc(self, _uch: int, _ud: int) -> int:
+        try:
+            tsc = self._msrs.read_tsc()
+            self._uc.reg_write(x86.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
+            self._uc.reg_write(x86.UC_X86_REG_RDX, tsc >> 32)
+            return 1
+        except Exception:
+            log.exception("RDTSC emulation failed")
+            return 0
+
+    def _hook_rdtscp(self, _uch: int, _ud: int) -> int:
+        try:
+            self._hook_rdtsc(_uch, _ud)
+            self._uc.reg_write(x86.UC_X86_REG_RCX, self._uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF)
+            return 1
+        except Exception:
+            log.exception("RDTSCP emulation failed")
+            return 0
+
+    # ================================================================== threads
+    def _on_cpu_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def _wait_parked(self, timeout: Optional[float]) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pause_req and self._state is RunState.RUNNING:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.01 if left is None else min(left, 0.01))
+            return self._state in (RunState.PAUSED, RunState.STOPPED)
+
+    def _stopper_main(self) -> None:
+        """Re-issue emu_stop while a kick is unanswered (a stop outside emu_start is lost)."""
+        while True:
+            with self._cond:
+                while not self._kick_pending and not self._stop_req:
+                    self._cond.wait()
+                if self._state is RunState.STOPPED:
+                    return
+            time.sleep(0.0005)
+            if self._kick_pending and self._in_emu:
+                self._uc.emu_stop()
+            if self._state is RunState.STOPPED:
+                return
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # the thread must end cleanly whatever happens
+            log.exception("vCPU thread failed")
+        finally:
+            with self._cond:
+                self._state = RunState.STOPPED
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        uc, st = self._uc, self._st
+        while True:
+            self._wake.clear()
+            self._kick_pending = False
+            with self._cond:
+                if self._pause_req and not self._stop_req:
+                    self._park()
+                if self._stop_req:
+                    return
+                reset, self._reset_req = self._reset_req, False
+                a20, self._a20_req = self._a20_req, None
+                inval, self._inval = self._inval, []
+                inval_seq = self._inval_seq
+            try:
+                if reset:
+                    self._do_reset()
+                if a20 is not None:
+                    self._apply_a20(a20)
+                if inval:
+                    self._invalidate_now(inval)
+                with self._cond:
+                    self._inval_done = inval_seq
+                    self._cond.notify_all()
+                if self._rom_dirty:
+                    self._restore_roms()
+                    for base, buf, _d in self._roms:
+                        self._invalidate_now([(base, len(buf))])
+                self._step()
+            except Exception:
+                log.exception("internal vCPU error; the CPU stops until reset")
+                self._event = None
+                self._shutdown = True
+
+    def _park(self) -> None:
+        """Called with _cond held: sit until resumed (or stopped)."""
+        self._state = RunState.PAUSED
+        self._paused_since = time.monotonic_ns()
+        self._cond.notify_all()
+        while self._pause_req and not self._stop_req:
+            self._cond.wait()
+        self._paused_ns += time.monotonic_ns() - self._paused_since
+        self._paused_since = None
+        self._state = RunState.RUNNING
+
+    def _step(self) -> None:
+        """One iteration: deliver what is pending, then wait or run."""
+        uc, st = self._uc, self._st
+        if self._shutdown:
+            self._wake.wait(0.05)
+            return
+        st.load()
+        if self._event is not None:
+            event, self._event = self._event, None
+            self._handle_event(event)
+            if self._shutdown:
+                return
+            st.load()
+        if self._intc.has_interrupt():
+            if self._delivery.can_take_interrupt():
+                vector = self._intc.acknowledge() & 0xFF
+                self._halted = False
+                self._raise(vector, Kind.HARDWARE)
+                if self._shutdown:
+                    return
+                st.load()
+            elif st.eflags & L.IF and not self._halted:
+                # Interrupt shadow: have the stopper end this run right after it.
+                self._kick_pending = True
+                with self._cond:
+                    self._cond.notify_all()
+        if self._halted:
+            self._wake.wait(0.05)
+            return
+        self._in_emu = True
+        try:
+            uc.emu_start(st.rip, 0)
+        except UcError as err:
+            if self._event is None:
+                log.error("emulation failure at RIP=%#x: %s; the CPU stops until reset", st.rip, err)
+                self._shutdown = True
+        finally:
+            self._in_emu = False
+
+    # ================================================================== events
+    def _raise(self, vector: int, kind: Kind, error_code: Optional[int] = None,
+               cr2: Optional[int] = None) -> None:
+        result = self._delivery.deliver(vector, kind, error_code, cr2)
+        if result is DeliveryResult.TRIPLE_FAULT:
+            self._triple_fault()
+
+    def _triple_fault(self) -> None:
+        log.info("triple fault: CPU shut down, reset requested")
+        self._shutdown = True
+        self._halted = False
+        if self._on_reset_request is not None:
+            try:
+                self._on_reset_request("triple-fault")
+            except Exception:
+                log.exception("reset request handler failed")
+        else:
+            self._do_reset()
+
+    def _handle_event(self, event: tuple) -> None:
+        st = self._st
+        name = event[0]
+        if name == "exception":
+            self._raise(event[1], Kind.EXCEPTION)
+        elif name == "intr":
+            intno = event[1]
+            if intno >= L.EXCP_VMEXIT:
+                self._handle_intercept(intno - L.EXCP_VMEXIT)
+            elif st.i32(L.OFF_EXC_IS_INT):
+                # INT n / INT3 / INTO: Unicorn already moved RIP past the instruction.
+                self._raise(intno, Kind.SOFTWARE)
+            else:
+                self._raise(intno, Kind.EXCEPTION, st.i32(L.OFF_ERROR_CODE) & 0xFFFFFFFF)
+        elif name == "syscall":
+            uc = self._uc
+            try:
+                self._delivery.syscall(uc.msr_read(MSR_STAR), uc.msr_read(MSR_LSTAR),
+                                       uc.msr_read(MSR_CSTAR), uc.msr_read(MSR_FMASK))
+            except GuestFault as fault:
+                st.rip = st.rip - 2           # faults point at the SYSCALL itself
+                self._raise(fault.vector, Kind.EXCEPTION, fault.error_code)
+        elif name == "sysenter":
+            uc = self._uc
+            try:
+                if not (st.cr(0) & L.CR0_PE):
+                    raise GuestFault(13, 0)
+                self._delivery.sysenter(uc.msr_read(MSR_IA32_SYSENTER_CS),
+                                        uc.msr_read(MSR_IA32_SYSENTER_ESP),
+                                        uc.msr_read(MSR_IA32_SYSENTER_EIP))
+            except GuestFault as fault:
+                st.rip = st.rip - 2
+                self._raise(fault.vector, Kind.EXCEPTION, fault.error_code)
+
+    def _insn_length(self, opcode: bytes) -> int:
+        """Length of the instruction at CS:RIP that ends with ``opcode`` (prefixes skipped)."""
+        st = self._st
+        try:
+            code = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip, 15)
+        except GuestFault:
+            return len(opcode)
+        i = 0
+        rex = bool(st.hflags & L.HF_CS64_MASK)
+        while i < 14 and (code[i] in _PREFIXES or (rex and 0x40 <= code[i] <= 0x4F)):
+            i += 1
+        if code[i:i + len(opcode)] == opcode:
+            return i + len(opcode)
+        return len(opcode)
+
+    def _handle_intercept(self, code: int) -> None:
+        st = self._st
+        if code == L.SVM_EXIT_HLT:
+            st.rip = st.rip + self._insn_length(b"\xf4")
+            st.hflags = st.hflags & ~L.HF_INHIBIT_IRQ_MASK
+            st.store()
+            self._halted = True
+        elif code == L.SVM_EXIT_MSR:
+            write = st.i32(L.OFF_ERROR_CODE) == 1
+            msr = st.reg(L.R_ECX) & 0xFFFFFFFF
+            try:
+                if write:
+                    value = (st.reg(L.R_EAX) & 0xFFFFFFFF) | ((st.reg(L.R_EDX) & 0xFFFFFFFF) << 32)
+                    self._msrs.wrmsr(msr, value)
+                else:
+                    value = self._msrs.rdmsr(msr)
+                    st.set_reg(L.R_EAX, value & 0xFFFFFFFF)
+                    st.set_reg(L.R_EDX, value >> 32)
+            except GuestFault as fault:
+                self._raise(fault.vector, Kind.EXCEPTION, fault.error_code)
+                return
+            st.rip = st.rip + self._insn_length(b"\x0f\x30" if write else b"\x0f\x32")
+            st.store()
+        else:
+            # MONITOR/MWAIT are not advertised in CPUID: #UD, as on such a CPU.
+            self._raise(6, Kind.EXCEPTION)
+
+    # ================================================================== A20, code, TLB
+    def _flush_tlb(self) -> None:
+        self._uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
+
+    def _apply_a20(self, enabled: bool) -> None:
+        st = self._st.load()
+        st.w32(L.OFF_A20_MASK, 0xFFFFFFFF if enabled else ~(1 << 20))
+        st.store()
+        self.a20_enabled = enabled
+        self._flush_tlb()
+
+    def _invalidate_now(self, ranges: list[tuple[int, int]]) -> None:
+        """Unicorn's ctl_remove_cache takes a *linear* address: with paging or A20 masking
+        on, translate nothing and instead switch both off for the duration of the call."""
+        uc, st = self._uc, self._st
+        st.load()
+        identity = not (st.cr(0) & L.CR0_PG) and st.i32(L.OFF_A20_MASK) == -1
+        saved = None
+        if not identity:
+            saved = st.snapshot()
+            st.set_cr(0, st.cr(0) & ~L.CR0_PG)
+            st.w32(L.OFF_A20_MASK, 0xFFFFFFFF)
+            st.store()
+            self._flush_tlb()
+        try:
+            for gpa, length in ranges:
+                page = gpa & ~(PAGE - 1)
+                end = gpa + length
+                while page < end:
+                    uc.ctl_remove_cache(page, page + PAGE)
+                    page += PAGE
+        finally:
+            if saved is not None:
+                st.restore_bytes(saved)
+                st.store()
+                self._flush_tlb()
+
+
+def _addr(buf: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _filler_read(_uc: object, _offset: int, size: int, _ud: object) -> int:
+    return (1 << (8 * size)) - 1
+
+
+def _filler_write(_uc: object, _offset: int, _size: int, _value: int, _ud: object) -> None:
+    return None
