@@ -14,7 +14,6 @@ emu's runs count while emu's machine is being built:
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -33,6 +32,8 @@ STATUS_PASS = (0 << 1) | 1
 STATUS_FAIL = (1 << 1) | 1
 #: First line every guest prints from its payload; printed twice means the machine reset.
 BANNER = "emu-guest cpu/{name} start"
+#: Seconds the serial guest gets to boot on emu before emu counts as not booting yet.
+PROBE_TIMEOUT = 20.0
 #: Guests that must pass on emu (not xfail) once emu boots; grow this as emu's layers land.
 EMU_CONFORMANT: frozenset[str] = frozenset()
 
@@ -133,22 +134,33 @@ def _text(data: bytes | str | None) -> str:
     return data.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
-@functools.lru_cache(maxsize=1)
+_readiness: tuple[bool, str] | None = None
+
+
 def emu_readiness(workdir: str) -> tuple[bool, str]:
     """Whether emu's machine boots test guests yet, and why not: ``(ready, reason)``.
 
-    :param workdir: scratch directory for the probe (the first caller's; cached for the session).
+    Probed once per session (the first caller's scratch directory holds the probe's files).
+
+    :param workdir: scratch directory for the probe.
     """
+    global _readiness
+    if _readiness is None:
+        _readiness = _probe_emu(Path(workdir))
+    return _readiness
+
+
+def _probe_emu(workdir: Path) -> tuple[bool, str]:
     try:
         version = subprocess.run([*EMU.argv, "-version"], stdin=subprocess.DEVNULL,
-                                 capture_output=True, timeout=30, cwd=workdir)
+                                 capture_output=True, timeout=30, cwd=str(workdir))
     except subprocess.TimeoutExpired:
         return False, "`python -m emu -version` did not finish in 30 s"
     if version.returncode != 0:
         err = _text(version.stderr).strip().splitlines()
         return False, (f"emu has no machine yet: `python -m emu -version` exited {version.returncode}"
                        f" ({err[-1] if err else 'no message'})")
-    probe = run_guest(EMU, "serial", Path(workdir), timeout=30)
+    probe = run_guest(EMU, "serial", workdir, timeout=PROBE_TIMEOUT)
     if probe.status != STATUS_PASS or "PASS" not in probe.lines:
         status = "timed out" if probe.status is None else f"exit status {probe.status}"
         tail = (probe.lines or probe.output.strip().splitlines() or ["no COM1 output"])[-1]
