@@ -112,9 +112,16 @@ class PIIX3(PciFunction):
             sources.add((devfn, pin))
         else:
             sources.discard((devfn, pin))
-        self._update_irqs()
+        self._update_irqs()  # callers hold the host's intx_lock
 
     def _update_irqs(self) -> None:
+        if self.host is not None:
+            with self.host.intx_lock:
+                self._update_irqs_locked()
+        else:
+            self._update_irqs_locked()
+
+    def _update_irqs_locked(self) -> None:
         want = [False] * 16
         for pirq in range(PIIX_NUM_PIRQS):
             irq = self.route(pirq)

@@ -310,12 +310,20 @@ class PciFunction:
     def set_intx(self, level: bool) -> None:
         """Drive this function's interrupt pin (level-triggered, active while ``level``)."""
         level = bool(level)
+        host = self.host
+        if host is None:
+            self._set_status_interrupt(level)
+            return
+        with host.intx_lock:
+            self._set_status_interrupt(level)
+            self._push_intx()
+
+    def _set_status_interrupt(self, level: bool) -> None:
         if level:
             self.config[PCI_STATUS] |= PCI_STATUS_INTERRUPT
         else:
             self.config[PCI_STATUS] &= ~PCI_STATUS_INTERRUPT
         self.irq_level = level
-        self._push_intx()
 
     def set_irq(self, irq: int, level: bool) -> None:
         """:class:`~emu.hw.irq.IrqSink` form of :meth:`set_intx` (``irq`` is ignored)."""
@@ -327,7 +335,9 @@ class PciFunction:
 
     def _push_intx(self) -> None:
         pin = self.config[PCI_INTERRUPT_PIN]
-        if self.host is None or not 1 <= pin <= 4:
+        host = self.host
+        if host is None or not 1 <= pin <= 4:
             return
-        effective = self.irq_level and not self.command & PCI_COMMAND_INTX_DISABLE
-        self.host.set_intx(self.devfn, pin - 1, effective)
+        with host.intx_lock:
+            effective = self.irq_level and not self.command & PCI_COMMAND_INTX_DISABLE
+            host.set_intx(self.devfn, pin - 1, effective)

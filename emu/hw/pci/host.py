@@ -17,6 +17,7 @@ INTx from functions reaches the 8259 through the router set by
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 from emu.hw.bus import ALL_ONES, IOBus, MMIOBus
@@ -60,6 +61,9 @@ class PciHost:
         self.config_address = 0
         self.router: IntxRouter | None = None
         self.reset_control: ResetControl | None = None
+        #: Serialises INTx level changes (device I/O threads) with routing and command-register
+        #: writes (vCPU thread), so the PIC never keeps a stale level.
+        self.intx_lock = threading.RLock()
 
     def register(self, bus: IOBus | None = None) -> None:
         """Claim 0xCF8-0xCFF (on ``bus``, default the host's I/O bus)."""
