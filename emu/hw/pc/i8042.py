@@ -161,6 +161,14 @@ class I8042:
             if not self.queue:
                 return 0x00
             byte, _ = self.queue.popleft()
+            if self.queue and any(self._irq_levels):
+                # Drop the line before presenting the next byte, so the edge-triggered 8259
+                # sees one interrupt per byte (as QEMU's i8042 does when OBF is refilled).
+                self._irq_levels = (False, False)
+                if self.kbd_irq is not None:
+                    self.kbd_irq.set(False)
+                if self.mouse_irq is not None:
+                    self.mouse_irq.set(False)
             self._update()
             return byte
 

@@ -85,6 +85,7 @@ class PitChannel:
         self.null_count = False
         self.loaded = True  # False between a control word and its count
         self.frozen_at: int | None = None  # gate low in modes 0/4: ticks elapsed when it fell
+        self.awaiting_trigger = False  # modes 1/5 on a gated channel: loaded, no gate edge yet
 
     # ---- time ---------------------------------------------------------------------------------
 
@@ -103,7 +104,7 @@ class PitChannel:
         d = self.elapsed(now)
         count = self.count
         mode = self.mode
-        if not self.loaded:
+        if not self.loaded or self.awaiting_trigger:
             return count & 0xFFFF
         if mode in (0, 1, 4, 5):
             wrap = 10000 if self.bcd else 0x10000
@@ -116,7 +117,7 @@ class PitChannel:
     def get_out(self, now: int) -> bool:
         """The OUT pin now."""
         mode = self.mode
-        if not self.loaded:
+        if not self.loaded or self.awaiting_trigger:
             return mode != 0  # mode 0 drives OUT low from the control word on; others high
         d = self.elapsed(now)
         count = self.count
@@ -137,7 +138,7 @@ class PitChannel:
 
     def next_edge(self, now: int) -> int | None:
         """Tick count (since load) of the next rising edge of OUT strictly after ``now``, or None."""
-        if not self.loaded or self.frozen_at is not None or not self.gate and self.mode in (2, 3):
+        if not self.loaded or self.awaiting_trigger or self.frozen_at is not None or not self.gate and self.mode in (2, 3):
             return None
         d = self.elapsed(now)
         count = self.count
@@ -165,6 +166,9 @@ class PitChannel:
         self.loaded = True
         self.null_count = False
         self.frozen_at = None if self.gate or self.mode not in (0, 4) else 0
+        # Channel 2's gate is software-driven: modes 1 and 5 start only on its rising edge.
+        # Channels 0/1 have the gate tied high and start at once, as QEMU does.
+        self.awaiting_trigger = self.index == 2 and self.mode in (1, 5)
 
     def control(self, val: int) -> None:
         """A control word for this channel (not the read-back command)."""
@@ -181,6 +185,7 @@ class PitChannel:
         self.null_count = True
         self.loaded = False
         self.frozen_at = None
+        self.awaiting_trigger = False
         self.count_latched = 0
 
     def latch_count(self) -> None:
@@ -208,6 +213,7 @@ class PitChannel:
         if level:
             if mode in (1, 2, 3, 5):
                 self.load_time = now  # a rising gate (re)triggers: counting restarts from the count
+                self.awaiting_trigger = False
             elif self.frozen_at is not None:
                 self.load_time = now - self.frozen_at * NS_PER_SEC // PIT_FREQ
                 self.frozen_at = None

@@ -12,8 +12,11 @@ from emu.hw.pc.i8042 import I8042
 class Level:
     def __init__(self):
         self.levels = {}
+        self.rises = {}
 
     def set_irq(self, irq, level):
+        if level and not self.levels.get(irq):
+            self.rises[irq] = self.rises.get(irq, 0) + 1
         self.levels[irq] = level
 
 
@@ -134,3 +137,12 @@ def test_debug_exit_status_and_post_port():
     assert codes[-1] == 0x21
     with pytest.raises(ConfigError):
         DebugExit(codes.append, iosize=3)
+
+
+def test_one_irq1_edge_per_byte_of_a_multi_byte_reply():
+    bus, kbc, pic, events = make()
+    bus.port_write(0x60, 1, 0xF2)  # identify: FA AB 83
+    assert pic.rises[1] == 1
+    got = [bus.port_read(0x60, 1) for _ in range(3)]
+    assert got == [0xFA, 0xAB, 0x83]
+    assert pic.rises[1] == 3 and not pic.levels[1]

@@ -182,3 +182,32 @@ def test_hostile_writes_do_not_raise():
         bus.port_read(0x40, 1)
         bus.port_read(0x43, 1)
     clock.advance(MS)
+
+
+def test_channel2_mode1_waits_for_gate_trigger_and_retriggers():
+    clock, bus, pit, _ = make(with_irq=False)
+    program(bus, 2, 1, 1000)
+    clock.advance(ticks_ns(500))
+    assert latch_read(bus, 2) == 1000 and bus.port_read(0x61, 1) & 0x20  # waiting, OUT high
+    bus.port_write(0x61, 1, 0x01)  # gate rises: one-shot starts, OUT low
+    clock.advance(ticks_ns(400))
+    assert latch_read(bus, 2) == 600 and not bus.port_read(0x61, 1) & 0x20
+    bus.port_write(0x61, 1, 0x00)
+    bus.port_write(0x61, 1, 0x01)  # retrigger reloads
+    clock.advance(ticks_ns(999))
+    assert not bus.port_read(0x61, 1) & 0x20
+    clock.advance(ticks_ns(1000) - ticks_ns(999))
+    assert bus.port_read(0x61, 1) & 0x20
+
+
+def test_gate_low_holds_mode0_count():
+    clock, bus, pit, _ = make(with_irq=False)
+    bus.port_write(0x61, 1, 0x01)
+    program(bus, 2, 0, 3000)
+    clock.advance(ticks_ns(1000))
+    bus.port_write(0x61, 1, 0x00)
+    clock.advance(ticks_ns(5000))
+    assert latch_read(bus, 2) == 2000
+    bus.port_write(0x61, 1, 0x01)
+    clock.advance(ticks_ns(500))
+    assert latch_read(bus, 2) in (1500, 1499)
