@@ -425,6 +425,29 @@ class VCPU:
         del self._mmio[base]
         self._mapped = [m for m in self._mapped if m[0] != base]
 
+    def registers(self) -> dict[str, int]:
+        """The CPU's registers (for ``info registers``); call while paused or not started."""
+        if self._state is RunState.RUNNING and not self._on_cpu_thread():
+            raise CpuError("registers can only be read while the vCPU is paused")
+        st = CpuState(self._uc).load()
+        regs = {name: st.reg(i) for i, name in enumerate(
+            ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}
+        regs.update(rip=st.rip, rflags=st.eflags, cpl=st.cpl, hflags=st.hflags,
+                    cr0=st.cr(0), cr2=st.cr(2), cr3=st.cr(3), cr4=st.cr(4), efer=st.efer,
+                    halted=int(self.halted), a20=int(self.a20_enabled))
+        for i, name in enumerate(("es", "cs", "ss", "ds", "fs", "gs")):
+            sel, base, limit, flags = st.seg(i)
+            regs[name] = sel
+            regs[name + "_base"] = base
+            regs[name + "_limit"] = limit
+            regs[name + "_flags"] = flags
+        for off, name in ((L.OFF_GDT, "gdt"), (L.OFF_IDT, "idt"), (L.OFF_TR, "tr")):
+            sel, base, limit, _f = st.table(off)
+            regs[name + "_base"] = base
+            regs[name + "_limit"] = limit
+        return regs
+
     # ================================================================== memory map
     def _map_ram(self) -> None:
         size = self.ram_size

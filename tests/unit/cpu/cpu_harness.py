@@ -125,7 +125,7 @@ lm64:
     mov es, ax
     mov ss, ax
     mov rsp, 0x90000
-    lidt [idtr64]
+    lidt [rel idtr64]
 """
 
 EPILOGUE = r"""
@@ -248,7 +248,9 @@ class Board:
         self.cpu.start()
         try:
             if not self.exited.wait(timeout):
-                raise AssertionError(f"guest did not finish; output {bytes(self.out)!r}")
+                self.cpu.pause(timeout=1)
+                regs = {k: hex(v) for k, v in self.cpu.registers().items()}
+                raise AssertionError(f"guest did not finish; output {bytes(self.out)!r}; {regs}")
         finally:
             self.cpu.stop()
         assert self.exit_code is not None

@@ -58,3 +58,396 @@ times 0x10000 - ($ - $$) db 0
     assert board.cpu.ram[0x50C] == rom[0]
     # The BIOS alias below 1 MiB holds the same bytes.
     assert bytes(board.cpu.ram[0xF0000:0x100000]) == rom
+
+
+def test_real_mode_int_through_ivt_and_iret() -> None:
+    # INT 0x30 goes through the IVT at 0: IF/TF cleared in the handler, FLAGS/CS/IP pushed,
+    # IRET returns after the INT with IF restored.
+    src = r"""
+bits 16
+org 0xFFFF0000
+start:
+    xor ax, ax
+    mov ds, ax
+    mov ss, ax
+    mov sp, 0x7000
+    mov word [0x30*4], handler - $$
+    mov word [0x30*4+2], 0xF000      ; the BIOS alias below 1 MiB
+    sti
+    int 0x30
+after:
+    pushf
+    pop word [0x504]
+    mov word [0x506], sp
+    mov word [0x50E], after - $$
+    mov al, 0x21
+    out 0xF4, al
+    jmp $
+handler:
+    pushf
+    pop word [0x500]
+    mov bp, sp
+    mov ax, [bp]
+    mov word [0x508], ax             ; pushed IP
+    mov ax, [bp+2]
+    mov word [0x50A], ax             ; pushed CS
+    mov word [0x50C], sp
+    mov al, 'I'
+    out 0xE9, al
+    iret
+times 0xFFF0 - ($ - $$) db 0
+    jmp start
+times 0x10000 - ($ - $$) db 0
+"""
+    board = Board(nasm(src))
+    assert board.run() == 0x21
+    assert board.out == b"I"
+    flags_in, _, flags_after, sp_after, ip, cs, sp_in, after = struct.unpack_from(
+        "<8H", board.cpu.ram, 0x500)
+    assert flags_in & 0x200 == 0 and flags_after & 0x200
+    assert (cs, ip) == (0xF000, after)
+    assert sp_in == 0x7000 - 6 and sp_after == 0x7000
+
+
+def test_pm32_interrupt_and_trap_gates() -> None:
+    body = r"""
+    GATE32 0x40, int_gate, 0x8E00
+    GATE32 0x41, trap_gate, 0x8F00
+    sti
+    int 0x40
+    int 0x41
+    pushfd
+    pop dword [RES + 8]
+    EXIT 0x11
+int_gate:
+    pushfd
+    pop dword [RES]
+    mov eax, [esp]
+    mov [RES + 12], eax        ; return EIP
+    iretd
+trap_gate:
+    pushfd
+    pop dword [RES + 4]
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x11
+    eflags_int, eflags_trap, eflags_after = board.u32(0x500), board.u32(0x504), board.u32(0x508)
+    assert eflags_int & 0x200 == 0          # interrupt gate clears IF
+    assert eflags_trap & 0x200              # trap gate keeps it
+    assert eflags_after & 0x200
+    assert board.u32(0x50C) >= 0xFFFF0000   # returns into the ROM code after INT 0x40
+
+
+def test_pm32_gp_with_selector_error_code() -> None:
+    body = r"""
+    GATE32 13, gp_handler, 0x8E00
+    mov ax, 0x1234                ; index beyond the GDT limit
+fault:
+    mov ds, ax
+    EXIT 0x12
+gp_handler:
+    mov eax, [esp]
+    mov [RES], eax                ; error code
+    mov eax, [esp + 4]
+    mov [RES + 4], eax            ; EIP of the faulting instruction
+    mov dword [RES + 8], fault
+    add dword [esp + 4], 2        ; skip "mov ds, ax"
+    add esp, 4
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x12
+    assert board.u32(0x500) == 0x1234         # selector with RPL cleared (TI=1: the empty LDT)
+    assert board.u32(0x504) == board.u32(0x508)
+
+
+PAGING32 = r"""
+    ; 32-bit paging, 4 MiB pages: identity 0-4 MiB and the top 4 MiB (ROM); 4-8 MiB absent
+    mov edi, 0x20000
+    xor eax, eax
+    mov ecx, 1024
+    rep stosd
+    mov dword [0x20000], 0x87
+    mov dword [0x20000 + 1023*4], 0xFFC00087
+    mov eax, cr4
+    or eax, 1 << 4                ; PSE
+    mov cr4, eax
+    mov eax, 0x20000
+    mov cr3, eax
+    mov eax, cr0
+    or eax, (1 << 31) | (1 << 16)
+    mov cr0, eax
+"""
+
+
+def test_pm32_page_fault_cr2_and_error_code() -> None:
+    body = PAGING32 + r"""
+    GATE32 14, pf_handler, 0x8E00
+    mov dword [0x400010], 0x5A5A     ; not present: #PF, handler maps it, store retried
+    mov eax, [0x400010]
+    mov [RES + 8], eax
+    EXIT 0x13
+pf_handler:
+    mov eax, [esp]
+    mov [RES], eax                    ; error code
+    mov eax, cr2
+    mov [RES + 4], eax
+    mov dword [0x20000 + 4], 0x00000087 ; map 4-8 MiB onto 0-4 MiB
+    mov eax, cr3
+    mov cr3, eax
+    add esp, 4
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x13
+    assert board.u32(0x500) == 0x2            # write, not present, supervisor
+    assert board.u32(0x504) == 0x400010
+    assert board.u32(0x508) == 0x5A5A
+    assert board.u32(0x10) == 0x5A5A          # it landed at physical 0x10
+
+
+def test_pm32_cpl3_dpl3_gate_switches_to_tss_stack_and_dpl0_gate_faults() -> None:
+    body = r"""
+    GATE32 0x80, sys80, 0xEE00      ; DPL3: callable from ring 3
+    GATE32 0x81, sys81, 0x8E00      ; DPL0: INT from ring 3 -> #GP(0x81*8+2)
+    GATE32 13, gp_handler, 0x8E00
+    mov dword [TSS + 4], 0x88000     ; ESP0
+    mov dword [TSS + 8], 0x10        ; SS0
+    mov ax, 0x50
+    ltr ax
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+    push dword 0x23                  ; user SS
+    push dword 0x70000               ; user ESP
+    push dword 0x3002                ; IOPL=3 so ring 3 may write the exit port
+    push dword 0x1B                  ; user CS
+    push dword user
+    iretd
+user:
+    int 0x80
+    int 0x81
+    EXIT 0x14
+sys80:
+    mov [RES], esp
+    mov eax, [esp + 4]
+    mov [RES + 4], eax               ; CS pushed
+    mov eax, [esp + 12]
+    mov [RES + 8], eax               ; ESP pushed
+    mov eax, [esp + 16]
+    mov [RES + 12], eax              ; SS pushed
+    iretd
+sys81:
+    EXIT 0xEE
+gp_handler:
+    mov eax, [esp]
+    mov [RES + 16], eax
+    mov eax, [esp + 8]
+    mov [RES + 20], eax              ; CS of the interrupted code
+    add esp, 4
+    iretd                            ; back to ring 3, after the INT 0x81
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x14
+    esp, cs, user_esp, user_ss, gp_err, gp_cs = struct.unpack_from("<6I", board.cpu.ram, 0x500)
+    assert esp == 0x88000 - 20                # SS, ESP, EFLAGS, CS, EIP on the TSS stack
+    assert (cs, user_esp, user_ss) == (0x1B, 0x70000, 0x23)
+    assert gp_err == 0x81 * 8 + 2
+    assert gp_cs == 0x1B
+
+
+def test_ud_is_delivered_at_the_faulting_instruction() -> None:
+    body = r"""
+    GATE32 6, ud_handler, 0x8E00
+bad:
+    ud2
+    db 0x0f, 0xff                    ; another invalid opcode
+    EXIT 0x15
+ud_handler:
+    mov eax, [esp]
+    inc dword [RES + 4]
+    cmp dword [RES + 4], 1
+    jne .second
+    mov [RES], eax
+.second:
+    add dword [esp], 2
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x15
+    assert board.u32(0x504) == 2
+    assert board.u32(0x500) >= 0xFFFF0000
+
+
+def test_long_mode_page_fault_cr2_error_code_and_ist() -> None:
+    body = r"""
+    GATE64 14, pf_handler, 0x8E00
+    GATE64 0x82, ist_handler, 0x8E01      ; IST1
+    mov qword [TSS + 0x24], 0x60000       ; IST1 stack
+    mov ax, 0x50
+    ltr ax
+    mov rbx, 0x40000000                   ; second GiB: not mapped
+    mov qword [rbx + 8], 0x77             ; #PF, handler maps it, store retried
+    mov rax, [rbx + 8]
+    mov [RES + 16], rax
+    int 0x82
+    EXIT 0x16
+pf_handler:
+    mov rax, [rsp]
+    mov [RES], rax                        ; error code
+    mov rax, cr2
+    mov [RES + 8], rax
+    mov qword [0x11000 + 8], 0x12000 | 7  ; map 1-2 GiB like 0-1 GiB
+    mov rax, cr3
+    mov cr3, rax
+    add rsp, 8
+    iretq
+ist_handler:
+    mov [RES + 24], rsp
+    iretq
+"""
+    board = Board(guest(body, long_mode=True))
+    assert board.run() == 0x16
+    assert board.u64(0x500) == 0x2
+    assert board.u64(0x508) == 0x40000008
+    assert board.u64(0x510) == 0x77
+    assert board.u64(0x518) == 0x60000 - 40     # on the IST1 stack: SS RSP RFLAGS CS RIP
+
+
+def test_syscall_sysret_round_trip() -> None:
+    body = r"""
+    mov ecx, 0xC0000081                   ; STAR: kernel CS 0x28, SYSRET base 0x38
+    xor eax, eax
+    mov edx, 0x00380028
+    wrmsr
+    mov ecx, 0xC0000082                   ; LSTAR
+    mov rax, kernel_entry
+    mov rdx, rax
+    shr rdx, 32
+    wrmsr
+    mov ecx, 0xC0000084                   ; FMASK: clear IF and TF
+    mov eax, 0x300
+    xor edx, edx
+    wrmsr
+    mov qword [TSS + 4], 0x88000
+    mov ax, 0x50
+    ltr ax
+    push 0x43                             ; user SS
+    push 0x70000
+    push 0x3202                           ; IF=1, IOPL=3
+    push 0x4B                             ; user CS (64-bit, DPL3)
+    mov rax, user
+    push rax
+    iretq
+user:
+    mov r12, 0x1234
+    syscall
+after_syscall:
+    mov [RES + 24], r12                   ; kernel changed it
+    mov ax, cs
+    mov [RES + 32], ax
+    EXIT 0x17
+kernel_entry:
+    mov [RES], rcx                        ; return RIP
+    mov [RES + 8], r11                    ; user RFLAGS
+    mov ax, cs
+    mov [RES + 16], ax
+    pushfq
+    pop rax
+    mov [RES + 40], rax
+    mov r12, 0x4321
+    o64 sysret
+"""
+    board = Board(guest(body, long_mode=True))
+    assert board.run() == 0x17
+    rcx, r11, kcs, r12, ucs, kflags = struct.unpack_from("<QQQQQQ", board.cpu.ram, 0x500)
+    assert rcx >= 0xFFFF0000 and r11 & 0x200
+    assert kcs & 0xFFFF == 0x28
+    assert r12 == 0x4321
+    assert ucs & 0xFFFF == 0x4B
+    assert kflags & 0x200 == 0                # FMASK applied
+
+
+def test_sysenter_sysexit_round_trip() -> None:
+    body = r"""
+    mov ecx, 0x174
+    mov eax, 0x08                         ; SYSENTER_CS: kernel 0x08/0x10, SYSEXIT 0x18/0x20 (+3)
+    xor edx, edx
+    wrmsr
+    mov ecx, 0x175
+    mov eax, 0x88000
+    wrmsr
+    mov ecx, 0x176
+    mov eax, kernel_entry
+    wrmsr
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+    push dword 0x23
+    push dword 0x70000
+    push dword 0x3002
+    push dword 0x1B
+    push dword user
+    iretd
+user:
+    mov ecx, esp                          ; SYSEXIT: ESP <- ECX, EIP <- EDX
+    mov edx, back
+    sysenter
+back:
+    mov ax, cs
+    mov [RES + 8], ax
+    mov [RES + 12], esp
+    EXIT 0x18
+kernel_entry:
+    mov [RES], esp
+    mov ax, cs
+    mov [RES + 4], ax
+    sysexit
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x18
+    kesp, kcs, ucs, uesp = struct.unpack_from("<IIII", board.cpu.ram, 0x500)
+    assert kesp == 0x88000 and kcs & 0xFFFF == 0x08
+    assert ucs & 0xFFFF == 0x1B and uesp == 0x70000
+
+
+def test_unknown_msr_gives_gp_and_emulated_msrs_work() -> None:
+    body = r"""
+    GATE32 13, gp_handler, 0x8E00
+    mov ecx, 0x12345
+    rdmsr                                 ; no such MSR: #GP(0)
+    mov ecx, 0x1B
+    rdmsr                                 ; APIC_BASE
+    mov [RES + 8], eax
+    mov ecx, 0x277
+    mov eax, 0x06060606
+    mov edx, 0x06060606
+    wrmsr                                 ; PAT
+    rdmsr
+    mov [RES + 12], eax
+    mov ecx, 0x10
+    rdmsr                                 ; TSC via RDMSR and RDTSC agree in order
+    mov esi, eax
+    mov edi, edx
+    rdtsc
+    sub eax, esi
+    sbb edx, edi
+    mov [RES + 16], eax
+    mov [RES + 20], edx
+    EXIT 0x19
+gp_handler:
+    mov eax, [esp]
+    mov [RES], eax
+    inc dword [RES + 4]
+    add dword [esp + 4], 2                ; skip the RDMSR
+    add esp, 4
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x19
+    err, count, apic, pat, dlo, dhi = struct.unpack_from("<6I", board.cpu.ram, 0x500)
+    assert (err, count) == (0, 1)
+    assert apic == 0xFEE00100
+    assert pat == 0x06060606
+    assert dhi == 0 and dlo < 1_000_000_000   # RDTSC after RDMSR(TSC): small positive delta
