@@ -25,6 +25,8 @@ reports what was loaded.  Whether a library is the patched one is read off the l
 After host code writes guest RAM behind the CPU's back (device DMA into a ``mem_map_ptr`` buffer,
 or ``uc.mem_write``, which does not invalidate translated code either), call
 :func:`invalidate_code` on the vCPU thread.
+
+``python -m emu.cpu.uclib`` prints which library a process would load.
 """
 
 from __future__ import annotations
@@ -253,3 +255,6 @@ __all__ = [
     "library_info", "which_library", "invalidate_code", "patch_hash", "patched_dir",
     "patched_build_available",
 ]
+
+if __name__ == "__main__":
+    print(which_library())
