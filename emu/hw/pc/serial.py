@@ -23,8 +23,8 @@ character timeout (4 character times on the virtual clock) and all five interrup
 sources with the datasheet's priority and clearing rules are implemented.
 
 Backends implement ``write(data: bytes) -> None`` and call :meth:`Serial16550.receive`
-with input; a backend may also offer ``connect(receive)`` to be handed that callable
-when it is attached.  :class:`FileBackend` (stdio / files) and :class:`NullBackend` live here.
+with input; a backend that offers ``set_receiver(fn)`` (emu.chardev) or ``connect(fn)``
+is handed that callable when it is attached.  :class:`FileBackend` (stdio / files) and :class:`NullBackend` live here.
 """
 
 from __future__ import annotations
@@ -145,11 +145,17 @@ class Serial16550:
         bus.register_ports(self.base, 8, self, self.name)
 
     def set_backend(self, backend: SerialBackend | None) -> None:
-        """Attach the host side; if it has ``connect(receive)`` it is given :meth:`receive`."""
+        """Attach the host side and hand it :meth:`receive` for input.
+
+        The backend's ``set_receiver(fn)`` (emu.chardev's Chardev) or ``connect(fn)``
+        (:class:`FileBackend`) is called with :meth:`receive`, whichever it has.
+        """
         self.backend = backend
-        connect = getattr(backend, "connect", None)
-        if callable(connect):
-            connect(self.receive)
+        for hook in ("set_receiver", "connect"):
+            attach = getattr(backend, hook, None)
+            if callable(attach):
+                attach(self.receive)
+                break
 
     def reset(self) -> None:
         """Power-on register values (divisor 12 = 9600 baud as QEMU's default)."""

@@ -204,3 +204,25 @@ def test_file_backend_stdio_like(tmp_path):
     fb.write(b"abc")
     fb.close()
     assert (tmp_path / "log").read_bytes() == b"abc"
+
+
+def test_chardev_style_backend_gets_receiver():
+    class Chardevish:
+        def __init__(self):
+            self.out = bytearray()
+            self.receiver = None
+
+        def set_receiver(self, fn):
+            self.receiver = fn
+
+        def write(self, data):
+            self.out += data
+
+    cd = Chardevish()
+    bus = IOBus()
+    uart = Serial16550(None, None, cd)
+    uart.register(bus)
+    cd.receiver(b"z")
+    assert bus.port_read(COM1, 1) == ord("z")
+    bus.port_write(COM1, 1, ord("y"))
+    assert cd.out == b"y"
