@@ -52,15 +52,17 @@ def progname() -> str:
 class OptionError(ConfigError):
     """A command-line error; ``loc`` is the option text QEMU prefixes (may be empty)."""
 
-    def __init__(self, msg: str, loc: str = "") -> None:
+    def __init__(self, msg: str, loc: str = "", more: tuple[str, ...] = ()) -> None:
         super().__init__(msg)
         self.loc = loc
+        #: further messages QEMU prints for the same option (each with the prefix)
+        self.more = more
 
     def render(self) -> str:
         prefix = f"{progname()}: "
         if self.loc:
             prefix += f"{self.loc}: "
-        return prefix + str(self)
+        return "\n".join(prefix + m for m in (str(self),) + self.more)
 
 
 # --------------------------------------------------------------------- option syntax
@@ -176,6 +178,7 @@ class _Builder:
         self.serial_specs: list[str] = []
         self.add_fds: list[dict[str, str]] = []
         self.qtest: str | None = None
+        self.accel_loc = ""
 
     # -- chardev helpers
     def add_chardev(self, spec: str, backend: str, id: str, options: dict[str, str]) -> None:
@@ -195,7 +198,7 @@ class _Builder:
         self.chardev_ids.add(id)
         self.cfg.chardevs.append(ChardevConfig(spec, backend, id, options))
 
-    def compat_chardev(self, loc: str, spec: str, id: str) -> None:
+    def compat_chardev(self, loc: str, spec: str, id: str, fail: str = "") -> None:
         """QEMU's legacy chardev syntax (``-qmp``, ``-serial``): ``unix:PATH,…``,
         ``tcp:HOST:PORT,…``, ``stdio``, ``null``, ``file:PATH``."""
         head, sep, rest = spec.partition(",")
@@ -223,9 +226,8 @@ class _Builder:
 
             name = head.split(":", 1)[0]
             if name not in BACKENDS:
-                print(f"{progname()}: {loc}: '{name}' is not a valid char driver",
-                      file=sys.stderr)
-                raise OptionError(f"parse error: {spec}", loc)
+                raise OptionError(f"'{name}' is not a valid char driver", loc,
+                                  (fail or f"parse error: {spec}",))
             self.add_chardev(loc, name, id, extra)
 
 
@@ -238,6 +240,7 @@ def _opt_machine(b: _Builder, arg: str) -> None:
             b.cfg.machine_type = v
         elif k == "accel":
             b.cfg.accel = v
+            b.accel_loc = ""
         elif k in ("usb", "dump-guest-core", "mem-merge", "vmport", "smm", "hpet", "graphics"):
             continue
         else:
@@ -248,6 +251,7 @@ def _opt_accel(b: _Builder, arg: str) -> None:
     for k, v in parse_qemu_opts(arg, "accel"):
         if k == "accel":
             b.cfg.accel = v
+            b.accel_loc = f"-accel {arg}"
 
 
 def _opt_m(b: _Builder, arg: str) -> None:
@@ -290,7 +294,7 @@ def _opt_chardev(b: _Builder, arg: str) -> None:
     for key in ("server", "wait", "append"):
         if key in opts:
             parse_bool(opts[key], key)
-    b.add_chardev(arg, backend, cid, opts)
+    b.add_chardev(f"-chardev {arg}", backend, cid, opts)
 
 
 def _opt_mon(b: _Builder, arg: str) -> None:
@@ -327,7 +331,8 @@ def _opt_serial(b: _Builder, arg: str) -> None:
         b.cfg.serials.append(arg[8:])
         return
     cid = f"serial{len(b.cfg.serials)}"
-    b.compat_chardev(f"-serial {arg}", arg, cid)
+    b.compat_chardev(f"-serial {arg}", arg, cid,
+                     f"could not connect serial device to character backend '{arg}'")
     b.cfg.serials.append(cid)
 
 
@@ -476,8 +481,7 @@ def parse_args(argv: list[str]) -> tuple[MachineConfig, _Builder]:
 def _resolve(b: _Builder) -> None:
     cfg = b.cfg
     if cfg.accel not in ("tcg",):
-        raise OptionError(f"invalid accelerator {cfg.accel}",
-                          f"-accel {cfg.accel}" if cfg.accel != "kvm" else "")
+        raise OptionError(f"invalid accelerator {cfg.accel}", b.accel_loc)
     used: dict[tuple[str, int, int], str] = {}
     ids: set[str] = set()
     for spec, opts in b.raw_drives:
@@ -534,6 +538,13 @@ def _resolve(b: _Builder) -> None:
                 d.spec, "virtio-blk-pci", None, {"drive": d.id},
                 f"/machine/peripheral-anon/device[{anon}]/virtio-backend", implicit=True))
             anon += 1
+    if cfg.daemonize:
+        for c in cfg.chardevs:
+            if c.backend == "stdio":
+                more = ()
+                if c.spec.startswith("-serial"):
+                    more = ("could not connect serial device to character backend 'stdio'",)
+                raise OptionError("cannot use stdio with -daemonize", c.spec, more)
     known = {c.id for c in cfg.chardevs}
     for m in cfg.monitors:
         if m.chardev not in known:
@@ -561,7 +572,10 @@ def _make_drive(spec: str, opts: dict[str, str], used: dict, ids: set[str]) -> D
     if aio is not None and aio not in AIO_MODES:
         raise OptionError("invalid aio option", loc)
     ro_text = o.pop("readonly", o.pop("read-only", None))
-    readonly = parse_bool(ro_text, "read-only") if ro_text is not None else False
+    try:
+        readonly = parse_bool(ro_text, "read-only") if ro_text is not None else False
+    except OptionError as e:
+        raise OptionError(str(e), loc) from None
     if media == "cdrom":
         readonly = True
     max_devs = IF_MAX_DEVS[iface]
@@ -718,8 +732,7 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
                 chardev.daemonized = cfg.daemonize
                 chardev.prepare()
             except ConfigError as e:
-                raise OptionError(str(e), c.spec if c.spec.startswith("-") else
-                                  f"-chardev {c.spec}") from None
+                raise OptionError(str(e), c.spec) from None
             chardevs[c.id] = chardev
         io.start()
         server = QmpServer(machine, io.loop)

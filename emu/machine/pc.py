@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -143,6 +144,9 @@ class BlockDevice:
     type: str = "unknown"
     io_status: str = "ok"
     media: str = "disk"
+    #: the guest-visible write cache (QEMU's blk_enable_write_cache); a virtio-blk whose
+    #: driver did not negotiate a flush/WCE feature turns it off, as QEMU's does
+    writeback: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,6 +175,9 @@ class Machine:
         #: the block node graph (``emu.block.node.BlockGraph``) once drives are opened
         self.block_graph: Any = None
         self.name = config.name
+        # QEMU's vm clock: advances only while the guest runs (snapshots record it)
+        self._vm_clock_base = 0
+        self._vm_clock_started: float | None = None
 
     # ------------------------------------------------------------- attach points
     def add_event_listener(self, fn: EventListener) -> None:
@@ -250,6 +257,7 @@ class Machine:
             if self._vcpu is not None and self._vcpu_started:
                 self._vcpu.pause()
             self._set_state(RunState.PAUSED)
+            self._stop_vm_clock()
             self.emit("STOP")
 
     def resume(self) -> None:
@@ -265,6 +273,7 @@ class Machine:
                 return
             self.emit("RESUME")
             self._set_state(RunState.RUNNING)
+            self._vm_clock_started = time.monotonic()
             vcpu = self._vcpu
             if vcpu is not None:
                 if not self._vcpu_started:
@@ -312,6 +321,19 @@ class Machine:
             self._shutdown_cause = cause
             self._cond.notify_all()
 
+    def vm_clock_ns(self) -> int:
+        """Nanoseconds the guest has been running (QEMU's ``QEMU_CLOCK_VIRTUAL``)."""
+        with self._lock:
+            ns = self._vm_clock_base
+            if self._vm_clock_started is not None:
+                ns += int((time.monotonic() - self._vm_clock_started) * 1e9)
+            return ns
+
+    def _stop_vm_clock(self) -> None:
+        if self._vm_clock_started is not None:
+            self._vm_clock_base += int((time.monotonic() - self._vm_clock_started) * 1e9)
+            self._vm_clock_started = None
+
     # ------------------------------------------------- requests from the guest side
     def request_reset(self, cause: ShutdownCause = ShutdownCause.GUEST_RESET) -> None:
         """Ask for a reset from any thread (vCPU, device); the main loop performs it.
@@ -333,8 +355,6 @@ class Machine:
 
         :param timeout: give up after this many seconds and return None (tests).
         """
-        import time
-
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -363,6 +383,7 @@ class Machine:
                 if self._vcpu is not None and self._vcpu_started:
                     self._vcpu.pause()
                 self._set_state(RunState.SHUTDOWN)
+                self._stop_vm_clock()
                 self.emit("STOP")
             return
         self.quit(cause)
@@ -439,12 +460,13 @@ def _drain_begin(blk: Any) -> None:
 
 
 def _drain_end(blk: Any) -> None:
-    fn = getattr(blk, "drain_end", None)
+    fn = getattr(blk, "drain_end", None) or getattr(blk, "resume", None)
     if fn is not None:
         fn()
 
 
 def _write_back(blk: Any) -> None:
-    fn = getattr(blk, "flush_metadata", None) or getattr(blk, "drain_metadata", None)
+    # BlockBackend.drain() already wrote metadata back; other backends may offer it apart
+    fn = getattr(blk, "flush_metadata", None)
     if fn is not None:
         fn()

@@ -20,7 +20,7 @@ DEVICE_NOT_FOUND = "DeviceNotFound"
 KVM_MISSING_CAP = "KVMMissingCap"
 
 __all__ = ["GENERIC_ERROR", "COMMAND_NOT_FOUND", "DEVICE_NOT_ACTIVE", "DEVICE_NOT_FOUND",
-           "KVM_MISSING_CAP", "error_response", "as_qmp_error", "QmpError"]
+           "KVM_MISSING_CAP", "error_response", "desc_of", "as_qmp_error", "QmpError"]
 
 
 def as_qmp_error(err: BaseException) -> QmpError:
@@ -28,8 +28,14 @@ def as_qmp_error(err: BaseException) -> QmpError:
     if isinstance(err, QmpError):
         return err
     if isinstance(err, EmuError):
-        return QmpError(str(err), GENERIC_ERROR)
+        return QmpError(desc_of(err), GENERIC_ERROR)
     return QmpError(f"internal error: {type(err).__name__}: {err}", GENERIC_ERROR)
+
+
+def desc_of(err: BaseException) -> str:
+    """A lower layer's error text as QMP shows it: QEMU sends only the message, never
+    the hint lines (``Is another process using the image …?``) the command line shows."""
+    return str(err).split("\n", 1)[0]
 
 
 def error_response(err: QmpError) -> dict[str, Any]:

@@ -81,3 +81,257 @@ def info_version(machine: Any, args: list[str]) -> str:
 @hmp("name", info=True)
 def info_name(machine: Any, args: list[str]) -> str:
     return f"{machine.name}\n" if machine.name else ""
+
+
+# ----------------------------------------------------------------- block
+
+def size_to_str(val: int) -> str:
+    """QEMU's size_to_str: three significant digits and a binary suffix."""
+    import math
+
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exp = math.frexp(val / (1000.0 / 1024.0)) if val else (0.0, 0)
+    i = int((exp - 1) / 10) if exp > 0 else 0
+    div = 1 << (i * 10)
+    return "%0.3g %sB" % (val / div, suffixes[i])
+
+
+def _dump_specific(d: Any, indent: int) -> str:
+    from emu.qmp.json import iter_ordered
+
+    out = []
+    pad = " " * indent
+    for k, v in iter_ordered(d):
+        key = k.replace("-", " ")
+        if isinstance(v, dict):
+            out.append(f"{pad}{key}:\n" + _dump_specific(v, indent + 4))
+        elif isinstance(v, list):
+            out.append(f"{pad}{key}:\n")
+            for item in v:
+                out.append(f"{pad}    [{v.index(item)}]:\n" + _dump_specific(item, indent + 8)
+                           if isinstance(item, dict) else f"{pad}    {item}\n")
+        elif isinstance(v, bool):
+            out.append(f"{pad}{key}: {'true' if v else 'false'}\n")
+        else:
+            out.append(f"{pad}{key}: {v}\n")
+    return "".join(out)
+
+
+def image_info_dump(info: dict) -> str:
+    """QEMU's bdrv_image_info_dump (the ``Images:`` part of ``info block -v``)."""
+    vsize = info["virtual-size"]
+    disk = size_to_str(info["actual-size"]) if "actual-size" in info else "unavailable"
+    out = (f"image: {info['filename']}\nfile format: {info['format']}\n"
+           f"virtual size: {size_to_str(vsize)} ({vsize} bytes)\ndisk size: {disk}\n")
+    if "cluster-size" in info:
+        out += f"cluster_size: {info['cluster-size']}\n"
+    if "backing-filename" in info:
+        out += f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full and full != info["backing-filename"]:
+            out += f" (actual path: {full})"
+        out += "\n"
+        if "backing-filename-format" in info:
+            out += f"backing file format: {info['backing-filename-format']}\n"
+    if info.get("snapshots"):
+        out += "Snapshot list:\n" + _snapshot_header() + "\n"
+        for s in info["snapshots"]:
+            out += _snapshot_row(s) + "\n"
+    fs = info.get("format-specific")
+    if fs is not None:
+        out += "Format specific information:\n" + _dump_specific(fs.get("data", {}), 4)
+    return out
+
+
+def _block_entry(machine: Any, dev: Any, verbose: bool) -> str:
+    from emu.qmp.commands.block import block_device_info
+
+    ins = block_device_info(dev.node, writeback=dev.writeback) if dev.node is not None else None
+    out = dev.name
+    if ins is not None:
+        out += f" ({ins['node-name']})"
+        out += f": {ins['file']} ({ins['drv']}{', read-only' if ins['ro'] else ''})\n"
+    else:
+        out += ": [not inserted]\n"
+    if dev.qdev:
+        out += f"    Attached to:      {dev.qdev}\n"
+    if dev.io_status != "ok":
+        out += f"    I/O status:       {dev.io_status}\n"
+    if dev.removable:
+        out += f"    Removable device: {'' if dev.locked else 'not '}locked, tray closed\n"
+    if ins is None:
+        return out
+    c = ins["cache"]
+    out += ("    Cache mode:       " + ("writeback" if c["writeback"] else "writethrough")
+            + (", direct" if c["direct"] else "") + (", ignore flushes" if c["no-flush"] else "")
+            + "\n")
+    if "backing_file" in ins:
+        out += (f"    Backing file:     {ins['backing_file']} "
+                f"(chain depth: {ins['backing_file_depth']})\n")
+    if verbose:
+        out += "\nImages:\n"
+        info = ins["image"]
+        while True:
+            out += image_info_dump(info)
+            if "backing-image" not in info:
+                break
+            info = info["backing-image"]
+    return out
+
+
+@hmp("block", info=True)
+def info_block(machine: Any, args: list[str]) -> str:
+    verbose = "-v" in args
+    rest = [a for a in args if not a.startswith("-")]
+    device = rest[0] if rest else None
+    out = []
+    for n, dev in enumerate(machine.block_devices):
+        if device is not None and dev.name != device:
+            continue
+        if n:
+            out.append("\n")
+        out.append(_block_entry(machine, dev, verbose))
+    return "".join(out)
+
+
+def _snapshot_header() -> str:
+    return "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+
+
+def _snapshot_row(s: dict) -> str:
+    import time as _time
+
+    date = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(s["date-sec"]))
+    ns = s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"]
+    secs = ns // 1_000_000_000
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
+                                     ns // 1_000_000 % 1000)
+    icount = str(s["icount"]) if "icount" in s else ""
+    return "%-9s %-16s %8s%20s%13s%11s" % (s["id"], s["name"], size_to_str(s["vm-state-size"]),
+                                          date, clock, icount)
+
+
+@hmp("snapshots", info=True)
+def info_snapshots(machine: Any, args: list[str]) -> str:
+    per_dev = []
+    for dev in machine.block_devices:
+        if dev.node is not None and dev.node.supports_snapshots:
+            snaps = dev.node.snapshot_list()
+            if snaps:
+                per_dev.append((dev.name, snaps))
+    if not per_dev:
+        return "There is no snapshot available.\n"
+    # emu saves no VM state, so no snapshot is loadable on all disks
+    out = "List of snapshots present on all disks:\nNone\n"
+    for name, snaps in per_dev:
+        out += f"\nList of partial (non-loadable) snapshots on '{name}':\n"
+        out += _snapshot_header() + "\n"
+        out += "".join(_snapshot_row(s) + "\n" for s in snaps)
+    return out
+
+
+@hmp("savevm")
+def hmp_savevm(machine: Any, args: list[str]) -> str:
+    for dev in machine.block_devices:
+        node = dev.node
+        if node is not None and not node.read_only and not node.supports_snapshots:
+            return f"Error: Device '{dev.name}' is writable but does not support snapshots\n"
+    return "Error: emu cannot save the VM state (savevm); use blockdev-snapshot-internal-sync\n"
+
+
+def _parse_num(text: str) -> int:
+    t = text.strip()
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(t[-1:].lower(), 1)
+    if mult != 1:
+        t = t[:-1]
+    return int(float(t) * mult) if "." in t else int(t, 0) * mult
+
+
+@hmp("qemu-io")
+def hmp_qemu_io(machine: Any, args: list[str]) -> str:
+    """``qemu-io <device> "<command>"``: read/write/zero/discard/flush and blkdebug
+    breakpoints on a device's BlockBackend (or a node)."""
+    if len(args) < 2:
+        return "Error: qemu-io: missing arguments\n"
+    name, cmdline = args[0], " ".join(args[1:])
+    dev = machine.find_block_device(name)
+    target: Any = None
+    node: Any = None
+    if dev is not None:
+        target, node = (dev.backend or dev.node), dev.node
+    elif machine.block_graph is not None:
+        node = machine.block_graph.lookup(name)
+        target = node
+    if target is None:
+        return f"Error: Device '{name}' not found\n" if dev is None and node is None else \
+            f"Error: Device '{name}' has no medium\n"
+    words = _split(cmdline)
+    if not words:
+        return ""
+    verb, opts = words[0], words[1:]
+    try:
+        return _qemu_io(target, node, verb, opts)
+    except (ValueError, IndexError):
+        return f"{verb}: invalid arguments\n"
+    except Exception as e:  # noqa: BLE001 - qemu-io prints errors as text
+        return f"{verb} failed: {e}\n"
+
+
+def _qemu_io(target: Any, node: Any, verb: str, opts: list[str]) -> str:
+    if verb in ("write", "aio_write", "read", "aio_read"):
+        pattern = 0xCD if verb.endswith("write") else None
+        zero = False
+        pos: list[str] = []
+        i = 0
+        while i < len(opts):
+            o = opts[i]
+            if o == "-P":
+                pattern = int(opts[i + 1], 0)
+                i += 2
+                continue
+            if o == "-z":
+                zero = True
+            elif o.startswith("-"):
+                pass
+            else:
+                pos.append(o)
+            i += 1
+        off, length = _parse_num(pos[0]), _parse_num(pos[1])
+        if verb.endswith("write"):
+            if zero:
+                target.write_zeroes(off, length)
+            else:
+                target.write(off, bytes([pattern & 0xFF]) * length)
+        else:
+            data = target.read(off, length)
+            if pattern is not None and data != bytes([pattern & 0xFF]) * length:
+                return f"Pattern verification failed at offset {off}, {length} bytes\n"
+        return ""
+    if verb in ("discard", "aio_discard"):
+        target.discard(_parse_num(opts[0]), _parse_num(opts[1]))
+        return ""
+    if verb in ("flush", "aio_flush"):
+        target.flush()
+        return ""
+    blk = _blkdebug(node)
+    if verb in ("break", "remove_break", "resume", "wait_break"):
+        if blk is None:
+            return "blkdebug is not the protocol of this device\n"
+        if verb == "break":
+            blk.break_on(opts[0], opts[1])
+        elif verb == "remove_break":
+            blk.remove_break(opts[0])
+        elif verb == "resume":
+            blk.resume(opts[0])
+        else:
+            blk.wait_break(opts[0])
+        return ""
+    return f"command \"{verb}\" not found\n"
+
+
+def _blkdebug(node: Any) -> Any:
+    while node is not None:
+        if getattr(node, "drv", None) == "blkdebug":
+            return node.impl
+        node = getattr(node, "file", None)
+    return None

@@ -14,7 +14,7 @@ from typing import Any
 
 from emu.errors import BlockError, EmuError, QmpError
 from emu.qmp.commands import CommandContext, command
-from emu.qmp.errors import DEVICE_NOT_ACTIVE
+from emu.qmp.errors import DEVICE_NOT_ACTIVE, desc_of
 from emu.qmp.schema import (ANY, BOOL, INT, STR, Alternate, Enum, List, Struct, Union)
 
 # ------------------------------------------------------------------------ types
@@ -183,8 +183,9 @@ def _active_layer(ctx: CommandContext, name: str) -> tuple[Any, str]:
 
 # ----------------------------------------------------------------- queries
 
-def _cache_info(bs: Any) -> dict:
-    return {"writeback": True, "direct": bool(bs.cache_direct), "no-flush": bool(bs.cache_no_flush)}
+def _cache_info(bs: Any, writeback: bool = True) -> dict:
+    return {"writeback": writeback, "direct": bool(bs.cache_direct),
+            "no-flush": bool(bs.cache_no_flush)}
 
 
 def _image_info(bs: Any) -> dict:
@@ -194,7 +195,7 @@ def _image_info(bs: Any) -> dict:
     return info
 
 
-def block_device_info(bs: Any, depth_from_chain: bool = True) -> dict:
+def block_device_info(bs: Any, depth_from_chain: bool = True, writeback: bool = True) -> dict:
     """QEMU's BlockDeviceInfo for node ``bs``, members in schema order."""
     chain_depth = len(bs.backing_chain()) - 1 if depth_from_chain else 0
     d: dict[str, Any] = {"file": bs.filename, "node-name": bs.node_name, "ro": bool(bs.read_only),
@@ -207,7 +208,7 @@ def block_device_info(bs: Any, depth_from_chain: bool = True) -> dict:
     d["bps"] = d["bps_rd"] = d["bps_wr"] = 0
     d["iops"] = d["iops_rd"] = d["iops_wr"] = 0
     d["image"] = _image_info(bs)
-    d["cache"] = _cache_info(bs)
+    d["cache"] = _cache_info(bs, writeback)
     d["write_threshold"] = 0
     return d
 
@@ -223,7 +224,7 @@ def query_block(ctx: CommandContext) -> list:
         e["removable"] = dev.removable
         e["locked"] = dev.locked
         if dev.node is not None:
-            e["inserted"] = block_device_info(dev.node)
+            e["inserted"] = block_device_info(dev.node, writeback=dev.writeback)
         if dev.removable:
             e["tray_open"] = False
         e["io-status"] = dev.io_status
@@ -319,12 +320,13 @@ def internal_snapshot_create(ctx: CommandContext, bs: Any, devname: str, name: s
     for s in bs.snapshot_list():
         if s["name"] == name:
             raise QmpError(f"Snapshot with name '{name}' already exists on device '{devname}'")
-    vm_clock = int(getattr(ctx.machine, "vm_clock_ns", lambda: 0)()) if callable(
-        getattr(ctx.machine, "vm_clock_ns", None)) else 0
+    vm_clock = ctx.machine.vm_clock_ns()
+    # QEMU keeps at most 255 bytes of the name (QEMUSnapshotInfo.name is char[256])
+    stored = name.encode()[:255].decode("utf-8", "ignore")
     try:
-        return bs.snapshot_create(name, vm_clock_ns=vm_clock)
+        return bs.snapshot_create(stored, vm_clock_ns=vm_clock)
     except BlockError as e:
-        raise QmpError(str(e)) from e
+        raise QmpError(desc_of(e)) from e
 
 
 @command("blockdev-snapshot-delete-internal-sync",
@@ -350,7 +352,7 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, device: str,
         try:
             return bs.snapshot_delete(match["id"], match["name"])
         except BlockError as e:
-            raise QmpError(str(e)) from e
+            raise QmpError(desc_of(e)) from e
 
 
 # ------------------------------------------------------- jobs and transactions
@@ -382,3 +384,220 @@ def blockdev_backup(ctx: CommandContext, args: dict) -> Any:
                               ("?properties", TRANSACTION_PROPS)], boxed=True)
 def transaction(ctx: CommandContext, args: dict) -> Any:
     return _delegate("emu.block.transaction", "qmp_transaction", ctx, args=args)
+
+
+# ------------------------------------------------------- external snapshots
+
+_FORMATS_WITH_BACKING = ("qcow2",)
+
+
+def _known_format(fmt: str) -> bool:
+    try:
+        from emu.block.node import DRIVERS, _load_drivers
+
+        _load_drivers()
+        return fmt in DRIVERS and not DRIVERS[fmt].cls.is_protocol
+    except ImportError:
+        return fmt in ("qcow2", "raw")
+
+
+def _backing_parent(ctx: CommandContext, bs: Any) -> Any:
+    g = ctx.machine.block_graph
+    for n in g.nodes() if g is not None else []:
+        if n.backing is bs:
+            return n
+    return None
+
+
+def _print_formatting(filename: str, size: int, backing: str, backing_fmt: str) -> None:
+    import sys
+
+    print(f"Formatting '{filename}', fmt=qcow2 cluster_size=65536 extended_l2=off "
+          f"compression_type=zlib size={size} backing_file={backing} backing_fmt={backing_fmt} "
+          "lazy_refcounts=off refcount_bits=16", flush=True, file=sys.stdout)
+
+
+def external_snapshot_prepare(ctx: CommandContext, device: str | None, node_name: str | None,
+                              snapshot_file: str, snapshot_node_name: str | None,
+                              fmt: str, mode: str) -> tuple[Any, Any]:
+    """Create (or open) the overlay and put it on top of the device's active layer.
+
+    QEMU's external_snapshot_prepare order of checks; returns ``(old, new)`` nodes.  The
+    overlay file stays on disk if a later step fails (as QEMU leaves it).
+    """
+    old = _lookup_bs(ctx, device, node_name)
+    parent = _backing_parent(ctx, old)
+    if parent is not None:
+        raise QmpError(f"Node '{old.node_name}' is busy: node is used as backing hd of "
+                       f"'{parent.node_name}'")
+    if node_name is not None and snapshot_node_name is None:
+        raise QmpError("New overlay node-name missing")
+    g = _graph(ctx)
+    if snapshot_node_name is not None and (
+            g.lookup(snapshot_node_name) is not None
+            or ctx.machine.find_block_device(snapshot_node_name) is not None):
+        raise QmpError("New overlay node-name already in use")
+    if not old.read_only:
+        old.flush()
+    if mode != "existing":
+        if not _known_format(fmt):
+            raise QmpError(f"Unknown file format '{fmt}'")
+        if fmt not in _FORMATS_WITH_BACKING:
+            raise QmpError(f"Backing file not supported for file format '{fmt}'")
+        if snapshot_file == old.filename:
+            raise QmpError("Error: Trying to create an image with the same filename as the "
+                           "backing file")
+        from emu.block.qcow2.create import create_qcow2
+
+        try:
+            create_qcow2(snapshot_file, old.size, backing_file=old.filename,
+                         backing_fmt=old.drv)
+        except EmuError as e:
+            raise QmpError(desc_of(e)) from e
+        _print_formatting(snapshot_file, old.size, old.filename, old.drv)
+    elif not _known_format(fmt):
+        raise QmpError(f"Unknown file format '{fmt}'")
+    try:
+        new = g.open_image(snapshot_file, fmt, node_name=snapshot_node_name, backing=None)
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+    except OSError as e:
+        raise QmpError(f"Could not open '{snapshot_file}': {e.strerror}") from e
+    if new.backing is not None:
+        g.remove(new)
+        raise QmpError("The overlay already has a backing image")
+    if not new.impl.supports_backing:
+        g.remove(new)
+        raise QmpError("The overlay does not support backing images")
+    return old, new
+
+
+def external_snapshot_commit(ctx: CommandContext, old: Any, new: Any) -> None:
+    """Attach ``new`` above ``old``: backing link, device root switch, old layer read-only."""
+    new.backing = old
+    old.parents += 1
+    if not new.backing_file:
+        new.backing_file, new.backing_format = old.filename, old.drv
+    for dev in ctx.machine.block_devices:
+        if dev.node is old:
+            dev.node = new
+            if dev.backend is not None and hasattr(dev.backend, "set_root"):
+                dev.backend.set_root(new)
+    old.read_only = True
+    if old.file is not None:
+        old.file.read_only = True
+
+
+def external_snapshot_abort(ctx: CommandContext, old: Any, new: Any) -> None:
+    """Undo :func:`external_snapshot_commit`: device back on ``old``, writable again."""
+    for dev in ctx.machine.block_devices:
+        if dev.node is new:
+            dev.node = old
+            if dev.backend is not None and hasattr(dev.backend, "set_root"):
+                dev.backend.set_root(old)
+    if new.backing is old:
+        new.backing = None
+        old.parents -= 1
+    old.read_only = False
+    if old.file is not None:
+        old.file.read_only = False
+    ctx.machine.block_graph.remove(new)
+
+
+def _backend_of(ctx: CommandContext, bs: Any) -> list[Any]:
+    return [d.backend for d in ctx.machine.block_devices
+            if d.backend is not None and d.node is bs]
+
+
+@command("blockdev-snapshot-sync", args=SNAPSHOT_SYNC)
+def blockdev_snapshot_sync(ctx: CommandContext, snapshot_file: str, device: str | None = None,
+                           node_name: str | None = None, snapshot_node_name: str | None = None,
+                           format: str = "qcow2", mode: str = "absolute-paths") -> dict:
+    probe = None
+    try:
+        probe = _lookup_bs(ctx, device, node_name)
+    except QmpError:
+        pass
+    with ctx.machine.quiesce(_backend_of(ctx, probe) if probe is not None else []):
+        old, new = external_snapshot_prepare(ctx, device, node_name, snapshot_file,
+                                             snapshot_node_name, format, mode)
+        external_snapshot_commit(ctx, old, new)
+    return {}
+
+
+@command("blockdev-snapshot", args=SNAPSHOT)
+def blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
+    old = _lookup_bs(ctx, node, node)
+    g = _graph(ctx)
+    new = g.lookup(overlay)
+    if new is None:
+        raise QmpError(f"Cannot find device='{overlay}' nor node-name='{overlay}'")
+    parent = _backing_parent(ctx, old)
+    if parent is not None:
+        raise QmpError(f"Node '{old.node_name}' is busy: node is used as backing hd of "
+                       f"'{parent.node_name}'")
+    if any(d.node is new for d in ctx.machine.block_devices):
+        raise QmpError("The overlay is already in use")
+    if new.backing is not None:
+        raise QmpError("The overlay already has a backing image")
+    if not new.impl.supports_backing:
+        raise QmpError("The overlay does not support backing images")
+    with ctx.machine.quiesce(_backend_of(ctx, old)):
+        if not old.read_only:
+            old.flush()
+        external_snapshot_commit(ctx, old, new)
+    return {}
+
+
+# ------------------------------------------------------- blockdev-add / -del
+
+@command("blockdev-add", args=BLOCKDEV_OPTIONS, boxed=True)
+def blockdev_add(ctx: CommandContext, args: dict) -> dict:
+    if "node-name" not in args:
+        raise QmpError("'node-name' must be specified for the root node")
+    g = _graph(ctx)
+    if g.lookup(args["node-name"]) is not None or ctx.machine.find_block_device(
+            args["node-name"]) is not None:
+        raise QmpError(f"Duplicate nodes with node-name='{args['node-name']}'")
+    try:
+        bs = g.blockdev_add(args)
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+    except OSError as e:
+        raise QmpError(f"Could not open '{args.get('filename', '')}': {e.strerror}") from e
+    owned = ctx.machine.__dict__.setdefault("monitor_owned_nodes", set())
+    owned.add(bs.node_name)
+    return {}
+
+
+@command("blockdev-del", args=[("node-name", STR)])
+def blockdev_del(ctx: CommandContext, node_name: str) -> dict:
+    g = _graph(ctx)
+    bs = g.lookup(node_name)
+    if bs is None:
+        raise QmpError(f"Failed to find node with node-name='{node_name}'")
+    if any(d.node is bs for d in ctx.machine.block_devices):
+        raise QmpError(f"Node {node_name} is in use")
+    owned = ctx.machine.__dict__.setdefault("monitor_owned_nodes", set())
+    if node_name not in owned:
+        raise QmpError(f"Node {node_name} is not owned by the monitor")
+    if bs.parents > 0:
+        raise QmpError(f"Block device {node_name} is in use")
+    g.remove(bs)
+    owned.discard(node_name)
+    return {}
+
+
+# ------------------------------------------------------- job queries
+
+@command("query-block-jobs", returns=List(Struct("BlockJobInfo", [("type", STR)])))
+def query_block_jobs(ctx: CommandContext) -> list:
+    """The machine's block jobs (``emu.block.jobs``); none while no job layer exists."""
+    jobs = getattr(ctx.machine, "jobs", None)
+    return list(jobs.query_block_jobs()) if jobs is not None else []
+
+
+@command("query-jobs", returns=List(Struct("JobInfo", [("id", STR)])))
+def query_jobs(ctx: CommandContext) -> list:
+    jobs = getattr(ctx.machine, "jobs", None)
+    return list(jobs.query_jobs()) if jobs is not None else []
