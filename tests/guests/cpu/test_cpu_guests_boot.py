@@ -74,3 +74,19 @@ def test_cpu_guest_pm_exceptions(emulator: Emulator, request: pytest.FixtureRequ
     for test in ("int80_dpl3", "int81_dpl0", "irq_cpl3"):
         fields = run.fields(test)
         assert (fields["frame"], fields["esp3"], fields["ss3"]) == (KSTACK_TOP - 20, USTACK_TOP, 0x23), test
+
+
+def test_cpu_guest_lm_exceptions(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    run = boot(emulator, "lm-exceptions", request, tmp_path)
+    assert_passed(run, ["ud_ist", "gp_selector", "gp_noncanonical", "pf_read", "pf_write", "int3",
+                        "syscall", "int80_dpl3", "int81_dpl0", "pf_user", "irq_cpl3"])
+    assert run.fields("ud_ist")["frame"] == 0x34000 - 40          # IST1 top, 5 qwords pushed
+    assert (run.fields("pf_read")["error"], run.fields("pf_read")["cr2"]) == (0, 0x400010)
+    assert (run.fields("pf_user")["error"], run.fields("pf_user")["cr2"]) == (5, 0x600008)
+    # QEMU 7.2 reports vector*16+2 for a gate refused in long mode (the SDM says vector*8+2).
+    assert run.fields("int81_dpl0")["error"] == 0x81 * 16 + 2
+    syscall = run.fields("syscall")
+    assert (syscall["cs"], syscall["ss"], syscall["cs_after"], syscall["ss_after"]) == (0x08, 0x10, 0x2B, 0x23)
+    for test in ("int80_dpl3", "int81_dpl0", "irq_cpl3"):
+        fields = run.fields(test)
+        assert (fields["frame"], fields["rsp"], fields["ss"]) == (KSTACK_TOP - 40, USTACK_TOP, 0x23), test
