@@ -451,3 +451,177 @@ gp_handler:
     assert apic == 0xFEE00100
     assert pat == 0x06060606
     assert dhi == 0 and dlo < 1_000_000_000   # RDTSC after RDMSR(TSC): small positive delta
+
+
+def test_hlt_sleeps_until_an_injected_irq() -> None:
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    sti
+    hlt
+after_hlt:
+    mov dword [RES + 8], after_hlt
+    EXIT 0x20
+irq_handler:
+    mov eax, [esp]
+    mov [RES], eax                        ; return address: after the HLT
+    inc dword [RES + 4]
+    iretd
+"""
+    board = Board(guest(body))
+    board.cpu.start()
+    try:
+        assert board.wait_for(lambda: board.cpu.halted)
+        # Halted means halted: nothing runs, the handler has not been called.
+        import time
+        time.sleep(0.05)
+        assert board.cpu.halted and board.u32(0x504) == 0
+        board.raise_irq(0x20)
+        assert board.exited.wait(5)
+    finally:
+        board.cpu.stop()
+    assert board.exit_code == 0x20
+    assert board.u32(0x504) == 1
+    assert board.u32(0x500) == board.u32(0x508)
+
+
+def test_irq_at_cpl3_in_long_mode_uses_rsp0() -> None:
+    body = r"""
+    GATE64 0x20, irq_handler, 0x8E00
+    mov qword [TSS + 4], 0x88000          ; RSP0
+    mov ax, 0x50
+    ltr ax
+    push 0x43
+    push 0x70000
+    push 0x3202                           ; IF=1, IOPL=3
+    push 0x4B
+    mov rax, user
+    push rax
+    iretq
+user:
+    out 0x80, al                          ; ask the board for an IRQ
+.spin:
+    cmp dword [RES + 16], 0
+    je .spin
+    EXIT 0x21
+irq_handler:
+    mov [RES], rsp
+    mov rax, [rsp + 8]
+    mov [RES + 8], rax                    ; CS of the interrupted code
+    mov dword [RES + 16], 1
+    iretq
+"""
+    board = Board(guest(body, long_mode=True), on_port=lambda b, port, value: b.raise_irq(0x20))
+    assert board.run() == 0x21
+    assert board.u64(0x500) == 0x88000 - 40
+    assert board.u64(0x508) == 0x4B
+
+
+def test_sti_shadow_keeps_the_irq_until_after_hlt() -> None:
+    # The IRQ is raised while IF=0; "sti; hlt" must take it only after HLT (real CPUs
+    # never deliver between STI and the next instruction), so the handler returns past HLT.
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    out 0x80, al                          ; the board raises the IRQ now (IF=0)
+    sti
+    hlt
+after_hlt:
+    mov dword [RES + 8], after_hlt
+    EXIT 0x22
+irq_handler:
+    mov eax, [esp]
+    mov [RES], eax
+    iretd
+"""
+    board = Board(guest(body), on_port=lambda b, port, value: b.raise_irq(0x20))
+    assert board.run() == 0x22
+    assert board.u32(0x500) == board.u32(0x508)
+
+
+def test_triple_fault_requests_reset_and_the_guest_reboots() -> None:
+    # First boot: an empty IDT turns #UD into #GP, #DF, then a triple fault.  The reset
+    # handler resets the vCPU; the second boot sees the RAM marker and exits.
+    body = r"""
+    cmp dword [RES + 4], 0x600D
+    je second_boot
+    mov dword [RES + 4], 0x600D
+    lidt [empty_idt]
+    ud2
+second_boot:
+    EXIT 0x23
+empty_idt:
+    dw 0
+    dd 0
+"""
+    reasons: list[str] = []
+    holder: list[Board] = []
+
+    def on_reset(reason: str) -> None:
+        reasons.append(reason)
+        holder[0].cpu.reset()
+
+    board = Board(guest(body), on_reset_request=on_reset)
+    holder.append(board)
+    assert board.run() == 0x23
+    assert reasons == ["triple-fault"]
+
+
+def test_pause_and_resume_from_another_thread() -> None:
+    import time
+    body = r"""
+.loop:
+    inc dword [RES]
+    jmp .loop
+"""
+    board = Board(guest(body))
+    cpu = board.cpu
+    cpu.start()
+    try:
+        assert board.wait_for(lambda: board.u32(0x500) > 1000)
+        for _ in range(3):
+            assert cpu.pause(timeout=2)
+            assert cpu.state.value == "paused"
+            first = board.u32(0x500)
+            time.sleep(0.03)
+            assert board.u32(0x500) == first           # nothing runs while paused
+            regs = cpu.registers()
+            assert regs["rip"] >= 0xFFFF0000 and regs["cs"] == 0x08
+            cpu.resume()
+            assert board.wait_for(lambda: board.u32(0x500) > first + 1000)
+    finally:
+        cpu.stop()
+    assert cpu.state.value == "stopped"
+
+
+def _dma_guest(long_mode: bool) -> str:
+    code = "rax" if long_mode else "eax"
+    return rf"""
+    mov {code}, 0x5000
+    call {code}                           ; prints 'A'
+    out 0x80, al                          ; the board "DMAs" new code over 0x5000
+    mov {code}, 0x5000
+    call {code}                           ; must print 'B'
+    EXIT 0x24
+"""
+
+
+def _dma_board(long_mode: bool, invalidate: bool = True) -> Board:
+    def dma(b: Board, port: int, value: int) -> None:
+        b.cpu.ram[0x5001] = ord("B")          # a device writes guest memory directly
+        if invalidate:
+            b.cpu.invalidate_code(0x5000, 6)
+
+    board = Board(guest(_dma_guest(long_mode), long_mode=long_mode), on_port=dma)
+    # mov al, 'A' / out 0xE9, al / nop / ret
+    board.cpu.ram[0x5000:0x5006] = bytes([0xB0, ord("A"), 0xE6, 0xE9, 0x90, 0xC3])
+    return board
+
+
+def test_dma_into_code_then_invalidate_runs_new_code() -> None:
+    for long_mode in (False, True):       # paging off, then paging on (4-level)
+        board = _dma_board(long_mode)
+        assert board.run() == 0x24
+        assert board.out == b"AB", long_mode
+    # Without the invalidation Unicorn runs the stale translation: the call is needed.
+    board = _dma_board(False, invalidate=False)
+    assert board.run() == 0x24
+    assert board.out == b"AA"
