@@ -151,3 +151,20 @@ def test_unicorn_dma_patched_function_is_exported_as_reported() -> None:
         assert info.patches == ("notdirty-code-pages", "invalidate-phys")
     else:
         assert info.patches == ()
+
+
+def test_unicorn_dma_real_mode_boot_sector_reload() -> None:
+    """Real mode, as the BIOS: a "disk read" replaces the code at 0000:7C00 that already ran."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_16)
+    uc.mem_map(0, 1 << 20, unicorn.UC_PROT_ALL)
+    uc.reg_write(X86.UC_X86_REG_SP, 0x7000)
+    caller = 0x600
+    uc.mem_write(caller, b"\xE8" + struct.pack("<h", 0x7C00 - (caller + 3))  # call 0x7C00
+                 + b"\x90")                                                   # nop: end
+    for value in (0x1111, 0x2222, 0x3333):
+        sector = (b"\xB8" + struct.pack("<H", value)  # mov ax, value
+                  + b"\xC3").ljust(512, b"\0")        # ret
+        uc.mem_write(0x7C00, sector)
+        invalidate_code(uc, 0x7C00, len(sector))
+        uc.emu_start(caller, caller + 3)
+        assert uc.reg_read(X86.UC_X86_REG_AX) == value
