@@ -625,3 +625,152 @@ def test_dma_into_code_then_invalidate_runs_new_code() -> None:
     board = _dma_board(False, invalidate=False)
     assert board.run() == 0x24
     assert board.out == b"AA"
+
+
+def test_double_fault_from_nested_contributory_faults() -> None:
+    # #UD's gate is not present -> #NP(6*8+2+1); #NP's gate is not present either -> #DF(0).
+    body = r"""
+    GATE32 8, df_handler, 0x8E00
+    ud2
+    EXIT 0xEE
+df_handler:
+    mov eax, [esp]
+    mov [RES], eax
+    mov eax, [esp + 4]
+    mov [RES + 4], eax
+    EXIT 0x25
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x25
+    assert board.u32(0x500) == 0                 # #DF pushes error code 0
+    assert board.u32(0x504) >= 0xFFFF0000        # pointing at the UD2
+
+
+def test_unmapped_memory_reads_all_ones_and_executing_it_is_ud() -> None:
+    body = r"""
+    GATE32 6, ud_handler, 0x8E00
+    mov eax, [0xA0000]                    ; VGA hole
+    mov [RES], eax
+    mov eax, [0xFEC00000]                 ; nothing there (no IOAPIC)
+    mov [RES + 4], eax
+    mov dword [0xFEC00000], 0x12345678    ; dropped
+    mov eax, [0xFEC00000]
+    mov [RES + 8], eax
+    mov eax, [0x3FFFFC]                   ; RAM end (4 MiB)
+    mov eax, [0x400000]                   ; past the RAM
+    mov [RES + 12], eax
+    mov eax, 0xD0000000
+    call eax                              ; nothing to execute there: #UD
+    EXIT 0x26
+ud_handler:
+    mov eax, [esp]
+    mov [RES + 16], eax
+    mov eax, [esp + 12]                   ; return address pushed by CALL
+    mov [esp], eax
+    add dword [esp + 12], 0               ; keep the stack shape for IRETD
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x26
+    assert struct.unpack_from("<5I", board.cpu.ram, 0x500) == (
+        0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xD0000000)
+
+
+def test_a20_gate_wraps_at_1mib_when_disabled() -> None:
+    src = r"""
+bits 16
+org 0xFFFF0000
+start:
+    jmp 0xF000:(low - $$)                 ; run from the alias below 1 MiB, as a BIOS does
+low:
+    xor ax, ax
+    mov ds, ax
+    mov dword [0x600], 0x11111111
+    mov ax, 0xFFFF
+    mov es, ax
+    mov dword [es:0x610], 0x22222222      ; linear 0x100600
+    mov eax, [0x600]
+    mov [0x500], eax                      ; A20 on: 0x11111111
+    out 0x80, al                          ; board: A20 off
+    jmp .n1
+.n1:
+    mov eax, [es:0x610]                   ; now wraps to 0x600
+    mov [0x504], eax
+    out 0x81, al                          ; board: A20 on
+    jmp .n2
+.n2:
+    mov eax, [es:0x610]
+    mov [0x508], eax
+    mov al, 0x27
+    out 0xF4, al
+    jmp $
+times 0xFFF0 - ($ - $$) db 0
+    jmp start
+times 0x10000 - ($ - $$) db 0
+"""
+    board = Board(nasm(src), on_port=lambda b, port, value: b.cpu.set_a20(port == 0x81))
+    assert board.run() == 0x27
+    assert struct.unpack_from("<3I", board.cpu.ram, 0x500) == (0x11111111, 0x11111111, 0x22222222)
+
+
+def test_cpuid_reports_only_what_is_implemented() -> None:
+    body = r"""
+    mov eax, 1
+    cpuid
+    mov [RES], ecx
+    mov [RES + 4], edx
+    mov eax, 0x80000001
+    cpuid
+    mov [RES + 8], ecx
+    mov [RES + 12], edx
+    mov eax, 0x40000000
+    cpuid
+    mov [RES + 16], ebx
+    EXIT 0x28
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x28
+    ecx1, edx1, ecx_ext, edx_ext, hv = struct.unpack_from("<5I", board.cpu.ram, 0x500)
+    assert edx1 & (1 << 9) == 0          # no local APIC
+    assert ecx1 & (1 << 3) == 0          # no MONITOR/MWAIT
+    assert ecx1 & (1 << 21) == 0         # no x2APIC
+    assert ecx1 & (1 << 28) == 0         # no AVX (Unicorn cannot run it)
+    assert edx1 & (1 << 4) and edx1 & (1 << 11) and edx1 & (1 << 26)   # TSC, SEP, SSE2
+    assert ecx_ext & (1 << 2) == 0       # no SVM
+    assert edx_ext & (1 << 29) and edx_ext & (1 << 11)                 # LM, SYSCALL
+    assert hv == 0
+
+
+def test_invalidate_code_from_another_thread_and_device_errors_are_contained() -> None:
+    import threading
+    body = r"""
+.wait:
+    mov eax, 0x5000
+    call eax
+    cmp byte [RES], 'B'
+    jne .wait
+    in al, 0x99                           ; the board's port handler raises: reads as 0xFF
+    mov [RES + 4], al
+    EXIT 0x29
+"""
+    board = Board(guest(body))
+    # mov al, 'A' / mov [0x500], al / ret
+    board.cpu.ram[0x5000:0x5008] = bytes([0xB0, ord("A"), 0xA2, 0x00, 0x05, 0x00, 0x00, 0xC3])
+    def broken_read(port: int, size: int) -> int:
+        raise RuntimeError("device bug")
+    board._port_read = broken_read  # type: ignore[method-assign]
+    board.cpu._port_read = broken_read
+    board.cpu.start()
+    try:
+        assert board.wait_for(lambda: board.cpu.ram[0x500] == ord("A"))
+        def dma() -> None:
+            board.cpu.ram[0x5001] = ord("B")
+            board.cpu.invalidate_code(0x5000, 8)
+        t = threading.Thread(target=dma)
+        t.start()
+        t.join(5)
+        assert board.exited.wait(5)
+    finally:
+        board.cpu.stop()
+    assert board.exit_code == 0x29
+    assert board.cpu.ram[0x504] == 0xFF
