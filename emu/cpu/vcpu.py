@@ -53,6 +53,7 @@ from emu.cpu.features import (MISC_ENABLE_DEFAULT, MSR_CSTAR, MSR_FMASK, MSR_IA3
 from emu.cpu.interrupts import Delivery, DeliveryResult, Kind
 from emu.cpu.layout import CpuState
 from emu.cpu.mmu import GuestFault, LinearMem, PhysMem
+from emu.cpu import uclib
 from emu.cpu.uclib import unicorn
 from emu.errors import CpuError
 
@@ -936,9 +937,18 @@ class VCPU:
         self._flush_tlb()
 
     def _invalidate_now(self, ranges: list[tuple[int, int]]) -> None:
-        """Unicorn's ctl_remove_cache takes a *linear* address: with paging or A20 masking
-        on, translate nothing and instead switch both off for the duration of the call."""
+        """Drop translations of guest-physical ranges.
+
+        The patched library has an exact physical-range call (uclib.invalidate_code).  The
+        stock ``ctl_remove_cache`` takes a *linear* address: with paging or A20 masking on we
+        switch both off in the CPU state for the duration of the calls (and flush the TLB
+        around them) instead of flushing every translation.
+        """
         uc, st = self._uc, self._st
+        if uclib.PATCHED:
+            for gpa, length in ranges:
+                uclib.invalidate_code(uc, gpa, length)
+            return
         st.load()
         identity = not (st.cr(0) & L.CR0_PG) and st.i32(L.OFF_A20_MASK) == -1
         saved = None
