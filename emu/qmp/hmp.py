@@ -263,8 +263,9 @@ def hmp_qemu_io(machine: Any, args: list[str]) -> str:
         node = machine.block_graph.lookup(name)
         target = node
     if target is None:
-        return f"Error: Device '{name}' not found\n" if dev is None and node is None else \
-            f"Error: Device '{name}' has no medium\n"
+        if dev is not None:
+            return f"Error: Device '{name}' has no medium\n"
+        return f"Error: Cannot find device='' nor node-name='{name}'\n"
     words = _split(cmdline)
     if not words:
         return ""

@@ -23,6 +23,7 @@ Limits are QEMU's: a token may not exceed 64 MiB, a message 2 Mi tokens, nesting
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Iterator
 
 __all__ = ["JsonMessageParser", "to_json", "qdict_order", "decode_mod_utf8", "JsonError"]
@@ -30,6 +31,9 @@ __all__ = ["JsonMessageParser", "to_json", "qdict_order", "decode_mod_utf8", "Js
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1 << 10
+# Legal nesting (1024 levels) recurses about twice per level in the parser and writer.
+if sys.getrecursionlimit() < 20000:
+    sys.setrecursionlimit(20000)
 
 # Lexer states (json-lexer.c numbering is irrelevant; only the table matters).
 IN_RECOVERY = 1

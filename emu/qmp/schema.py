@@ -297,7 +297,9 @@ class SchemaBuilder:
             elem = self._use(t.elem)
             name = f"[{elem}]"
             self._names[key] = name
-            self.types.append({"name": name, "element-type": elem, "meta-type": "array"})
+            if name not in self._builtins:
+                self._builtins.add(name)
+                self.types.append({"name": name, "element-type": elem, "meta-type": "array"})
             return name
         name = str(self._count)
         self._count += 1

@@ -15,7 +15,7 @@ from typing import Any
 from emu.errors import BlockError, EmuError, QmpError
 from emu.qmp.commands import CommandContext, command
 from emu.qmp.errors import DEVICE_NOT_ACTIVE, desc_of
-from emu.qmp.schema import (ANY, BOOL, INT, STR, Alternate, Enum, List, Struct, Union)
+from emu.qmp.schema import (ANY, BOOL, INT, NULL, STR, Alternate, Enum, List, Struct, Union)
 
 # ------------------------------------------------------------------------ types
 
@@ -113,8 +113,6 @@ class _BlockdevRef(Alternate):
 
 BLOCKDEV_REF = _BlockdevRef("BlockdevRef")
 BLOCKDEV_REF_OR_NULL = _BlockdevRef("BlockdevRefOrNull", True)
-BLOCKDEV_REF.choices = (BLOCKDEV_BASE, STR)
-BLOCKDEV_REF_OR_NULL.choices = (BLOCKDEV_BASE, STR)
 _GENERIC_FORMAT = Struct("BlockdevOptionsGenericFormat", [("file", BLOCKDEV_REF)])
 _BRANCHES = {
     "file": Struct("BlockdevOptionsFile", [
@@ -135,6 +133,8 @@ _BRANCHES = {
         ("?take-child-perms", List(STR)), ("?unshare-child-perms", List(STR))]),
 }
 BLOCKDEV_OPTIONS = Union("BlockdevOptions", BLOCKDEV_BASE, "driver", _BRANCHES)
+BLOCKDEV_REF.choices = (BLOCKDEV_OPTIONS, STR)
+BLOCKDEV_REF_OR_NULL.choices = (BLOCKDEV_OPTIONS, STR, NULL)
 
 
 # ----------------------------------------------------------------- lookups
