@@ -120,10 +120,14 @@ def _mode() -> str:
 
 
 def _import_unicorn(mode: str):
-    """Import unicorn with ``LIBUNICORN_PATH`` set for *mode*; return (module, reason)."""
+    """Import unicorn with ``LIBUNICORN_PATH`` set for *mode*.
+
+    :return: (module, reason, the patched library file asked for or None)
+    """
     if "unicorn" in sys.modules:
-        return sys.modules["unicorn"], "unicorn was imported before emu.cpu.uclib"
+        return sys.modules["unicorn"], "unicorn was imported before emu.cpu.uclib", None
     saved = os.environ.get("LIBUNICORN_PATH")
+    wanted = None
     if mode == "stock":
         os.environ.pop("LIBUNICORN_PATH", None)
         reason = "EMU_UNICORN=stock"
@@ -131,6 +135,7 @@ def _import_unicorn(mode: str):
         reason = "LIBUNICORN_PATH set by the user"
     elif patched_build_available():
         os.environ["LIBUNICORN_PATH"] = str(patched_dir())
+        wanted = str(patched_dir() / LIB_NAME)
         reason = "patched build found"
     elif mode == "patched":
         raise CpuError(f"EMU_UNICORN=patched but there is no patched libunicorn in {patched_dir()} "
@@ -145,13 +150,16 @@ def _import_unicorn(mode: str):
             os.environ.pop("LIBUNICORN_PATH", None)
         else:
             os.environ["LIBUNICORN_PATH"] = saved
-    return module, reason
+    return module, reason, wanted
 
 
-def _inspect(reason: str) -> UnicornLibrary:
+def _inspect(reason: str, wanted: str | None) -> UnicornLibrary:
     from unicorn.unicorn_py3 import unicorn as binding
 
     lib = binding.uclib
+    if wanted is not None and str(lib._name) != wanted:
+        # The binding silently falls back to its own copy when a library fails to load.
+        reason = f"the patched build {wanted} failed to load"
     try:
         marker = lib.emu_uc_patches
     except AttributeError:
@@ -163,14 +171,14 @@ def _inspect(reason: str) -> UnicornLibrary:
 
 
 _MODE = _mode()
-unicorn, _reason = _import_unicorn(_MODE)
+unicorn, _reason, _wanted = _import_unicorn(_MODE)
 
 if unicorn.__version__ != UNICORN_VERSION:
     raise CpuError(f"emu needs unicorn=={UNICORN_VERSION}, found {unicorn.__version__}")
 if unicorn.uc_version()[:2] != (2, 1):
     raise CpuError(f"libunicorn {unicorn.uc_version()[:2]} does not match the 2.1 binding")
 
-_LIBRARY = _inspect(_reason)
+_LIBRARY = _inspect(_reason, _wanted)
 
 #: True when the patched (fast guest store) libunicorn is loaded.
 PATCHED: bool = _LIBRARY.patched

@@ -164,3 +164,17 @@ def test_unicorn_build_script_is_idempotent() -> None:
                        env=dict(os.environ, PYTHON=sys.executable))
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("build-unicorn: up to date: ")
+
+
+def test_unicorn_loader_survives_a_broken_build(tmp_path: Path) -> None:
+    """A build-id that matches but a library that cannot load: stock, and the warning says so."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / uclib.LIB_NAME).write_bytes(b"\x7fELF but not really")
+    (broken / "build-id").write_text(f"{uclib.patch_hash()}\n")
+    got, err = report(EMU_UNICORN_DIR=str(broken))
+    assert got["patched"] is False
+    assert got["reason"] == f"the patched build {broken / uclib.LIB_NAME} failed to load"
+    assert err.count("SlowUnicornWarning") == 1 and "failed to load" in err
+    p = run_py("from emu.cpu import uclib", EMU_UNICORN="patched", EMU_UNICORN_DIR=str(broken))
+    assert p.returncode != 0 and "failed to load" in p.stderr
