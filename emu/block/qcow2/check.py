@@ -167,6 +167,8 @@ class FileIO:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read like bdrv_pread: zeros past the end of the file."""
+        if offset >= self.length():
+            return bytes(length)
         self.f.seek(offset)
         data = self.f.read(length)
         return data + bytes(length - len(data))
@@ -264,8 +266,8 @@ class _Checker:
         rb_off = self.reftable[rt_index] & REFT_OFFSET_MASK
         if not rb_off:
             return 0
-        if rb_off & (self.cs - 1):
-            return None
+        if rb_off & (self.cs - 1) or rb_off > (1 << 63) - 1 - self.cs:
+            return None  # QEMU: -EIO ("Can't get refcount for cluster N")
         return self._get_entry(self._refblock(rb_off), cluster & (self.refblock_entries - 1))
 
     def set_refcount(self, cluster: int, value: int) -> bool:
@@ -399,6 +401,13 @@ class _Checker:
                 self.log(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} refcount block {i} is outside image\n")
                 if fix & FIX_ERRORS:
                     # Grow the file so that the refblock is inside it (it then reads as zeros).
+                    # A hostile offset far past the end is not followed: that would make a huge
+                    # file and an in-memory table to match (QEMU fails with ENOMEM/EFBIG there).
+                    flen = self.file_length()
+                    if offset + self.cs > flen + max(flen, 64 << 20):
+                        self.log("ERROR could not resize image: File too large\n")
+                        rebuild = True
+                        continue
                     self.io.truncate(offset + self.cs)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1

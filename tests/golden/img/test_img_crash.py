@@ -29,13 +29,16 @@ RUNS = int(os.environ.get("EMU_CRASH_RUNS", "3"))
 
 def _kill_after(cmd: list[str], delay: float) -> bool:
     """Run ``cmd`` and SIGKILL it after ``delay`` seconds; True when it was killed mid-run."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         p.wait(timeout=delay)
+        err = p.stderr.read().decode(errors="replace")
+        assert p.returncode == 0, f"writer failed (rc={p.returncode}): {err}"
         return False
     except subprocess.TimeoutExpired:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+        p.stderr.close()
         return True
 
 
