@@ -182,6 +182,7 @@ post:
         call    ivt_setup
         call    bda_setup
         call    pic_setup
+        call    lapic_setup
         call    pit_setup
         call    rtc_setup
         call    serial_setup
@@ -294,6 +295,56 @@ pic_setup:
         mov     al, 0xFF
         out     PIC2_DATA, al
         ret
+
+; Local APIC (when the CPU has one): software-enable it and make LINT0 ExtINT, LINT1 NMI, as
+; SeaBIOS does.  At reset LINT0 is masked, and an enabled LAPIC with LINT0 masked keeps the
+; 8259's interrupts from the CPU.  The registers sit at 0xFEE00000, beyond real mode: a short
+; trip to 16-bit protected mode with a flat data segment writes them.
+LAPIC_SVR       equ     0x0F0
+LAPIC_LINT0     equ     0x350
+LAPIC_LINT1     equ     0x360
+LAPIC_SW_ENABLE equ     0x100
+LVT_EXTINT      equ     0x8700          ; ExtINT, level
+LVT_NMI         equ     0x8400          ; NMI, level
+MSR_APIC_BASE   equ     0x1B
+
+lapic_setup:
+        mov     eax, 1
+        cpuid
+        test    edx, 1 << 9             ; CPUID.01h:EDX.APIC
+        jz      .done
+        mov     ecx, MSR_APIC_BASE
+        rdmsr
+        test    eax, 1 << 11            ; globally enabled?
+        jz      .done
+        and     eax, 0xFFFFF000
+        mov     esi, eax
+        push    ds
+        o32 lgdt [cs:lapic_gdt_desc]
+        mov     eax, cr0
+        or      al, 1
+        mov     cr0, eax
+        jmp     0x08:.pm
+.pm:    mov     ax, 0x10
+        mov     ds, ax
+        or      dword [esi + LAPIC_SVR], LAPIC_SW_ENABLE
+        mov     dword [esi + LAPIC_LINT0], LVT_EXTINT
+        mov     dword [esi + LAPIC_LINT1], LVT_NMI
+        mov     eax, cr0
+        and     al, 0xFE
+        mov     cr0, eax
+        jmp     BIOS_SEG:.rm
+.rm:    pop     ds
+.done:  ret
+
+        align   8
+lapic_gdt:                              ; accessed bits preset: the GDT is in ROM
+        dq      0
+        dq      0x00009B0F0000FFFF      ; 0x08: 16-bit code, base 0xF0000, limit 64 KiB
+        dq      0x008F93000000FFFF      ; 0x10: data, base 0, limit 4 GiB
+lapic_gdt_desc:
+        dw      3 * 8 - 1
+        dd      (BIOS_SEG << 4) + lapic_gdt
 
 ; 8254 channel 0: mode 2, divisor 65536 -> IRQ 0 at 18.2 Hz.
 PIT_CH0         equ     0x40

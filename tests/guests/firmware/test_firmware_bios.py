@@ -1,0 +1,266 @@
+"""emu's BIOS (firmware/bios.bin) booting the biostest guest, compared with SeaBIOS.
+
+Every scenario runs on each :data:`PLATFORMS` entry: our BIOS and SeaBIOS on
+qemu-system-x86_64 (the reference hardware emu emulates), and our BIOS on emu as soon as emu's
+machine can boot (skipped with the reason until then).  The guest checks itself and ends with
+PASS/FAIL through isa-debug-exit; these tests also check its figures, the disk image after its
+writes, and that both firmwares describe the same machine (geometry, EDD, PCI resources).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+
+import pytest
+
+from conftest import REPO, requires_nasm, requires_qemu_system
+from firmware_biostest import (BIOS, CHS_WRITE_LBA, OURS_ON_EMU, OURS_ON_QEMU, SEABIOS_ON_QEMU,
+                               WRITE_LBA, Disk, Platform, Report, emu_can_boot, hexfields,
+                               make_disk, pattern, run, written)
+
+pytestmark = [requires_nasm]
+
+PLATFORMS = [
+    pytest.param(OURS_ON_QEMU, marks=requires_qemu_system, id="emu-bios@qemu"),
+    pytest.param(SEABIOS_ON_QEMU, marks=requires_qemu_system, id="seabios@qemu"),
+    pytest.param(OURS_ON_EMU, id="emu-bios@emu"),
+]
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _usable(platform: Platform) -> None:
+    if platform is OURS_ON_EMU:
+        reason = emu_can_boot()
+        if reason:
+            pytest.skip(reason)
+
+
+class Scenario:
+    """One machine configuration, booted once per platform and cached for the module."""
+
+    def __init__(self, name: str, memory: int, disks: list[tuple[str, int, bool, str]]):
+        self.name, self.memory, self.disks_spec = name, memory, disks
+
+    def boot(self, platform: Platform, tmp: "pytest.TempPathFactory") -> tuple[Report, list[Disk]]:
+        d = tmp.mktemp(f"{self.name}-{platform.name.replace('@', '-')}")
+        disks, drives = [], []
+        for fname, size, boot, opts in self.disks_spec:
+            disk = make_disk(d / fname, size, boot, platform.int10_console)
+            disks.append(disk)
+            drives.append(f"file={disk.path},format=raw,{opts}")
+        return run(platform, drives, self.memory), disks
+
+
+BASIC = Scenario("basic", 64, [("hd0.img", 64 * MiB, True, "if=ide,index=0"),
+                               ("vd0.img", 16 * MiB, False, "if=virtio")])
+# The boot disk is past LBA28 (LBA48 commands, LBA-translated geometry), a 1 GiB slave on the
+# same channel, an 8 MiB master on the second channel (no translation).
+MULTI = Scenario("multi", 512, [("big.img", 200 * GiB, True, "if=ide,index=0"),
+                                ("slave.img", 1 * GiB, False, "if=ide,index=1"),
+                                ("sec.img", 8 * MiB, False, "if=ide,index=2")])
+_cache: dict[tuple[str, str], tuple[Report, list[Disk]]] = {}
+
+
+def boot(scenario: Scenario, platform: Platform, tmp) -> tuple[Report, list[Disk]]:
+    _usable(platform)
+    key = (scenario.name, platform.name)
+    if key not in _cache:
+        _cache[key] = scenario.boot(platform, tmp)
+    return _cache[key]
+
+
+def assert_passed(rep: Report) -> None:
+    assert rep.passed, f"status {rep.status}, failures {rep.failures}\n{rep.output[-3000:]}"
+
+
+def assert_writes_landed(disk: Disk) -> None:
+    """The guest's AH=43h/03h writes are in the image; the sectors around them are not touched."""
+    for i in range(3):
+        assert disk.read(WRITE_LBA + i) == written(WRITE_LBA + i), f"LBA {WRITE_LBA + i}"
+    assert disk.read(WRITE_LBA - 1) == pattern(WRITE_LBA - 1)
+    assert disk.read(WRITE_LBA + 3) == pattern(WRITE_LBA + 3)
+    assert disk.read(CHS_WRITE_LBA) == written(CHS_WRITE_LBA | 0x80000000)
+    assert disk.read(CHS_WRITE_LBA - 1) == pattern(CHS_WRITE_LBA - 1)
+    assert disk.read(CHS_WRITE_LBA + 1) == pattern(CHS_WRITE_LBA + 1)
+    if disk.high_lba:
+        target = disk.high_lba + 8
+        assert disk.read(target) == written(target)
+        assert disk.read(target - 1) == pattern(target - 1)
+        assert disk.read(target + 1) == pattern(target + 1)
+
+
+# ---- the guest passes, and its writes are on disk -------------------------------------------
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_firmware_biostest_basic(platform, tmp_path_factory):
+    rep, disks = boot(BASIC, platform, tmp_path_factory)
+    assert_passed(rep)
+    for line in ("CHSREAD ok", "EXTREAD ok", "EXTWRITE ok", "CHSWRITE ok", "ERRORS ok",
+                 "A20 ok", "MISC ok"):
+        assert line in rep.lines
+    assert_writes_landed(disks[0])
+    assert disks[1].read(0, 64) == bytes(64 * 512)      # the virtio disk is never written
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_firmware_biostest_three_disks_lba48(platform, tmp_path_factory):
+    rep, disks = boot(MULTI, platform, tmp_path_factory)
+    assert_passed(rep)
+    assert "LBA48 ok" in rep.lines
+    assert sorted(rep.per_drive()) == ["80", "81", "82"]
+    assert_writes_landed(disks[0])
+    for other in disks[1:]:
+        assert other.read(0, 16) == bytes(16 * 512)
+
+
+# ---- our BIOS describes the machine as SeaBIOS does -------------------------------------------
+
+@requires_qemu_system
+@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+def test_firmware_disk_geometry_matches_seabios(scenario, tmp_path_factory):
+    ours, _ = boot(scenario, OURS_ON_QEMU, tmp_path_factory)
+    sea, _ = boot(scenario, SEABIOS_ON_QEMU, tmp_path_factory)
+    assert_passed(ours)
+    assert_passed(sea)
+    mine, theirs = ours.per_drive(), sea.per_drive()
+    if scenario is BASIC:
+        # SeaBIOS also drives the virtio disk (as 81h); we only drive IDE: compare drive 80h
+        # with AH=08h's drive count (DL) left out.
+        for d in (mine, theirs):
+            d["80"]["GEOM"] = d["80"]["GEOM"][:-2]
+        mine, theirs = mine["80"], theirs["80"]
+    assert mine and mine == theirs
+    assert ours.values("EDD41") == sea.values("EDD41")
+    assert ours.values("ERANGE") == sea.values("ERANGE") == ["AH=01"]
+
+
+@requires_qemu_system
+def test_firmware_geometry_figures(tmp_path_factory):
+    """Exact INT 13h figures for QEMU's default geometries (no partition table on the disks)."""
+    rep, _ = boot(MULTI, OURS_ON_QEMU, tmp_path_factory)
+    d = rep.per_drive()
+    # 200 GiB: IDENTIFY 16383/16/63, CMOS says LBA translation -> 1024/255/63
+    assert hexfields(d["80"]["GEOM"]) == {"AX": 0, "CX": 0xFEFF, "DX": 0xFE03}
+    assert hexfields(d["80"]["EDDP"])["sectors"] == 200 * GiB // 512
+    assert hexfields(d["80"]["EDDP"])["flags"] == 0          # too big for CHS: geometry invalid
+    # 1 GiB: 2080/16/63 physical, LBA translation -> 1024 (clipped)/32/63
+    assert hexfields(d["81"]["GEOM"]) == {"AX": 0, "CX": 0xFEFF, "DX": 0x1F03}
+    assert hexfields(d["81"]["EDDP"]) == {"flags": 2, "cyl": 2080, "heads": 16, "spt": 63,
+                                          "sectors": GiB // 512, "bps": 512}
+    # 8 MiB: 16/16/63, no translation; AH=08h reports the last cylinder minus the reserved one
+    assert hexfields(d["82"]["GEOM"]) == {"AX": 0, "CX": 0x0E3F, "DX": 0x0F03}
+    assert hexfields(d["82"]["TYPE"]) == {"CX": 0, "DX": 15 * 16 * 63}
+
+
+@requires_qemu_system
+def test_firmware_pci_matches_seabios(tmp_path_factory):
+    ours, _ = boot(BASIC, OURS_ON_QEMU, tmp_path_factory)
+    sea, _ = boot(BASIC, SEABIOS_ON_QEMU, tmp_path_factory)
+    op, sp = ours.pci(), sea.pci()
+    assert sorted(op) == sorted(sp) and len(op) >= 5
+    for devfn in op:
+        a, b = op[devfn], sp[devfn]
+        assert (a["ID"], a["BARS"], a["ROM"], a["INT"]) == (b["ID"], b["BARS"], b["ROM"], b["INT"]), devfn
+        # SeaBIOS's drivers turn bus mastering on for the devices they drive; we do for IDE
+        assert int(a["CMD"], 16) & ~4 == int(b["CMD"], 16) & ~4, devfn
+    assert ours.values("PIRQ") == sea.values("PIRQ") == ["0B0B0A0A ELCR 000C"]
+    assert ours.values("IDETIM") == sea.values("IDETIM")
+    assert int(ours.values("IDETIM")[0], 16) == 0x80008000
+    ide = op["09"]
+    assert int(ide["CMD"], 16) & 0x7 == 0x7                    # I/O, memory, bus master
+    bar4 = int(ide["BARS"].split()[4], 16)
+    assert bar4 & 1 and 0xC000 <= bar4 & ~3 < 0x10000          # BMDMA in the PCI I/O window
+    virtio = next(v for v in op.values() if v["ID"].endswith("1AF4"))
+    bars = [int(b, 16) for b in virtio["BARS"].split()]
+    assert bars[0] & 1 and bars[0] & ~3 >= 0xC000               # legacy I/O BAR
+    assert 0x80000000 <= bars[1] < 0xFEC00000                  # MMIO (MSI-X) BAR
+    assert int(virtio["INT"], 16) & 0xFF in (10, 11)
+
+
+# ---- memory map ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+def test_firmware_e820_map(platform, scenario, tmp_path_factory):
+    rep, _ = boot(scenario, platform, tmp_path_factory)
+    ram = scenario.memory * MiB
+    entries = rep.e820()
+    assert entries[0][0] == 0 and entries[0][2] == 1
+    ends = [b + n for b, n, _ in entries]
+    assert all(b >= e for (b, _, _), e in zip(entries[1:], ends))   # sorted, no overlap
+    usable = [(b, n) for b, n, t in entries if t == 1]
+    low = [(b, n) for b, n in usable if b < MiB]
+    assert low == [(0, low[0][1])] and 0x9F000 <= low[0][1] <= 0xA0000
+    high = [(b, n) for b, n in usable if b >= MiB]
+    assert high[0][0] == MiB
+    total = sum(n for _, n in high)
+    assert ram - 2 * MiB <= total + MiB <= ram                  # the firmware may keep a bit
+    reserved = [(b, n) for b, n, t in entries if t == 2]
+    assert any(b <= 0xF0000 and b + n >= 0x100000 for b, n in reserved)   # the BIOS below 1 MiB
+    assert any(b + n == 1 << 32 for b, n in reserved)                     # ... and below 4 GiB
+    if platform is not SEABIOS_ON_QEMU:                                   # ours: exact
+        assert entries == [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+                           (MiB, ram - MiB, 1), (0xFFFF0000, 0x10000, 2)]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+def test_firmware_legacy_memory_sizes(platform, scenario, tmp_path_factory):
+    rep, _ = boot(scenario, platform, tmp_path_factory)
+    ram = scenario.memory * MiB
+    e801 = hexfields(rep.values("E801")[0])
+    assert e801["AX"] == e801["CX"] == 15 * 1024
+    assert e801["BX"] == e801["DX"]
+    assert ram - 2 * MiB <= 16 * MiB + e801["BX"] * 65536 <= ram
+    ext_kb = hexfields(rep.values("MEM88")[0])["AX"]
+    assert min(ram - 2 * MiB, 62 * MiB) <= ext_kb * 1024 <= min(ram - MiB, 63 * MiB)
+    if platform is not SEABIOS_ON_QEMU:             # ours: exact (SeaBIOS keeps some RAM)
+        assert ext_kb == min(ram - MiB, 63 * MiB) // 1024
+        assert e801["BX"] == (ram - 16 * MiB) // 65536
+    assert hexfields(rep.values("INT12")[0])["AX"] in range(600, 641)
+
+
+# ---- clock ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_firmware_rtc_time_and_date(platform, tmp_path_factory):
+    rep, _ = boot(BASIC, platform, tmp_path_factory)
+    now = dt.datetime.now(dt.timezone.utc)
+    (time_s,), (date_s,) = rep.values("TIME"), rep.values("DATE")
+    guest_date = dt.date(int(date_s[0:4]), int(date_s[5:7]), int(date_s[8:10]))
+    assert abs((guest_date - now.date()).days) <= 1
+    h, m, s = (int(x) for x in time_s.split(":"))
+    guest_secs = h * 3600 + m * 60 + s
+    host_secs = now.hour * 3600 + now.minute * 60 + now.second
+    diff = abs(guest_secs - host_secs) % 86400
+    assert min(diff, 86400 - diff) <= 120
+
+
+# ---- no bootable disk -----------------------------------------------------------------------------
+
+@requires_qemu_system
+def test_firmware_halts_without_bootable_disk(tmp_path):
+    blank = make_disk(tmp_path / "blank.img", 4 * MiB, boot=False)
+    OURS_ON_QEMU_SHORT = Platform(OURS_ON_QEMU.name, OURS_ON_QEMU.argv, BIOS, timeout=15)
+    rep = run(OURS_ON_QEMU_SHORT, [f"file={blank.path},format=raw,if=ide"],
+              until="No bootable disk: halting.")
+    assert "Disk 80h: no boot signature" in rep.output
+    assert "No bootable disk: halting." in rep.output
+    assert rep.alive_after_message                             # halted, not reset or exited
+    rep = run(OURS_ON_QEMU_SHORT, [], until="No bootable disk: halting.")
+    assert "No hard disks found" in rep.output
+    assert "No bootable disk: halting." in rep.output
+
+
+# ---- the binary ------------------------------------------------------------------------------------
+
+def test_firmware_binary_is_built_from_source():
+    out = subprocess.run([str(REPO / "scripts" / "build-firmware"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    image = BIOS.read_bytes()
+    assert len(image) == 64 * 1024
+    # F000:FFF0: JMP F000:post
+    assert image[0xFFF0] == 0xEA and image[0xFFF3:0xFFF5] == b"\x00\xF0"
