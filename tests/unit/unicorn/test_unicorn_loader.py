@@ -113,13 +113,14 @@ def test_unicorn_loader_user_libunicorn_path_wins() -> None:
 
 @pytest.mark.parametrize("other", ["stock", "patched"])
 def test_unicorn_loader_smc_and_dma_on_each_library(other: str) -> None:
-    """Run the SMC and DMA tests under each library in this one pytest run."""
+    """Run the SMC (fixed and random) and DMA tests under each library in this one pytest run."""
     if other == "patched" and not uclib.patched_build_available():
         pytest.skip("patched libunicorn not built (scripts/build-unicorn)")
     here = Path(__file__).parent
     env = dict(os.environ, EMU_UNICORN=other)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(here / "test_unicorn_smc.py"), str(here / "test_unicorn_dma.py")],
+                        str(here / "test_unicorn_smc.py"), str(here / "test_unicorn_smc_random.py"),
+                        str(here / "test_unicorn_dma.py")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert " passed" in p.stdout and "failed" not in p.stdout
