@@ -20,8 +20,8 @@ isa-debug-exit         (if configured)
 
 plus i440FX at 00:00.0 and PIIX3 at 00:01.0 on PCI bus 0.  The machine facade
 hands the vCPU ``board.iobus.port_read`` / ``port_write`` and ``board.pic`` (the
-interrupt controller), maps ``board.mmiobus`` ranges, and adds disk controllers
-with ``board.pci.add(function, slot, fn)``.
+interrupt controller), calls ``board.connect_cpu(vcpu.kick)``, maps
+``board.mmiobus`` ranges, and adds disk controllers with ``board.pci.add(function, slot, fn)``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class PcBoard:
     """All platform devices, wired as on QEMU's ``pc`` (i440FX + PIIX3) machine.
 
     :param clock: the VM's virtual clock (its timer thread drives the PIT, RTC and UART timeouts).
-    :param notify: called when the PIC's INTR output rises (pass ``vcpu.kick``).
+    :param notify: called when the PIC's INTR output rises; usually set later with
+        :meth:`connect_cpu`, because the vCPU is built from this board's buses.
     :param on_reset: guest-requested system reset (0x64/0xFE, 0x92, 0xCF9).
     :param on_a20: guest A20 gate changes (i8042 output port, port 0x92).
     :param on_exit: isa-debug-exit status; required when ``debug_exit`` is given.
@@ -96,6 +97,12 @@ class PcBoard:
                 raise ValueError("isa-debug-exit needs an on_exit callback")
             self.debug_exit = DebugExit(on_exit, *debug_exit)
             self.debug_exit.register(bus)
+
+    def connect_cpu(self, kick: Callable[[], None]) -> None:
+        """Wire the PIC's INTR output to the vCPU (``vcpu.kick``) once the vCPU exists."""
+        self.pic.notify = kick
+        if self.pic.has_interrupt():
+            kick()
 
     def reset(self) -> None:
         """System reset of every device (RTC time and CMOS RAM survive, as on a PC)."""

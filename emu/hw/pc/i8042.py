@@ -47,6 +47,7 @@ KBD_MODE_KCC = 0x40
 # Output port
 KBD_OUT_RESET = 0x01  # 0 = assert CPU reset
 KBD_OUT_A20 = 0x02
+KBD_OUT_ONES = 0xCC  # unused lines, pulled high
 KBD_OUT_OBF = 0x10
 KBD_OUT_MOUSE_OBF = 0x20
 
@@ -112,11 +113,11 @@ class I8042:
         bus.register_ports(PORT_92, 1, self.port92, "port92")
 
     def reset(self) -> None:
-        """Power-on state (A20 on, as QEMU's pc)."""
+        """Power-on state (A20 on; the output port reads 0xCF and port 0x92 reads 0, as on QEMU)."""
         with self._lock:
             self.mode = KBD_MODE_KBD_INT | KBD_MODE_MOUSE_INT
             self.status = KBD_STAT_CMD | KBD_STAT_UNLOCKED
-            self.outport = KBD_OUT_RESET | KBD_OUT_A20
+            self.outport = KBD_OUT_RESET | KBD_OUT_A20 | KBD_OUT_ONES  # reads 0xCF, as QEMU
             self.pending_cmd = 0  # controller command awaiting its data byte
             self.kbd_pending = 0  # keyboard command awaiting its argument
             self.mouse_pending = 0
@@ -130,7 +131,7 @@ class I8042:
             self.mouse_wrap = False
             self._irq_levels = (False, False)
             self._update()
-        self.port92.value = KBD_OUT_A20
+        self.port92.value = 0
 
     # ---- output buffer --------------------------------------------------------------------------
 
@@ -222,10 +223,9 @@ class I8042:
 
     def _set_outport(self, val: int) -> bool:
         """Apply an output port value; True if it asserts reset (lock held)."""
-        old = self.outport
         self.outport = val
-        if (old ^ val) & KBD_OUT_A20 and self.on_a20 is not None:
-            self.on_a20(bool(val & KBD_OUT_A20))
+        if self.on_a20 is not None:
+            self.on_a20(bool(val & KBD_OUT_A20))  # every output port write drives A20, as QEMU
         return not val & KBD_OUT_RESET
 
     def write_data(self, val: int) -> None:
@@ -353,18 +353,17 @@ class Port92:
 
     def __init__(self, kbc: I8042) -> None:
         self.kbc = kbc
-        self.value = KBD_OUT_A20
+        self.value = 0  # QEMU reads 0 here after reset although A20 starts enabled
 
     def io_read(self, offset: int, size: int) -> int:
         return self.value
 
     def io_write(self, offset: int, size: int, value: int) -> None:
         old = self.value
-        self.value = value & 0x03  # other bits are unimplemented and read as 0 (as QEMU)
-        if (old ^ value) & 0x02 and self.kbc.on_a20 is not None:
-            self.kbc.on_a20(bool(value & 0x02))
+        self.value = value & 0xFF  # read back as written (QEMU)
+        if self.kbc.on_a20 is not None:
+            self.kbc.on_a20(bool(value & 0x02))  # every write drives the A20 line
         if value & 0x01 and not old & 0x01 and self.kbc.on_reset is not None:
-            self.value &= ~0x01
             self.kbc.on_reset()
 
 

@@ -5,17 +5,24 @@ was loaded and derives the current count and OUT level from the virtual clock
 (:mod:`emu.hw.clock`), so reading a counter costs O(1) and time stands still while
 the VM is paused.  PIT ticks run at 1 193 182 Hz.
 
+Guest-visible details follow QEMU 7.2 where it departs from the datasheet, because
+test guests compare verdicts with QEMU (checked by tests/unit/hw/test_hw_qemu_compare.py):
+OUT levels per mode (see :meth:`PitChannel.out_at`), the null-count status bit
+(always 0), a control word that does not restart the count, the gate only
+retriggering modes 1/2/3/5, access mode 0 after reset, reading 0x43 as 0, and
+port 0x61's refresh bit flipping on every read.  BCD counting is implemented
+(QEMU ignores the BCD bit).
+
 * Channel 0: OUT drives IRQ 0.  A :class:`~emu.hw.clock.Timer` fires at each
-  rising edge of OUT (mode 0/1 terminal count, every period in modes 2/3, the
-  strobe in modes 4/5) and pulses or raises the line.  When the timer thread is
-  late (host load) the missed edges merge into one, as the 8259's IRR would.
+  transition of OUT; the one-tick pulses of modes 2, 4 and 5 are delivered as a
+  raise + lower at once (one timer event per period).  When the timer thread is
+  late (host load) the missed periods merge into one, as the 8259's IRR would.
 * Channel 1: a plain counter (DRAM refresh on the PC, unused by software).
 * Channel 2: gate and OUT on port 0x61 (bits 0 and 5) — Linux calibrates the TSC
   by polling OUT2 in mode 0, BIOSes time delays with it.  Bit 1 is the speaker
-  data enable (no sound), bit 4 the refresh toggle that flips every 15.085 µs.
+  data enable (no sound).
 
-Modes 0-5 (6 and 7 alias 2 and 3), binary and BCD counting, LSB/MSB/word access,
-counter latch, and the read-back command (count and status latches) follow the
+Latch and read-back (count and status latches) and LSB/MSB/word access follow the
 Intel 82C54 datasheet.
 """
 
@@ -47,7 +54,6 @@ P61_GATE2 = 0x01
 P61_SPEAKER = 0x02
 P61_REFRESH = 0x10
 P61_OUT2 = 0x20
-REFRESH_PERIOD_NS = 15085
 
 
 def _bcd_to_bin(v: int) -> int:
@@ -65,16 +71,16 @@ class PitChannel:
     def __init__(self, pit: "Pit", index: int) -> None:
         self.pit = pit
         self.index = index
-        self.gate = index != 2  # channels 0 and 1 are hard-wired to 1; channel 2 follows 0x61
         self.reset()
 
     def reset(self) -> None:
-        """Power-on state: mode 3 binary, word access, counting from 65536 (as QEMU)."""
+        """Power-on state as QEMU's: mode 3, access mode 0 (reads/writes act as LSB), count 65536."""
+        self.gate = self.index != 2  # channels 0 and 1 are hard-wired to 1; channel 2 follows 0x61
         self.mode = 3
         self.bcd = False
-        self.rw_mode = RW_WORD
-        self.read_state = RW_WORD
-        self.write_state = RW_WORD
+        self.rw_mode = 0
+        self.read_state = 0
+        self.write_state = 0
         self.write_latch = 0
         self.count = 0x10000
         self.load_time = self.pit.clock.now()
@@ -82,17 +88,11 @@ class PitChannel:
         self.count_latched = 0  # RW_* state of a pending count latch, 0 = none
         self.status = 0
         self.status_latched = False
-        self.null_count = False
-        self.loaded = True  # False between a control word and its count
-        self.frozen_at: int | None = None  # gate low in modes 0/4: ticks elapsed when it fell
-        self.awaiting_trigger = False  # modes 1/5 on a gated channel: loaded, no gate edge yet
 
     # ---- time ---------------------------------------------------------------------------------
 
     def elapsed(self, now: int) -> int:
         """PIT ticks since the count was loaded."""
-        if self.frozen_at is not None:
-            return self.frozen_at
         return (now - self.load_time) * PIT_FREQ // NS_PER_SEC
 
     def tick_time(self, ticks: int) -> int:
@@ -100,78 +100,73 @@ class PitChannel:
         return self.load_time + -(-ticks * NS_PER_SEC // PIT_FREQ)
 
     def get_count(self, now: int) -> int:
-        """The counting element's value now (binary, 0..count-1 or wrapped)."""
+        """The counting element's value now (binary)."""
         d = self.elapsed(now)
         count = self.count
         mode = self.mode
-        if not self.loaded or self.awaiting_trigger:
-            return count & 0xFFFF
         if mode in (0, 1, 4, 5):
-            wrap = 10000 if self.bcd else 0x10000
-            return (count - d) % wrap
-        if mode == 2:
-            return count - (d % count)
-        # mode 3 counts down by two, twice per period
-        return (count - ((2 * d) % count)) & 0xFFFF
+            return (count - d) % (10000 if self.bcd else 0x10000)
+        if mode == 3:
+            return count - ((2 * d) % count)  # counts down by two, twice per period
+        return count - (d % count)
 
-    def get_out(self, now: int) -> bool:
-        """The OUT pin now."""
-        mode = self.mode
-        if not self.loaded or self.awaiting_trigger:
-            return mode != 0  # mode 0 drives OUT low from the control word on; others high
-        d = self.elapsed(now)
+    def out_at(self, d: int) -> bool:
+        """OUT after ``d`` ticks, as QEMU's i8254 models it (guest-visible through the read-back
+        status and port 0x61 bit 5, so it follows QEMU rather than the datasheet): mode 0 rises at
+        terminal count; mode 1 is high until terminal count; modes 2, 4 and 5 are high for the one
+        tick at each reload / terminal count; mode 3 is high for the first half of each period.
+        """
         count = self.count
+        mode = self.mode
         if mode == 0:
             return d >= count
         if mode == 1:
-            return d >= count
+            return d < count
         if mode == 2:
-            if not self.gate:
-                return True
-            return d % count != count - 1  # low for the last tick of each period
+            return d % count == 0 and d != 0
         if mode == 3:
-            if not self.gate:
-                return True
             return d % count < (count + 1) >> 1
-        # modes 4 and 5: one-tick low strobe at terminal count
-        return d != count
+        return d == count  # modes 4 and 5
 
-    def next_edge(self, now: int) -> int | None:
-        """Tick count (since load) of the next rising edge of OUT strictly after ``now``, or None."""
-        if not self.loaded or self.awaiting_trigger or self.frozen_at is not None or not self.gate and self.mode in (2, 3):
-            return None
-        d = self.elapsed(now)
+    def get_out(self, now: int) -> bool:
+        """The OUT pin now."""
+        return self.out_at(self.elapsed(now))
+
+    def next_transition(self, d: int) -> int | None:
+        """Tick count (since load) of the next change of OUT after ``d`` ticks, or None."""
         count = self.count
         mode = self.mode
         if mode in (0, 1):
             return count if d < count else None
-        if mode in (4, 5):
-            return count + 1 if d < count + 1 else None
-        return (d // count + 1) * count  # modes 2 and 3: a new period starts
+        if mode == 2:
+            base = d - d % count
+            return base + 1 if d == base and d != 0 else base + count
+        if mode == 3:
+            base = d - d % count
+            half = (count + 1) >> 1
+            return base + half if d - base < half else base + count
+        if d < count:  # modes 4 and 5
+            return count
+        return count + 1 if d == count else None
 
     # ---- programming ----------------------------------------------------------------------------
 
     def load_count(self, value: int) -> None:
-        """A full count was written: (re)start counting."""
+        """A full count was written: (re)start counting from it."""
         if self.bcd:
             value = _bcd_to_bin(value)
             if value == 0:
                 value = 10000
         elif value == 0:
             value = 0x10000
-        if self.mode in (2, 3) and value == 1:
-            value = 2  # count 1 is illegal in modes 2/3 (82C54); avoid a zero-width period
         self.count = value
         self.load_time = self.pit.clock.now()
-        self.loaded = True
-        self.null_count = False
-        self.frozen_at = None if self.gate or self.mode not in (0, 4) else 0
-        # Channel 2's gate is software-driven: modes 1 and 5 start only on its rising edge.
-        # Channels 0/1 have the gate tied high and start at once, as QEMU does.
-        self.awaiting_trigger = self.index == 2 and self.mode in (1, 5)
 
     def control(self, val: int) -> None:
-        """A control word for this channel (not the read-back command)."""
+        """A control word for this channel (not the read-back command).
+
+        As on QEMU, the new mode applies to the count already running until a new count is written.
+        """
         access = (val >> 4) & 3
         if access == RW_LATCH:
             self.latch_count()
@@ -182,11 +177,6 @@ class PitChannel:
         mode = (val >> 1) & 7
         self.mode = mode & 3 if mode >= 6 else mode
         self.bcd = bool(val & 1)
-        self.null_count = True
-        self.loaded = False
-        self.frozen_at = None
-        self.awaiting_trigger = False
-        self.count_latched = 0
 
     def latch_count(self) -> None:
         """Counter latch command (ignored while a previous latch is unread)."""
@@ -196,29 +186,16 @@ class PitChannel:
             self.count_latched = self.rw_mode
 
     def latch_status(self) -> None:
-        """Read-back status latch: OUT, null count, access mode, mode, BCD."""
+        """Read-back status latch: OUT, access mode, mode, BCD (null count reads 0, as QEMU)."""
         if not self.status_latched:
             out = self.get_out(self.pit.clock.now())
-            self.status = (
-                (0x80 if out else 0) | (0x40 if self.null_count else 0) | (self.rw_mode << 4) | (self.mode << 1) | self.bcd
-            )
+            self.status = (0x80 if out else 0) | (self.rw_mode << 4) | (self.mode << 1) | self.bcd
             self.status_latched = True
 
     def set_gate(self, level: bool) -> None:
-        """Gate input (channel 2 only on a PC)."""
-        now = self.pit.clock.now()
-        if level == self.gate:
-            return
-        mode = self.mode
-        if level:
-            if mode in (1, 2, 3, 5):
-                self.load_time = now  # a rising gate (re)triggers: counting restarts from the count
-                self.awaiting_trigger = False
-            elif self.frozen_at is not None:
-                self.load_time = now - self.frozen_at * NS_PER_SEC // PIT_FREQ
-                self.frozen_at = None
-        elif mode in (0, 4) and self.loaded:
-            self.frozen_at = self.elapsed(now)  # gate low suspends counting
+        """Gate input (channel 2 only on a PC): a rising edge (re)starts modes 1, 2, 3 and 5."""
+        if level and not self.gate and self.mode in (1, 2, 3, 5):
+            self.load_time = self.pit.clock.now()
         self.gate = level
 
     def read(self) -> int:
@@ -243,22 +220,19 @@ class PitChannel:
         if self.bcd:
             c = _bin_to_bcd(c)
         state = self.read_state
-        if state == RW_LSB:
-            return c & 0xFF
         if state == RW_MSB:
             return (c >> 8) & 0xFF
         if state == RW_WORD:
             self.read_state = RW_WORD_MSB_NEXT
             return c & 0xFF
-        self.read_state = RW_WORD
-        return (c >> 8) & 0xFF
+        if state == RW_WORD_MSB_NEXT:
+            self.read_state = RW_WORD
+            return (c >> 8) & 0xFF
+        return c & 0xFF  # LSB, and access mode 0 after reset
 
     def write(self, val: int) -> bool:
         """A data byte; True when a new count was loaded."""
         state = self.write_state
-        if state == RW_LSB:
-            self.load_count(val)
-            return True
         if state == RW_MSB:
             self.load_count(val << 8)
             return True
@@ -266,8 +240,11 @@ class PitChannel:
             self.write_latch = val
             self.write_state = RW_WORD_MSB_NEXT
             return False
-        self.write_state = RW_WORD
-        self.load_count(self.write_latch | (val << 8))
+        if state == RW_WORD_MSB_NEXT:
+            self.write_state = RW_WORD
+            self.load_count(self.write_latch | (val << 8))
+            return True
+        self.load_count(val)  # LSB, and access mode 0 after reset
         return True
 
 
@@ -288,6 +265,9 @@ class Pit:
         self.channels = [PitChannel(self, i) for i in range(3)]
         self.port61 = 0  # bits 0-3 as written (gate2, speaker, parity/IOCHK enables)
         self._timer = clock.timer(self._on_timer)
+        self._deadline_ticks: int | None = None
+        self._irq_level = False
+        self._refresh = 0
         self.port61_io = _Port61(self)
         self.reset()
 
@@ -297,22 +277,22 @@ class Pit:
         bus.register_ports(PORT_61, 1, self.port61_io, "port61")
 
     def reset(self) -> None:
-        """System reset."""
+        """System reset: every channel back to mode 3 / 65536, so IRQ 0 ticks at 18.2 Hz (as QEMU)."""
         with self._lock:
             for ch in self.channels:
                 ch.reset()
-            self.channels[2].gate = False
             self.port61 = 0
+            self._refresh = 0
+            self._irq_level = False
             if self.irq0 is not None:
                 self.irq0.lower()
-            # As QEMU: channel 0 runs in mode 3 from 65536 after reset, i.e. IRQ 0 at 18.2 Hz.
-            self._arm(self.clock.now())
+            self._irq_update(self.clock.now())
 
     # ---- guest ports ----------------------------------------------------------------------------
 
     def io_read(self, offset: int, size: int) -> int:
         if offset == 3:
-            return 0xFF  # the control register is write-only
+            return 0  # the control register is write-only; QEMU reads it as 0
         with self._lock:
             return self.channels[offset].read()
 
@@ -331,49 +311,61 @@ class Pit:
                                 ch.latch_status()
                     return
                 self.channels[sel].control(value)
-                if sel == 0 and value & 0x30:
-                    self._program_irq0()
                 return
             if self.channels[offset].write(value) and offset == 0:
-                self._program_irq0()
+                self._irq_update(self.clock.now())
 
     # ---- channel 0 -> IRQ 0 ---------------------------------------------------------------------
 
-    def _program_irq0(self) -> None:
-        """New mode or count on channel 0: set OUT's level and arm the next edge (lock held)."""
-        ch = self.channels[0]
-        if self.irq0 is not None and ch.mode in (0, 1) and not ch.get_out(self.clock.now()):
-            self.irq0.lower()  # OUT goes low until terminal count; the PIC sees the next rise
-        self._arm(self.clock.now())
+    def _set_irq0(self, level: bool) -> None:
+        if level != self._irq_level:
+            self._irq_level = level
+            if self.irq0 is not None:
+                self.irq0.set(level)
 
-    def _arm(self, now: int) -> None:
+    def _irq_update(self, now: int) -> None:
+        """Drive IRQ 0 from OUT0 at ``now`` and arm the next transition (lock held)."""
         ch = self.channels[0]
-        edge = ch.next_edge(now)
-        if edge is None:
+        d = ch.elapsed(now)
+        self._set_irq0(ch.out_at(d))
+        self._arm(d)
+
+    def _arm(self, d: int) -> None:
+        ch = self.channels[0]
+        nxt = ch.next_transition(d)
+        if nxt is None:
             self._timer.cancel()
+            self._deadline_ticks = None
         else:
-            self._timer.mod(ch.tick_time(edge))
+            self._deadline_ticks = nxt
+            self._timer.mod(ch.tick_time(nxt))
 
     def _on_timer(self) -> None:
         with self._lock:
             ch = self.channels[0]
-            now = self.clock.now()
-            if ch.loaded and self.irq0 is not None:
-                if ch.mode in (0, 1):
-                    self.irq0.raise_()  # OUT stays high after terminal count
-                else:
-                    self.irq0.pulse()
-            self._arm(now)
+            d = self._deadline_ticks
+            if d is None:
+                return
+            # Evaluate OUT at the scheduled tick, not at "now": a late timer thread must not
+            # miss a one-tick pulse.  Missed periods beyond this one merge, as in the 8259's IRR.
+            level = ch.out_at(d)
+            if level and ch.mode in (2, 4, 5):
+                self._set_irq0(True)  # one tick high: deliver the edge, skip the falling event
+                self._set_irq0(False)
+                d += 1
+            else:
+                self._set_irq0(level)
+            self._arm(max(d, ch.elapsed(self.clock.now())))
 
     # ---- port 0x61 ------------------------------------------------------------------------------
 
     def read_61(self) -> int:
         with self._lock:
-            now = self.clock.now()
-            val = self.port61 & 0x0F
-            if (now // REFRESH_PERIOD_NS) & 1:
-                val |= P61_REFRESH
-            if self.channels[2].get_out(now):
+            # The refresh bit flips on every read (QEMU's pcspk), so BIOS delay loops that wait
+            # for it to toggle never stall; only the gate and speaker bits read back.
+            self._refresh ^= P61_REFRESH
+            val = (self.port61 & (P61_GATE2 | P61_SPEAKER)) | self._refresh
+            if self.channels[2].get_out(self.clock.now()):
                 val |= P61_OUT2
             return val
 

@@ -8,8 +8,8 @@ with the century in CMOS 0x32 as SeaBIOS and Linux expect.
 
 Interrupts on IRQ 8 (Motorola MC146818A datasheet):
 
-* periodic (PF / PIE) at the rate in register A (32768 >> (rate - 1) Hz); its timer
-  only runs while PIE is set, otherwise PF is computed when register C is read;
+* periodic (PF / PIE) at the rate in register A (32768 >> (rate - 1) Hz); as on QEMU
+  its timer (and so PF) only runs while PIE is set;
 * update-ended (UF / UIE) once per second, and alarm (AF / AIE) when hours,
   minutes and seconds match the alarm registers (values 0xC0-0xFF are "don't care");
 * register C read returns and clears the flags and lowers IRQ 8.
@@ -52,7 +52,8 @@ RTC_REG_A = 0x0A
 RTC_REG_B = 0x0B
 RTC_REG_C = 0x0C
 RTC_REG_D = 0x0D
-RTC_CENTURY = 0x32  # IBM PS/2 century byte (ACPI FADT "century" points here on QEMU)
+RTC_CENTURY = 0x32  # IBM century byte (ACPI FADT "century" points here on QEMU)
+RTC_PS2_CENTURY = 0x37  # IBM PS/2 century byte; QEMU keeps it equal to 0x32
 
 REG_A_UIP = 0x80
 REG_A_DV_MASK = 0x70
@@ -140,7 +141,6 @@ class Rtc:
         self.cmos[RTC_REG_A] = 0x26  # 32.768 kHz divider, 1024 Hz rate (the chip's usual setting)
         self.cmos[RTC_REG_B] = REG_B_24H
         self.cmos[RTC_REG_D] = REG_D_VRT
-        self._last_c_ticks = self._ticks(clock.now())
         self._frozen_ns: int | None = None
         self._arm_second()
 
@@ -204,7 +204,7 @@ class Rtc:
         c[RTC_DAY_OF_MONTH] = self._enc(tm.tm_mday)
         c[RTC_MONTH] = self._enc(tm.tm_mon)
         c[RTC_YEAR] = self._enc(tm.tm_year % 100)
-        c[RTC_CENTURY] = self._enc(tm.tm_year // 100)
+        c[RTC_CENTURY] = c[RTC_PS2_CENTURY] = self._enc(tm.tm_year // 100)
 
     def _load_time(self) -> None:
         """Restart the clock from registers 0-9 (after SET is cleared or a time register is written)."""
@@ -256,7 +256,6 @@ class Rtc:
 
     def _on_periodic(self) -> None:
         with self._lock:
-            self._last_c_ticks = self._ticks(self.clock.now())
             self._raise_flags(REG_C_PF)
             self._arm_periodic()
 
@@ -313,19 +312,14 @@ class Rtc:
     def read_cmos(self, index: int) -> int:
         """Guest read of CMOS/RTC register ``index`` (0-127)."""
         c = self.cmos
-        if index <= RTC_YEAR or index == RTC_CENTURY:
+        if index <= RTC_YEAR or index == RTC_CENTURY or index == RTC_PS2_CENTURY:
             if self._running():
                 self._store_time()
             return c[index]
         if index == RTC_REG_A:
             return c[RTC_REG_A] | (REG_A_UIP if self._uip() else 0)
         if index == RTC_REG_C:
-            # PF without PIE is not timed; derive it from the periods elapsed since the last read.
-            period = self._period_ticks()
-            now_ticks = self._ticks(self.clock.now())
-            if period and now_ticks // period > self._last_c_ticks // period:
-                c[RTC_REG_C] |= REG_C_PF
-            self._last_c_ticks = now_ticks
+            # PF only runs while PIE is set, as on QEMU (whose periodic timer needs PIE).
             val = c[RTC_REG_C]
             c[RTC_REG_C] = 0
             if val & REG_C_IRQF and self.irq is not None:

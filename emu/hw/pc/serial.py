@@ -163,7 +163,7 @@ class Serial16550:
             self.divisor = 12
             self.ier = 0
             self.lcr = 0
-            self.mcr = 0
+            self.mcr = UART_MCR_OUT2  # QEMU's reset value
             self.lsr = UART_LSR_THRE | UART_LSR_TEMT
             self.msr = UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS
             self.scr = 0
@@ -306,7 +306,7 @@ class Serial16550:
     # ---- modem lines ----------------------------------------------------------------------------
 
     def _loop_msr(self) -> int:
-        """MSR status bits driven by MCR in loopback: RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD."""
+        """MSR in loopback: RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD, no delta bits (as QEMU)."""
         mcr = self.mcr
         return (
             (UART_MSR_CTS if mcr & UART_MCR_RTS else 0)
@@ -314,20 +314,6 @@ class Serial16550:
             | (UART_MSR_RI if mcr & UART_MCR_OUT1 else 0)
             | (UART_MSR_DCD if mcr & UART_MCR_OUT2 else 0)
         )
-
-    def _set_msr_status(self, status: int) -> None:
-        old = self.msr
-        deltas = old & UART_MSR_DELTAS
-        changed = (old ^ status) & 0xF0
-        if changed & UART_MSR_CTS:
-            deltas |= UART_MSR_DCTS
-        if changed & UART_MSR_DSR:
-            deltas |= UART_MSR_DDSR
-        if changed & UART_MSR_DCD:
-            deltas |= UART_MSR_DDCD
-        if old & UART_MSR_RI and not status & UART_MSR_RI:
-            deltas |= UART_MSR_TERI  # trailing edge of ring indicator
-        self.msr = status | deltas
 
     # ---- guest ports ----------------------------------------------------------------------------
 
@@ -356,6 +342,8 @@ class Serial16550:
                 val = self.lsr
                 self.lsr &= ~UART_LSR_ERRORS  # reading LSR clears the error bits
             elif offset == UART_MSR:
+                if self.mcr & UART_MCR_LOOP:
+                    return self._loop_msr()
                 val = self.msr
                 self.msr &= ~UART_MSR_DELTAS
             else:
@@ -387,11 +375,8 @@ class Serial16550:
             elif offset == UART_MCR:
                 was_loop = self.mcr & UART_MCR_LOOP
                 self.mcr = value & 0x1F
-                if self.mcr & UART_MCR_LOOP:
-                    self._set_msr_status(self._loop_msr())
-                elif was_loop:
-                    self._set_msr_status(UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS)
-                    self._fill_fifo()
+                if was_loop and not self.mcr & UART_MCR_LOOP:
+                    self._fill_fifo()  # the line is connected again: queued host input flows
             elif offset == UART_SCR:
                 self.scr = value
             else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from emu.hw.irq import IrqSink
-from emu.hw.pci.device import PciFunction
+from emu.hw.pci.device import PCI_STATUS, PciFunction
 
 PCI_VENDOR_ID_INTEL = 0x8086
 PCI_DEVICE_ID_INTEL_82441 = 0x1237
@@ -45,7 +45,7 @@ _PIIX3_DEFAULTS = {
     0x4E: 0x03,  # XBCS
     0x60: 0x80, 0x61: 0x80, 0x62: 0x80, 0x63: 0x80,  # PIRQRC[A:D]
     0x69: 0x02,  # TOM
-    0x70: 0x80, 0x71: 0x80,  # MBIRQ0/1
+    0x70: 0x80,  # MBIRQ0 (QEMU leaves MBIRQ1 at 0)
     0x76: 0x0C, 0x77: 0x0C,  # MBDMA0/1
     0x78: 0x02,  # PCSC
     0xA0: 0x08,  # SMICNTL
@@ -62,6 +62,7 @@ class I440FX(PciFunction):
 
     def __init__(self, on_pam_change: Callable[[bytes], None] | None = None) -> None:
         super().__init__(PCI_VENDOR_ID_INTEL, PCI_DEVICE_ID_INTEL_82441, PCI_CLASS_BRIDGE_HOST, revision=0x02, name="i440fx")
+        self.config[I440FX_SMRAM] = 0x02  # SMRAM: C_BASE_SEG = 010 (A0000h), as QEMU resets it
         self.on_pam_change = on_pam_change
 
     def config_written(self, offset: int, size: int, value: int) -> None:
@@ -86,6 +87,7 @@ class PIIX3(PciFunction):
         self.rcr = 0
         for off, val in _PIIX3_DEFAULTS.items():
             self.config[off] = val
+        self.config[PCI_STATUS + 1] = 0x02  # DEVSEL timing: medium
         # Which (devfn, pin) sources assert each PIRQ, and the level last driven on each ISA IRQ.
         self._pirq_sources: list[set[tuple[int, int]]] = [set() for _ in range(PIIX_NUM_PIRQS)]
         self._driven = [False] * 16

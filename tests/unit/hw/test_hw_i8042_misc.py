@@ -45,23 +45,26 @@ def test_reset_via_0xfe_and_via_output_port():
     assert events == ["reset"]
     bus.port_write(0x64, 1, 0xD1)
     bus.port_write(0x60, 1, 0x02)  # reset line low, A20 on
-    assert events == ["reset", "reset"]
+    assert events == ["reset", ("a20", True), "reset"]
 
 
 def test_a20_via_output_port_and_port92():
     bus, kbc, pic, events = make()
     bus.port_write(0x64, 1, 0xD0)
-    assert drain(bus) == [0x03]
+    assert drain(bus) == [0xCF]  # QEMU's output port after reset
     bus.port_write(0x64, 1, 0xD1)
-    bus.port_write(0x60, 1, 0x01)  # A20 off
+    bus.port_write(0x60, 1, 0xCD)  # A20 off
     bus.port_write(0x64, 1, 0xDF)  # A20 on
     assert events == [("a20", False), ("a20", True)]
+    bus.port_write(0x64, 1, 0xD0)
+    assert drain(bus) == [0xCF]
     events.clear()
-    assert bus.port_read(0x92, 1) == 0x02
+    assert bus.port_read(0x92, 1) == 0x00
     bus.port_write(0x92, 1, 0x00)
     bus.port_write(0x92, 1, 0x02)
     assert events == [("a20", False), ("a20", True)]
-    bus.port_write(0x92, 1, 0x03)  # fast reset
+    assert bus.port_read(0x92, 1) == 0x02
+    bus.port_write(0x92, 1, 0x03)  # fast reset on bit 0 rising
     assert events[-1] == "reset"
 
 

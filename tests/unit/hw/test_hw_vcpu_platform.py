@@ -95,11 +95,10 @@ def test_pit_irqs_reach_a_halted_vcpu(tmp_path):
     out = io.BytesIO()
     done = threading.Event()
     status = []
-    holder = {}
-    board = PcBoard(clock, notify=lambda: holder["cpu"].kick(), serial_backend=FileBackend(out),
+    board = PcBoard(clock, serial_backend=FileBackend(out),
                     debug_exit=(0x501, 2), on_exit=lambda s: (status.append((s, clock.now())), done.set()))
     cpu = VCPU(2 * 1024 * 1024, board.iobus.port_read, board.iobus.port_write, board.pic, clock_ns=clock.now)
-    holder["cpu"] = cpu
+    board.connect_cpu(cpu.kick)
     cpu.load_rom(0xFFFF0000, rom)
     clock.start()
     t0 = clock.now()
