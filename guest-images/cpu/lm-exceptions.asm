@@ -335,7 +335,7 @@ lm_entry:
         CHECK "frame", qword [irq_frame], KSTACK_TOP - 40
         mov rax, [irq_rip]
         xor ecx, ecx
-        cmp rax, user_b.spin
+        cmp rax, user_b                 ; a tick pending at the IRETQ lands on the first instruction
         jb .outside
         cmp rax, user_b.spin_end
         ja .outside

@@ -332,7 +332,7 @@ pm_entry:
         CHECK "frame", dword [irq_frame], KSTACK_TOP - 20
         mov eax, [irq_eip]
         xor ecx, ecx
-        cmp eax, user_b.spin
+        cmp eax, user_b                 ; a tick pending at the IRET lands on the first instruction
         jb .outside
         cmp eax, user_b.spin_end
         ja .outside

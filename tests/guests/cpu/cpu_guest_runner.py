@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ class GuestRun:
         """``{test: rest of its line}`` for every ``<test>: ...`` result line."""
         found = {}
         for line in self.lines:
-            m = re.match(r"^([\w-]+):(.*)$", line)
+            m = re.match(r"^(\w[\w -]*?):(.*)$", line)
             if m:
                 found[m.group(1)] = m.group(2).strip()
         return found
@@ -107,16 +106,21 @@ class GuestRun:
                 f"\n--- stderr ---\n{self.stderr[-2000:]}")
 
 
-def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | None = None) -> GuestRun:
+def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | None = None,
+              patch: dict[int, bytes] | None = None) -> GuestRun:
     """Boot ``guest-images/cpu/<guest>.img`` (a private copy, so runs never share a lock) to its end.
 
     :param emulator: which emulator to run.
     :param guest: image name without ``.img``.
     :param workdir: scratch directory for the image copy.
     :param timeout: seconds before the run is killed (default: the emulator's).
+    :param patch: ``{offset: bytes}`` written into the copy first (e.g. the bench parameters).
     """
     image = workdir / f"{guest}-{emulator.name}.img"
-    shutil.copyfile(GUESTS_DIR / f"{guest}.img", image)
+    data = bytearray((GUESTS_DIR / f"{guest}.img").read_bytes())
+    for offset, blob in (patch or {}).items():
+        data[offset:offset + len(blob)] = blob
+    image.write_bytes(bytes(data))
     cmd = [*emulator.argv, *machine_args(image)]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,

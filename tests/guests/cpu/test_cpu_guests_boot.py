@@ -7,11 +7,13 @@ verdict and the exact values that matter, so a mismatch on emu shows what differ
 from __future__ import annotations
 
 import datetime as dt
+import re
+import struct
 from pathlib import Path
 
 import pytest
 
-from cpu_guest_runner import EMULATORS, Emulator, assert_passed, prepare, run_guest
+from cpu_guest_runner import GUESTS_DIR, EMULATORS, Emulator, assert_passed, prepare, run_guest
 
 
 @pytest.fixture(params=EMULATORS)
@@ -90,3 +92,29 @@ def test_cpu_guest_lm_exceptions(emulator: Emulator, request: pytest.FixtureRequ
     for test in ("int80_dpl3", "int81_dpl0", "irq_cpl3"):
         fields = run.fields(test)
         assert (fields["frame"], fields["rsp"], fields["ss"]) == (KSTACK_TOP - 40, USTACK_TOP, 0x23), test
+
+
+BENCH_PARAMS = 512       # image offset of "EMUBENCH", then SCALE and HALT_MS (u32 little-endian)
+
+
+def test_cpu_guest_bench(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # scale 2 / 50 ms through the parameter block, as scripts/bench-cpu patches it
+    prepare(emulator, "bench", request, tmp_path)
+    assert (GUESTS_DIR / "bench.img").read_bytes()[BENCH_PARAMS:BENCH_PARAMS + 16] == \
+        b"EMUBENCH" + struct.pack("<II", 1, 200)
+    run = run_guest(emulator, "bench", tmp_path,
+                    patch={BENCH_PARAMS + 8: struct.pack("<II", 2, 50)})
+    loops = ["bench alu", "bench loadstore", "bench callret", "bench memcpy"]
+    assert_passed(run, ["params", *loops, "bench irq", "bench halt"])
+    assert run.results()["params"] == "scale=2 halt_ms=50 ok"
+    values = {}
+    for test in loops + ["bench irq", "bench halt"]:
+        values[test] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", run.results()[test])}
+    assert values["bench alu"]["iters"] == 2 * 10_000_000 and values["bench alu"]["insns"] == 100_000_000
+    assert values["bench loadstore"]["insns"] == 2 * 4_000_000 * 7
+    assert values["bench callret"]["insns"] == 2 * 4_000_000 * 5
+    assert values["bench memcpy"]["bytes"] == 2 * 8 << 20
+    assert all(values[t]["tsc"] > 0 for t in loops)
+    assert values["bench irq"]["n"] == 200
+    assert values["bench halt"]["ms"] >= 50 and values["bench halt"]["tsc"] > 0
+    assert "bench halt: start" in run.lines
