@@ -7,7 +7,9 @@ Memory map (guest physical), as a PC's:
 0xA0000 - 0xBFFFF          nothing (legacy VGA window): reads all ones
 0xC0000 - lowmem           RAM; 0xE0000-0xFFFFF holds a copy of the BIOS's last 128 KiB
                            (re-copied at every reset: the PC's shadowed BIOS alias)
-4 GiB - ROM size - 4 GiB   the BIOS ROM (read-only; guest writes are dropped)
+4 GiB - ROM size - 4 GiB   the BIOS ROM (read-only: a guest store is undone at the next store
+                           to ROM or when the vCPU next stops, within ~1 ms; Unicorn cannot
+                           drop a store without re-executing the instruction forever)
 4 GiB -                    RAM above ``lowmem`` when there is more than 3.5 GiB
 anything else              reads all ones, writes dropped (mapped lazily on first access);
                            executing there gives #UD (0xFF 0xFF is an invalid opcode)
@@ -213,7 +215,7 @@ class VCPU:
         self._event: Optional[tuple] = None
         self._halted = False
         self._shutdown = False
-        self._rom_dirty = False
+        self._rom_dirty: list[tuple[int, int]] = []
         self.a20_enabled = True
         self._do_reset()
 
@@ -374,6 +376,9 @@ class VCPU:
 
         :raises ValueError: for an empty/unaligned ROM or one that overlaps something mapped.
         """
+        self._with_cpu_stopped(lambda: self._load_rom(gpa, bytes(data)))
+
+    def _load_rom(self, gpa: int, data: bytes) -> None:
         size = len(data)
         if size == 0 or gpa % PAGE or size % PAGE or gpa + size > FOUR_GIB:
             raise ValueError(f"ROM at {gpa:#x} of {size:#x} bytes must be page aligned and below 4 GiB")
@@ -396,6 +401,9 @@ class VCPU:
         :param write: ``write(offset, size, value)``.
         :raises ValueError: unaligned, or overlapping RAM/ROM/another MMIO region.
         """
+        self._with_cpu_stopped(lambda: self._map_mmio(base, size, read, write))
+
+    def _map_mmio(self, base: int, size: int, read: MmioRead, write: MmioWrite) -> None:
         if base % PAGE or size <= 0 or size % PAGE:
             raise ValueError(f"MMIO region {base:#x}+{size:#x} must be page aligned")
         self._check_free(base, base + size)
@@ -420,11 +428,28 @@ class VCPU:
 
     def unmap_mmio(self, base: int, size: int) -> None:
         """Remove a region made by :meth:`map_mmio` (e.g. a BAR moving)."""
-        if self._mmio.get(base) != size:
-            raise ValueError(f"no MMIO region at {base:#x} of size {size:#x}")
-        self._uc.mem_unmap(base, size)
-        del self._mmio[base]
-        self._mapped = [m for m in self._mapped if m[0] != base]
+        def unmap() -> None:
+            if self._mmio.get(base) != size:
+                raise ValueError(f"no MMIO region at {base:#x} of size {size:#x}")
+            self._uc.mem_unmap(base, size)
+            del self._mmio[base]
+            self._mapped = [m for m in self._mapped if m[0] != base]
+
+        self._with_cpu_stopped(unmap)
+
+    def _with_cpu_stopped(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (which calls Unicorn) where that is safe: on the vCPU thread, before
+        start/after stop, or with the vCPU parked (pausing it around ``fn`` if needed)."""
+        if self._on_cpu_thread() or self._state in (RunState.CREATED, RunState.STOPPED, RunState.PAUSED):
+            fn()
+            return
+        was_requested = self._pause_req
+        self.pause()
+        try:
+            fn()
+        finally:
+            if not was_requested:
+                self.resume()
 
     def registers(self) -> dict[str, int]:
         """The CPU's registers (for ``info registers``); call while paused or not started."""
@@ -590,7 +615,7 @@ class VCPU:
             if buf[:] != data:
                 buf[:] = data
         self._hidden[PAGE:3 * PAGE] = msr_permission_map()
-        self._rom_dirty = False
+        self._rom_dirty = []
 
     # ================================================================== hooks
     def _install_hooks(self) -> None:
@@ -662,14 +687,27 @@ class VCPU:
 
     def _hook_rom_write(self, uc: object, access: int, address: int, size: int, value: int,
                         _ud: object) -> bool:
-        # Unicorn lets a "handled" write land (and a stop here would re-execute the store
-        # forever); the loop puts the ROM back at its next iteration, which the stopper
-        # thread brings within a millisecond.
-        self._rom_dirty = True
+        # Unicorn has no way to drop a store: declining it re-executes the instruction
+        # forever, accepting it lets the bytes land.  So the store lands, the bytes of the
+        # previous one are put back now, and the loop puts back this one at its next
+        # iteration, which the stopper thread brings within a millisecond.
+        self._restore_rom_bytes()
+        self._rom_dirty.append((address, size))
         self._kick_pending = True
         with self._cond:
             self._cond.notify_all()
         return True
+
+    def _restore_rom_bytes(self) -> list[tuple[int, int]]:
+        dirty, self._rom_dirty = self._rom_dirty, []
+        for address, size in dirty:
+            for base, buf, data in self._roms:
+                lo, hi = max(address, base), min(address + size, base + len(data))
+                if lo < hi:
+                    buf[lo - base:hi - base] = data[lo - base:hi - base]
+            if HIDDEN_GPA <= address < HIDDEN_GPA + 3 * PAGE:
+                self._hidden[PAGE:3 * PAGE] = msr_permission_map()
+        return dirty
 
     def _hook_cpuid(self, uc: "unicorn.Uc", _ud: object) -> int:
         try:
@@ -771,9 +809,7 @@ class VCPU:
                     self._inval_done = inval_seq
                     self._cond.notify_all()
                 if self._rom_dirty:
-                    self._restore_roms()
-                    for base, buf, _d in self._roms:
-                        self._invalidate_now([(base, len(buf))])
+                    self._invalidate_now(self._restore_rom_bytes())
                 self._step()
             except Exception:
                 log.exception("internal vCPU error; the CPU stops until reset")

@@ -774,3 +774,40 @@ def test_invalidate_code_from_another_thread_and_device_errors_are_contained() -
         board.cpu.stop()
     assert board.exit_code == 0x29
     assert board.cpu.ram[0x504] == 0xFF
+
+
+def test_mmio_region_mapped_from_a_port_hook_and_rom_writes_are_dropped() -> None:
+    body = r"""
+    out 0x80, al                          ; the board maps a device at 0xFEB00000 now
+    mov eax, [0xFEB00010]
+    mov [RES], eax
+    mov dword [0xFEB00020], 0xCAFE
+    mov edi, 0xFFFF8000                   ; 4 KiB of ROM (no code there)
+    mov ecx, 1024
+    mov eax, 0x55AA55AA
+    rep stosd
+    mov eax, [0xFFFF8000]                 ; every store but the last is undone at once
+    mov [RES + 4], eax
+    out 0x81, al                          ; the board unmaps the device and kicks the vCPU
+    jmp .n
+.n:
+    mov eax, [0xFFFF8FFC]                 ; the last one is undone when the vCPU stops
+    mov [RES + 8], eax
+    mov eax, [0xFEB00010]
+    mov [RES + 12], eax
+    EXIT 0x2A
+"""
+    writes: list[tuple[int, int, int]] = []
+
+    def on_port(b: Board, port: int, value: int) -> None:
+        if port == 0x80:
+            b.cpu.map_mmio(0xFEB00000, 0x1000, lambda off, size: 0x1000 + off,
+                           lambda off, size, v: writes.append((off, size, v)))
+        else:
+            b.cpu.unmap_mmio(0xFEB00000, 0x1000)
+            b.cpu.kick()
+
+    board = Board(guest(body), on_port=on_port)
+    assert board.run() == 0x2A
+    assert struct.unpack_from("<4I", board.cpu.ram, 0x500) == (0x1010, 0, 0, 0xFFFFFFFF)
+    assert writes == [(0x20, 4, 0xCAFE)]
