@@ -313,6 +313,8 @@ lapic_setup:
         cpuid
         test    edx, 1 << 9             ; CPUID.01h:EDX.APIC
         jz      .done
+        test    edx, 1 << 5             ; ... and RDMSR (a #GP here would loop: the IVT
+        jz      .done                   ; only has IRETs yet)
         mov     ecx, MSR_APIC_BASE
         rdmsr
         test    eax, 1 << 11            ; globally enabled?

@@ -36,13 +36,19 @@ STATUS_PASS = (0x10 << 1) | 1
 STATUS_FAIL = (0x11 << 1) | 1
 
 
+_RAMP = bytes(range(256)) * 3             # byte i of a ramp starting at s: _RAMP[s + i]
+
+
 def pattern(lba: int) -> bytes:
-    """The sector the test writes at *lba* before boot (biostest.asm checks it)."""
-    return struct.pack("<Q", lba) + bytes((lba * 7 + i) & 0xFF for i in range(8, SECTOR))
+    """The sector the test writes at *lba* before boot (biostest.asm checks it):
+    the LBA as a qword, then byte i = (LBA * 7 + i) & 0xFF."""
+    start = (lba * 7 + 8) & 0xFF
+    return struct.pack("<Q", lba) + _RAMP[start:start + SECTOR - 8]
 
 
 def written(tag: int) -> bytes:
-    """The sector the guest writes with tag *tag* (biostest.asm fill_written)."""
+    """The sector the guest writes with tag *tag* (biostest.asm fill_written):
+    the tag, "MTRW", then byte i = (tag * 13 + i * 3) & 0xFF."""
     return struct.pack("<II", tag & 0xFFFFFFFF, WRITE_MAGIC) + bytes(
         (tag * 13 + i * 3) & 0xFF for i in range(8, SECTOR))
 
@@ -72,13 +78,16 @@ class Disk:
             return f.read(count * SECTOR)
 
 
-def make_disk(path: Path, size: int, boot: bool = True, int10_console: bool = True) -> Disk:
+def make_disk(path: Path, size: int, boot: bool = True, int10_console: bool = True,
+              partition_heads: int = 0) -> Disk:
     """Create a sparse raw image of *size* bytes; a boot disk gets the program and patterns.
 
     :param path: image file to create.
     :param size: bytes, a multiple of 512.
     :param boot: write the test program, configuration and pattern sectors.
     :param int10_console: the guest prints through INT 10h (else straight to COM1).
+    :param partition_heads: if not 0, an MBR partition entry whose end head says the disk
+        was partitioned with that many heads (QEMU guesses its BIOS geometry from it).
     """
     sectors = size // SECTOR
     disk = Disk(path, sectors, boot)
@@ -86,7 +95,11 @@ def make_disk(path: Path, size: int, boot: bool = True, int10_console: bool = Tr
         f.truncate(size)
         if not boot:
             return disk
-        f.write(guest_binary())
+        mbr = bytearray(guest_binary())
+        if partition_heads:
+            end = bytes([0x80, 1, 1, 0, 0x83, partition_heads - 1, 0xFF, 0xFF])
+            mbr[446:462] = end + struct.pack("<II", 63, sectors - 63)
+        f.write(mbr)
         ranges = [range(64, min(sectors, PATTERN_END)), range(max(64, sectors - 64), sectors)]
         if sectors > LBA28_LIMIT + 64:
             disk.high_lba = LBA28_LIMIT - 2
@@ -112,8 +125,9 @@ class Platform:
     timeout: float = 30.0
     int10_console: bool = True      #: the firmware's INT 10h teletype reaches COM1
 
-    def command(self, drives: list[str], memory: int = 64) -> list[str]:
-        """The full command line for a run with the given ``-drive`` values."""
+    def command(self, drives: list[str], memory: int | str = 64,
+                devices: list[str] = ()) -> list[str]:
+        """The full command line for a run with the given ``-drive`` and ``-device`` values."""
         cmd = [*self.argv, "-machine", "pc", "-m", str(memory), "-nodefaults", "-display", "none",
                "-serial", "stdio", "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
         if self.bios is not None:
@@ -123,6 +137,8 @@ class Platform:
 
         for d in drives:
             cmd += ["-drive", d]
+        for d in devices:
+            cmd += ["-device", d]
         return cmd
 
 
@@ -190,16 +206,17 @@ class Report:
         return out
 
 
-def run(platform: Platform, drives: list[str], memory: int = 64,
-        until: str | None = None) -> Report:
+def run(platform: Platform, drives: list[str], memory: int | str = 64,
+        until: str | None = None, devices: list[str] = ()) -> Report:
     """Boot *platform* with *drives*; wait for exit (or for the text *until*, then stop it).
 
     :param platform: emulator + firmware.
     :param drives: ``-drive`` option values.
-    :param memory: RAM in MiB.
+    :param memory: RAM in MiB (or with QEMU's suffix, "5G").
+    :param devices: ``-device`` option values.
     :param until: for runs that never exit (the BIOS halts): stop once this text appeared.
     """
-    cmd = platform.command(drives, memory)
+    cmd = platform.command(drives, memory, devices)
     if until is None:
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,

@@ -38,33 +38,59 @@ def _usable(platform: Platform) -> None:
 
 
 class Scenario:
-    """One machine configuration, booted once per platform and cached for the module."""
+    """One machine configuration, booted once per platform and cached for the module.
 
-    def __init__(self, name: str, memory: int, disks: list[tuple[str, int, bool, str]]):
-        self.name, self.memory, self.disks_spec = name, memory, disks
+    Disks are ``(file, size, boot, -drive options, -device options or None, partition heads)``;
+    the boot disk carries the test program.
+    """
+
+    def __init__(self, name: str, memory: int | str, disks: list[tuple], emu: bool = True):
+        self.name, self.memory, self.disks_spec, self.emu = name, memory, disks, emu
+
+    @property
+    def ram(self) -> int:
+        m = str(self.memory)
+        return int(m[:-1]) * GiB if m.endswith("G") else int(m) * MiB
 
     def boot(self, platform: Platform, tmp: "pytest.TempPathFactory") -> tuple[Report, list[Disk]]:
         d = tmp.mktemp(f"{self.name}-{platform.name.replace('@', '-')}")
-        disks, drives = [], []
-        for fname, size, boot, opts in self.disks_spec:
-            disk = make_disk(d / fname, size, boot, platform.int10_console)
+        disks, drives, devices = [], [], []
+        for fname, size, boot, opts, device, heads in self.disks_spec:
+            disk = make_disk(d / fname, size, boot, platform.int10_console, heads)
             disks.append(disk)
             drives.append(f"file={disk.path},format=raw,{opts}")
-        return run(platform, drives, self.memory), disks
+            if device:
+                devices.append(device)
+        return run(platform, drives, self.memory, devices=devices), disks
 
 
-BASIC = Scenario("basic", 64, [("hd0.img", 64 * MiB, True, "if=ide,index=0"),
-                               ("vd0.img", 16 * MiB, False, "if=virtio")])
+BASIC = Scenario("basic", 64, [("hd0.img", 64 * MiB, True, "if=ide,index=0", None, 0),
+                               ("vd0.img", 16 * MiB, False, "if=virtio", None, 0)])
 # The boot disk is past LBA28 (LBA48 commands, LBA-translated geometry), a 1 GiB slave on the
-# same channel, an 8 MiB master on the second channel (no translation).
-MULTI = Scenario("multi", 512, [("big.img", 200 * GiB, True, "if=ide,index=0"),
-                                ("slave.img", 1 * GiB, False, "if=ide,index=1"),
-                                ("sec.img", 8 * MiB, False, "if=ide,index=2")])
+# same channel, an 8 MiB master on the second channel (no translation); RAM above 16 MiB.
+MULTI = Scenario("multi", 512, [("big.img", 200 * GiB, True, "if=ide,index=0", None, 0),
+                                ("slave.img", 1 * GiB, False, "if=ide,index=1", None, 0),
+                                ("sec.img", 8 * MiB, False, "if=ide,index=2", None, 0)])
+# Every BIOS CHS translation QEMU can ask for (CMOS 0x39): "auto" with a partition table made
+# with 255 heads (QEMU then picks LARGE), R-ECHS, none (cylinders clipped), LBA.
+GEOMETRY = Scenario("geometry", 64, [
+    ("g0.img", 2 * GiB, True, "if=none,id=g0",
+     "ide-hd,drive=g0,bus=ide.0,unit=0,bios-chs-trans=auto", 255),
+    ("g1.img", 1 * GiB, False, "if=none,id=g1",
+     "ide-hd,drive=g1,bus=ide.0,unit=1,bios-chs-trans=rechs", 0),
+    ("g2.img", 600 * MiB, False, "if=none,id=g2",
+     "ide-hd,drive=g2,bus=ide.1,unit=0,bios-chs-trans=none", 0),
+    ("g3.img", 3 * GiB, False, "if=none,id=g3",
+     "ide-hd,drive=g3,bus=ide.1,unit=1,bios-chs-trans=lba", 0)], emu=False)
+# RAM above 4 GiB (QEMU's i440FX keeps 3 GiB below it): an E820 entry above 4 GiB.
+HIGHMEM = Scenario("highmem", "5G", [("hd0.img", 64 * MiB, True, "if=ide", None, 0)], emu=False)
 _cache: dict[tuple[str, str], tuple[Report, list[Disk]]] = {}
 
 
 def boot(scenario: Scenario, platform: Platform, tmp) -> tuple[Report, list[Disk]]:
     _usable(platform)
+    if platform is OURS_ON_EMU and not scenario.emu:
+        pytest.skip(f"scenario {scenario.name} uses QEMU-only options")
     key = (scenario.name, platform.name)
     if key not in _cache:
         _cache[key] = scenario.boot(platform, tmp)
@@ -118,7 +144,7 @@ def test_firmware_biostest_three_disks_lba48(platform, tmp_path_factory):
 # ---- our BIOS describes the machine as SeaBIOS does -------------------------------------------
 
 @requires_qemu_system
-@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [BASIC, MULTI, GEOMETRY], ids=lambda s: s.name)
 def test_firmware_disk_geometry_matches_seabios(scenario, tmp_path_factory):
     ours, _ = boot(scenario, OURS_ON_QEMU, tmp_path_factory)
     sea, _ = boot(scenario, SEABIOS_ON_QEMU, tmp_path_factory)
@@ -182,10 +208,12 @@ def test_firmware_pci_matches_seabios(tmp_path_factory):
 # ---- memory map ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [BASIC, MULTI, HIGHMEM], ids=lambda s: s.name)
 def test_firmware_e820_map(platform, scenario, tmp_path_factory):
     rep, _ = boot(scenario, platform, tmp_path_factory)
-    ram = scenario.memory * MiB
+    assert_passed(rep)
+    ram = scenario.ram
+    low_ram = min(ram, 3 * GiB)             # i440FX: RAM past 3 GiB moves above 4 GiB
     entries = rep.e820()
     assert entries[0][0] == 0 and entries[0][2] == 1
     ends = [b + n for b, n, _ in entries]
@@ -195,21 +223,25 @@ def test_firmware_e820_map(platform, scenario, tmp_path_factory):
     assert low == [(0, low[0][1])] and 0x9F000 <= low[0][1] <= 0xA0000
     high = [(b, n) for b, n in usable if b >= MiB]
     assert high[0][0] == MiB
-    total = sum(n for _, n in high)
-    assert ram - 2 * MiB <= total + MiB <= ram                  # the firmware may keep a bit
+    total = sum(n for b, n in high if b < 1 << 32)
+    assert low_ram - 2 * MiB <= total + MiB <= low_ram          # the firmware may keep a bit
+    assert sum(n for b, n in high if b >= 1 << 32) == ram - low_ram
+    if ram > low_ram:
+        assert (1 << 32, ram - low_ram, 1) in entries
     reserved = [(b, n) for b, n, t in entries if t == 2]
     assert any(b <= 0xF0000 and b + n >= 0x100000 for b, n in reserved)   # the BIOS below 1 MiB
     assert any(b + n == 1 << 32 for b, n in reserved)                     # ... and below 4 GiB
     if platform is not SEABIOS_ON_QEMU:                                   # ours: exact
-        assert entries == [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
-                           (MiB, ram - MiB, 1), (0xFFFF0000, 0x10000, 2)]
+        assert entries[:5] == [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+                               (MiB, low_ram - MiB, 1), (0xFFFF0000, 0x10000, 2)]
+        assert len(entries) == (5 if ram == low_ram else 6)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("scenario", [BASIC, MULTI], ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [BASIC, MULTI, HIGHMEM], ids=lambda s: s.name)
 def test_firmware_legacy_memory_sizes(platform, scenario, tmp_path_factory):
     rep, _ = boot(scenario, platform, tmp_path_factory)
-    ram = scenario.memory * MiB
+    ram = min(scenario.ram, 3 * GiB)        # what lies below 4 GiB
     e801 = hexfields(rep.values("E801")[0])
     assert e801["AX"] == e801["CX"] == 15 * 1024
     assert e801["BX"] == e801["DX"]
