@@ -85,5 +85,13 @@ def test_kill_during_snapshot_create_delete(tmp_path: Path, run: int) -> None:
     for step in range(2):
         _kill_after(EMU_IMG + ["snapshot", "-c", f"s{step}", str(img)], 0.12 + rnd.random() * t_create)
         _qemu_check(img)
+        if "base" not in _snapshot_names(img):
+            subprocess.run(EMU_IMG + ["snapshot", "-c", "base", str(img)], check=True)
         _kill_after(EMU_IMG + ["snapshot", "-d", "base", str(img)], 0.12 + rnd.random() * t_delete)
         _qemu_check(img)
+
+
+def _snapshot_names(img: Path) -> list[str]:
+    out = subprocess.run(["qemu-img", "snapshot", "-l", str(img)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()[2:]
+    return [line.split()[1] for line in out if line.split()]
