@@ -209,9 +209,63 @@ class Struct(QType):
 def _check_unexpected(d: dict, seen: set, full: str) -> None:
     if len(seen) == len(d):
         return
-    for key in qdict_order(list(d)):
+    for key in ghash_order(qdict_order(list(d))):
         if key not in seen:
             raise QmpError(f"Parameter '{child_name(full, key)}' is unexpected")
+
+
+_PRIME_MOD = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749,
+              65521)
+
+
+def _g_str_hash(key: str) -> int:
+    h = 5381
+    for c in key.encode("utf-8", "surrogatepass"):
+        h = (h * 33 + c) & 0xFFFFFFFF
+    return h if h > 1 else 2
+
+
+def ghash_order(keys: list[str]) -> list[str]:
+    """Iteration order of a GLib ``GHashTable`` (g_str_hash) after inserting ``keys``.
+
+    QEMU's input visitor copies a struct's members into a GHashTable, removes each one
+    it visits and reports the first one left over — in this order.
+    """
+    shift = 3
+    slots: list[str | None] = [None] * (1 << shift)
+
+    def index(key: str, shift: int) -> int:
+        return (_g_str_hash(key) * 11 & 0xFFFFFFFF) % _PRIME_MOD[shift]
+
+    n = 0
+    for k in keys:
+        mask = (1 << shift) - 1
+        idx, step = index(k, shift), 0
+        while slots[idx] is not None:
+            step += 1
+            idx = (idx + step) & mask
+        slots[idx] = k
+        n += 1
+        if len(slots) <= n + n // 16:
+            # g_hash_table_resize: grow in place, relocating by eviction in slot order
+            old_size = len(slots)
+            shift = max(3, int(n * 1.333).bit_length())
+            mask = (1 << shift) - 1
+            slots = slots + [None] * ((1 << shift) - old_size)
+            done = [False] * len(slots)
+            for i in range(old_size):
+                if slots[i] is None or done[i]:
+                    continue
+                key: str | None = slots[i]
+                slots[i] = None
+                while key is not None:
+                    j, step = index(key, shift), 0
+                    while done[j]:
+                        step += 1
+                        j = (j + step) & mask
+                    done[j] = True
+                    key, slots[j] = slots[j], key
+    return [k for k in slots if k is not None]
 
 
 class Union(QType):
