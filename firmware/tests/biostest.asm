@@ -694,7 +694,46 @@ test_errors:
         xor     bx, bx
         int     0x13
         jnc     .bad_nodrive
+        ; no floppy drives: AH=08h on drive 00h fails
+        mov     ah, 0x08
+        mov     dl, 0x00
+        int     0x13
+        jnc     .bad_nodrive
+        ; an unknown function
+        mov     ah, 0x3F
+        mov     dl, [V_DRIVE]
+        int     0x13
+        jnc     .bad_func
+        PUTS    "EFUNC AH="
+        mov     al, ah
+        call    hex8
+        call    crlf
+        ; a read that starts on the last sector and runs past the end: the drive fails the
+        ; second sector; CF=1, the packet's count says what was transferred
+        mov     ax, SEG_A
+        mov     es, ax
+        xor     di, di
+        mov     eax, [CFG_TOTAL]
+        mov     ebx, [CFG_TOTAL + 4]
+        sub     eax, 1
+        sbb     ebx, 0
+        mov     cx, 2
+        call    ext_read_eax
+        jnc     .bad_partial
+        PUTS    "EPARTIAL AH="
+        mov     al, ah
+        call    hex8
+        PUTS    " count="
+        mov     ax, cx
+        call    hex16
+        call    crlf
         PUTS    `ERRORS ok\r\n`
+        ret
+.bad_func:
+        FAIL    "INT 13h with an unknown function must fail"
+        ret
+.bad_partial:
+        FAIL    "INT 13h AH=42h across the end of the disk must fail"
         ret
 .bad_range:
         FAIL    "INT 13h AH=42h past the end must fail with AH=01h"
