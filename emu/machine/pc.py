@@ -174,6 +174,9 @@ class Machine:
         self.block_devices: list[BlockDevice] = []
         #: the block node graph (``emu.block.node.BlockGraph``) once drives are opened
         self.block_graph: Any = None
+        #: host ends of ``-serial`` (``emu.chardev.Chardev``), COM1 first; the UARTs attach
+        #: with ``chardev.write(bytes)`` / ``chardev.set_receiver(fn)``
+        self.serial_chardevs: list[Any] = []
         self.name = config.name
         # QEMU's vm clock: advances only while the guest runs (snapshots record it)
         self._vm_clock_base = 0
