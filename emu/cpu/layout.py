@@ -103,6 +103,7 @@ EXCP_VMEXIT = 0x100
 SVM_EXIT_INTR = 0x060
 SVM_EXIT_HLT = 0x078
 SVM_EXIT_MSR = 0x07C
+SVM_EXIT_ICEBP = 0x088
 SVM_EXIT_MONITOR = 0x08A
 SVM_EXIT_MWAIT = 0x08B
 #: struct vmcb: offsetof(control.msrpm_base_pa)

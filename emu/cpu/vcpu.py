@@ -81,7 +81,8 @@ RESET_CS_BASE = 0xFFFF0000
 RESET_RIP = 0xFFF0
 
 _INTERCEPTS = sum(1 << (code - L.SVM_EXIT_INTR)
-                  for code in (L.SVM_EXIT_HLT, L.SVM_EXIT_MSR, L.SVM_EXIT_MONITOR, L.SVM_EXIT_MWAIT))
+                  for code in (L.SVM_EXIT_HLT, L.SVM_EXIT_MSR, L.SVM_EXIT_ICEBP,
+                               L.SVM_EXIT_MONITOR, L.SVM_EXIT_MWAIT))
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _INSN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 
@@ -189,6 +190,7 @@ class VCPU:
         self._cpuid = CpuidTable(_native_lookup)
         self._msrs = MsrFile(self._tsc_ticks)
         self._callbacks: list[object] = []   # ctypes callbacks that must stay alive
+        self._reports: dict[object, int] = {}
         self._install_hooks()
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
@@ -411,15 +413,15 @@ class VCPU:
         def on_read(_uc: object, offset: int, width: int, _ud: object) -> int:
             try:
                 return read(offset, width) & ((1 << (8 * width)) - 1)
-            except Exception:  # a device bug must not kill the vCPU
-                log.exception("MMIO read at %#x+%#x failed", base, offset)
+            except Exception as err:  # a device bug must not kill the vCPU
+                self._report(("mmio", base), "MMIO read at %#x+%#x failed: %s", base, offset, err)
                 return (1 << (8 * width)) - 1
 
         def on_write(_uc: object, offset: int, width: int, value: int, _ud: object) -> None:
             try:
                 write(offset, width, value)
-            except Exception:
-                log.exception("MMIO write at %#x+%#x failed", base, offset)
+            except Exception as err:
+                self._report(("mmio", base), "MMIO write at %#x+%#x failed: %s", base, offset, err)
 
         self._drop_filler(base, base + size)
         self._uc.mmio_map(base, size, on_read, None, on_write, None)
@@ -617,6 +619,17 @@ class VCPU:
         self._hidden[PAGE:3 * PAGE] = msr_permission_map()
         self._rom_dirty = []
 
+    def _report(self, key: object, fmt: str, *args: object) -> None:
+        """Log a guest- or device-caused problem, at most a few times per ``key``: a hostile
+        guest must not be able to flood the log.  Tracebacks go to the debug level."""
+        count = self._reports.get(key, 0) + 1
+        self._reports[key] = count
+        if count <= 3:
+            log.error(fmt, *args)
+            log.debug("details", exc_info=True)
+        elif count == 4:
+            log.error("(further messages like this are suppressed)")
+
     # ================================================================== hooks
     def _install_hooks(self) -> None:
         uc = self._uc
@@ -643,15 +656,15 @@ class VCPU:
         mask = (1 << (8 * size)) - 1
         try:
             return self._port_read(port, size) & mask
-        except Exception:
-            log.exception("IN from port %#x failed", port)
+        except Exception as err:
+            self._report(("port", port), "IN from port %#x failed: %s", port, err)
             return mask
 
     def _hook_out(self, uc: object, port: int, size: int, value: int, _ud: object) -> None:
         try:
             self._port_write(port, size, value & ((1 << (8 * size)) - 1))
-        except Exception:
-            log.exception("OUT to port %#x failed", port)
+        except Exception as err:
+            self._report(("port", port), "OUT to port %#x failed: %s", port, err)
 
     def _record(self, event: tuple) -> None:
         if self._event is None:
@@ -681,8 +694,8 @@ class VCPU:
                        _ud: object) -> bool:
         try:
             return self._map_filler(address)
-        except Exception:
-            log.exception("cannot map all-ones region at %#x", address)
+        except Exception as err:
+            self._report("filler", "cannot map an all-ones region at %#x: %s", address, err)
             return False
 
     def _hook_rom_write(self, uc: object, access: int, address: int, size: int, value: int,
@@ -720,8 +733,8 @@ class VCPU:
             uc.reg_write(x86.UC_X86_REG_RCX, c)
             uc.reg_write(x86.UC_X86_REG_RDX, d)
             return 1
-        except Exception:
-            log.exception("CPUID emulation failed")
+        except Exception as err:
+            self._report("cpuid", "CPUID emulation failed: %s", err)
             return 0
 
     def _tsc_ticks(self) -> int:
@@ -733,8 +746,8 @@ class VCPU:
             self._uc.reg_write(x86.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
             self._uc.reg_write(x86.UC_X86_REG_RDX, tsc >> 32)
             return 1
-        except Exception:
-            log.exception("RDTSC emulation failed")
+        except Exception as err:
+            self._report("rdtsc", "RDTSC emulation failed: %s", err)
             return 0
 
     def _hook_rdtscp(self, _uch: int, _ud: int) -> int:
@@ -742,8 +755,8 @@ class VCPU:
             self._hook_rdtsc(_uch, _ud)
             self._uc.reg_write(x86.UC_X86_REG_RCX, self._uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF)
             return 1
-        except Exception:
-            log.exception("RDTSCP emulation failed")
+        except Exception as err:
+            self._report("rdtsc", "RDTSCP emulation failed: %s", err)
             return 0
 
     # ================================================================== threads
@@ -811,8 +824,8 @@ class VCPU:
                 if self._rom_dirty:
                     self._invalidate_now(self._restore_rom_bytes())
                 self._step()
-            except Exception:
-                log.exception("internal vCPU error; the CPU stops until reset")
+            except Exception as err:
+                self._report("internal", "internal vCPU error (%s); the CPU stops until reset", err)
                 self._event = None
                 self._shutdown = True
 
@@ -861,10 +874,12 @@ class VCPU:
             uc.emu_start(st.rip, 0)
         except UcError as err:
             if self._event is None:
-                log.error("emulation failure at RIP=%#x: %s; the CPU stops until reset", st.rip, err)
+                self._report("emu", "emulation failure at RIP=%#x: %s; the CPU stops until reset",
+                             st.rip, err)
                 self._shutdown = True
         finally:
             self._in_emu = False
+
 
     # ================================================================== events
     def _raise(self, vector: int, kind: Kind, error_code: Optional[int] = None,
@@ -880,8 +895,8 @@ class VCPU:
         if self._on_reset_request is not None:
             try:
                 self._on_reset_request("triple-fault")
-            except Exception:
-                log.exception("reset request handler failed")
+            except Exception as err:
+                self._report("reset", "reset request handler failed: %s", err)
         else:
             self._do_reset()
 
@@ -889,7 +904,12 @@ class VCPU:
         st = self._st
         name = event[0]
         if name == "exception":
-            self._raise(event[1], Kind.EXCEPTION)
+            if event[1] == 6 and self._is_icebp():
+                # Unicorn decodes ICEBP (0xF1) as invalid; the CPU raises a #DB trap.
+                st.rip = st.rip + self._insn_length(b"\xf1")
+                self._raise(1, Kind.EXCEPTION)
+            else:
+                self._raise(event[1], Kind.EXCEPTION)
         elif name == "intr":
             intno = event[1]
             if intno >= L.EXCP_VMEXIT:
@@ -934,6 +954,15 @@ class VCPU:
             return i + len(opcode)
         return len(opcode)
 
+    def _is_icebp(self) -> bool:
+        st = self._st
+        length = self._insn_length(b"\xf1")
+        try:
+            code = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip, length)
+        except GuestFault:
+            return False
+        return code[-1:] == b"\xf1"
+
     def _handle_intercept(self, code: int) -> None:
         st = self._st
         if code == L.SVM_EXIT_HLT:
@@ -957,6 +986,11 @@ class VCPU:
                 return
             st.rip = st.rip + self._insn_length(b"\x0f\x30" if write else b"\x0f\x32")
             st.store()
+        elif code == L.SVM_EXIT_ICEBP:
+            # ICEBP (0xF1) is a #DB trap on hardware (kept in case a build reaches this
+            # intercept; 2.1.4 decodes 0xF1 as invalid, see _handle_event).
+            st.rip = st.rip + self._insn_length(b"\xf1")
+            self._raise(1, Kind.EXCEPTION)
         else:
             # MONITOR/MWAIT are not advertised in CPUID: #UD, as on such a CPU.
             self._raise(6, Kind.EXCEPTION)

@@ -811,3 +811,39 @@ def test_mmio_region_mapped_from_a_port_hook_and_rom_writes_are_dropped() -> Non
     assert board.run() == 0x2A
     assert struct.unpack_from("<4I", board.cpu.ram, 0x500) == (0x1010, 0, 0, 0xFFFFFFFF)
     assert writes == [(0x20, 4, 0xCAFE)]
+
+
+def test_icebp_int3_into_are_traps_with_the_right_return_address() -> None:
+    body = r"""
+    GATE32 1, db_handler, 0x8E00
+    GATE32 3, bp_handler, 0xEE00
+    GATE32 4, of_handler, 0xEE00
+    db 0xF1                               ; ICEBP: #DB trap
+after_icebp:
+    int3
+after_int3:
+    mov al, 0x7F
+    add al, 1                             ; OF=1
+    into
+after_into:
+    mov dword [RES + 12], after_icebp
+    mov dword [RES + 16], after_int3
+    mov dword [RES + 20], after_into
+    EXIT 0x2B
+db_handler:
+    mov eax, [esp]
+    mov [RES], eax
+    iretd
+bp_handler:
+    mov eax, [esp]
+    mov [RES + 4], eax
+    iretd
+of_handler:
+    mov eax, [esp]
+    mov [RES + 8], eax
+    iretd
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x2B
+    got = struct.unpack_from("<6I", board.cpu.ram, 0x500)
+    assert got[:3] == got[3:]
