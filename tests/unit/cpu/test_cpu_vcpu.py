@@ -847,3 +847,93 @@ of_handler:
     assert board.run() == 0x2B
     got = struct.unpack_from("<6I", board.cpu.ram, 0x500)
     assert got[:3] == got[3:]
+
+
+def test_timer_irqs_at_1khz_are_all_delivered_in_busy_loop_and_hlt() -> None:
+    # A 1 kHz timer thread raises 150 IRQs while the guest busy-loops at CPL0 and
+    # CPL3, then 150 while it sits in HLT: every one is delivered (the source queues them).
+    import threading
+    import time
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    mov dword [TSS + 4], 0x88000
+    mov dword [TSS + 8], 0x10
+    mov ax, 0x50
+    ltr ax
+    sti
+.busy:
+    cmp dword [RES], 75
+    jb .busy
+    mov ax, 0x23
+    mov ds, ax
+    mov es, ax
+    push dword 0x23
+    push dword 0x70000
+    push dword 0x3202
+    push dword 0x1B
+    push dword user
+    iretd
+user:
+    cmp dword [RES], 150
+    jb user
+    int 0x80                              ; DPL0 gate: #GP, the handler goes on in ring 0
+    EXIT 0xEE
+gp_handler:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    sti
+.idle:
+    hlt
+    cmp dword [RES], 300
+    jb .idle
+    EXIT 0x2C
+irq_handler:
+    inc dword [RES]
+    iretd
+"""
+    body = body.replace("    GATE32 0x20, irq_handler, 0x8E00",
+                        "    GATE32 0x20, irq_handler, 0x8E00\n    GATE32 13, gp_handler, 0x8E00")
+    board = Board(guest(body))
+    stop = threading.Event()
+
+    def timer() -> None:
+        for _ in range(300):
+            if stop.is_set():
+                return
+            board.raise_irq(0x20)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=timer)
+    board.cpu.start()
+    cpu_before = time.process_time()
+    t.start()
+    try:
+        assert board.exited.wait(15), f"{board.u32(0x500)} IRQs handled"
+    finally:
+        stop.set()
+        t.join()
+        board.cpu.stop()
+    assert board.exit_code == 0x2C
+    assert board.u32(0x500) == 300
+    assert not board.pending
+
+
+def test_halted_vcpu_is_idle() -> None:
+    import time
+    body = r"""
+    cli
+    hlt                                   ; halted for good: only reset or stop ends it
+    EXIT 0xEE
+"""
+    board = Board(guest(body))
+    board.cpu.start()
+    try:
+        assert board.wait_for(lambda: board.cpu.halted)
+        wall, cpu0 = time.monotonic(), time.process_time()
+        time.sleep(0.3)
+        used = (time.process_time() - cpu0) / (time.monotonic() - wall)
+        assert used < 0.1, f"{used:.0%} of a core while halted"
+        assert board.exit_code is None
+    finally:
+        board.cpu.stop()
