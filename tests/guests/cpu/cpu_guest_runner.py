@@ -190,15 +190,17 @@ def prepare(emulator: Emulator, guest: str, request: pytest.FixtureRequest, work
             strict=False, reason=f"{guest} is not yet in EMU_CONFORMANT (emu's machine is new)"))
 
 
-def assert_passed(run: GuestRun, tests: list[str]) -> None:
+def assert_passed(run: GuestRun, tests: list[str], boots: int = 1) -> None:
     """The verdict every guest must reach: each named check line ends ``ok``, then ``PASS``,
-    exit status 1, and no reset on the way.
+    exit status 1, and exactly ``boots`` boots (no reset the guest did not ask for).
 
     :param run: the finished run.
     :param tests: names of the result lines the guest must print, in order.
+    :param boots: how many times the guest's banner must appear.
     """
     banner = BANNER.format(name=run.guest)
-    assert run.output.count(banner) == 1, f"banner seen {run.output.count(banner)} times\n{run.describe()}"
+    seen = run.output.count(banner)
+    assert seen == boots, f"banner seen {seen} times, expected {boots}\n{run.describe()}"
     results = run.results()
     for test in tests:
         assert test in results, f"no {test!r} line\n{run.describe()}"

@@ -118,3 +118,10 @@ def test_cpu_guest_bench(emulator: Emulator, request: pytest.FixtureRequest, tmp
     assert values["bench irq"]["n"] == 200
     assert values["bench halt"]["ms"] >= 50 and values["bench halt"]["tsc"] > 0
     assert "bench halt: start" in run.lines
+
+
+def test_cpu_guest_reset(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # triple fault, i8042 0xFE and 0xCF9 each reset the machine (QEMU's default, no -no-reboot)
+    run = boot(emulator, "reset", request, tmp_path)
+    assert_passed(run, ["triple_fault", "kbc_reset", "cf9_reset", "unassigned_port", "port_flood"], boots=4)
+    assert run.fields("unassigned_port") == {"byte": 0xFF, "word": 0xFFFF, "dword": 0xFFFFFFFF}
