@@ -299,3 +299,32 @@ def test_firmware_binary_is_built_from_source():
     assert len(image) == 64 * 1024
     # F000:FFF0: JMP F000:post
     assert image[0xFFF0] == 0xEA and image[0xFFF3:0xFFF5] == b"\x00\xF0"
+
+
+# ---- keyboard from COM1, INT 10h AH=13h -------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", [p for p in PLATFORMS if p.values[0].bios is not None],
+                         ids=lambda p: p.name)
+def test_firmware_keyboard_from_serial(platform, tmp_path):
+    """INT 16h takes keys typed on COM1 (AH=01h peeks without consuming, AH=00h/10h take)."""
+    import pexpect
+    _usable(platform)
+    img = tmp_path / "key.img"
+    subprocess.run(["nasm", "-f", "bin", "-o", str(img), str(REPO / "firmware/tests/keytest.asm")],
+                   check=True)
+    with open(img, "r+b") as f:
+        f.truncate(1 << 20)
+    cmd = platform.command([f"file={img},format=raw,if=ide"])
+    child = pexpect.spawn(cmd[0], cmd[1:], timeout=platform.timeout, encoding="latin-1")
+    try:
+        child.expect_exact("keytest ready")                   # printed with INT 10h AH=13h
+        child.send("a")
+        child.expect_exact("PEEK 0061")
+        child.expect_exact("KEY 0061")
+        child.send("\r")
+        child.expect_exact("KEY 1C0D")                         # Enter: scan code 1Ch
+        child.expect_exact("PASS")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 33
