@@ -421,7 +421,7 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
     if action is None:
         return 0
     if share and action != "-l":
-        raise ImgError("force-share=on can only be used with read-only images")
+        raise ImgError(f"Could not open '{args[0]}': force-share=on can only be used with read-only images")
     with session() as s:
         bs = s.open(filename, None, read_only=(action == "-l"), force_share=share, no_backing=False)
         if action == "-l":

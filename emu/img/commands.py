@@ -56,7 +56,7 @@ def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
     """``check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename``; exit 0/1/2/3/63."""
     fmt = None
     fix = 0
-    quiet = False
+    quiet = share = False
     out = "human"
     for o, v in opts:
         if o in ("-f", "--format"):
@@ -72,15 +72,19 @@ def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
             quiet = True
         elif o == "--output":
             out = v
+        elif o in ("-U", "--force-share"):
+            share = True
     if len(args) != 1:
         raise UsageError("Expecting one image file name")
     out = output_format(out)
+    if share and fix:
+        raise ImgError(f"Could not open '{args[0]}': force-share=on can only be used with read-only images")
     filename = args[0]
     fmt = probe_format(filename, fmt)
     if fmt != "qcow2":
         raise ImgError("This image format does not support checks", 63)
     try:
-        res = qcheck.check_qcow2(filename, fix)
+        res = qcheck.check_qcow2(filename, fix, force_share=share)
     except qcheck.CheckError as err:
         raise ImgError(f"Check failed: {err}") from None
     except EmuError as err:
@@ -93,7 +97,7 @@ def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
                           "Double checking the fixed image now...\n")
         fixed_leaks, fixed_corr = res.leaks_fixed, res.corruptions_fixed
         try:
-            res = qcheck.check_qcow2(filename, 0)
+            res = qcheck.check_qcow2(filename, 0, force_share=share)
         except qcheck.CheckError as err:
             raise ImgError(f"Check failed: {err}") from None
         res.leaks_fixed, res.corruptions_fixed = fixed_leaks, fixed_corr

@@ -648,12 +648,13 @@ class CheckError(ImageFormatError):
         self.result = result
 
 
-def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None) -> CheckResult:
+def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share: bool = False) -> CheckResult:
     """Check (and with ``fix`` repair) a qcow2 image file, as ``qemu-img check`` does.
 
     :param path: the image file.
     :param fix: ``0``, or a combination of :data:`FIX_LEAKS` and :data:`FIX_ERRORS`.
     :param log: where the per-cluster messages go (QEMU writes them to stderr).
+    :param force_share: ``-U``: take no image locks (read-only checks only).
     :returns: the counters of the run.
     :raises ImageOpenError: the file cannot be opened.
     :raises ImageFormatError: the header is unusable (QEMU's open-time message).
@@ -665,6 +666,17 @@ def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None) -> CheckResu
     except OSError as err:
         raise ImageOpenError(f"Could not open '{path}': {err.strerror}") from err
     with f:
+        if not force_share:
+            # The same permission locks qemu-img takes, so a running VM's image is refused.
+            from emu.block import node as _node
+            perm = _node.BLK_PERM_CONSISTENT_READ
+            if fix:
+                perm |= _node.BLK_PERM_WRITE | _node.BLK_PERM_RESIZE
+            shared = _node.BLK_PERM_CONSISTENT_READ | _node.BLK_PERM_WRITE_UNCHANGED
+            try:
+                _node.apply_perm_locks(f.fileno(), path, perm, shared)
+            except ImageOpenError as err:
+                raise ImageOpenError(f"Could not open '{path}': {err}") from None
         io = FileIO(f)
         img = read_header(io, path)
         checker = _Checker(io, img, out.write)
