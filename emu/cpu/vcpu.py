@@ -453,6 +453,40 @@ class VCPU:
             if not was_requested:
                 self.resume()
 
+    def enter_long_mode(self, rip: int, *, cr3: int, gdt_base: int, gdt_limit: int,
+                        code_selector: int = 0x10, data_selector: int = 0x18,
+                        rsi: int = 0, rsp: int = 0) -> None:
+        """Put the CPU in 64-bit mode at ``rip``, as a loader does for Linux's 64-bit boot
+        protocol (Documentation/x86/boot.rst): CR0.PE|PG, CR4.PAE, EFER.LME|LMA, flat
+        CS/DS from ``code_selector``/``data_selector`` (the caller writes the GDT and the page
+        tables at ``cr3`` into RAM), interrupts off.  Call before :meth:`start` or while paused.
+        """
+        def enter() -> None:
+            st = self._st.load()
+            st.set_cr(0, st.cr(0) | L.CR0_PE | L.CR0_PG)
+            st.set_cr(3, cr3)
+            st.set_cr(4, st.cr(4) | L.CR4_PAE)
+            st.w64(L.OFF_EFER, st.efer | (1 << 8) | L.EFER_LMA)
+            st.hflags = (st.hflags | L.HF_PE_MASK | L.HF_LMA_MASK) & ~L.HF_INHIBIT_IRQ_MASK
+            st.w64(L.OFF_GDT + 8, gdt_base)
+            st.w32(L.OFF_GDT + 16, gdt_limit)
+            data = L.DESC_G_MASK | L.DESC_B_MASK | L.DESC_P_MASK | L.DESC_S_MASK | L.DESC_W_MASK | L.DESC_A_MASK
+            code = (L.DESC_G_MASK | L.DESC_L_MASK | L.DESC_P_MASK | L.DESC_S_MASK | L.DESC_CS_MASK
+                    | L.DESC_R_MASK | L.DESC_A_MASK)
+            for seg in (L.R_SS, L.R_DS, L.R_ES, L.R_FS, L.R_GS):
+                st.load_seg_cache(seg, data_selector, 0, 0xFFFFFFFF, data)
+            st.load_seg_cache(L.R_CS, code_selector, 0, 0xFFFFFFFF, code)
+            st.eflags = 0x2
+            st.rip = rip
+            st.set_reg(L.R_ESI, rsi)
+            st.set_reg(L.R_ESP, rsp)
+            st.store()
+            self._halted = False
+            self._shutdown = False
+            self._flush_tlb()
+
+        self._with_cpu_stopped(enter)
+
     def registers(self) -> dict[str, int]:
         """The CPU's registers (for ``info registers``); call while paused or not started."""
         if self._state is RunState.RUNNING and not self._on_cpu_thread():

@@ -194,7 +194,8 @@ class Board:
 
     def __init__(self, rom: bytes, ram_size: int = 4 << 20,
                  on_port: Optional[Callable[["Board", int, int], None]] = None,
-                 on_reset_request: Optional[Callable[[str], None]] = None) -> None:
+                 on_reset_request: Optional[Callable[[str], None]] = None,
+                 clock_ns: Optional[Callable[[], int]] = None) -> None:
         self.out = bytearray()
         self.exit_code: Optional[int] = None
         self.exited = threading.Event()
@@ -204,7 +205,7 @@ class Board:
         self._on_port = on_port
         self.ports: dict[int, Callable] = {DEBUG_OUT: self._debug_out, EXIT_PORT: self._exit}
         self.cpu = VCPU(ram_size, self._port_read, self._port_write, self,
-                        on_reset_request=on_reset_request)
+                        on_reset_request=on_reset_request, clock_ns=clock_ns)
         standard_tables(self.cpu.ram)
         self.cpu.load_rom(ROM_BASE, rom)
 

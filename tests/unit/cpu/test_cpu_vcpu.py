@@ -937,3 +937,94 @@ def test_halted_vcpu_is_idle() -> None:
         assert board.exit_code is None
     finally:
         board.cpu.stop()
+
+
+def test_enter_long_mode_for_a_direct_kernel_boot() -> None:
+    # What -kernel does for Linux's 64-bit boot protocol: RAM holds the code, GDT and page
+    # tables; the CPU starts in 64-bit mode at the entry with RSI = boot_params.
+    from cpu_harness import GDT_ADDR, PML4_ADDR
+    kernel = nasm(r"""
+bits 64
+org 0x100200
+    mov [0x500], rsi
+    mov ax, cs
+    mov [0x508], ax
+    mov rax, cr0
+    mov [0x510], rax
+    pushfq
+    pop rax
+    mov [0x518], rax
+    mov al, 0x2D
+    out 0xF4, al
+    jmp $
+""")
+    board = Board(guest(""))
+    board.cpu.ram[0x100200:0x100200 + len(kernel)] = kernel
+    board.cpu.enter_long_mode(0x100200, cr3=PML4_ADDR, gdt_base=GDT_ADDR, gdt_limit=0x5F,
+                              code_selector=0x28, data_selector=0x30, rsi=0x7000, rsp=0x90000)
+    assert board.run() == 0x2D
+    rsi, cs, cr0, rflags = struct.unpack_from("<QQQQ", board.cpu.ram, 0x500)
+    assert rsi == 0x7000 and cs & 0xFFFF == 0x28
+    assert cr0 & 0x80000001 == 0x80000001
+    assert rflags & 0x200 == 0
+
+
+def test_rdtsc_follows_the_machine_clock_and_msrs_a_kernel_reads() -> None:
+    body = r"""
+    rdtsc
+    mov [RES], eax
+    mov [RES + 4], edx
+    mov ecx, 0x1A0                        ; MISC_ENABLE
+    rdmsr
+    mov [RES + 8], eax
+    mov ecx, 0xC0000080                   ; EFER
+    rdmsr
+    mov [RES + 12], eax
+    mov ecx, 0x10                         ; TSC := 1000, then it counts from there
+    mov eax, 1000
+    xor edx, edx
+    wrmsr
+    rdtsc
+    mov [RES + 16], eax
+    mov [RES + 20], edx
+    EXIT 0x2E
+"""
+    board = Board(guest(body), clock_ns=lambda: 7_000_000_000)  # a clock that stands still
+    assert board.run() == 0x2E
+    tsc0, misc, efer, tsc1 = (struct.unpack_from("<Q", board.cpu.ram, 0x500)[0],
+                              board.u32(0x508), board.u32(0x50C),
+                              struct.unpack_from("<Q", board.cpu.ram, 0x510)[0])
+    assert tsc0 == 7_000_000_000                   # 1 GHz TSC on a 7 s clock
+    assert misc == 0x1801
+    assert efer == 0
+    assert tsc1 == 1000
+
+
+def test_layout_check_refuses_an_unexpected_build(monkeypatch) -> None:
+    import pytest
+    from emu.cpu import layout
+    from emu.errors import CpuError
+    monkeypatch.setattr(layout, "_verified", False)
+    monkeypatch.setattr(layout, "OFF_EXC_NEXT_EIP", layout.OFF_EXC_NEXT_EIP + 8)
+    with pytest.raises(CpuError, match="exception_next_eip"):
+        layout.verify_layout()
+    monkeypatch.undo()
+    layout.verify_layout()
+
+
+def test_bad_construction_arguments() -> None:
+    import pytest
+    from emu.errors import CpuError
+    from emu.cpu.vcpu import VCPU
+    board = Board(guest(""))
+    with pytest.raises(CpuError):
+        VCPU(0x1000, board._port_read, board._port_write, board)
+    with pytest.raises(ValueError):
+        board.cpu.load_rom(0x1000, b"\0" * 0x1000)          # overlaps RAM
+    with pytest.raises(ValueError):
+        board.cpu.map_mmio(0xFEB00000, 0x100, lambda o, s: 0, lambda o, s, v: None)
+    with pytest.raises(ValueError):
+        board.cpu.unmap_mmio(0xFEB00000, 0x1000)
+    assert board.cpu.dma_view(0x1000, 16) is not None
+    assert board.cpu.dma_view(0xA0000, 16) is None                 # VGA hole is not RAM
+    assert board.cpu.dma_view((4 << 20) - 8, 16) is None          # runs past the end
