@@ -328,3 +328,37 @@ def test_firmware_keyboard_from_serial(platform, tmp_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 33
+
+
+# ---- the CPU/platform test guests (guest-images/cpu) boot on our BIOS as on SeaBIOS -----------------
+
+CPU_GUESTS = REPO / "guest-images" / "cpu"
+#: their protocol (guest-images/cpu/README.md): last line PASS, isa-debug-exit value 0 -> status 1
+CPU_GUEST_PASS = 1
+
+
+def _cpu_guest_names() -> list[str]:
+    return sorted(p.stem for p in CPU_GUESTS.glob("*.img") if p.stem != "bench")
+
+
+@requires_qemu_system
+@pytest.mark.parametrize("guest", _cpu_guest_names())
+def test_firmware_runs_cpu_guests_like_seabios(guest, tmp_path):
+    """Each guest leaves its verdict unchanged when our BIOS replaces SeaBIOS (the reset guest
+    also reboots through our POST three times)."""
+    def verdict(platform: Platform) -> tuple[int | None, str]:
+        img = tmp_path / f"{guest}-{platform.name}.img"
+        img.write_bytes((CPU_GUESTS / f"{guest}.img").read_bytes())
+        quick = Platform(platform.name, platform.argv, platform.bios, qemu_extras=False,
+                         timeout=60)
+        rep = run(quick, [f"file={img},format=raw,if=ide"])
+        last = next((ln for ln in reversed(rep.lines) if ln.strip()), "")
+        return rep.status, last
+
+    ours = verdict(OURS_ON_QEMU)
+    if ours == (CPU_GUEST_PASS, "PASS"):
+        return
+    theirs = verdict(SEABIOS_ON_QEMU)
+    if theirs != (CPU_GUEST_PASS, "PASS"):
+        pytest.skip(f"{guest} does not pass on SeaBIOS either: {theirs}")
+    pytest.fail(f"{guest}: {ours} with our BIOS, PASS with SeaBIOS")
