@@ -154,7 +154,7 @@ class BlockDriver:
         return "data", length, offset
 
     def actual_size(self) -> int:
-        return self.bs.file.actual_size() if self.bs.file is not None else 0
+        return self.bs.file.impl.actual_size() if self.bs.file is not None else 0
 
     def info_specific(self) -> dict | None:
         return None
@@ -237,6 +237,8 @@ class BlockDriverState:
         self.lock = threading.RLock()
         self.parents = 0
         self.closed = False
+        #: Set once the driver's open() succeeded; a half-opened node is closed without flushing.
+        self.opened = False
 
     # --- I/O ---------------------------------------------------------------------------
     @property
@@ -321,6 +323,10 @@ class BlockDriverState:
         n = min(length, bsize - offset)
         data = self.backing.read(offset, n)
         return data + bytes(length - n)
+
+    def actual_size(self) -> int:
+        """Bytes the image occupies on the host (QEMU's actual-size)."""
+        return self.impl.actual_size()
 
     # --- snapshots ---------------------------------------------------------------------
     @property
@@ -415,11 +421,14 @@ class BlockDriverState:
         if self.closed:
             return
         try:
-            if not self.read_only:
+            if not self.read_only and self.opened:
                 self.flush()
         finally:
             self.closed = True
-            self.impl.close()
+            if self.opened:
+                self.impl.close()
+            elif hasattr(self.impl, "fd") and getattr(self.impl, "fd", -1) >= 0:
+                self.impl.close()
 
     def __repr__(self) -> str:
         return f"<BlockDriverState {self.node_name} {self.drv} {self.filename!r}>"
@@ -503,6 +512,7 @@ class BlockGraph:
         opts.update(extra or {})
         try:
             bs.impl.open(opts)
+            bs.opened = True
         except BaseException:
             self._drop(bs)
             raise
@@ -549,6 +559,7 @@ class BlockGraph:
         proto.parents += 1
         try:
             bs.impl.open(dict(options or {}))
+            bs.opened = True
             if bs.impl.supports_backing and bs.backing_file and backing is _UNSET:
                 bpath = bs.full_backing_filename()
                 bs.backing = self.open_image(bpath, bs.backing_format, read_only=True,
@@ -591,6 +602,7 @@ class BlockGraph:
                                 force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
             try:
                 bs.impl.open(opts)
+                bs.opened = True
             except BaseException:
                 self._drop(bs)
                 raise
@@ -617,6 +629,7 @@ class BlockGraph:
         backing = opts.pop("backing", _UNSET)
         try:
             bs.impl.open(opts)
+            bs.opened = True
             if bs.impl.supports_backing:
                 if backing is _UNSET and bs.backing_file:
                     bs.backing = self.open_image(bs.full_backing_filename(), bs.backing_format,
@@ -637,19 +650,28 @@ class BlockGraph:
 
     def remove(self, node: BlockDriverState) -> None:
         """Close ``node`` and drop it from the graph, with children nobody else uses."""
-        node.close()
-        self._drop(node)
-        for child in (node.file, node.backing):
-            if child is not None:
-                child.parents -= 1
-                if child.parents <= 0 and child in self._nodes:
-                    self.remove(child)
+        try:
+            node.close()
+        finally:
+            # The node is gone even if its last flush failed (the error still propagates).
+            self._drop(node)
+            for child in (node.file, node.backing):
+                if child is not None:
+                    child.parents -= 1
+                    if child.parents <= 0 and child in self._nodes:
+                        self.remove(child)
 
     def close_all(self) -> None:
         """Close every node (top nodes first)."""
+        first: BaseException | None = None
         for n in self.nodes():
             if n.parents <= 0 and n in self._nodes:
-                self.remove(n)
+                try:
+                    self.remove(n)
+                except BlockError as err:
+                    first = first or err
+        if first is not None:
+            raise first
 
 
 def parse_cache_mode(cache: str | None) -> tuple[bool, bool]:
