@@ -811,15 +811,13 @@ class VCPU:
         """Re-issue emu_stop while a kick is unanswered (a stop outside emu_start is lost)."""
         while True:
             with self._cond:
-                while not self._kick_pending and not self._stop_req:
+                while not (self._kick_pending and self._in_emu) and not self._stop_req:
                     self._cond.wait()
-                if self._state is RunState.STOPPED:
+                if self._stop_req:
                     return
             time.sleep(0.0005)
             if self._kick_pending and self._in_emu:
                 self._uc.emu_stop()
-            if self._state is RunState.STOPPED:
-                return
 
     def _main(self) -> None:
         try:
@@ -898,12 +896,13 @@ class VCPU:
             elif st.eflags & L.IF and not self._halted:
                 # Interrupt shadow: have the stopper end this run right after it.
                 self._kick_pending = True
-                with self._cond:
-                    self._cond.notify_all()
         if self._halted:
             self._wake.wait(0.05)
             return
         self._in_emu = True
+        if self._kick_pending:
+            with self._cond:   # a kick came during this iteration: the stopper must watch
+                self._cond.notify_all()
         try:
             uc.emu_start(st.rip, 0)
         except UcError as err:
