@@ -53,8 +53,20 @@ class IOThread:
         """Run ``coro`` on the loop from another thread and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    async def _cancel_all(self) -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def stop(self) -> None:
+        """Cancel every task (connections, servers) and stop the loop thread."""
         if self._started and self.loop.is_running():
+            try:
+                self.call(self._cancel_all(), timeout=5)
+            except Exception:   # noqa: BLE001 - stopping anyway
+                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
 
@@ -325,7 +337,11 @@ class _NullWriterProtocol(asyncio.BaseProtocol):
 
 @backend("stdio")
 class StdioChardev(Chardev):
-    """``-chardev stdio``: input from stdin, output to stdout."""
+    """``-chardev stdio``: input from stdin, output to stdout.
+
+    Works whatever stdin/stdout are (terminal, pipe, regular file): input is read by a
+    small thread, output written synchronously.
+    """
 
     def prepare(self) -> None:
         if self.daemonized:
@@ -334,15 +350,24 @@ class StdioChardev(Chardev):
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         await super().start(loop)
         reader = asyncio.StreamReader(limit=1 << 20)
-        try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                         os.fdopen(os.dup(0), "rb", 0))
-        except (OSError, ValueError):
-            reader.feed_eof()
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(1), "wb", 0))
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        self._spawn(self._serve_connection(reader, writer))
+
+        def pump() -> None:
+            while True:
+                try:
+                    data = os.read(0, 65536)
+                except OSError:
+                    data = b""
+                try:
+                    if data:
+                        loop.call_soon_threadsafe(reader.feed_data, data)
+                    else:
+                        loop.call_soon_threadsafe(reader.feed_eof)
+                        return
+                except RuntimeError:        # loop closed at exit
+                    return
+
+        threading.Thread(target=pump, name="emu-stdin", daemon=True).start()
+        self._spawn(self._serve_connection(reader, _FdSink(1)))  # type: ignore[arg-type]
 
 
 class _FileSink:
@@ -374,6 +399,26 @@ class _FileSink:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
+
+
+class _FdSink(_FileSink):
+    """Blocking writes to a file descriptor (stdout); never closes it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(None)
+        self._fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._closing:
+            try:
+                n = os.write(self._fd, view)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._closing = True
+                return
+            view = view[n:]
 
 
 @backend("file")

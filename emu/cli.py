@@ -694,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e.render(), file=sys.stderr)
     except EmuError as e:
         print(f"{progname()}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a bug must still end with a message, exit 1
+        print(f"{progname()}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
     return 1

@@ -184,6 +184,10 @@ class QmpSession:
                         self.send(self._dispatch(value, in_io_thread=True))
                         continue
                     await self.queue.put((value, err))
+                if not self.oob_enabled:
+                    # without OOB QEMU suspends reading while a request is pending, so
+                    # input that follows (even EOF) is seen only after the replies
+                    await self.queue.join()
                 try:
                     await self.writer.drain()
                 except (ConnectionError, OSError):
@@ -193,6 +197,7 @@ class QmpSession:
             # the command in flight finishes; queued ones are dropped (as QEMU does)
             while not self.queue.empty():
                 self.queue.get_nowait()
+                self.queue.task_done()
             await self.queue.put(None)
             try:
                 await consumer
@@ -215,6 +220,7 @@ class QmpSession:
             value, err = item
             if err is not None:
                 self.send(error_response(QmpError(str(err), GENERIC_ERROR)))
+                self.queue.task_done()
                 continue
             self.busy = True
             try:
@@ -226,6 +232,7 @@ class QmpSession:
                     pass
             finally:
                 self.busy = False
+                self.queue.task_done()
                 self.server.idle_changed()
 
 
