@@ -191,20 +191,20 @@ main:
         CHECK "c_second", eax, RTC_C_IRQF | RTC_C_UF
         CHECK "c_after", ecx, 0
         SHOWDEC "ms_between", ebx
-        xor ecx, ecx
-        cmp ebx, 500
+        xor ecx, ecx                    ; loose: a busy host delays (and drops) timer ticks
+        cmp ebx, 250
         jb .interval_done
         cmp ebx, 1500
         ja .interval_done
         inc ecx
 .interval_done:
-        CHECK "in_500_1500", ecx, 1
+        CHECK "in_250_1500", ecx, 1
         ENDTEST
 
         ; Every wait above ended on an update cycle; at least one must have seen UIP itself.
         ; Polling can miss the 244 us window when the host deschedules the vCPU, so while
-        ; none has, wait for up to 4 more updates.
-        mov ebp, 4
+        ; none has, wait for up to 8 more updates.
+        mov ebp, 8
 .more_edges:
         cmp dword [rtc_uip_edges], 0
         jne .edges_done
