@@ -228,7 +228,8 @@ class I8259:
 class PicPair:
     """Master + slave 8259A with ELCR, as wired on a PC.
 
-    :param notify: called (outside the lock) each time INTR rises; the machine passes ``vcpu.kick``.
+    :param notify: called (outside the lock) each time INTR rises, and when a device raises a
+        request while INTR is already up; the machine passes ``vcpu.kick``.
     """
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
@@ -272,7 +273,10 @@ class PicPair:
             else:
                 self.slave.set_input(irq - 8, level)
             rose = self._update()
-        if rose and self.notify is not None:
+            # A new request while INTR is already up re-notifies too: a vCPU that saw INTR while
+            # it could not take it (IF=0) gets another chance at the next device edge.
+            again = level and self.output
+        if (rose or again) and self.notify is not None:
             self.notify()
 
     def _update(self) -> bool:

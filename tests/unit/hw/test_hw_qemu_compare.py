@@ -17,6 +17,7 @@ from emu.hw.pc.serial import FileBackend
 
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 SOURCE = HERE / "hw_platform_dump.asm"
+IRQ_SOURCE = HERE / "hw_irq_dump.asm"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -34,14 +35,47 @@ end
 """
 
 
-@pytest.fixture(scope="module")
-def rom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rom") / "dump.bin"
-    subprocess.run(["nasm", "-f", "bin", "-o", str(out), str(SOURCE)], check=True)
+#: The interrupt probe on QEMU 7.2 (sections A-H; see hw_irq_dump.asm), split by section letter.
+QEMU_7_2_IRQ = (
+    ".41 20 20 20 42 20 20 00 43 20 44 24 02 24 02 45 28 C0 28 C0 28 C0 "
+    "46 21 FA 21 AB 21 83 21 1C 47 01 20 48 80 01 00"
+)
+#: Sections emu cannot match until the vCPU re-checks a pending interrupt when IF becomes 1
+#: (after STI or IRET) — F: an IRQ left pending by the EOI inside a handler; G: an IRQ unmasked
+#: with IF=0 just before STI.  The PIC asserts INTR in both; see the platform report.
+VCPU_PENDING_IRQ_SECTIONS = {"F", "G"}
+
+
+def _assemble(tmp_path_factory, source):
+    out = tmp_path_factory.mktemp("rom") / (source.stem + ".bin")
+    subprocess.run(["nasm", "-f", "bin", "-o", str(out), str(source)], check=True)
     return out
 
 
-def run_on_emu(rom_path) -> str:
+@pytest.fixture(scope="module")
+def rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, SOURCE)
+
+
+@pytest.fixture(scope="module")
+def irq_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, IRQ_SOURCE)
+
+
+def sections(log: str) -> dict[str, list[str]]:
+    """Split the probe's log at its section markers: 0x41 ('A'), then each next letter in turn."""
+    out: dict[str, list[str]] = {}
+    current = "@"
+    for tok in log.strip().lstrip(".").split():
+        if tok == f"{ord(current) + 1:02X}":
+            current = chr(ord(current) + 1)
+            out[current] = []
+        elif current in out:
+            out[current].append(tok)
+    return out
+
+
+def run_on_emu(rom_path, ram_mb: int = 64) -> str:
     from emu.cpu.vcpu import VCPU
 
     clock = VirtualClock()
@@ -82,3 +116,22 @@ def test_emu_matches_recorded_qemu(rom):
 @requires_qemu_system
 def test_emu_matches_live_qemu(rom):
     assert run_on_emu(rom).splitlines() == run_on_qemu(rom).splitlines()
+
+
+@pytest.fixture(scope="module")
+def emu_irq_log(irq_rom):
+    return sections(run_on_emu(irq_rom))
+
+
+@requires_nasm
+@pytest.mark.parametrize("section", list("ABCDEFGH"))
+def test_interrupt_behaviour_matches_qemu(emu_irq_log, section):
+    if section in VCPU_PENDING_IRQ_SECTIONS and emu_irq_log.get(section) != sections(QEMU_7_2_IRQ)[section]:
+        pytest.xfail("vCPU does not re-check a pending IRQ when IF rises (STI/IRET)")
+    assert emu_irq_log[section] == sections(QEMU_7_2_IRQ)[section]
+
+
+@requires_nasm
+@requires_qemu_system
+def test_interrupt_probe_recording_is_current(irq_rom):
+    assert sections(run_on_qemu(irq_rom)) == sections(QEMU_7_2_IRQ)
