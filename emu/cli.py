@@ -178,7 +178,9 @@ class _Builder:
         self.serial_specs: list[str] = []
         self.add_fds: list[dict[str, str]] = []
         self.qtest: str | None = None
-        self.accel_loc = ""
+        #: ``(accelerator, option text)`` in command-line order (``-accel``, ``-machine
+        #: accel=a:b``, ``-enable-kvm``); QEMU tries them in turn after creating chardevs
+        self.accels: list[tuple[str, str]] = []
 
     # -- chardev helpers
     def add_chardev(self, spec: str, backend: str, id: str, options: dict[str, str]) -> None:
@@ -239,8 +241,7 @@ def _opt_machine(b: _Builder, arg: str) -> None:
                                   "Use -machine help to list supported machines")
             b.cfg.machine_type = v
         elif k == "accel":
-            b.cfg.accel = v
-            b.accel_loc = ""
+            b.accels += [(a, "") for a in v.split(":")]
         elif k in ("usb", "dump-guest-core", "mem-merge", "vmport", "smm", "hpet", "graphics"):
             continue
         else:
@@ -250,8 +251,7 @@ def _opt_machine(b: _Builder, arg: str) -> None:
 def _opt_accel(b: _Builder, arg: str) -> None:
     for k, v in parse_qemu_opts(arg, "accel"):
         if k == "accel":
-            b.cfg.accel = v
-            b.accel_loc = f"-accel {arg}"
+            b.accels.append((v, f"-accel {arg}"))
 
 
 def _opt_m(b: _Builder, arg: str) -> None:
@@ -396,7 +396,7 @@ def _opt_smp(b: _Builder, arg: str) -> None:
 OPTIONS: dict[str, _Opt] = {o.name: o for o in [
     _Opt("machine", True, _opt_machine), _Opt("M", True, _opt_machine),
     _Opt("accel", True, _opt_accel),
-    _Opt("enable-kvm", False, lambda b, a: setattr(b.cfg, "accel", "kvm")),
+    _Opt("enable-kvm", False, lambda b, a: b.accels.append(("kvm", "-enable-kvm"))),
     _Opt("m", True, _opt_m),
     _Opt("nodefaults", False, _set("nodefaults")),
     _Opt("display", True, _opt_display),
@@ -480,8 +480,6 @@ def parse_args(argv: list[str]) -> tuple[MachineConfig, _Builder]:
 
 def _resolve(b: _Builder) -> None:
     cfg = b.cfg
-    if cfg.accel not in ("tcg",):
-        raise OptionError(f"invalid accelerator {cfg.accel}", b.accel_loc)
     used: dict[tuple[str, int, int], str] = {}
     ids: set[str] = set()
     for spec, opts in b.raw_drives:
@@ -692,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg, b, ready_fd)
     except OptionError as e:
         print(e.render(), file=sys.stderr)
+    except _Quiet:
+        pass
     except EmuError as e:
         print(f"{progname()}: {e}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - a bug must still end with a message, exit 1
@@ -699,6 +699,28 @@ def main(argv: list[str] | None = None) -> int:
     if ready_fd is not None:
         os.write(ready_fd, b"1")
     return 1
+
+
+#: accelerators emu has (Unicorn is its TCG); QEMU's others are refused with QEMU's text
+ACCELERATORS = ("tcg",)
+
+
+def _configure_accel(cfg: MachineConfig, b: _Builder) -> None:
+    """QEMU's configure_accelerators: try each requested accelerator in order; report every
+    unknown one; fail (exit 1) when none could be used."""
+    if not b.accels:
+        cfg.accel = "tcg"
+        return
+    for name, loc in b.accels:
+        if name in ACCELERATORS:
+            cfg.accel = name
+            return
+        print(OptionError(f"invalid accelerator {name}", loc).render(), file=sys.stderr)
+    raise _Quiet()
+
+
+class _Quiet(Exception):
+    """Exit 1 after the messages were already printed."""
 
 
 def _write_pidfile(path: str) -> None:
@@ -736,6 +758,7 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
             except ConfigError as e:
                 raise OptionError(str(e), c.spec) from None
             chardevs[c.id] = chardev
+        _configure_accel(cfg, b)
         io.start()
         server = QmpServer(machine, io.loop)
         for m in cfg.monitors:

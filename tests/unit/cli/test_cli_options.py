@@ -75,8 +75,6 @@ def test_drive_naming_rules() -> None:
      "PROG: -mon chardev=nope,mode=control: chardev \"nope\" not found"),
     (["-qmp", "bogus"], "PROG: -qmp bogus: 'bogus' is not a valid char driver\n"
                         "PROG: -qmp bogus: parse error: bogus"),
-    (["-accel", "qtest"], "PROG: -accel qtest: invalid accelerator qtest"),
-    (["-machine", "pc,accel=qtest"], "PROG: invalid accelerator qtest"),
     (["-device", "nonexist"], "PROG: -device nonexist: 'nonexist' is not a valid device model name"),
     (["-device", "virtio-blk-pci,drive=nope"], "PROG: -device virtio-blk-pci,drive=nope: "
                                                "Property 'virtio-blk-device.drive' can't find value 'nope'"),
@@ -106,6 +104,25 @@ def test_messages_are_qemus(argv: list[str], msg: str) -> None:
 def _emu(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emu", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("args, err", [
+    (["-accel", "qtest"], "emu: -accel qtest: invalid accelerator qtest\n"),
+    (["-machine", "pc,accel=qtest"], "emu: invalid accelerator qtest\n"),
+    (["-accel", "qtest", "-accel", "kvm"], "emu: -accel qtest: invalid accelerator qtest\n"
+                                          "emu: -accel kvm: invalid accelerator kvm\n"),
+])
+def test_accelerators(args: list[str], err: str) -> None:
+    r = _emu("-nodefaults", *args)
+    assert (r.returncode, r.stderr) == (1, err)
+
+
+def test_chardev_connect_error_comes_before_accel(tmp_path) -> None:
+    r = _emu("-chardev", f"socket,id=mon,path={tmp_path}/none.sock", "-mon",
+             "chardev=mon,mode=control", "-accel", "qtest")
+    assert r.returncode == 1 and r.stderr == (
+        f"emu: -chardev socket,id=mon,path={tmp_path}/none.sock: Failed to connect to "
+        f"'{tmp_path}/none.sock': No such file or directory\n")
 
 
 def test_exit_status_and_stderr_of_the_process() -> None:
