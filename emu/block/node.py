@@ -239,6 +239,9 @@ class BlockDriverState:
         self.closed = False
         #: Set once the driver's open() succeeded; a half-opened node is closed without flushing.
         self.opened = False
+        #: Opened implicitly as a child (protocol, backing named in the header, inline dict):
+        #: it goes away with its last parent.  Nodes the user opened stay until removed.
+        self.auto = False
 
     # --- I/O ---------------------------------------------------------------------------
     @property
@@ -556,6 +559,7 @@ class BlockGraph:
             self.remove(proto)
             raise
         bs.file = proto
+        proto.auto = True
         proto.parents += 1
         try:
             bs.impl.open(dict(options or {}))
@@ -565,6 +569,7 @@ class BlockGraph:
                 bs.backing = self.open_image(bpath, bs.backing_format, read_only=True,
                                              force_share=force_share, cache=cache,
                                              _seen=_seen | {key})
+                bs.backing.auto = True
                 bs.backing.parents += 1
             elif isinstance(backing, BlockDriverState):
                 bs.backing = backing
@@ -622,6 +627,7 @@ class BlockGraph:
             if force_share:
                 copts.setdefault("force-share", True)
             fnode = self.blockdev_add(copts)
+            fnode.auto = True
         bs = self._new_node(drv, node_name, filename=fnode.filename, read_only=read_only,
                             force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
         bs.file = fnode
@@ -634,6 +640,7 @@ class BlockGraph:
                 if backing is _UNSET and bs.backing_file:
                     bs.backing = self.open_image(bs.full_backing_filename(), bs.backing_format,
                                                  read_only=True, force_share=force_share)
+                    bs.backing.auto = True
                 elif isinstance(backing, str):
                     b = self.lookup(backing)
                     if b is None:
@@ -641,6 +648,7 @@ class BlockGraph:
                     bs.backing = b
                 elif isinstance(backing, dict):
                     bs.backing = self.blockdev_add(dict(backing, **{"read-only": True}))
+                    bs.backing.auto = True
                 if bs.backing is not None:
                     bs.backing.parents += 1
         except BaseException:
@@ -658,14 +666,14 @@ class BlockGraph:
             for child in (node.file, node.backing):
                 if child is not None:
                     child.parents -= 1
-                    if child.parents <= 0 and child in self._nodes:
+                    if child.parents <= 0 and child.auto and child in self._nodes:
                         self.remove(child)
 
     def close_all(self) -> None:
         """Close every node (top nodes first)."""
         first: BaseException | None = None
         for n in self.nodes():
-            if n.parents <= 0 and n in self._nodes:
+            if n.parents <= 0 and n in self._nodes:  # top nodes; their children follow
                 try:
                     self.remove(n)
                 except BlockError as err:

@@ -58,7 +58,7 @@ def set_backing(bs: BlockDriverState, new_backing: BlockDriverState | None,
             new_backing.parents += 1
         if old is not None:
             old.parents -= 1
-            if old.parents <= 0 and old in bs.graph._nodes:
+            if old.parents <= 0 and old.auto and old in bs.graph._nodes:
                 bs.graph.remove(old)
 
 

@@ -126,6 +126,7 @@ class BlkdebugDriver(BlockDriver):
                                            cache=None)
             child.cache_direct, child.cache_no_flush = bs.cache_direct, bs.cache_no_flush
             bs.file = child
+            child.auto = True
             child.parents += 1
             bs.filename = fname
         if bs.file is None:
