@@ -414,8 +414,8 @@ config_table:
         db      0xFC                    ; model: AT
         db      0x00                    ; submodel
         db      0x01                    ; BIOS revision
-        db      0x70                    ; feature 1: 2nd 8259, RTC, EBDA
-        db      0x40                    ; feature 2: INT 16h AH=09h
+        db      0x64                    ; feature 1: 2nd 8259, RTC, EBDA
+        db      0x00                    ; feature 2
         db      0, 0, 0
 
 end_of_code:

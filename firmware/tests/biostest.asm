@@ -221,6 +221,7 @@ main:
         call    test_ext_read
         call    test_writes
         call    test_errors
+        call    test_disk_misc
         call    test_lba48
         call    test_e820
         call    test_memory_sizes
@@ -749,6 +750,67 @@ test_errors:
         ret
 .bad_nodrive:
         FAIL    "INT 13h on a missing drive must fail"
+        ret
+
+; The other INT 13h functions on the boot drive: print AH (and CF as "+" when set) of each,
+; in order: 00 04 05 09 0C 0D 10 11 14 44 45 46 47 49; then a read must still work.
+disk_misc_calls:
+        db      0x00, 0x04, 0x05, 0x09, 0x0C, 0x0D, 0x10, 0x11, 0x14, 0x44, 0x45, 0x46, 0x47, 0x49
+disk_misc_count equ $ - disk_misc_calls
+test_disk_misc:
+        PUTS    "DMISC"
+        xor     si, si
+.next:  mov     ah, [disk_misc_calls + si]
+        push    si
+        cmp     ah, 0x44
+        jb      .chs
+        push    ax                      ; extended calls: a packet for 1 sector at READ_LBA
+        mov     byte [DAP], 16
+        mov     byte [DAP + 1], 0
+        mov     word [DAP + 2], 1
+        mov     word [DAP + 4], 0
+        mov     word [DAP + 6], SEG_A
+        mov     eax, [CFG_READ_LBA]
+        mov     [DAP + 8], eax
+        mov     dword [DAP + 12], 0
+        mov     si, DAP
+        pop     ax
+.chs:   mov     al, 1                   ; 1 sector (verify), 1 sector per track (format)
+        mov     cx, 0x0001              ; cylinder 0, sector 1
+        xor     dh, dh
+        mov     dl, [V_DRIVE]
+        push    ax
+        mov     ax, SEG_A
+        mov     es, ax
+        pop     ax
+        xor     bx, bx
+        int     0x13
+        pop     si
+        pushf
+        PUTS    " "
+        mov     al, ah
+        call    hex8
+        popf
+        jnc     .nocf
+        PUTS    "+"
+.nocf:  inc     si
+        cmp     si, disk_misc_count
+        jb      .next
+        call    crlf
+        mov     ax, SEG_A               ; still readable after all that
+        mov     es, ax
+        xor     di, di
+        mov     eax, [CFG_READ_LBA]
+        xor     ebx, ebx
+        mov     cx, 1
+        call    ext_read_eax
+        jc      .bad
+        mov     eax, [CFG_READ_LBA]
+        xor     ebx, ebx
+        call    check_pattern
+        jc      .bad
+        ret
+.bad:   FAIL    "read after INT 13h AH=00h..49h"
         ret
 
 ; LBA48: read 4 pattern sectors starting 2 below 2^28 (so the range needs LBA48), write one

@@ -161,6 +161,9 @@ def test_firmware_disk_geometry_matches_seabios(scenario, tmp_path_factory):
     assert ours.values("EDD41") == sea.values("EDD41")
     assert ours.values("ERANGE") == sea.values("ERANGE") == ["AH=01"]
     assert ours.values("EFUNC") == sea.values("EFUNC") == ["AH=01"]
+    # AH = 00 04 05 09 0C 0D 10 11 14 44 45 46 47 49 (+: CF set): all fine but eject
+    assert ours.values("DMISC") == sea.values("DMISC") == [
+        "00 00 00 00 00 00 00 00 00 00 00 B2+ 00 00"]
     # the drive refuses the sector past the end; one sector was transferred
     assert ours.values("EPARTIAL") == sea.values("EPARTIAL") == ["AH=0C count=0001"]
 
