@@ -893,8 +893,10 @@ class VCPU:
                 if self._shutdown:
                     return
                 st.load()
-            elif st.eflags & L.IF and not self._halted:
-                # Interrupt shadow: have the stopper end this run right after it.
+            elif not self._halted:
+                # IF=0 or an interrupt shadow: nothing tells us when the guest enables
+                # interrupts (STI, POPF, IRET), so the stopper ends the run every 0.5 ms
+                # while an interrupt waits.
                 self._kick_pending = True
         if self._halted:
             self._wake.wait(0.05)

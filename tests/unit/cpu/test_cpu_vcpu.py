@@ -1028,3 +1028,26 @@ def test_bad_construction_arguments() -> None:
     assert board.cpu.dma_view(0x1000, 16) is not None
     assert board.cpu.dma_view(0xA0000, 16) is None                 # VGA hole is not RAM
     assert board.cpu.dma_view((4 << 20) - 8, 16) is None          # runs past the end
+
+
+def test_irq_raised_while_if0_is_taken_once_sti_runs_without_another_kick() -> None:
+    # Nothing stops the vCPU after the STI: it must notice by itself that the waiting
+    # IRQ became deliverable (a busy loop waits for the handler).
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    out 0x80, al                          ; IRQ raised (and the vCPU kicked) with IF=0
+    mov ecx, 100000
+.masked:
+    dec ecx                               ; stay masked for a while
+    jnz .masked
+    sti
+.spin:
+    cmp dword [RES], 1
+    jne .spin
+    EXIT 0x2F
+irq_handler:
+    inc dword [RES]
+    iretd
+"""
+    board = Board(guest(body), on_port=lambda b, port, value: b.raise_irq(0x20))
+    assert board.run(timeout=5) == 0x2F
