@@ -601,3 +601,67 @@ def query_block_jobs(ctx: CommandContext) -> list:
 def query_jobs(ctx: CommandContext) -> list:
     jobs = getattr(ctx.machine, "jobs", None)
     return list(jobs.query_jobs()) if jobs is not None else []
+
+
+# ------------------------------------------------------- job verbs
+#
+# The job layer (``emu.block.jobs``) attaches a registry as ``machine.jobs`` with
+# ``find(id) -> job | None``; a job offers ``cancel(force)``, ``pause()``, ``resume()``,
+# ``complete()``, ``dismiss()``, ``finalize()``, ``set_speed(speed)`` and raises with QEMU's
+# texts for verbs its state refuses.  Without a registry there is no job to find.
+
+def _find_block_job(ctx: CommandContext, job_id: str) -> Any:
+    jobs = getattr(ctx.machine, "jobs", None)
+    job = jobs.find(job_id) if jobs is not None else None
+    if job is None:
+        raise QmpError(f"Block job '{job_id}' not found", DEVICE_NOT_ACTIVE)
+    return job
+
+
+def _find_job(ctx: CommandContext, job_id: str) -> Any:
+    jobs = getattr(ctx.machine, "jobs", None)
+    job = jobs.find(job_id) if jobs is not None else None
+    if job is None:
+        raise QmpError("Job not found")
+    return job
+
+
+@command("block-job-set-speed", args=[("device", STR), ("speed", INT)])
+def block_job_set_speed(ctx: CommandContext, device: str, speed: int) -> dict:
+    job = _find_block_job(ctx, device)
+    if speed < 0:
+        raise QmpError("Parameter 'speed' expects a non-negative value")
+    job.set_speed(speed)
+    return {}
+
+
+@command("block-job-cancel", args=[("device", STR), ("?force", BOOL)])
+def block_job_cancel(ctx: CommandContext, device: str, force: bool = False) -> dict:
+    _find_block_job(ctx, device).cancel(force)
+    return {}
+
+
+def _verb_commands() -> None:
+    for verb in ("pause", "resume", "complete"):
+        def block_fn(ctx: CommandContext, device: str, _v: str = verb) -> dict:
+            getattr(_find_block_job(ctx, device), _v)()
+            return {}
+        command(f"block-job-{verb}", args=[("device", STR)])(block_fn)
+    for verb in ("dismiss", "finalize"):
+        def block_id_fn(ctx: CommandContext, id: str, _v: str = verb) -> dict:
+            getattr(_find_block_job(ctx, id), _v)()
+            return {}
+        command(f"block-job-{verb}", args=[("id", STR)])(block_id_fn)
+    for verb in ("pause", "resume", "complete", "dismiss", "finalize"):
+        def job_fn(ctx: CommandContext, id: str, _v: str = verb) -> dict:
+            getattr(_find_job(ctx, id), _v)()
+            return {}
+        command(f"job-{verb}", args=[("id", STR)])(job_fn)
+
+    def job_cancel(ctx: CommandContext, id: str) -> dict:
+        _find_job(ctx, id).cancel(True)
+        return {}
+    command("job-cancel", args=[("id", STR)])(job_cancel)
+
+
+_verb_commands()

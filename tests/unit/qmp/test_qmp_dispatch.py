@@ -273,3 +273,14 @@ def test_unexpected_member_reported_in_glib_hash_order(env) -> None:
         "Parameter 'b' is unexpected"
     assert err(run({"execute": "query-status", "arguments": {"x1": 1, "x2": 2, "x3": 3}})) == \
         "Parameter 'x1' is unexpected"
+
+
+def test_job_verbs_without_jobs(env) -> None:
+    _, _, run = env
+    assert run({"execute": "block-job-cancel", "arguments": {"device": "nojob"}})["error"] == {
+        "class": "DeviceNotActive", "desc": "Block job 'nojob' not found"}
+    assert run({"execute": "block-job-set-speed", "arguments": {"device": "nojob", "speed": 1}})[
+        "error"]["class"] == "DeviceNotActive"
+    assert err(run({"execute": "job-dismiss", "arguments": {"id": "x"}})) == "Job not found"
+    assert run({"execute": "query-block-jobs"}) == {"return": []}
+    assert run({"execute": "query-jobs"}) == {"return": []}
