@@ -6,7 +6,7 @@ import sys
 
 from emu.block.qcow2 import check as qcheck
 from emu.errors import EmuError
-from emu.img.main import ImgError, UsageError, command
+from emu.img.main import PROG, ImgError, UsageError, command, error_report
 from emu.img.output import to_json_pretty
 from emu.img.util import output_format, probe_format, qprint
 
@@ -86,6 +86,8 @@ def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
     try:
         res = qcheck.check_qcow2(filename, fix, force_share=share)
     except qcheck.CheckError as err:
+        for line in err.reports:
+            error_report(line.replace("qemu-img", PROG))
         raise ImgError(f"Check failed: {err}") from None
     except EmuError as err:
         raise ImgError(str(err)) from None

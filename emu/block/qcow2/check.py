@@ -100,10 +100,12 @@ def _open_error(path: str, msg: str) -> ImageFormatError:
     return ImageFormatError(f"Could not open '{path}': {msg}")
 
 
-def read_header(io: "FileIO | NodeIO", path: str) -> _Image:
+def read_header(io: "FileIO | NodeIO", path: str, snapshots: bool = True) -> _Image:
     """Parse and validate the header, as QEMU's qcow2_do_open does before a check.
 
     :param io: the image bytes (:class:`FileIO` or :class:`NodeIO`).
+    :param snapshots: also read the snapshot table (a check reads it itself, as QEMU's
+        check mode does, so that its errors are check errors rather than open errors).
     :param path: the file name, for messages.
     :raises ImageFormatError: with QEMU's text when the image cannot be opened.
     """
@@ -127,7 +129,7 @@ def read_header(io: "FileIO | NodeIO", path: str) -> _Image:
         raise _open_error(path, "Image does not contain a reference count table")
     if rt_off % cs or rt_off > (1 << 63) - 1 - rt_clusters * cs:
         raise _open_error(path, "Reference count table offset invalid")
-    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS and snapshots:
         raise _open_error(path, "Too many snapshots")
     if l1_size > QCOW_MAX_L1_SIZE // 8:
         raise _open_error(path, "Active L1 table too large")
@@ -138,7 +140,7 @@ def read_header(io: "FileIO | NodeIO", path: str) -> _Image:
     need = -(-h.size // (1 << (h.cluster_bits + l2_bits))) if h.size else 0
     if l1_size < need:
         raise _open_error(path, "L1 table is too small")
-    if h.nb_snapshots:
+    if h.nb_snapshots and snapshots:
         snap_off = h.snapshots_offset
         if snap_off % cs or snap_off >= file_size:
             raise _open_error(path, "Snapshot table offset invalid")
@@ -587,9 +589,53 @@ class _Checker:
         self.pwrite(INCOMPAT_FEATURES_FIELD, struct.pack(">Q", new))
         self.img.incompatible = new
 
+    def read_snapshot_table(self, res: CheckResult) -> None:
+        """QEMU's qcow2_check_read_snapshot_table (detection; entries are never rewritten).
+
+        :raises _CheckFailed: the table cannot be read; ``reports`` carries QEMU's error lines.
+        """
+        img = self.img
+        nb, off = img.nb_snapshots, img.snapshots_offset
+        if nb * fmt.SNAPSHOT_HEADER.size > fmt.SNAPSHOT_HEADER.size * QCOW_MAX_SNAPSHOTS:
+            res.check_errors += 1
+            raise _CheckFailed(res, "File too large", [
+                "ERROR snapshot table too large\nYou can force-remove all "
+                f"{nb - QCOW_MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all"])
+        if off % self.cs or off > (1 << 63) - 1 - nb * fmt.SNAPSHOT_HEADER.size:
+            res.check_errors += 1
+            raise _CheckFailed(res, "Invalid argument", ["ERROR snapshot table offset invalid"])
+        snaps = []
+        pos = off
+        for i in range(nb):
+            hdr = self.pread(pos, fmt.SNAPSHOT_HEADER.size)
+            (l1_off, l1_size, id_len, name_len, _ds, _dns, _vmc, _vms,
+             extra) = fmt.SNAPSHOT_HEADER.unpack(hdr)
+            pos += fmt.SNAPSHOT_HEADER.size
+            if extra > fmt.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+                res.check_errors += 1
+                raise _CheckFailed(res, "File too large", [
+                    "ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                    f"table entry {i}\nYou can force-remove this extra metadata with qemu-img check -r all"])
+            if img.version >= 3 and extra < 16:
+                res.corruptions += 1
+                self.log(f"ERROR snapshot table entry {i} is incomplete\n")
+            pos += extra
+            id_str = self.pread(pos, id_len).decode("utf-8", "replace")
+            name = self.pread(pos + id_len, name_len).decode("utf-8", "replace")
+            pos = (pos + id_len + name_len + 7) & ~7
+            if pos - off > QCOW_MAX_SNAPSHOTS_SIZE:
+                res.check_errors += 1
+                raise _CheckFailed(res, "File too large", [
+                    "ERROR failed to read the snapshot table: Snapshot table exceeds the maximum size"])
+            snaps.append(_Snapshot(id_str, name, l1_off, l1_size))
+        img.snapshots = snaps
+        img.snapshots_size = pos - off if nb else 0
+
     def run(self, fix: int) -> CheckResult:
         """QEMU's qcow2_check_refcounts followed by the clean-marking of qcow2_co_check."""
         res = CheckResult()
+        if self.img.nb_snapshots and not self.img.snapshots:
+            self.read_snapshot_table(res)
         res.total_clusters = -(-self.img.size // self.cs)
         imrt, rebuild = self.calculate(res, fix)
         pre_compare = CheckResult(**vars(res))
@@ -631,9 +677,11 @@ class _Checker:
 
 
 class _CheckFailed(Exception):
-    def __init__(self, res: CheckResult) -> None:
+    def __init__(self, res: CheckResult, errno_text: str = _EIO, reports: list[str] | None = None) -> None:
         super().__init__("check failed")
         self.res = res
+        self.errno_text = errno_text
+        self.reports = reports or []
 
 
 class CheckError(ImageFormatError):
@@ -643,9 +691,11 @@ class CheckError(ImageFormatError):
     :param result: what was counted before the failure.
     """
 
-    def __init__(self, msg: str, result: CheckResult) -> None:
+    def __init__(self, msg: str, result: CheckResult, reports: list[str] | None = None) -> None:
         super().__init__(msg)
         self.result = result
+        #: Error lines QEMU prints with its program-name prefix before "Check failed".
+        self.reports = reports or []
 
 
 def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share: bool = False) -> CheckResult:
@@ -678,12 +728,12 @@ def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share:
             except ImageOpenError as err:
                 raise ImageOpenError(f"Could not open '{path}': {err}") from None
         io = FileIO(f)
-        img = read_header(io, path)
+        img = read_header(io, path, snapshots=False)
         checker = _Checker(io, img, out.write)
         try:
             return checker.run(fix)
         except _CheckFailed as err:
-            raise CheckError(_EIO, err.res) from None
+            raise CheckError(err.errno_text, err.res, err.reports) from None
         except OSError as err:
             raise CheckError(err.strerror or str(err), CheckResult(check_errors=1)) from err
 
