@@ -141,7 +141,6 @@ class Rtc:
         self.cmos[RTC_REG_A] = 0x26  # 32.768 kHz divider, 1024 Hz rate (the chip's usual setting)
         self.cmos[RTC_REG_B] = REG_B_24H
         self.cmos[RTC_REG_D] = REG_D_VRT
-        self._frozen_ns: int | None = None
         self._arm_second()
 
     def register(self, bus: IOBus) -> None:
@@ -159,9 +158,8 @@ class Rtc:
         return not self.cmos[RTC_REG_B] & REG_B_SET and (self.cmos[RTC_REG_A] & REG_A_DV_MASK) <= 0x20
 
     def now_ns(self) -> int:
-        """The guest-visible time of day as UTC epoch nanoseconds."""
-        if self._frozen_ns is not None:
-            return self._frozen_ns
+        """The RTC's time base as UTC epoch ns.  It keeps running while SET or a divider reset
+        stops the registers (as on QEMU); the registers are reloaded from it when they restart."""
         return self._base_rtc_ns + (self.clock.now() - self._base_vns)
 
     @staticmethod
@@ -206,8 +204,14 @@ class Rtc:
         c[RTC_YEAR] = self._enc(tm.tm_year % 100)
         c[RTC_CENTURY] = c[RTC_PS2_CENTURY] = self._enc(tm.tm_year // 100)
 
-    def _load_time(self) -> None:
-        """Restart the clock from registers 0-9 (after SET is cleared or a time register is written)."""
+    def _load_time(self, fraction: int | None = None) -> None:
+        """Restart the clock from registers 0-9 (after SET is cleared or a time register is written).
+
+        :param fraction: sub-second phase (ns) of the new time; by default the old one is kept,
+            so updates stay on the same phase (QEMU's ``offset``).
+        """
+        if fraction is None:
+            fraction = self.now_ns() % NS_PER_SEC
         c = self.cmos
         try:
             year = self._dec(c[RTC_CENTURY]) * 100 + self._dec(c[RTC_YEAR])
@@ -225,7 +229,8 @@ class Rtc:
             )
         except (ValueError, OverflowError):
             return  # nonsense from the guest: keep the old time, as a chip would keep counting
-        self._set_base(secs * NS_PER_SEC)
+        self._set_base(secs * NS_PER_SEC + fraction)
+        self._stored_key = None
 
     # ---- interrupts -----------------------------------------------------------------------------
 
@@ -343,24 +348,26 @@ class Rtc:
                 self._load_time()
                 self._arm_second()
         elif index == RTC_REG_A:
-            was_running = self._running()
+            old = c[RTC_REG_A]
+            if value & 0x60 == 0x60:
+                if self._running():
+                    self._store_time()  # registers hold the time the divider stopped at
+            elif old & 0x60 == 0x60 and value & 0x70 <= 0x20 and not c[RTC_REG_B] & REG_B_SET:
+                c[RTC_REG_A] = value & 0x7F
+                self._load_time(fraction=NS_PER_SEC // 2)  # first update half a second later
             c[RTC_REG_A] = value & 0x7F
-            self._divider_change(was_running)
+            self._arm_second()
             self._arm_periodic()
         elif index == RTC_REG_B:
-            was_running = self._running()
             old = c[RTC_REG_B]
             if value & REG_B_SET:
+                if self._running():
+                    self._store_time()  # the registers freeze at the current time, in the old format
                 value &= ~REG_B_UIE  # setting SET clears UIE (datasheet)
-            if was_running and (old ^ value) & (REG_B_DM | REG_B_24H):
-                self._store_time()
+            elif old & REG_B_SET and (c[RTC_REG_A] & REG_A_DV_MASK) <= 0x20:
+                self._load_time()  # decoded in the format the guest wrote them in (the old B)
             c[RTC_REG_B] = value
-            if was_running and value & REG_B_SET:
-                self._frozen_ns = self.now_ns()
-                self._store_time()
-            elif not was_running and self._running():
-                self._frozen_ns = None
-                self._load_time()
+            self._stored_key = None
             self._arm_second()
             self._arm_periodic()
             # Enabling an interrupt whose flag is already up asserts IRQ 8 at once.
@@ -369,15 +376,6 @@ class Rtc:
             pass  # read-only
         else:
             c[index] = value
-
-    def _divider_change(self, was_running: bool) -> None:
-        if was_running and not self._running():
-            self._frozen_ns = self.now_ns()
-            self._store_time()
-        elif not was_running and self._running():
-            self._frozen_ns = None
-            self._load_time()
-        self._arm_second()
 
     # ---- machine configuration ------------------------------------------------------------------
 

@@ -300,7 +300,9 @@ class PciFunction:
                         bus.register_ports(want, bar.size, bar.device, label)
                     else:
                         bus.register(want, bar.size, bar.device, label)
-                except BusError as err:
+                except (BusError, ValueError) as err:
+                    # A guest placing a BAR over another device (or where the CPU cannot map it)
+                    # gets an undecoded BAR, never a stopped machine.
                     log.warning("%s: BAR%d at 0x%x not mapped: %s", self.name, bar.index, want, err)
                     continue
                 bar.mapped_at = want

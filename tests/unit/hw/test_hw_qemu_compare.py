@@ -18,6 +18,7 @@ from emu.hw.pc.serial import FileBackend
 HERE = __import__("pathlib").Path(__file__).resolve().parent
 SOURCE = HERE / "hw_platform_dump.asm"
 IRQ_SOURCE = HERE / "hw_irq_dump.asm"
+RTC_SOURCE = HERE / "hw_rtc_dump.asm"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -60,6 +61,18 @@ def rom(tmp_path_factory):
 @pytest.fixture(scope="module")
 def irq_rom(tmp_path_factory):
     return _assemble(tmp_path_factory, IRQ_SOURCE)
+
+
+@pytest.fixture(scope="module")
+def rtc_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, RTC_SOURCE)
+
+
+#: The RTC probe on QEMU 7.2 (hw_rtc_dump.asm).
+QEMU_7_2_RTC = (
+    "82 58 59 23 06 31 12 99 19 |3A 3B 17 06 1F 0C 63 13 |3A 3B 8B 06 1F 0C 63 13 |"
+    "58 59 91 06 31 12 99 19 |00 00 00 07 01 01 00 20 |00 12 3B 3B 17 01 1C 02 63 13 |"
+)
 
 
 def sections(log: str) -> dict[str, list[str]]:
@@ -135,3 +148,14 @@ def test_interrupt_behaviour_matches_qemu(emu_irq_log, section):
 @requires_qemu_system
 def test_interrupt_probe_recording_is_current(irq_rom):
     assert sections(run_on_qemu(irq_rom)) == sections(QEMU_7_2_IRQ)
+
+
+@requires_nasm
+def test_rtc_set_formats_and_rollover_match_qemu(rtc_rom):
+    assert run_on_emu(rtc_rom).strip() == QEMU_7_2_RTC.strip()
+
+
+@requires_nasm
+@requires_qemu_system
+def test_rtc_probe_recording_is_current(rtc_rom):
+    assert run_on_qemu(rtc_rom).strip() == QEMU_7_2_RTC.strip()
