@@ -26,6 +26,19 @@ SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR); deliver a pending IRQ when IF=1 
 interrupt shadow; if halted wait on an Event; else ``emu_start(rip, 0)`` with exits enabled
 and an empty exit set.  ``emu_start(timeout=)`` and ``count=`` are never used.
 
+Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which Unicorn loses when it lands
+just before ``emu_start`` begins; a small "stopper" thread therefore repeats ``emu_stop``
+every 0.5 ms while a kick is unanswered inside ``emu_start``.  The same thread ends runs
+every 0.5 ms while an interrupt waits behind IF=0 or an interrupt shadow, because nothing
+reports STI/POPF/IRET enabling it: such an IRQ is taken at most ~0.5 ms late (QEMU takes
+it at the next instruction boundary).  Idle (halted, paused, nothing pending) it sleeps.
+
+Bad guests: unmapped memory reads all ones, invalid opcodes and fetches from nothing give
+#UD, a fault while delivering becomes #DF and then a triple fault, which calls
+``on_reset_request``; an internal error or an emulation failure reported by Unicorn stops
+the CPU (as a shutdown) until reset.  Device callbacks that raise are logged (rate-limited)
+and read as all ones.  The vCPU thread never ends because of the guest.
+
 How HLT and the MSRs are caught: Unicorn has no hook for HLT, RDMSR or WRMSR, but its
 QEMU core still has AMD SVM's intercept checks.  We set hflags.HF_GUEST_MASK and the
 HLT/MSR/MONITOR/MWAIT intercept bits in the CPU state, with a hidden VMCB and MSR permission
@@ -178,8 +191,8 @@ class VCPU:
 
         self._uc = uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self._st = CpuState(uc)
+        self._exports: list[object] = []                 # keeps mapped host buffers alive
         self._mapped: list[tuple[int, int, str]] = []   # (start, end, kind), sorted
-        self._filler: set[int] = set()
         self._mmio: dict[int, int] = {}                  # base -> size
         self._roms: list[tuple[int, mmap.mmap, bytes]] = []
         self._bios_alias: Optional[tuple[int, bytes]] = None
@@ -388,7 +401,8 @@ class VCPU:
         buf = mmap.mmap(-1, size)
         buf[:] = bytes(data)
         self._drop_filler(gpa, gpa + size)
-        self._uc.mem_map_ptr(gpa, size, uc_const.UC_PROT_READ | uc_const.UC_PROT_EXEC, _addr(buf))
+        self._uc.mem_map_ptr(gpa, size, uc_const.UC_PROT_READ | uc_const.UC_PROT_EXEC,
+                             _addr(buf, self._exports))
         self._add_mapped(gpa, gpa + size, "rom")
         self._roms.append((gpa, buf, bytes(data)))
         if gpa + size == FOUR_GIB:
@@ -516,7 +530,7 @@ class VCPU:
         lowmem = size if size < 0xE0000000 else 0xC0000000
         self._ram_mm = mmap.mmap(-1, size)
         self._ram = memoryview(self._ram_mm)
-        base = _addr(self._ram_mm)
+        base = _addr(self._ram_mm, self._exports)
         ranges = [(0, VGA_HOLE[0], 0), (VGA_HOLE[1], lowmem, VGA_HOLE[1])]
         if size > lowmem:
             ranges.append((FOUR_GIB, FOUR_GIB + size - lowmem, lowmem))
@@ -529,7 +543,8 @@ class VCPU:
         self._hidden = mmap.mmap(-1, 3 * PAGE)
         struct.pack_into("<Q", self._hidden, L.VMCB_MSRPM_BASE_PA, HIDDEN_GPA + PAGE)
         self._hidden[PAGE:3 * PAGE] = msr_permission_map()
-        self._uc.mem_map_ptr(HIDDEN_GPA, 3 * PAGE, uc_const.UC_PROT_READ, _addr(self._hidden))
+        self._uc.mem_map_ptr(HIDDEN_GPA, 3 * PAGE, uc_const.UC_PROT_READ,
+                             _addr(self._hidden, self._exports))
 
     def _add_mapped(self, start: int, end: int, kind: str) -> None:
         self._mapped.append((start, end, kind))
@@ -545,7 +560,6 @@ class VCPU:
         for s, e, kind in self._mapped:
             if kind == "filler" and s < end and start < e:
                 self._uc.mem_unmap(s, e - s)
-                self._filler.discard(s)
             else:
                 keep.append((s, e, kind))
         self._mapped = keep
@@ -563,7 +577,6 @@ class VCPU:
                 hi = min(hi, s)
         self._uc.mmio_map(lo, hi - lo, _filler_read, None, _filler_write, None)
         self._add_mapped(lo, hi, "filler")
-        self._filler.add(lo)
         return True
 
     def _lookup(self, gpa: int) -> Optional[tuple]:
@@ -1077,8 +1090,12 @@ class VCPU:
                 self._flush_tlb()
 
 
-def _addr(buf: mmap.mmap) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+def _addr(buf: mmap.mmap, keep: list) -> int:
+    """Host address of ``buf``; the ctypes view goes into ``keep`` (the VCPU's) so the mmap
+    cannot be closed, and unmapped, while Unicorn still points into it."""
+    view = ctypes.c_char.from_buffer(buf)
+    keep.append(view)
+    return ctypes.addressof(view)
 
 
 def _filler_read(_uc: object, _offset: int, size: int, _ud: object) -> int:
