@@ -11,9 +11,11 @@ Every other RDMSR/WRMSR is intercepted (see vcpu.py) and handled by :class:`MsrF
 TSC, APIC_BASE, PAT and FEATURE_CONTROL are emulated, anything else raises #GP(0) as the
 hardware does for an MSR it does not have.
 
-TSC: RDTSC/RDTSCP are hooked; the TSC counts ``tsc_hz`` ticks per second of the machine's
-virtual clock (the same clock the PIT should use), so a guest calibrating the TSC against
-the PIT finds ``tsc_hz``.  WRMSR(TSC) moves it.
+TSC: RDTSC/RDTSCP are hooked (the C API offers the hook, the Python binding does not: we
+register it through the binding's ctypes layer); the TSC counts ``tsc_hz`` ticks per second
+of the machine's virtual clock (the same clock the PIT should use), so a guest calibrating
+the TSC against the PIT finds ``tsc_hz``.  It starts at 0 at reset; WRMSR(TSC) moves it.
+RDMSR(TSC) is intercepted and reads the same counter.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ class MsrFile:
         self.reset()
 
     def reset(self) -> None:
-        """Power-on values."""
-        self.tsc_offset = 0
+        """Power-on values; the TSC counts from 0 again, as after RESET."""
+        self.tsc_offset = -self._tsc() & 0xFFFFFFFFFFFFFFFF
         self.apic_base = APIC_DEFAULT_BASE | APICBASE_BSP   # global enable clear: no APIC
         self.pat = PAT_RESET
         self.feature_control = 0

@@ -989,7 +989,9 @@ def test_rdtsc_follows_the_machine_clock_and_msrs_a_kernel_reads() -> None:
     mov [RES + 20], edx
     EXIT 0x2E
 """
-    board = Board(guest(body), clock_ns=lambda: 7_000_000_000)  # a clock that stands still
+    now = [1_000_000_000]
+    board = Board(guest(body), clock_ns=lambda: now[0])   # the TSC is 0 at reset...
+    now[0] = 8_000_000_000                                # ...and 7 s later it stands still
     assert board.run() == 0x2E
     tsc0, misc, efer, tsc1 = (struct.unpack_from("<Q", board.cpu.ram, 0x500)[0],
                               board.u32(0x508), board.u32(0x50C),
