@@ -198,6 +198,10 @@ class ClusterMixin:
                         j += 1
                     n = min(n, seg_end - pos)
                     hpos = host + (pos & (cs - 1))
+                    if host + (j - i) * cs > self.file_size_limit():
+                        # A valid image never maps data past its end; refuse to scatter writes.
+                        raise ImageFormatError(f"Cluster at {host:#x} (L2 index {i:#x}) is beyond the "
+                                               "end of the image file")
                     self.check_metadata_overlap(hpos, n)
                     self.file_write(hpos, view[pos - offset:pos - offset + n])
                     pos += n
@@ -276,8 +280,8 @@ class ClusterMixin:
             cand <<= self.cluster_bits
             if not off or ((off + cs - 1) & ~(cs - 1)) != cand:
                 off = cand
-        refs.update(off, size, 1)
         self.note_allocated(off + size)
+        refs.update(off, size, 1, allocating=True)
         self.free_byte_offset = off + size if (off + size) & (cs - 1) else 0
         return off
 

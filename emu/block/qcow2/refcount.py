@@ -77,10 +77,17 @@ class RefcountManager:
         return ti < len(self.table) and bool(self.table[ti] & f.REFT_OFFSET_MASK)
 
     # --- update ---------------------------------------------------------------------------
-    def update(self, offset: int, length: int, delta: int) -> None:
-        """Add ``delta`` to the refcount of every cluster touched by ``[offset, offset+length)``."""
+    def update(self, offset: int, length: int, delta: int, allocating: bool = False) -> None:
+        """Add ``delta`` to the refcount of every cluster touched by ``[offset, offset+length)``.
+
+        :param allocating: the range was just allocated (it may lie past the end of the file);
+            otherwise a range past the end comes from corrupt metadata and is refused.
+        """
         if length <= 0:
             return
+        if not allocating and offset + length > self.drv.file_size_limit():
+            raise ImageFormatError(f"Cluster {offset:#x} referenced by metadata is beyond the end "
+                                   "of the image file")
         while True:
             try:
                 self._update(offset, length, delta)
