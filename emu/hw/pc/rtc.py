@@ -467,9 +467,9 @@ class Rtc:
             self.cmos[CMOS_BOOT_THIRD_FDCHK] = codes[2] << 4  # low bit 0: floppy signature check on
 
     def reset(self) -> None:
-        """System reset: interrupt enables and flags cleared (the time and CMOS RAM survive)."""
+        """System reset: PIE/AIE/SQWE and the flags cleared, as QEMU (time, UIE and CMOS RAM survive)."""
         with self._lock:
-            self.cmos[RTC_REG_B] &= ~(REG_B_PIE | REG_B_AIE | REG_B_UIE | REG_B_SQWE)
+            self.cmos[RTC_REG_B] &= ~(REG_B_PIE | REG_B_AIE | REG_B_SQWE)
             self.cmos[RTC_REG_C] = 0
             if self.irq is not None:
                 self.irq.lower()
