@@ -10,4 +10,9 @@ Map of the package:
 * :mod:`emu.hw.pci` — config mechanism #1 host, i440FX, PIIX3 (PIRQ routing, reset control), config
   space / BAR helpers for PCI functions.
 * :mod:`emu.hw.ide`, :mod:`emu.hw.virtio` — disk controllers built on the above.
+
+Where QEMU 7.2 departs from the datasheets in ways a guest can see (the PIT's OUT levels,
+reset values of the UART, i8042 and PIIX3, RTC SET/divider semantics), the devices follow
+QEMU: tests/unit/hw/test_hw_qemu_compare.py runs probe ROMs on both and compares every byte.
+Device state is guarded per device; lock order is device -> PIC -> vCPU kick, never back.
 """

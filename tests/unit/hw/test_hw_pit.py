@@ -2,7 +2,6 @@
 
 from emu.hw.bus import IOBus
 from emu.hw.clock import NS_PER_SEC, VirtualClock
-from emu.hw.pc.pic import PicPair
 from emu.hw.pc.pit import PIT_FREQ, Pit
 
 US = 1000
