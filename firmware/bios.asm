@@ -71,7 +71,9 @@ EBDA_IO_WRITE   equ     0x0A8           ; byte: 1 = write
 EBDA_KBD_PEND   equ     0x0A9           ; byte: unused
 EBDA_E820       equ     0x0B0           ; E820_MAX entries of 20 bytes
 E820_MAX        equ     8
-EBDA_END        equ     EBDA_E820 + E820_MAX * 20
+EBDA_IDE_BDF    equ     0x150           ; word: PCI address of the IDE controller (FFFF: none)
+EBDA_DPTE       equ     0x160           ; MAX_DRIVES x 16: EDD device parameter tables
+EBDA_END        equ     EBDA_DPTE + MAX_DRIVES * 16
 
 ; ---- POST-only scratch in free conventional memory (below the boot sector) ---------------
 SCRATCH_SEG     equ     0x0100          ; 0x1000: 512-byte IDENTIFY buffer, PCI BAR list

@@ -463,6 +463,12 @@ test_geometry:
         call    crlf
         cmp     word [EDDBUF + 24], 512
         jne     .bad48
+        mov     ax, 74                  ; EDD 3.0, T13 layout
+        call    edd3_dump
+        jc      .bad48
+        mov     ax, 66                  ; EDD 3.0, Phoenix layout
+        call    edd3_dump
+        jc      .bad48
         cmp     bl, [V_DRIVE]
         jne     .next
         mov     eax, [EDDBUF + 16]
@@ -482,6 +488,54 @@ test_geometry:
 .bad15: FAIL    "INT 13h AH=15h"
         ret
 .bad48: FAIL    "INT 13h AH=48h"
+        ret
+
+; AH=48h for drive BL with an AX-byte buffer: print "EDD<size> <bytes>" (the DPTE pointer
+; shown as zeros) and "DPTE <16 bytes>" when the BIOS gave one.  CF=1 if the call failed.
+edd3_dump:
+        push    bx
+        push    ax
+        mov     di, EDDBUF
+        mov     cx, 80
+.z:     mov     byte [di], 0
+        inc     di
+        loop    .z
+        pop     ax
+        mov     [EDDBUF], ax
+        push    ax
+        mov     si, EDDBUF
+        mov     ah, 0x48
+        mov     dl, bl
+        int     0x13
+        pop     cx                      ; CX = size asked for
+        jc      .done
+        PUTS    "EDD"
+        mov     al, cl
+        call    hex8
+        PUTS    " "
+        mov     eax, [EDDBUF + 26]      ; the DPTE far pointer
+        mov     dword [EDDBUF + 26], 0
+        push    eax
+        mov     si, EDDBUF
+.b:     lodsb
+        call    hex8
+        loop    .b
+        call    crlf
+        pop     eax
+        cmp     word [EDDBUF], 30
+        jb      .ok
+        PUTS    "DPTE "
+        mov     si, ax                  ; (putc needs DS = 0: read through ES)
+        shr     eax, 16
+        mov     es, ax
+        mov     cx, 16
+.d:     mov     al, [es:si]
+        inc     si
+        call    hex8
+        loop    .d
+        call    crlf
+.ok:    clc
+.done:  pop     bx
         ret
 
 ; CHS read of 4 sectors across the end of cylinder 0 (and a head wrap), then check them.

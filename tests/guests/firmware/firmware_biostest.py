@@ -175,13 +175,14 @@ class Report:
         return [ln[len(key) + 1:] for ln in self.lines if ln.startswith(key + " ")]
 
     def per_drive(self) -> dict[str, dict[str, str]]:
-        """GEOM/TYPE/EDDP lines grouped by the DRIVE line before them."""
+        """GEOM/TYPE/EDDP/EDD4A/EDD42/DPTE lines grouped by the DRIVE line before them."""
         drives: dict[str, dict[str, str]] = {}
         current = None
         for ln in self.lines:
             if ln.startswith("DRIVE "):
                 current = drives.setdefault(ln.split()[1], {})
-            elif current is not None and ln.split(" ", 1)[0] in ("GEOM", "TYPE", "EDDP"):
+            elif current is not None and ln.split(" ", 1)[0] in ("GEOM", "TYPE", "EDDP", "EDD4A",
+                                                                 "EDD42", "DPTE"):
                 key, rest = ln.split(" ", 1)
                 current[key] = rest
         return drives
