@@ -931,8 +931,8 @@ class VCPU:
 
     # ================================================================== events
     def _raise(self, vector: int, kind: Kind, error_code: Optional[int] = None,
-               cr2: Optional[int] = None) -> None:
-        result = self._delivery.deliver(vector, kind, error_code, cr2)
+               cr2: Optional[int] = None, insn_length: int = 0) -> None:
+        result = self._delivery.deliver(vector, kind, error_code, cr2, insn_length)
         if result is DeliveryResult.TRIPLE_FAULT:
             self._triple_fault()
 
@@ -964,7 +964,7 @@ class VCPU:
                 self._handle_intercept(intno - L.EXCP_VMEXIT)
             elif st.i32(L.OFF_EXC_IS_INT):
                 # INT n / INT3 / INTO: Unicorn already moved RIP past the instruction.
-                self._raise(intno, Kind.SOFTWARE)
+                self._raise(intno, Kind.SOFTWARE, insn_length=self._int_length())
             else:
                 self._raise(intno, Kind.EXCEPTION, st.i32(L.OFF_ERROR_CODE) & 0xFFFFFFFF)
         elif name == "syscall":
@@ -1001,6 +1001,15 @@ class VCPU:
         if code[i:i + len(opcode)] == opcode:
             return i + len(opcode)
         return len(opcode)
+
+    def _int_length(self) -> int:
+        """Length of the INT3/INTO (1 byte) or INT n (2 bytes) that ends at RIP."""
+        st = self._st
+        try:
+            last = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip - 1, 1)
+        except GuestFault:
+            return 2
+        return 1 if last in (b"\xcc", b"\xce") else 2
 
     def _is_icebp(self) -> bool:
         st = self._st
