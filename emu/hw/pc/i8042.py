@@ -1,5 +1,10 @@
 """i8042 keyboard controller (0x60 data, 0x64 status/command) and port 0x92.
 
+Replies, status bits and reset values follow QEMU 7.2 (compared byte for byte by
+tests/unit/hw/test_hw_qemu_compare.py): e.g. the status register's command/data bit keeps its
+reset value, unknown controller commands are ignored, and with translation on (command byte
+bit 6) the keyboard's ID and scancode-set replies come translated.
+
 Enough of the controller for BIOSes and Linux's i8042/atkbd/psmouse probes: the
 controller command set (read/write command byte, self tests, enable/disable ports,
 read/write output port, write to the aux device, pulse output lines), a PS/2
@@ -69,13 +74,16 @@ KBD_CCMD_WRITE_AUX_OBUF = 0xD3
 KBD_CCMD_WRITE_MOUSE = 0xD4
 KBD_CCMD_DISABLE_A20 = 0xDD
 KBD_CCMD_ENABLE_A20 = 0xDF
-KBD_CCMD_READ_TEST_INPUTS = 0xE0
 
 # Device replies
 REPLY_ACK = 0xFA
 REPLY_RESEND = 0xFE
 REPLY_POR = 0xAA
 KBD_ID = (0xAB, 0x83)
+#: What the controller's set-2 -> set-1 translation (command byte bit 6) makes of the keyboard's
+#: ID byte 0x83 and of the scancode-set numbers 1-3, as QEMU's ps2 keyboard reports them.
+KBD_ID_TRANSLATED = (0xAB, 0x41)
+SCANCODE_SET_TRANSLATED = {1: 0x43, 2: 0x41, 3: 0x3F}
 MOUSE_ID = 0x00
 
 
@@ -182,7 +190,6 @@ class I8042:
     def write_command(self, val: int) -> None:
         reset = False
         with self._lock:
-            self.status |= KBD_STAT_CMD
             self.pending_cmd = 0
             if val == KBD_CCMD_READ_MODE:
                 self._push(self.mode)
@@ -213,8 +220,6 @@ class I8042:
                 self._set_outport(self.outport & ~KBD_OUT_A20)
             elif val == KBD_CCMD_ENABLE_A20:
                 self._set_outport(self.outport | KBD_OUT_A20)
-            elif val == KBD_CCMD_READ_TEST_INPUTS:
-                self._push(0x00)
             elif val >= 0xF0:
                 reset = not val & 0x01  # pulse output port bit 0 (reset line)
             self._update()
@@ -231,7 +236,6 @@ class I8042:
     def write_data(self, val: int) -> None:
         reset = False
         with self._lock:
-            self.status &= ~KBD_STAT_CMD
             cmd = self.pending_cmd
             self.pending_cmd = 0
             if cmd == KBD_CCMD_WRITE_MODE:
@@ -260,7 +264,10 @@ class I8042:
             self.kbd_pending = 0
             if pending == 0xF0 and val == 0:
                 self._push(REPLY_ACK)
-                self._push(self.scancode_set)
+                if self.mode & KBD_MODE_KCC:
+                    self._push(SCANCODE_SET_TRANSLATED[self.scancode_set])
+                else:
+                    self._push(self.scancode_set)
                 return
             if pending == 0xF0 and val in (1, 2, 3):
                 self.scancode_set = val
@@ -273,7 +280,7 @@ class I8042:
             self._push(0xEE)  # echo
         elif val == 0xF2:
             self._push(REPLY_ACK)
-            for b in KBD_ID:
+            for b in KBD_ID_TRANSLATED if self.mode & KBD_MODE_KCC else KBD_ID:
                 self._push(b)
         elif val in (0xF4, 0xF5, 0xF6):
             self.kbd_enabled = val != 0xF5

@@ -19,6 +19,7 @@ HERE = __import__("pathlib").Path(__file__).resolve().parent
 SOURCE = HERE / "hw_platform_dump.asm"
 IRQ_SOURCE = HERE / "hw_irq_dump.asm"
 RTC_SOURCE = HERE / "hw_rtc_dump.asm"
+KBD_SOURCE = HERE / "hw_kbd_dump.asm"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -67,6 +68,17 @@ def irq_rom(tmp_path_factory):
 def rtc_rom(tmp_path_factory):
     return _assemble(tmp_path_factory, RTC_SOURCE)
 
+
+@pytest.fixture(scope="module")
+def kbd_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, KBD_SOURCE)
+
+
+#: The i8042 probe on QEMU 7.2 (hw_kbd_dump.asm).
+QEMU_7_2_KBD = (
+    "18 |55 |03 |47 |00 |00 |80 |CF ||FA AA |FA AB 41 |FA |FA |EE |FA |FA 41 |FA |FE |47 |"
+    "mFA m00 |mFA mAA m00 |mFA m00 m02 m64 |mFA |mFA |mFA m00 m02 mC8 |3D m5A |1D 1C |67 |77 |67 |1C"
+)
 
 #: The RTC probe on QEMU 7.2 (hw_rtc_dump.asm).
 QEMU_7_2_RTC = (
@@ -159,3 +171,14 @@ def test_rtc_set_formats_and_rollover_match_qemu(rtc_rom):
 @requires_qemu_system
 def test_rtc_probe_recording_is_current(rtc_rom):
     assert run_on_qemu(rtc_rom).strip() == QEMU_7_2_RTC.strip()
+
+
+@requires_nasm
+def test_i8042_replies_match_qemu(kbd_rom):
+    assert run_on_emu(kbd_rom).strip() == QEMU_7_2_KBD
+
+
+@requires_nasm
+@requires_qemu_system
+def test_i8042_probe_recording_is_current(kbd_rom):
+    assert run_on_qemu(kbd_rom).strip() == QEMU_7_2_KBD
