@@ -28,9 +28,11 @@ def boot(emulator: Emulator, guest: str, request: pytest.FixtureRequest, tmp_pat
 
 def test_cpu_guest_serial(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     run = boot(emulator, "serial", request, tmp_path)
-    assert_passed(run, ["divisor", "scratch", "idle", "thri", "loopback", "text"])
+    assert_passed(run, ["divisor", "scratch", "idle", "thri", "loopback", "rx_fifo", "irq4", "text"])
     assert run.fields("divisor") == {"dl_9600": 0x0C, "dl_115200": 1, "lcr": 3}
     assert run.fields("loopback")["rbr"] == 0x5AA5C30F
+    assert run.fields("rx_fifo")["bytes_back"] == 16
+    assert run.fields("irq4") == {"after_enable": 1, "after_byte": 2, "iir_in_handler": 0xC2}
     assert run.results()["text"] == "the quick brown fox jumps over the lazy dog 0123456789 ok"
     # Nothing sent in loopback mode may leak to the host side.
     assert "\x5a\xa5" not in run.output
