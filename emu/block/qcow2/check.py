@@ -49,6 +49,11 @@ FIX_ERRORS = 2
 _EIO = "Input/output error"
 
 
+def _hx(v: int) -> str:
+    """C's ``%#x``: ``0`` for zero, ``0x..`` otherwise."""
+    return f"{v:#x}" if v else "0"
+
+
 @dataclass
 class CheckResult:
     """Counters of one check run, as QEMU's BdrvCheckResult + BlockFragInfo."""
@@ -231,6 +236,23 @@ class _Checker:
         self.reftable: list[int] = self._read_u64s(img.refcount_table_offset,
                                                    img.refcount_table_clusters * self.cs // 8)
         self._refblock_cache: dict[int, bytearray] = {}
+        self._corruption_signaled = False
+        #: Program name for the lines QEMU prints through error_report.
+        self.prog = "emu-img"
+        #: Set by :meth:`run` when repairing (the image is open read/write).
+        self.writable = False
+
+    def signal_corruption(self, msg: str) -> None:
+        """QEMU's qcow2_signal_corruption: reported once; a writable image gets the corrupt bit."""
+        if self._corruption_signaled:
+            return
+        self._corruption_signaled = True
+        if self.writable and self.img.version >= 3:
+            self.log(f"qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed\n")
+            self.img.incompatible |= QCOW2_INCOMPAT_CORRUPT
+            self.pwrite(INCOMPAT_FEATURES_FIELD, struct.pack(">Q", self.img.incompatible))
+        else:
+            self.log(f"qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed\n")
 
     # -- raw I/O -------------------------------------------------------------------
     def file_length(self) -> int:
@@ -268,8 +290,11 @@ class _Checker:
         rb_off = self.reftable[rt_index] & REFT_OFFSET_MASK
         if not rb_off:
             return 0
-        if rb_off & (self.cs - 1) or rb_off > (1 << 63) - 1 - self.cs:
+        if rb_off & (self.cs - 1):
+            self.signal_corruption(f"Refblock offset {_hx(rb_off)} unaligned (reftable index: {_hx(rt_index)})")
             return None  # QEMU: -EIO ("Can't get refcount for cluster N")
+        if rb_off > (1 << 63) - 1 - self.cs:
+            return None
         return self._get_entry(self._refblock(rb_off), cluster & (self.refblock_entries - 1))
 
     def set_refcount(self, cluster: int, value: int) -> bool:
@@ -407,6 +432,7 @@ class _Checker:
                     # file and an in-memory table to match (QEMU fails with ENOMEM/EFBIG there).
                     flen = self.file_length()
                     if offset + self.cs > flen + max(flen, 64 << 20):
+                        self.log(f"{self.prog}: Could not resize file: File too large\n")
                         self.log("ERROR could not resize image: File too large\n")
                         rebuild = True
                         continue
@@ -634,6 +660,7 @@ class _Checker:
     def run(self, fix: int) -> CheckResult:
         """QEMU's qcow2_check_refcounts followed by the clean-marking of qcow2_co_check."""
         res = CheckResult()
+        self.writable = bool(fix)
         if self.img.nb_snapshots and not self.img.snapshots:
             self.read_snapshot_table(res)
         res.total_clusters = -(-self.img.size // self.cs)
@@ -698,13 +725,15 @@ class CheckError(ImageFormatError):
         self.reports = reports or []
 
 
-def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share: bool = False) -> CheckResult:
+def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share: bool = False,
+                prog: str = "emu-img") -> CheckResult:
     """Check (and with ``fix`` repair) a qcow2 image file, as ``qemu-img check`` does.
 
     :param path: the image file.
     :param fix: ``0``, or a combination of :data:`FIX_LEAKS` and :data:`FIX_ERRORS`.
     :param log: where the per-cluster messages go (QEMU writes them to stderr).
     :param force_share: ``-U``: take no image locks (read-only checks only).
+    :param prog: program name for the few messages QEMU prefixes with it.
     :returns: the counters of the run.
     :raises ImageOpenError: the file cannot be opened.
     :raises ImageFormatError: the header is unusable (QEMU's open-time message).
@@ -730,6 +759,7 @@ def check_qcow2(path: str, fix: int = 0, log: TextIO | None = None, force_share:
         io = FileIO(f)
         img = read_header(io, path, snapshots=False)
         checker = _Checker(io, img, out.write)
+        checker.prog = prog
         try:
             return checker.run(fix)
         except _CheckFailed as err:
