@@ -230,6 +230,7 @@ class VCPU:
         self._event: Optional[tuple] = None
         self._halted = False
         self._shutdown = False
+        self._single_step = False
         self._rom_dirty: list[tuple[int, int]] = []
         self.a20_enabled = True
         self._do_reset()
@@ -907,13 +908,23 @@ class VCPU:
                     return
                 st.load()
             elif not self._halted:
-                # IF=0 or an interrupt shadow: nothing tells us when the guest enables
-                # interrupts (STI, POPF, IRET), so the stopper ends the run every 0.5 ms
-                # while an interrupt waits.
-                self._kick_pending = True
+                if st.eflags & L.IF and not st.eflags & L.TF:
+                    # Interrupt shadow (STI, MOV SS): run exactly the one shadowed
+                    # instruction under TF, then take the interrupt, as the CPU does.
+                    self._single_step = True
+                else:
+                    # IF=0: nothing reports STI/POPF/IRET enabling it, so the stopper ends
+                    # the run every 0.5 ms while an interrupt waits.
+                    self._kick_pending = True
         if self._halted:
             self._wake.wait(0.05)
             return
+        stepping = self._single_step
+        if stepping:
+            self._single_step = False
+            dr6 = uc.reg_read(x86.UC_X86_REG_DR6)
+            st.eflags = st.eflags | L.TF
+            st.store()
         self._in_emu = True
         if self._kick_pending:
             with self._cond:   # a kick came during this iteration: the stopper must watch
@@ -927,6 +938,13 @@ class VCPU:
                 self._shutdown = True
         finally:
             self._in_emu = False
+        if stepping:
+            st.load()
+            st.eflags = st.eflags & ~L.TF
+            st.store()
+            uc.reg_write(x86.UC_X86_REG_DR6, dr6)
+            if self._event == ("intr", 1) and not st.i32(L.OFF_EXC_IS_INT):
+                self._event = None     # our own single-step trap, not the guest's
 
 
     # ================================================================== events

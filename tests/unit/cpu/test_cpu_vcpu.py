@@ -1092,3 +1092,29 @@ gp_handler:
     assert board.run() == 0x30
     assert board.u64(0x500) == 0x81 * 16 + 2
     assert board.u64(0x508) >= 0xFFFF0000          # RIP of the INT itself
+
+
+def test_sti_shadow_covers_exactly_one_instruction() -> None:
+    # IRQ pending while IF=0; "sti; nop; nop; cli": the CPU takes it after the first NOP.
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    out 0x80, al                          ; raise the IRQ with IF=0
+    sti
+    nop
+second_nop:
+    nop
+    cli
+    mov dword [RES + 4], second_nop
+    EXIT 0x31
+irq_handler:
+    mov eax, [esp]
+    mov [RES], eax
+    pushfd
+    pop eax
+    mov [RES + 8], eax                    ; no TF leaks into the guest
+    iretd
+"""
+    board = Board(guest(body), on_port=lambda b, port, value: b.raise_irq(0x20))
+    assert board.run() == 0x31
+    assert board.u32(0x500) == board.u32(0x504)
+    assert board.u32(0x508) & 0x100 == 0
