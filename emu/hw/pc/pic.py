@@ -239,6 +239,7 @@ class PicPair:
         self._lock = threading.Lock()
         #: INTR output level; read lock-free by the vCPU.
         self.output = False
+        self._slave_out = False
         self._master_io = _PicPort(self, self.master)
         self._slave_io = _PicPort(self, self.slave)
         self._elcr_io = _ElcrPorts(self)
@@ -261,6 +262,7 @@ class PicPair:
             for chip in (self.master, self.slave):
                 chip.elcr = 0
                 chip.reset()
+            self._slave_out = False
             self._update()
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -281,7 +283,12 @@ class PicPair:
 
     def _update(self) -> bool:
         """Propagate slave INT to master IRQ 2, compute INTR; True if INTR rose (lock held)."""
-        self.master.set_input(CASCADE_IRQ, self.slave.get_irq() >= 0)
+        slave_out = self.slave.get_irq() >= 0
+        if slave_out != self._slave_out:
+            # Only changes of the slave's INT travel down the wire (an ICW1 on the master does
+            # not see a fresh edge from a slave that stayed asserted), as QEMU's qemu_irq link.
+            self._slave_out = slave_out
+            self.master.set_input(CASCADE_IRQ, slave_out)
         out = self.master.get_irq() >= 0
         rose = out and not self.output
         self.output = out

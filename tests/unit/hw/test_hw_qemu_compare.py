@@ -20,6 +20,7 @@ SOURCE = HERE / "hw_platform_dump.asm"
 IRQ_SOURCE = HERE / "hw_irq_dump.asm"
 RTC_SOURCE = HERE / "hw_rtc_dump.asm"
 KBD_SOURCE = HERE / "hw_kbd_dump.asm"
+PIC_SOURCE = HERE / "hw_pic_dump.asm"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -73,6 +74,17 @@ def rtc_rom(tmp_path_factory):
 def kbd_rom(tmp_path_factory):
     return _assemble(tmp_path_factory, KBD_SOURCE)
 
+
+@pytest.fixture(scope="module")
+def pic_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, PIC_SOURCE)
+
+
+#: The 8259 probe on QEMU 7.2 (hw_pic_dump.asm).
+QEMU_7_2_PIC = (
+    "13 01 |80 01 00 81 84 82 80 04 01 00 |80 00 81 03 02 00 82 84 80 |80 81 82 80 84 |"
+    "80 00 81 82 84 80 00 |00 00 FF"
+)
 
 #: The i8042 probe on QEMU 7.2 (hw_kbd_dump.asm).
 QEMU_7_2_KBD = (
@@ -182,3 +194,14 @@ def test_i8042_replies_match_qemu(kbd_rom):
 @requires_qemu_system
 def test_i8042_probe_recording_is_current(kbd_rom):
     assert run_on_qemu(kbd_rom).strip() == QEMU_7_2_KBD
+
+
+@requires_nasm
+def test_pic_priorities_eoi_modes_match_qemu(pic_rom):
+    assert run_on_emu(pic_rom).strip() == QEMU_7_2_PIC
+
+
+@requires_nasm
+@requires_qemu_system
+def test_pic_probe_recording_is_current(pic_rom):
+    assert run_on_qemu(pic_rom).strip() == QEMU_7_2_PIC
