@@ -82,11 +82,14 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
             try:
                 sparse = parse_size(v)
             except ValueError:
-                raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are "
-                               "multiples of 512 up to 16M.") from None
+                from emu.img.main import PROG
+                raise ImgError("Invalid buffer size for sparse output specified. You may use k, M, G, T, "
+                               f"P or E suffixes for\n{PROG}: kilobytes, megabytes, gigabytes, terabytes, "
+                               "petabytes and exabytes.") from None
             if sparse % SECTOR or sparse > 16 << 20:
-                raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are "
-                               "multiples of 512 up to 16M.")
+                raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are multiples "
+                               "of 512 up to 16777216. Select 0 to disable sparse detection (fully "
+                               "allocates output).")
         elif o == "-B":
             raise ImgError("emu-img convert does not support -B")
     if len(args) < 2:
@@ -100,8 +103,15 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
         nodes = [s.open(f, fmt, read_only=True, force_share=share, cache=src_cache) for f in srcs]
         total = sum(n.size for n in nodes)
         if not no_create:
-            o = parse_o(out_fmt, olist, target)
-            create_image(target, out_fmt, total, o, quiet=True)
+            try:
+                o = parse_o(out_fmt, olist, target)
+            except ImgError as err:
+                raise ImgError(str(err).removeprefix(f"{target}: ")) from None
+            try:
+                create_image(target, out_fmt, total, o, quiet=True)
+            except ImgError as err:
+                msg = str(err).removeprefix(f"{target}: ")
+                raise ImgError(f"{target}: error while converting {out_fmt}: {msg}") from None
         dst = s.open(target, out_fmt, read_only=False, cache=cache)
         if no_create and dst.size < total:
             raise ImgError("Error while writing to target image")  # qemu: size check before copy

@@ -62,6 +62,10 @@ CASES = [
     # convert
     "convert -O qcow2 base.qcow2 cv.qcow2", "convert -O bogus base.qcow2 x.qcow2", "convert -O qcow2 base.qcow2",
     "convert -c -O raw base.qcow2 z.raw", "convert -n -O qcow2 base.qcow2 nope2.qcow2",
+    "convert -O qcow2 -o cluster_size=1234 d1.raw x.qcow2", "convert -S 1000 -O raw d1.raw y.raw",
+    "convert -O qcow2 -o foo=1 d1.raw x.qcow2", "convert -O raw d1.raw /nonexistent/x.raw",
+    "convert -S abc -O raw d1.raw y.raw", "convert -O qcow2 -c -o compat=0.10 base.qcow2 z.qcow2",
+    "compare -s base.qcow2 base.qcow2", "compare -s -f raw -F raw d1.raw d2.raw",
     # resize / commit / rebase
     "resize base.qcow2 +10M", "resize base.qcow2 10M", "resize -f raw r.raw +1M", "resize base.qcow2 abc",
     "commit base.qcow2", "commit ov.qcow2", "rebase ov.qcow2", "rebase -u -b base.qcow2 -F qcow2 ov.qcow2",
@@ -90,3 +94,24 @@ def test_text_matches(dirs: tuple[Path, Path], case: str) -> None:
         r = subprocess.run(tool + args, capture_output=True, text=True, cwd=d, timeout=120)
         results.append((r.returncode, r.stdout.replace(name, "PROG"), r.stderr.replace(name, "PROG")))
     assert results[1] == results[0]
+
+
+def test_locked_image_is_refused_like_qemu_img(tmp_path: Path) -> None:
+    """While another process holds the image for writing, both tools refuse the same way; -U reads."""
+    img = tmp_path / "held.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    holder = subprocess.Popen(["qemu-io", "-c", "sleep 4000", str(img)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        import time
+        time.sleep(0.5)
+        for args in (["check", "held.qcow2"], ["info", "held.qcow2"], ["check", "-U", "held.qcow2"],
+                     ["info", "-U", "held.qcow2"], ["snapshot", "-c", "s", "held.qcow2"]):
+            res = []
+            for tool, name in ((["qemu-img"], "qemu-img"), (EMU_IMG, "emu-img")):
+                r = subprocess.run(tool + args, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                res.append((r.returncode, r.stdout, r.stderr.replace(name, "PROG")))
+            assert res[1] == res[0], args
+    finally:
+        holder.kill()
+        holder.wait()
