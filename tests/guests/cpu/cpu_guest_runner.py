@@ -32,6 +32,7 @@ GUESTS_DIR = REPO / "guest-images" / "cpu"
 #: isa-debug-exit turns the value v the guest writes into exit status (v << 1) | 1.
 STATUS_PASS = (0 << 1) | 1
 STATUS_FAIL = (1 << 1) | 1
+STATUS_DISK = (2 << 1) | 1      #: the MBR could not read the payload
 #: First line every guest prints from its payload; printed twice means the machine reset.
 BANNER = "emu-guest cpu/{name} start"
 #: Seconds the serial guest gets to boot on emu before emu counts as not booting yet.
@@ -59,12 +60,13 @@ EMULATORS = [pytest.param(QEMU, marks=requires_qemu_system, id="qemu"),
              pytest.param(EMU, id="emu")]
 
 
-def machine_args(image: Path) -> list[str]:
+def machine_args(image: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """The machine every guest runs on (the brief's reference command line, minus the binary).
 
     :param image: raw disk image to boot from (opened read-write, as QEMU's default).
+    :param extra: further options, placed before the machine's (e.g. ``-no-reboot``).
     """
-    return ["-machine", "pc", "-m", "64", "-nodefaults", "-display", "none", "-serial", "stdio",
+    return [*extra, "-machine", "pc", "-m", "64", "-nodefaults", "-display", "none", "-serial", "stdio",
             "-drive", f"file={image},format=raw,if=ide",
             "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
 
@@ -115,7 +117,8 @@ class GuestRun:
 
 
 def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | None = None,
-              patch: dict[int, bytes] | None = None) -> GuestRun:
+              patch: dict[int, bytes] | None = None, size: int | None = None,
+              extra: tuple[str, ...] = ()) -> GuestRun:
     """Boot ``guest-images/cpu/<guest>.img`` (a private copy, so runs never share a lock) to its end.
 
     :param emulator: which emulator to run.
@@ -123,13 +126,17 @@ def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | No
     :param workdir: scratch directory for the image copy.
     :param timeout: seconds before the run is killed (default: the emulator's).
     :param patch: ``{offset: bytes}`` written into the copy first (e.g. the bench parameters).
+    :param size: cut the copy to this many bytes (e.g. to make the payload unreadable).
+    :param extra: further emulator options (e.g. ``-no-reboot``).
     """
     image = workdir / f"{guest}-{emulator.name}.img"
     data = bytearray((GUESTS_DIR / f"{guest}.img").read_bytes())
     for offset, blob in (patch or {}).items():
         data[offset:offset + len(blob)] = blob
+    if size is not None:
+        del data[size:]
     image.write_bytes(bytes(data))
-    cmd = [*emulator.argv, *machine_args(image)]
+    cmd = [*emulator.argv, *machine_args(image, extra)]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=timeout or emulator.timeout, cwd=workdir)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cpu_guest_runner import GUESTS_DIR, EMULATORS, Emulator, assert_passed, prepare, run_guest
+from cpu_guest_runner import (BANNER, EMULATORS, GUESTS_DIR, STATUS_DISK, Emulator, assert_passed,
+                              prepare, run_guest)
 
 
 @pytest.fixture(params=EMULATORS)
@@ -127,3 +128,23 @@ def test_cpu_guest_reset(emulator: Emulator, request: pytest.FixtureRequest, tmp
     run = boot(emulator, "reset", request, tmp_path)
     assert_passed(run, ["triple_fault", "kbc_reset", "cf9_reset", "unassigned_port", "port_flood"], boots=4)
     assert run.fields("unassigned_port") == {"byte": 0xFF, "word": 0xFFFF, "dword": 0xFFFFFFFF}
+
+
+def test_cpu_guest_disk_read_error(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # Only the MBR is on the disk: INT 13h AH=02h past the end fails as SeaBIOS fails it (0Ch),
+    # and the MBR reports it and exits with its own code.
+    prepare(emulator, "serial", request, tmp_path)
+    run = run_guest(emulator, "serial", tmp_path, size=512)
+    assert run.status == STATUS_DISK, run.describe()
+    lines = [line.strip() for line in run.output.splitlines() if line.strip()]
+    assert lines[-2:] == ["emu-guest mbr: loading payload", "FAIL disk read status=0c"], run.describe()
+
+
+def test_cpu_guest_triple_fault_no_reboot(emulator: Emulator, request: pytest.FixtureRequest,
+                                          tmp_path: Path) -> None:
+    # Under -no-reboot a triple fault ends the run (status 0) instead of resetting.
+    prepare(emulator, "reset", request, tmp_path)
+    run = run_guest(emulator, "reset", tmp_path, extra=("-no-reboot",))
+    assert run.status == 0, run.describe()
+    assert run.output.count(BANNER.format(name="reset")) == 1, run.describe()
+    assert run.lines[-1] == "reset: triple fault now", run.describe()
