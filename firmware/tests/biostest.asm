@@ -227,6 +227,7 @@ main:
         call    test_memory_sizes
         call    test_misc
         call    test_a20
+        call    test_move
         call    test_time
         call    dump_pci
         jmp     finish
@@ -1063,6 +1064,76 @@ test_a20:
         ret
 .bad:   FAIL    "A20 via INT 15h AX=2400h-2403h"
         ret
+
+; INT 15h AH=87h: one sector to 3 MiB and back (with A20 off on entry: the BIOS must turn it
+; on for the copy and off again).
+MOVE_GDT        equ     0x0900
+test_move:
+        mov     ax, SEG_A
+        mov     es, ax
+        mov     eax, 0x87
+        call    fill_written
+        mov     ax, 0x2400
+        int     0x15
+        mov     eax, SEG_A << 4
+        mov     ebx, 0x300000
+        call    move_sector
+        jc      .bad
+        mov     eax, 0x300000
+        mov     ebx, SEG_B << 4
+        call    move_sector
+        jc      .bad
+        mov     ax, 0x2402
+        int     0x15
+        cmp     al, 0
+        jne     .bad_a20
+        mov     ax, 0x2401
+        int     0x15
+        mov     ax, SEG_B
+        mov     es, ax
+        mov     ax, SEG_A
+        mov     fs, ax
+        mov     cx, 1
+        call    compare_sectors
+        jc      .bad
+        PUTS    `MOVE ok\r\n`
+        ret
+.bad:   FAIL    "INT 15h AH=87h"
+        ret
+.bad_a20:
+        FAIL    "INT 15h AH=87h left A20 on"
+        ret
+
+; Copy 512 bytes from linear EAX to linear EBX with INT 15h AH=87h.  CF from the BIOS.
+move_sector:
+        push    es
+        xor     cx, cx
+        mov     es, cx
+        mov     di, MOVE_GDT
+        mov     cx, 48
+.z:     mov     byte [di], 0
+        inc     di
+        loop    .z
+        mov     word [MOVE_GDT + 0x10], 0xFFFF
+        mov     [MOVE_GDT + 0x12], eax
+        mov     byte [MOVE_GDT + 0x15], 0x93
+        shr     eax, 24
+        mov     [MOVE_GDT + 0x17], al
+        mov     word [MOVE_GDT + 0x18], 0xFFFF
+        mov     [MOVE_GDT + 0x1A], ebx
+        mov     byte [MOVE_GDT + 0x1D], 0x93
+        shr     ebx, 24
+        mov     [MOVE_GDT + 0x1F], bl
+        mov     si, MOVE_GDT
+        mov     cx, 256
+        mov     ah, 0x87
+        int     0x15
+        pop     es
+        jc      .done
+        test    ah, ah
+        jz      .done
+        stc
+.done:  ret
 
 a20_wraps:                              ; CF=1 if 0x100500 aliases 0x000500
         push    ds

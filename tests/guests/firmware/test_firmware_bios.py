@@ -124,7 +124,7 @@ def test_firmware_biostest_basic(platform, tmp_path_factory):
     rep, disks = boot(BASIC, platform, tmp_path_factory)
     assert_passed(rep)
     for line in ("CHSREAD ok", "EXTREAD ok", "EXTWRITE ok", "CHSWRITE ok", "ERRORS ok",
-                 "A20 ok", "MISC ok"):
+                 "A20 ok", "MOVE ok", "MISC ok"):
         assert line in rep.lines
     assert_writes_landed(disks[0])
     assert disks[1].read(0, 64) == bytes(64 * 512)      # the virtio disk is never written
@@ -365,3 +365,69 @@ def test_firmware_runs_cpu_guests_like_seabios(guest, tmp_path):
     if theirs != (CPU_GUEST_PASS, "PASS"):
         pytest.skip(f"{guest} does not pass on SeaBIOS either: {theirs}")
     pytest.fail(f"{guest}: {ours} with our BIOS, PASS with SeaBIOS")
+
+
+# ---- hostile INT 15h AH=87h tables are refused, not a protected-mode fault ----------------------------
+
+MOVE_PROBE = r"""
+        bits    16
+        org     0x7C00
+        xor     ax, ax
+        mov     ds, ax
+        mov     es, ax
+        mov     di, 0x900
+        mov     cx, 48
+        rep     stosb
+        mov     word [0x910], 0xFFFF        ; source: base 0, not present (access 13h)
+        mov     byte [0x915], 0x13
+        mov     word [0x918], 0xFFFF        ; destination: fine, 1 MiB
+        mov     byte [0x91C], 0x10
+        mov     byte [0x91D], 0x93
+        call    move
+        mov     byte [0x915], 0x9B          ; source: a code segment
+        call    move
+        mov     byte [0x915], 0x93          ; source: present data but only 16 bytes long
+        mov     word [0x910], 0x000F
+        call    move
+        mov     word [0x910], 0xFFFF        ; all fine: must succeed
+        call    move
+        mov     dx, 0x501
+        mov     al, 0x10
+        out     dx, al
+        hlt
+move:   mov     si, 0x900
+        mov     cx, 256
+        mov     ah, 0x87
+        int     0x15
+        pushf
+        mov     al, ah                      ; report "<AH><C|->"
+        add     al, '0'
+        mov     ah, 0x0E
+        int     0x10
+        popf
+        mov     al, '-'
+        jnc     .p
+        mov     al, 'C'
+.p:     mov     ah, 0x0E
+        int     0x10
+        ret
+        times   510 - ($ - $$) db 0
+        dw      0xAA55
+"""
+
+
+@pytest.mark.parametrize("platform", [p for p in PLATFORMS if p.values[0].bios is not None],
+                         ids=lambda p: p.name)
+def test_firmware_int15_move_refuses_bad_descriptors(platform, tmp_path):
+    _usable(platform)
+    src = tmp_path / "move.asm"
+    src.write_text(MOVE_PROBE)
+    img = tmp_path / "move.img"
+    subprocess.run(["nasm", "-f", "bin", "-o", str(img), str(src)], check=True)
+    with open(img, "r+b") as f:
+        f.truncate(1 << 20)
+    rep = run(platform, [f"file={img},format=raw,if=ide"])
+    assert rep.status == 33, rep.output
+    # not present, code, too short: AH=02h with CF; the good table: AH=0, no CF; no reset
+    assert rep.output.endswith("2C2C2C0-"), rep.output[-200:]
+    assert rep.output.count("emu BIOS") == 1
