@@ -94,9 +94,13 @@ def make(kind: str, path: Path) -> None:
     elif kind == "dirty":
         base_image(path)
         put(path, 72, struct.pack(">Q", 1))
+    elif kind == "lazy-dirty":
+        # A lazy-refcounts writer killed mid-run: dirty bit set, refcounts never written.
+        run("qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), "16M")
+        run("qemu-io", "-c", "write -P 0x33 0 1M", "-c", "abort", str(path))
     else:
         raise ValueError(kind)
 
 
 KINDS = ["clean", "leak", "refcount-high", "refcount-low", "refcount-zero", "copied-flag",
-         "l2-outside", "l2-into-header", "l2-unaligned", "dirty"]
+         "l2-outside", "l2-into-header", "l2-unaligned", "dirty", "lazy-dirty"]

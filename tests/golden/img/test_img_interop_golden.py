@@ -146,3 +146,18 @@ def test_resize_grow(tmp_path: Path) -> None:
     assert json.loads(qemu("info", "--output=json", "g.qcow2", cwd=tmp_path).stdout)["virtual-size"] == \
         (1 << 30) + MiB
     assert os.path.getsize(tmp_path / "g.raw") == 3 * MiB
+
+
+def test_dirty_lazy_refcount_image_is_repaired_on_open(tmp_path: Path) -> None:
+    """A lazy-refcounts image left dirty is repaired when emu-img opens it read/write (as QEMU)."""
+    img = "lazy.qcow2"
+    qemu("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M", cwd=tmp_path)
+    subprocess.run(["qemu-io", "-c", "write -P 0x33 0 1M", "-c", "abort", img], cwd=tmp_path,
+                   capture_output=True)
+    assert qemu("check", img, cwd=tmp_path, rc=2).returncode == 2
+    emu("snapshot", "-c", "after", img, cwd=tmp_path)
+    clean_check(img, tmp_path)
+    assert json.loads(qemu("info", "--output=json", img, cwd=tmp_path).stdout)["dirty-flag"] is False
+    r = subprocess.run(["qemu-io", "-c", "read -P 0x33 0 1M", img], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
