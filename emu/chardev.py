@@ -216,7 +216,8 @@ class SocketChardev(Chardev):
         self._aserver: asyncio.AbstractServer | None = None
         self._unlink_path: str | None = None
         if self.fd is None and self.path is None and self.port is None:
-            raise ConfigError(f"Unable to parse FD number {self.fd or ''}".rstrip() + " ")
+            # QEMU's text when a socket chardev names no address at all
+            raise ConfigError("Unable to parse FD number ")
         if self.path is None and self.fd is None and self.host is None:
             self.host = "localhost"
 

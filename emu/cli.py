@@ -193,10 +193,13 @@ class _Builder:
         if backend == "file" and not options.get("path"):
             raise OptionError("chardev: file: no filename given", spec)
         if backend == "socket" and not any(k in options for k in ("path", "port", "fd")):
-            raise OptionError(f"Unable to parse FD number ", spec)
-        for key in ("server", "wait", "append", "nodelay", "telnet", "tls", "websocket"):
+            raise OptionError("Unable to parse FD number ", spec)
+        for key in ("server", "wait", "append", "nodelay", "telnet", "websocket"):
             if key in options:
-                parse_bool(options[key], key) if True else None
+                try:
+                    parse_bool(options[key], key)
+                except OptionError as e:
+                    raise OptionError(str(e), spec) from None
         self.chardev_ids.add(id)
         self.cfg.chardevs.append(ChardevConfig(spec, backend, id, options))
 
@@ -291,9 +294,6 @@ def _opt_chardev(b: _Builder, arg: str) -> None:
         raise OptionError(f"'{backend}' is not a valid char driver name")
     if not cid:
         raise OptionError("chardev: no id specified")
-    for key in ("server", "wait", "append"):
-        if key in opts:
-            parse_bool(opts[key], key)
     b.add_chardev(f"-chardev {arg}", backend, cid, opts)
 
 

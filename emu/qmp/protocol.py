@@ -80,8 +80,8 @@ def _check_obj(d: dict, allow_oob: bool) -> str:
     return exec_key
 
 
-def dispatch(request: Any, ctx: CommandContext, *, negotiated: bool, oob_enabled: bool,
-             in_io_thread: bool = False) -> dict[str, Any]:
+def dispatch(request: Any, ctx: CommandContext, *, negotiated: bool,
+             oob_enabled: bool) -> dict[str, Any]:
     """Run one parsed request; return the response dict (``return``/``error`` + ``id``).
 
     :param negotiated: capability negotiation is complete (full command table).
@@ -181,7 +181,7 @@ class QmpSession:
                 for value, err in self.parser.feed(data):
                     if err is None and isinstance(value, dict) and "exec-oob" in value \
                             and "execute" not in value:
-                        self.send(self._dispatch(value, in_io_thread=True))
+                        self.send(self._dispatch(value))    # OOB: at once, here
                         continue
                     await self.queue.put((value, err))
                 if not self.oob_enabled:
@@ -193,7 +193,6 @@ class QmpSession:
                 except (ConnectionError, OSError):
                     break
         finally:
-            self.closed_input = True
             # the command in flight finishes; queued ones are dropped (as QEMU does)
             while not self.queue.empty():
                 self.queue.get_nowait()
@@ -206,10 +205,9 @@ class QmpSession:
             self.closed = True
             self.server.sessions.discard(self)
 
-    def _dispatch(self, value: Any, in_io_thread: bool = False) -> dict[str, Any]:
+    def _dispatch(self, value: Any) -> dict[str, Any]:
         ctx = CommandContext(self.server.machine, self, self.server)
-        return dispatch(value, ctx, negotiated=self.negotiated, oob_enabled=self.oob_enabled,
-                        in_io_thread=in_io_thread)
+        return dispatch(value, ctx, negotiated=self.negotiated, oob_enabled=self.oob_enabled)
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()

@@ -190,7 +190,7 @@ def _cache_info(bs: Any, writeback: bool = True) -> dict:
 
 def _image_info(bs: Any) -> dict:
     info = bs.image_info(backing_chain=True)
-    if bs.drv == "file" or (bs.impl.__class__.__dict__.get("is_protocol", False)):
+    if getattr(bs.impl, "is_protocol", False):     # protocol nodes have no clusters
         info.pop("cluster-size", None)
     return info
 
