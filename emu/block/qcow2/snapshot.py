@@ -75,9 +75,30 @@ class SnapshotMixin:
             if ne != self.l1[i]:
                 self.l1[i] = ne
                 l1_changed = True
-        if l1_changed:
-            self.file_write(self.header.l1_table_offset, f.serialize_table(self.l1))
+        self._l1_flags_dirty = getattr(self, "_l1_flags_dirty", False) or l1_changed
         del cs
+
+    def _write_tree_metadata(self) -> None:
+        """Write refcount blocks, then the active L1 and L2 tables, back to back.
+
+        Refcounts and QCOW_OFLAG_COPIED live in different clusters, so no write order keeps
+        them equal at every instant (QEMU has the same window); building every buffer first
+        and issuing the writes in one burst keeps that window to a few microseconds.
+        Refcounts go first, so a crash can never leave a reference without its refcount.
+        """
+        for cache in (self.refs.cache, self.l2cache):
+            if cache.validate:
+                for off in cache.dirty:
+                    cache.validate(off)
+        writes = [(o, bytes(self.refs.cache.tables[o])) for o in sorted(self.refs.cache.dirty)]
+        if getattr(self, "_l1_flags_dirty", False):
+            writes.append((self.header.l1_table_offset, f.serialize_table(self.l1)))
+        writes += [(o, bytes(self.l2cache.tables[o])) for o in sorted(self.l2cache.dirty)]
+        for off, data in writes:
+            self.file_write(off, data)
+        self.refs.cache.dirty.clear()
+        self.l2cache.dirty.clear()
+        self._l1_flags_dirty = False
 
     def _write_snapshot_table(self) -> None:
         """QEMU's qcow2_write_snapshots: new table, then header, then free the old one."""
@@ -141,13 +162,16 @@ class SnapshotMixin:
         # 1. A copy of the active L1 table.
         if self.l1:
             sn.l1_table_offset = self.refs.alloc(len(self.l1) * 8)
-            self.file_write(sn.l1_table_offset, f.serialize_table(self.l1))
+            # The copy carries no QCOW_OFLAG_COPIED: everything in it is shared from now on,
+            # and a later goto then never exposes stale flags.
+            self.file_write(sn.l1_table_offset,
+                            f.serialize_table([e & ~f.QCOW_OFLAG_COPIED for e in self.l1]))
         # 2. Every cluster the snapshot shares gets one more reference; the active tree
         #    loses QCOW_OFLAG_COPIED where clusters are now shared.
         self._update_tree_refcounts(self.l1, +1)
         self._fix_copied_flags()
         # Raised refcounts and the L1 copy reach the disk before the snapshot table that uses them.
-        self._write_caches()
+        self._write_tree_metadata()
         self.barrier()
         self.snapshots.append(sn)
         try:
@@ -177,7 +201,7 @@ class SnapshotMixin:
             self.refs.update(sn.l1_table_offset, sn.l1_size * 8, -1)
         # 3. Active clusters that are no longer shared get QCOW_OFLAG_COPIED back.
         self._fix_copied_flags()
-        self._write_caches()
+        self._write_tree_metadata()
         self.barrier()
         self.invalidate_meta()
         return sn.info()
@@ -185,7 +209,9 @@ class SnapshotMixin:
     def snapshot_goto(self, id_or_name: str) -> dict:
         sn = self._find_id_or_name(id_or_name)
         self._flush_for_snapshot()
-        sn_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
+        # Entries of the new active table start without QCOW_OFLAG_COPIED (their refcount is
+        # at least 2 until the old tree is released); _fix_copied_flags sets them afterwards.
+        sn_l1 = [e & ~f.QCOW_OFLAG_COPIED for e in self._read_l1(sn.l1_table_offset, sn.l1_size)]
         if sn.l1_size > len(self.l1):
             self.grow_l1(sn.l1_size)
         new_l1 = sn_l1 + [0] * (len(self.l1) - len(sn_l1))
@@ -200,9 +226,11 @@ class SnapshotMixin:
         self.l1 = new_l1
         self.invalidate_meta()
         # 3. Only now that nothing points at the old active tree, lower its refcounts.
+        # Lower refcounts and recompute flags in memory, then write refcounts, L1 and L2
+        # tables back to back (refcounts first, as everywhere).
         self._update_tree_refcounts(old_l1, -1)
         self._fix_copied_flags()
-        self._write_caches()
+        self._write_tree_metadata()
         if sn.disk_size is not None and sn.disk_size != self.header.size:
             self.header.size = sn.disk_size
             self.file_write(24, struct.pack(">Q", sn.disk_size))
