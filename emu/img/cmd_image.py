@@ -67,6 +67,34 @@ def parse_o(fmt: str, items: list[str], filename: str) -> dict[str, str]:
     return out
 
 
+#: ``-o help`` rows: (name, type, description), as qemu-img lists them.
+_OPT_HELP = {
+    "backing_file": ("str", "File name of a base image"),
+    "backing_fmt": ("str", "Image format of the base image"),
+    "cluster_size": ("size", "qcow2 cluster size"),
+    "compat": ("str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("str", "Compression method used for image cluster compression"),
+    "extended_l2": ("bool (on/off)", "Extended L2 tables"),
+    "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
+    "refcount_bits": ("num", "Width of a reference count entry in bits"),
+    "size": ("size", "Virtual disk size"),
+}
+
+
+def create_options_help(fmt: str) -> str:
+    """``create -o help``: the creation options emu-img supports for ``fmt``."""
+    table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
+    rows = []
+    for key in sorted(k for k, _ in table):
+        if key == "preallocation":
+            modes = "off, metadata" if fmt == "qcow2" else "off, falloc, full"
+            typ, desc = "str", f"Preallocation mode (allowed values: {modes})"
+        else:
+            typ, desc = _OPT_HELP[key]
+        rows.append("  %-22s - %s\n" % (f"{key}=<{typ}>", desc))
+    return "Supported options:\n" + "".join(rows)
+
+
 def formatting_line(filename: str, fmt: str, opts: dict[str, str]) -> str:
     """qemu-img create's ``Formatting '...', fmt=... `` line."""
     table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
@@ -182,9 +210,8 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
     filename = args[0]
     if fmt not in ("qcow2", "raw"):
         raise ImgError(f"Unknown file format '{fmt}'")
-    if any(x.strip() == "help" for x in olist):
-        table = QCOW2_CREATE_OPTS if fmt == "qcow2" else RAW_CREATE_OPTS
-        sys.stdout.write(f"Supported options:\n" + "".join(f"  {k}\n" for k, _ in table))
+    if any(x.strip() in ("help", "?") for x in olist):
+        sys.stdout.write(create_options_help(fmt))
         return 0
     o = parse_o(fmt, olist, filename)
     if base is not None:

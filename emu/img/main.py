@@ -71,16 +71,44 @@ def parse_opts(args: list[str], shortopts: str, longopts: list[str]) -> tuple[li
         raise UsageError(f"unrecognized option '{bad}'") from None
 
 
+#: ``Command syntax`` lines of --help: the options emu-img understands, in qemu-img's notation.
+SYNTAX = {
+    "bench": "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-n] [-o offset] "
+             "[--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
+    "check": "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+    "commit": "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename",
+    "compare": "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
+    "convert": "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
+               "[-o options] [-S sparse_size] filename [filename2 [...]] output_filename",
+    "create": "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
+    "info": "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+    "map": "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
+    "snapshot": "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
+    "rebase": "rebase [-U] [-q] [-f fmt] [-t cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
+    "resize": "resize [-f fmt] [-q] [--shrink] filename [+ | -]size",
+}
+
+
 def usage() -> str:
-    """The --help text (command syntax of the subcommands emu-img provides)."""
+    """The --help text: qemu-img's layout, emu-img's commands and formats."""
     lines = [f"{PROG} version {VERSION} (emu)",
              f"usage: {PROG} [standard options] command [command options]",
              "QEMU disk image utility", "",
              "    '-h', '--help'       display this help and exit",
              "    '-V', '--version'    output version information and exit", "",
              "Command syntax:"]
-    lines += [f"  {n}" for n in sorted(COMMANDS)]
-    lines += ["", "Supported formats: qcow2 raw"]
+    lines += [f"  {SYNTAX.get(n, n)}" for n in sorted(COMMANDS)]
+    lines += ["", "Command parameters:",
+              "  'filename' is a disk image filename",
+              "  'fmt' is the disk image format (qcow2 or raw). It is guessed automatically in most cases",
+              "  'size' is the disk image size in bytes. Optional suffixes 'k' or 'K' (kilobyte, 1024),",
+              "    'M' (megabyte, 1024k), 'G' (gigabyte, 1024M), 'T' (terabyte, 1024G), 'P' (petabyte,",
+              "    1024T) and 'E' (exabyte, 1024P) are supported. 'b' is ignored.",
+              "  'options' is a comma separated list of format specific options in a name=value format.",
+              "    Use -o help for an overview of the options supported by the used format",
+              "  '-r' tries to repair any inconsistencies found during the check: '-r leaks' repairs only",
+              "    cluster leaks, whereas '-r all' fixes all kinds of errors",
+              "", "Supported formats: qcow2 raw"]
     return "\n".join(lines) + "\n"
 
 
