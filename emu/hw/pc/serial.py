@@ -258,13 +258,16 @@ class Serial16550:
         self._arm_timeout()
 
     def _arm_timeout(self) -> None:
-        self.timeout_ipending = False
-        if not self.fifo_enabled or not self.rx or len(self.rx) >= self.trigger_level:
-            if self._timer is not None:
-                self._timer.cancel()
+        """(Re)start the character timeout, 4 character times after the last FIFO activity.
+
+        As QEMU: every byte received or read re-arms it whatever the trigger level, and only
+        a read (or clearing the FIFO) withdraws a pending timeout indication.
+        """
+        if not self.fifo_enabled or not self.rx:
             return
         if self._timer is None:
-            self.timeout_ipending = True
+            if len(self.rx) < self.trigger_level:
+                self.timeout_ipending = True  # no clock: data below the trigger times out at once
         else:
             self._timer.mod(self.clock.now() + 4 * self._char_time_ns())
 
@@ -282,10 +285,7 @@ class Serial16550:
         if not self.rx:
             self.lsr &= ~UART_LSR_DR
         self._fill_fifo()
-        if self.rx:
-            self._arm_timeout()
-        elif self._timer is not None:
-            self._timer.cancel()
+        self._arm_timeout()
         return byte
 
     # ---- transmit path --------------------------------------------------------------------------
@@ -391,6 +391,8 @@ class Serial16550:
             self.rx.clear()
             self.lsr &= ~UART_LSR_DR
             self.timeout_ipending = False
+            if self._timer is not None:
+                self._timer.cancel()
         if value & UART_FCR_CLEAR_XMIT:
             self.lsr |= UART_LSR_THRE | UART_LSR_TEMT
             self.thr_ipending = True

@@ -21,6 +21,7 @@ IRQ_SOURCE = HERE / "hw_irq_dump.asm"
 RTC_SOURCE = HERE / "hw_rtc_dump.asm"
 KBD_SOURCE = HERE / "hw_kbd_dump.asm"
 PIC_SOURCE = HERE / "hw_pic_dump.asm"
+UART_SOURCE = HERE / "hw_uart_dump.asm"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -79,6 +80,17 @@ def kbd_rom(tmp_path_factory):
 def pic_rom(tmp_path_factory):
     return _assemble(tmp_path_factory, PIC_SOURCE)
 
+
+@pytest.fixture(scope="module")
+def uart_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, UART_SOURCE)
+
+
+#: The 16550A probe on QEMU 7.2 (hw_uart_dump.asm).
+QEMU_7_2_UART = (
+    "C1 60 |C1 61 CC 61 C1 CC |CC 62 63 64 65 66 C1 60 |C6 63 C4 61 40 41 42 43 44 45 46 47 48 49 "
+    "4A 4B 4C 4D 4E 4F 00 60 |01 06 63 32 60 |61 60 C1 C4 C1 C4 C1 C4 |"
+)
 
 #: The 8259 probe on QEMU 7.2 (hw_pic_dump.asm).
 QEMU_7_2_PIC = (
@@ -205,3 +217,14 @@ def test_pic_priorities_eoi_modes_match_qemu(pic_rom):
 @requires_qemu_system
 def test_pic_probe_recording_is_current(pic_rom):
     assert run_on_qemu(pic_rom).strip() == QEMU_7_2_PIC
+
+
+@requires_nasm
+def test_uart_fifo_timeout_overrun_match_qemu(uart_rom):
+    assert run_on_emu(uart_rom).strip() == QEMU_7_2_UART.strip()
+
+
+@requires_nasm
+@requires_qemu_system
+def test_uart_probe_recording_is_current(uart_rom):
+    assert run_on_qemu(uart_rom).strip() == QEMU_7_2_UART.strip()
