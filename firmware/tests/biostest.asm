@@ -229,6 +229,7 @@ main:
         call    test_a20
         call    test_move
         call    test_time
+        call    test_pcibios
         call    dump_pci
         jmp     finish
 
@@ -1264,6 +1265,103 @@ bcd2bin:                                ; AL BCD -> AL binary
         add     al, bl
         pop     bx
         ret
+
+; INT 1Ah AH=B1h: print "PCIBIOS" and what each call returns (AH, then the result), in order:
+; B101 (AL BX CL EDX), B102 8086:7010 #0 (BX) and #1, B103 class 010180 #0 (BX), B10A ID,
+; B109 class word, B108 pin, B10B/B108 line write + read back (then restored), B1FF.
+test_pcibios:
+        PUTS    "PCIBIOS"
+        mov     ax, 0xB101
+        xor     edi, edi
+        int     0x1A
+        call    .status
+        call    hex8
+        mov     ax, bx
+        call    .word
+        mov     al, cl
+        call    .byte
+        mov     eax, edx
+        call    .dword
+        mov     ax, 0xB102
+        mov     cx, 0x7010
+        mov     dx, 0x8086
+        xor     si, si
+        int     0x1A
+        call    .status
+        mov     ax, bx
+        call    hex16
+        mov     [V_TICKS], bx           ; (scratch) the IDE function
+        mov     ax, 0xB102
+        mov     cx, 0x7010
+        mov     dx, 0x8086
+        mov     si, 1
+        int     0x1A
+        call    .status
+        mov     ax, 0xB103
+        mov     ecx, 0x010180
+        xor     si, si
+        int     0x1A
+        call    .status
+        mov     ax, bx
+        call    hex16
+        mov     bx, [V_TICKS]
+        mov     ax, 0xB10A
+        mov     di, 0x00
+        int     0x1A
+        call    .status
+        mov     eax, ecx
+        call    hex32
+        mov     ax, 0xB109
+        mov     di, 0x0A
+        int     0x1A
+        call    .status
+        mov     ax, cx
+        call    hex16
+        mov     ax, 0xB108
+        mov     di, 0x3D
+        int     0x1A
+        call    .status
+        mov     al, cl
+        call    hex8
+        mov     ax, 0xB108              ; line: save, write 5, read back, restore
+        mov     di, 0x3C
+        int     0x1A
+        push    cx
+        mov     ax, 0xB10B
+        mov     cl, 0x05
+        int     0x1A
+        call    .status
+        mov     ax, 0xB108
+        int     0x1A
+        call    .status
+        mov     al, cl
+        call    hex8
+        pop     cx
+        mov     ax, 0xB10B
+        int     0x1A
+        mov     ax, 0xB1FF
+        int     0x1A
+        call    .status
+        call    crlf
+        ret
+.status:                                ; " AH" and "+" if CF; keeps AX..EDX
+        pushf
+        PUTS    " "
+        push    ax
+        mov     al, ah
+        call    hex8
+        pop     ax
+        popf
+        jnc     .nc
+        PUTS    "+"
+.nc:    PUTS    ":"
+        ret
+.byte:  PUTS    ","
+        jmp     hex8
+.word:  PUTS    ","
+        jmp     hex16
+.dword: PUTS    ","
+        jmp     hex32
 
 ; Print bus 0's configuration as the firmware left it.
 dump_pci:

@@ -198,6 +198,9 @@ def test_firmware_pci_matches_seabios(tmp_path_factory):
         # SeaBIOS's drivers turn bus mastering on for the devices they drive; we do for IDE
         assert int(a["CMD"], 16) & ~4 == int(b["CMD"], 16) & ~4, devfn
     assert ours.values("PIRQ") == sea.values("PIRQ") == ["0B0B0A0A ELCR 000C"]
+    # INT 1Ah AH=B1h: install check, find device/class, config reads/writes, unknown function
+    assert ours.values("PCIBIOS") == sea.values("PCIBIOS") == [
+        "00:01,0210,00,20494350 00:0009 86+: 00:0009 00:70108086 00:0101 00:00 00: 00:05 81+:"]
     assert ours.values("IDETIM") == sea.values("IDETIM")
     assert int(ours.values("IDETIM")[0], 16) == 0x80008000
     ide = op["09"]
