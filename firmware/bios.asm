@@ -68,7 +68,6 @@ EBDA_IO_LBA     equ     0x09C           ; qword: ata_rw's next LBA
 EBDA_IO_LEFT    equ     0x0A4           ; word: sectors still to transfer
 EBDA_IO_DONE    equ     0x0A6           ; word: sectors transferred
 EBDA_IO_WRITE   equ     0x0A8           ; byte: 1 = write
-EBDA_KBD_PEND   equ     0x0A9           ; byte: unused
 EBDA_E820       equ     0x0B0           ; E820_MAX entries of 20 bytes
 E820_MAX        equ     8
 EBDA_IDE_BDF    equ     0x150           ; word: PCI address of the IDE controller (FFFF: none)
