@@ -339,7 +339,7 @@ class BlockDriverState:
     def _snap_impl(self):
         if not self.impl.supports_snapshots:
             raise BlockError(f"Block format '{self.drv}' used by device '{self.node_name}' "
-                             "does not support feature 'internal snapshots'")
+                             "does not support internal snapshots")
         return self.impl
 
     def snapshot_list(self) -> list[dict]:
@@ -350,14 +350,20 @@ class BlockDriverState:
             return self.impl.snapshot_list()
 
     def snapshot_create(self, name: str, vm_clock_ns: int = 0, date: float | None = None,
-                        vm_state_size: int = 0, snapshot_id: str | None = None) -> dict:
-        """Create an internal snapshot; returns its SnapshotInfo."""
+                        vm_state_size: int = 0, snapshot_id: str | None = None,
+                        icount: int | None = None) -> dict:
+        """Create an internal snapshot; returns its SnapshotInfo.
+
+        :param snapshot_id: explicit id; default: the highest numeric id + 1, as QEMU.
+        :param icount: ``None`` (QMP: no icount) or a value (``qemu-img snapshot -c`` stores 0).
+        """
         impl = self._snap_impl()
         if self.read_only:
             raise BlockError(f"Block node '{self.node_name}' is read-only")
         with self.lock:
             return impl.snapshot_create(name, vm_clock_ns=vm_clock_ns, date=date,
-                                        vm_state_size=vm_state_size, snapshot_id=snapshot_id)
+                                        vm_state_size=vm_state_size, snapshot_id=snapshot_id,
+                                        icount=icount)
 
     def snapshot_delete(self, snapshot_id: str | None = None, name: str | None = None) -> dict:
         """Delete the snapshot matching id and/or name; returns the deleted SnapshotInfo."""

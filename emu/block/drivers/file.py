@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import threading
 from typing import Any
 
 from emu.block.node import (BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE,
@@ -35,6 +36,21 @@ class HostIOError(BlockError):
     def __init__(self, msg: str, err: int) -> None:
         super().__init__(msg)
         self.errno = err
+
+
+_bounce = threading.local()
+
+
+def _bounce_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer of at least ``size`` bytes, reused per thread (no page faults
+    and no mmap/munmap per request)."""
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, max(size, 1 << 20))
+        _bounce.buf = buf
+    return buf
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -119,14 +135,14 @@ class FileDriver(BlockDriver):
 
     def _read_direct(self, offset: int, length: int) -> bytes:
         start, alen = self._aligned(offset, length)
-        buf = mmap.mmap(-1, alen)
+        buf = memoryview(_bounce_buffer(alen))[:alen]
         try:
             got = os.preadv(self.fd, [buf], start)
             if got < alen:
                 buf[got:alen] = bytes(alen - got)
             return bytes(buf[offset - start:offset - start + length])
         finally:
-            buf.close()
+            buf.release()
 
     def write(self, offset: int, data: bytes) -> None:
         try:
@@ -142,7 +158,7 @@ class FileDriver(BlockDriver):
 
     def _write_direct(self, offset: int, data: bytes) -> None:
         start, alen = self._aligned(offset, len(data))
-        buf = mmap.mmap(-1, alen)
+        buf = memoryview(_bounce_buffer(alen))[:alen]
         try:
             if start != offset or alen != len(data):
                 # Read-modify-write of the partial sectors at both ends.
@@ -154,12 +170,12 @@ class FileDriver(BlockDriver):
             fsize = os.fstat(self.fd).st_size
             done = 0
             while done < alen:
-                done += os.pwritev(self.fd, [memoryview(buf)[done:]], start + done)
+                done += os.pwritev(self.fd, [buf[done:]], start + done)
             # Alignment padding must not grow the file beyond what was written.
             if start + alen > end and end > fsize:
                 os.ftruncate(self.fd, end)
         finally:
-            buf.close()
+            buf.release()
 
     def flush(self) -> None:
         if self.bs.cache_no_flush:

@@ -143,7 +143,8 @@ class SnapshotMixin:
         return [sn.info() for sn in self.snapshots]
 
     def snapshot_create(self, name: str, *, vm_clock_ns: int = 0, date: float | None = None,
-                        vm_state_size: int = 0, snapshot_id: str | None = None) -> dict:
+                        vm_state_size: int = 0, snapshot_id: str | None = None,
+                        icount: int | None = None) -> dict:
         if any(sn.name == name for sn in self.snapshots):
             raise BlockError(f"Snapshot with name '{name}' already exists")
         if len(self.snapshots) >= f.QCOW_MAX_SNAPSHOTS:
@@ -157,7 +158,7 @@ class SnapshotMixin:
         sec = int(now)
         sn = f.QCowSnapshot(0, len(self.l1), snapshot_id, name, date_sec=sec,
                             date_nsec=int((now - sec) * 1_000_000) * 1000, vm_clock_nsec=vm_clock_ns,
-                            vm_state_size=vm_state_size, disk_size=self.size, icount=None)
+                            vm_state_size=vm_state_size, disk_size=self.size, icount=icount)
         self._flush_for_snapshot()
         # 1. A copy of the active L1 table.
         if self.l1:
