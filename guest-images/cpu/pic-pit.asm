@@ -3,12 +3,17 @@
 ; Remaps the PICs to 0x20/0x28, runs PIT channel 0 at 1 kHz (mode 2), takes exactly IRQ0_COUNT
 ; IRQ 0s (the handler masks the line itself on the last one, so none can slip in after), EOIs
 ; them alternately non-specific and specific, reads ISR/IRR through OCW3, checks a masked tick
-; stays pending in IRR and is delivered on unmask, and times the tick rate against the RTC's
-; seconds.
+; stays pending in IRR and is delivered on unmask, times the tick rate against the RTC's
+; seconds, and runs channel 2 as a one-shot through port 0x61 (gate, OUT2) as Linux does.
 
 %include "boot.inc"
 
 IRQ0_COUNT      equ 200
+PIT_CH2         equ 0x42
+PORT_B          equ 0x61            ; bit 0 gate 2, bit 1 speaker, bit 5 OUT2 (read)
+PORTB_GATE2     equ 0x01
+PORTB_OUT2      equ 0x20
+CH2_COUNT       equ 11932           ; 10 ms
 VEC_MASTER      equ 0x20
 VEC_SLAVE       equ 0x28
 
@@ -156,6 +161,13 @@ main:
         FATAL "the RTC seconds did not change twice within 3000 IRQ 0 ticks"
 .rate_measured:
         mov byte [rate_sampling], 0
+        mov eax, [rate_tsc_2]           ; TSC ticks per RTC second / 1000
+        mov edx, [rate_tsc_2 + 4]
+        sub eax, [rate_tsc_1]
+        sbb edx, [rate_tsc_1 + 4]
+        mov ecx, 1000
+        div ecx
+        mov [tsc_per_ms], eax
         mov al, 0xFF
         out PIC1_DATA, al
         mov ecx, [rate_tick_2]
@@ -169,6 +181,85 @@ main:
         inc ebx
 .rate_done:
         CHECK "in_300_1600", ebx, 1
+        ENDTEST
+
+        ; Channel 2 one-shot (mode 0) gated through port 0x61, as Linux calibrates the TSC:
+        ; OUT2 (port 0x61 bit 5) low after programming, high ~10 ms later; then the read-back
+        ; status says OUT=1, lobyte/hibyte, mode 0, and the count has wrapped past zero.
+        in al, PORT_B
+        and al, 0xFC
+        or al, PORTB_GATE2              ; gate high, speaker off
+        out PORT_B, al
+        mov al, 0xB0                    ; channel 2, lobyte/hibyte, mode 0, binary
+        out PIT_MODE, al
+        mov al, CH2_COUNT & 0xFF
+        out PIT_CH2, al
+        mov al, CH2_COUNT >> 8
+        out PIT_CH2, al
+        in al, PORT_B
+        movzx ebx, al
+        and ebx, PORTB_OUT2             ; EBX = OUT2 right after programming
+        rdtsc                           ; time it with the TSC: polling the PIT misses
+        mov [ch2_tsc], eax              ; periods whenever the host deschedules the vCPU
+        mov [ch2_tsc + 4], edx
+        mov ebp, 50000000               ; bounded poll
+.ch2_wait:
+        in al, PORT_B
+        test al, PORTB_OUT2
+        jnz .ch2_done
+        dec ebp
+        jnz .ch2_wait
+.ch2_done:
+        rdtsc
+        sub eax, [ch2_tsc]
+        sbb edx, [ch2_tsc + 4]
+        mov ecx, [tsc_per_ms]
+        cmp edx, ecx                    ; quotient would not fit: report a huge value
+        jae .ch2_slow
+        div ecx
+        mov ebp, eax                    ; EBP = ms until OUT2 rose
+        jmp .ch2_timed
+.ch2_slow:
+        mov ebp, 0xFFFFFFFF
+.ch2_timed:
+        in al, PORT_B
+        movzx ecx, al
+        and ecx, PORTB_OUT2
+        mov al, 0xE8                    ; read-back: latch status of channel 2
+        out PIT_MODE, al
+        in al, PIT_CH2
+        movzx edi, al
+        mov al, 0x80                    ; counter latch, channel 2
+        out PIT_MODE, al
+        in al, PIT_CH2
+        mov dl, al
+        in al, PIT_CH2
+        mov dh, al
+        movzx esi, dx
+        mov [ch2_count], esi
+        in al, PORT_B
+        and al, 0xFC                    ; gate off again
+        out PORT_B, al
+        TEST "pit_ch2"
+        CHECK "out2_start", ebx, 0
+        CHECK "out2_end", ecx, PORTB_OUT2
+        CHECK "status", edi, 0xB0
+        SHOWDEC "ms_to_out2", ebp
+        xor ebx, ebx                    ; 10 ms programmed; late if the vCPU was descheduled
+        cmp ebp, 8
+        jb .ch2_range
+        cmp ebp, 250
+        ja .ch2_range
+        inc ebx
+.ch2_range:
+        CHECK "in_8_250", ebx, 1
+        mov eax, [ch2_count]
+        xor ebx, ebx
+        cmp eax, CH2_COUNT
+        jbe .ch2_wrap
+        inc ebx
+.ch2_wrap:
+        CHECK "count_wrapped", ebx, 1
         ENDTEST
 
         TEST "spurious"
@@ -196,15 +287,25 @@ irq0_handler:
         je .limit
         mov [rate_last_sec], al
         inc dword [rate_changes]
-        mov eax, [irq0_count]
+        push edx
+        rdtsc                           ; host-time base for the channel 2 check
         cmp dword [rate_changes], 1
         jne .second_change
+        mov [rate_tsc_1], eax
+        mov [rate_tsc_1 + 4], edx
+        mov eax, [irq0_count]
         mov [rate_tick_1], eax
+        pop edx
         jmp .limit
 .second_change:
         cmp dword [rate_changes], 2
-        jne .limit
+        jne .tsc_done
+        mov [rate_tsc_2], eax
+        mov [rate_tsc_2 + 4], edx
+        mov eax, [irq0_count]
         mov [rate_tick_2], eax
+.tsc_done:
+        pop edx
 .limit:
         mov eax, [irq0_count]
         cmp eax, [irq0_limit]
@@ -243,6 +344,11 @@ irq0_count:             dd 0
 irq0_limit:             dd 0
 unexpected_count:       dd 0
 unexpected_vector:      db 0
+ch2_count:              dd 0
+rate_tsc_1:             dq 0
+rate_tsc_2:             dq 0
+tsc_per_ms:             dd 0
+ch2_tsc:                dq 0
 rate_changes:           dd 0
 rate_tick_1:            dd 0
 rate_tick_2:            dd 0

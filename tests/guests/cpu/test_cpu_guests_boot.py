@@ -43,12 +43,13 @@ def test_cpu_guest_serial(emulator: Emulator, request: pytest.FixtureRequest, tm
 
 def test_cpu_guest_pic_pit(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     run = boot(emulator, "pic-pit", request, tmp_path)
-    assert_passed(run, ["imr", "pit", "irq0", "masked", "unmask", "rate", "spurious"])
+    assert_passed(run, ["imr", "pit", "irq0", "masked", "unmask", "rate", "pit_ch2", "spurious"])
     assert run.fields("irq0") == {"count": 200, "isr_in_handler": 1, "isr_after_eoi": 0,
                                   "imr_masked_by_handler": 0xFF}
     assert run.fields("masked") == {"count": 200, "irr": 1}
     assert run.fields("unmask") == {"count": 201}
     assert run.fields("pit")["status"] == 0x34
+    assert run.fields("pit_ch2")["status"] == 0xB0      # OUT=1, lobyte/hibyte, mode 0
 
 
 def test_cpu_guest_rtc(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
