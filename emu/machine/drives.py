@@ -48,8 +48,9 @@ def _backend_for(node: Any, name: str, readonly: bool) -> Any:
 
 def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
     """Open one drive (or register an empty cdrom) and add it to ``machine``."""
+    # a BlockBackend without a device counts as removable (QEMU: no device, no tray)
     dev = BlockDevice(name=d.id, qdev=qdev, media=d.media,
-                      removable=d.media == "cdrom")
+                      removable=d.media == "cdrom" or not qdev)
     dev.extra["drive"] = d
     graph = machine.block_graph
     if d.file and graph is not None:

@@ -188,10 +188,16 @@ def _cache_info(bs: Any, writeback: bool = True) -> dict:
             "no-flush": bool(bs.cache_no_flush)}
 
 
+BDRV_SECTOR_SIZE = 512
+
+
 def _image_info(bs: Any) -> dict:
     info = bs.image_info(backing_chain=True)
     if getattr(bs.impl, "is_protocol", False):     # protocol nodes have no clusters
         info.pop("cluster-size", None)
+        # QEMU's bdrv_getlength() counts whole sectors: a file's length is rounded up
+        size = info["virtual-size"]
+        info["virtual-size"] = -(-size // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
     return info
 
 
@@ -225,9 +231,10 @@ def query_block(ctx: CommandContext) -> list:
         e["locked"] = dev.locked
         if dev.node is not None:
             e["inserted"] = block_device_info(dev.node, writeback=dev.writeback)
-        if dev.removable:
+        if dev.removable and dev.qdev:
             e["tray_open"] = False
-        e["io-status"] = dev.io_status
+        if dev.qdev:            # I/O status is tracked once a device is attached
+            e["io-status"] = dev.io_status
         out.append(e)
     return out
 
@@ -239,7 +246,8 @@ def query_named_block_nodes(ctx: CommandContext, flat: bool = False) -> list:
         return []
     out = []
     for bs in g.nodes():
-        info = block_device_info(bs, depth_from_chain=False)
+        # QEMU's bdrv_block_device_info(flat): neither the depth nor the backing images
+        info = block_device_info(bs, depth_from_chain=not flat)
         if flat:
             info["image"].pop("backing-image", None)
         out.append(info)
@@ -269,13 +277,30 @@ def _stats(source: Any, accounted: bool) -> dict:
     return s
 
 
-def _node_stats(bs: Any, with_parent: bool = True) -> dict:
-    e: dict[str, Any] = {"node-name": bs.node_name, "stats": _stats(bs, False)}
-    if with_parent and bs.file is not None:
-        e["parent"] = _node_stats(bs.file)
-    if bs.drv == "file":
-        e["driver-specific"] = {"driver": "file", "discard-nb-ok": 0, "discard-nb-failed": 0,
-                                "discard-bytes-ok": 0}
+def _driver_specific(bs: Any) -> dict | None:
+    if bs.drv != "file":
+        return None
+    c = getattr(bs, "stats", None) or {}
+    c = c if isinstance(c, dict) else dict(getattr(c, "__dict__", {}))
+    return {"driver": "file", "discard-nb-ok": int(c.get("discard-nb-ok", 0)),
+            "discard-nb-failed": int(c.get("discard-nb-failed", 0)),
+            "discard-bytes-ok": int(c.get("discard-bytes-ok", 0))}
+
+
+def _node_stats(bs: Any, blk_level: bool, root_stats: dict | None = None,
+                head: dict | None = None) -> dict:
+    """QEMU's bdrv_query_bds_stats: the node, its data child as ``parent`` and, at
+    BlockBackend level, its backing node as ``backing`` (recursively)."""
+    e: dict[str, Any] = dict(head or {})
+    e["node-name"] = bs.node_name
+    e["stats"] = root_stats if root_stats is not None else _stats(bs, False)
+    ds = _driver_specific(bs)
+    if ds is not None:
+        e["driver-specific"] = ds
+    if bs.file is not None:
+        e["parent"] = _node_stats(bs.file, blk_level)
+    if blk_level and bs.backing is not None:
+        e["backing"] = _node_stats(bs.backing, blk_level)
     return e
 
 
@@ -285,18 +310,17 @@ def query_blockstats(ctx: CommandContext, query_nodes: bool = False) -> list:
     if query_nodes:
         g = ctx.machine.block_graph
         for bs in reversed(g.nodes()) if g is not None else []:
-            out.append(_node_stats(bs))
+            out.append(_node_stats(bs, False))
         return out
     for dev in ctx.machine.block_devices:
-        e: dict[str, Any] = {"device": dev.name}
+        head: dict[str, Any] = {"device": dev.name}
         if dev.qdev:
-            e["qdev"] = dev.qdev
-        if dev.node is not None:
-            e["node-name"] = dev.node.node_name
-        e["stats"] = _stats(dev.backend, True)
-        if dev.node is not None and dev.node.file is not None:
-            e["parent"] = _node_stats(dev.node.file)
-        out.append(e)
+            head["qdev"] = dev.qdev
+        stats = _stats(dev.backend, True)
+        if dev.node is None:
+            out.append(dict(head, stats=stats))
+        else:
+            out.append(_node_stats(dev.node, True, stats, head))
     return out
 
 
