@@ -20,31 +20,71 @@ DEBUG_EXIT_IOSIZE = 2
 POST_PORT = 0x80
 
 
+def parse_qemu_uint32(name: str, text: str) -> int:
+    """Parse a QEMU ``uint32`` device property as QEMU 7.2 does (base 0: ``0x`` hex, leading-0
+    octal, decimal; leading blanks allowed).
+
+    :raises ConfigError: ``Parameter 'NAME' expects integer`` / ``... expects uint32_t``.
+    """
+    t = text.lstrip()
+    neg = t.startswith("-")
+    body = t[1:] if t[:1] in ("+", "-") else t
+    if body[:2].lower() == "0x":
+        digits, base = body[2:], 16
+    elif len(body) > 1 and body[0] == "0":
+        digits, base = body[1:], 8
+    else:
+        digits, base = body, 10
+    allowed = "0123456789abcdefABCDEF"[: base if base <= 10 else base + 6]
+    if not digits or any(c not in allowed for c in digits):
+        raise ConfigError(f"Parameter '{name}' expects integer")
+    value = int(digits, base)
+    if (neg and value) or value > 0xFFFFFFFF:
+        raise ConfigError(f"Parameter '{name}' expects uint32_t")
+    return value
+
+
 class DebugExit:
     """The isa-debug-exit device.
 
     :param on_exit: called with the exit status ``(value << 1) | 1``; the machine shuts down
         and the process exits with it (mod 256, as the OS truncates QEMU's exit()).
     :param iobase: first port (QEMU property ``iobase``).
-    :param iosize: number of ports (QEMU property ``iosize``: 1, 2 or 4).
-    :raises ConfigError: for a size or base QEMU would not map.
+    :param iosize: number of ports (QEMU property ``iosize``); like QEMU, any uint32 is
+        accepted: 0 maps nothing and a range past 0xFFFF is cut at the end of the port space.
     """
 
     name = "isa-debug-exit"
+    io_max_size = 4
 
     def __init__(self, on_exit: Callable[[int], None], iobase: int = DEBUG_EXIT_IOBASE, iosize: int = DEBUG_EXIT_IOSIZE) -> None:
-        if iosize not in (1, 2, 4):
-            raise ConfigError(f"isa-debug-exit: iosize {iosize} is not 1, 2 or 4")
-        if not 0 <= iobase <= 0xFFFF - iosize + 1:
-            raise ConfigError(f"isa-debug-exit: iobase 0x{iobase:x} is outside the I/O space")
+        if not 0 <= iobase <= 0xFFFFFFFF or not 0 <= iosize <= 0xFFFFFFFF:
+            raise ConfigError("isa-debug-exit: iobase and iosize must be uint32 values")
         self.on_exit = on_exit
         self.iobase = iobase
         self.iosize = iosize
-        self.io_max_size = iosize
+
+    @classmethod
+    def from_qemu_props(cls, props: dict[str, str], on_exit: Callable[[int], None]) -> "DebugExit":
+        """Build from ``-device isa-debug-exit,...`` properties (strings), with QEMU's errors.
+
+        :raises ConfigError: e.g. ``Property 'isa-debug-exit.bogus' not found``.
+        """
+        values = {"iobase": DEBUG_EXIT_IOBASE, "iosize": DEBUG_EXIT_IOSIZE}
+        for key, text in props.items():
+            if key not in values:
+                raise ConfigError(f"Property 'isa-debug-exit.{key}' not found")
+            values[key] = parse_qemu_uint32(key, text)
+        return cls(on_exit, values["iobase"], values["iosize"])
 
     def register(self, bus: IOBus) -> None:
-        """Claim ``iobase .. iobase + iosize - 1``."""
-        bus.register_ports(self.iobase, self.iosize, self, self.name)
+        """Claim ``iobase .. iobase + iosize - 1`` (the part inside the 64 K port space).
+
+        :raises BusError: if those ports are taken (QEMU would let the regions overlap).
+        """
+        size = min(self.iosize, 0x10000 - self.iobase) if self.iobase < 0x10000 else 0
+        if size > 0:
+            bus.register_ports(self.iobase, size, self, self.name)
 
     def io_read(self, offset: int, size: int) -> int:
         return 0

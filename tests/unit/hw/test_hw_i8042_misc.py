@@ -138,8 +138,32 @@ def test_debug_exit_status_and_post_port():
     dx2.register(bus)
     bus.port_write(0xF4, 4, 0x10)
     assert codes[-1] == 0x21
-    with pytest.raises(ConfigError):
-        DebugExit(codes.append, iosize=3)
+    DebugExit(codes.append, iobase=0xFFFF, iosize=300).register(IOBus())  # cut at 0xFFFF, as QEMU
+    DebugExit(codes.append, iosize=0).register(bus)  # maps nothing
+
+
+@pytest.mark.parametrize(
+    "props, expect",
+    [
+        ({"iobase": "0xf4", "iosize": "0x04"}, (0xF4, 4)),
+        ({"iobase": "010"}, (8, 2)),
+        ({"iobase": " 5"}, (5, 2)),
+        ({"iobase": "foo"}, "Parameter 'iobase' expects integer"),
+        ({"iobase": "1e3"}, "Parameter 'iobase' expects integer"),
+        ({"iobase": ""}, "Parameter 'iobase' expects integer"),
+        ({"iobase": "-1"}, "Parameter 'iobase' expects uint32_t"),
+        ({"iobase": "0x100000000"}, "Parameter 'iobase' expects uint32_t"),
+        ({"bogus": "1"}, "Property 'isa-debug-exit.bogus' not found"),
+    ],
+)
+def test_debug_exit_properties_parse_like_qemu(props, expect):
+    if isinstance(expect, str):
+        with pytest.raises(ConfigError) as err:
+            DebugExit.from_qemu_props(props, lambda s: None)
+        assert str(err.value) == expect
+    else:
+        dx = DebugExit.from_qemu_props(props, lambda s: None)
+        assert (dx.iobase, dx.iosize) == expect
 
 
 def test_one_irq1_edge_per_byte_of_a_multi_byte_reply():
