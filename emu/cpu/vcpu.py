@@ -970,7 +970,7 @@ class VCPU:
             self._triple_fault()
 
     def _triple_fault(self) -> None:
-        log.info("triple fault: CPU shut down, reset requested")
+        log.debug("triple fault: CPU shut down, reset requested")
         self._shutdown = True
         self._halted = False
         if self._on_reset_request is not None:

@@ -1118,3 +1118,49 @@ irq_handler:
     assert board.run() == 0x31
     assert board.u32(0x500) == board.u32(0x504)
     assert board.u32(0x508) & 0x100 == 0
+
+
+def test_random_code_and_random_irqs_never_break_the_vcpu(caplog) -> None:
+    # Garbage code in 64-bit mode with random IRQ vectors: the guest faults, double faults,
+    # triple faults and reboots over and over; the vCPU stays pausable and reports no
+    # internal error.
+    import logging
+    import random
+    import threading
+    import time
+    from cpu_harness import standard_tables
+    rnd = random.Random(4)
+    resets: list[str] = []
+    holder: list[Board] = []
+
+    def on_reset(reason: str) -> None:
+        resets.append(reason)
+        holder[0].cpu.reset()
+
+    board = Board(guest("    mov eax, 0x100000\n    jmp rax\n", long_mode=True), on_reset_request=on_reset)
+    holder.append(board)
+    board.cpu.ram[0:4 << 20] = rnd.randbytes(4 << 20)
+    standard_tables(board.cpu.ram)
+    stop = threading.Event()
+
+    def irqs() -> None:
+        while not stop.is_set():
+            board.raise_irq(rnd.randrange(256))
+            time.sleep(0.002)
+
+    with caplog.at_level(logging.ERROR, logger="emu.cpu"):
+        board.cpu.start()
+        t = threading.Thread(target=irqs)
+        t.start()
+        try:
+            time.sleep(0.5)
+            assert board.cpu.pause(timeout=2)
+            board.cpu.registers()
+            board.cpu.resume()
+            time.sleep(0.1)
+        finally:
+            stop.set()
+            t.join()
+            board.cpu.stop()
+    assert resets and set(resets) == {"triple-fault"}
+    assert not [r for r in caplog.records if r.name == "emu.cpu"]
