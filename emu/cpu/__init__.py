@@ -20,4 +20,18 @@ Which module owns what:
 Threads: one thread (the vCPU thread) makes every Unicorn call; other threads talk to
 it through :meth:`VCPU.kick`, :meth:`VCPU.pause`, :meth:`VCPU.resume`,
 :meth:`VCPU.reset`, :meth:`VCPU.stop`, which only set flags, call ``emu_stop`` and wait.
+
+Use from the machine::
+
+    cpu = VCPU(ram_size, iobus.port_read, iobus.port_write, pic,
+               on_reset_request=..., clock_ns=clock.now)
+    cpu.load_rom(0x100000000 - len(bios), bios)      # + alias below 1 MiB
+    cpu.map_mmio(base, size, read, write)            # BARs; unmap_mmio() to move them
+    board.connect_cpu(cpu.kick)                      # an IRQ line rose: look now
+    cpu.start(); cpu.pause(); cpu.resume(); cpu.reset(); cpu.stop()
+    view = cpu.dma_view(gpa, n); ...; cpu.invalidate_code(gpa, n)   # device DMA
+
+Behaviour that differs from QEMU, and why, is written where it is implemented: IRQs behind
+IF=0 taken within ~0.5 ms (vcpu.py), ROM stores undone rather than dropped (vcpu.py), task
+gates not implemented (interrupts.py).
 """
