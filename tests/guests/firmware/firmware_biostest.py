@@ -126,7 +126,7 @@ class Platform:
     int10_console: bool = True      #: the firmware's INT 10h teletype reaches COM1
 
     def command(self, drives: list[str], memory: int | str = 64,
-                devices: list[str] = ()) -> list[str]:
+                devices: list[str] = (), extra: list[str] = ()) -> list[str]:
         """The full command line for a run with the given ``-drive`` and ``-device`` values."""
         cmd = [*self.argv, "-machine", "pc", "-m", str(memory), "-nodefaults", "-display", "none",
                "-serial", "stdio", "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
@@ -139,7 +139,7 @@ class Platform:
             cmd += ["-drive", d]
         for d in devices:
             cmd += ["-device", d]
-        return cmd
+        return cmd + list(extra)
 
 
 OURS_ON_QEMU = Platform("emu-bios@qemu", ("qemu-system-x86_64",), BIOS)
@@ -208,16 +208,17 @@ class Report:
 
 
 def run(platform: Platform, drives: list[str], memory: int | str = 64,
-        until: str | None = None, devices: list[str] = ()) -> Report:
+        until: str | None = None, devices: list[str] = (), extra: list[str] = ()) -> Report:
     """Boot *platform* with *drives*; wait for exit (or for the text *until*, then stop it).
 
     :param platform: emulator + firmware.
     :param drives: ``-drive`` option values.
     :param memory: RAM in MiB (or with QEMU's suffix, "5G").
     :param devices: ``-device`` option values.
+    :param extra: more options, as given.
     :param until: for runs that never exit (the BIOS halts): stop once this text appeared.
     """
-    cmd = platform.command(drives, memory, devices)
+    cmd = platform.command(drives, memory, devices, extra)
     if until is None:
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
