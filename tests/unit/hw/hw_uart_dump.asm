@@ -23,12 +23,12 @@ start:
     mov ss, ax
     mov sp, 0x7000
     mov word [0x8FE], 0
-    ; 75 baud 8N1 (divisor 1536: 4 characters = 533 ms, so the checks made right after a write
+    ; 150 baud 8N1 (divisor 768: 4 characters = 267 ms, so the checks made right after a write
     ; or read never race the character timeout, even on a loaded host), FIFO on with trigger 4,
     ; loopback, RX data + line status interrupts enabled
     OUTB 0x3FB, 0x83
     OUTB 0x3F8, 0x00
-    OUTB 0x3F9, 0x06
+    OUTB 0x3F9, 0x03
     OUTB 0x3FB, 0x03
     OUTB 0x3FA, 0x47
     OUTB 0x3FC, 0x10
@@ -136,9 +136,9 @@ start:
 .h: hlt
     jmp .h
 
-delay10:                    ; ~650 ms on PIT channel 2: past the 533 ms character timeout
+delay10:                    ; ~320 ms on PIT channel 2: past the 267 ms character timeout
     push cx
-    mov cx, 650
+    mov cx, 320
 .l: in al, 0x61
     and al, 0xFC
     or al, 1
