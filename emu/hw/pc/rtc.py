@@ -15,9 +15,11 @@ Interrupts on IRQ 8 (Motorola MC146818A datasheet):
 * register C read returns and clears the flags and lowers IRQ 8.
 
 UIP (register A bit 7) is set for the 244 µs before each update, as on the chip.
-Register D always reports valid RAM and time (VRT).  Setting SET in register B
-freezes the time so the guest can write it; clearing SET restarts the clock from
-what was written.
+Register D always reports valid RAM and time (VRT).  Setting SET in register B (or
+holding the divider in reset) stops the registers so the guest can write them;
+clearing it restarts the time from what was written, decoded in the format it was
+written in and keeping the sub-second phase (half a second after a divider reset),
+as QEMU 7.2 does (compared by tests/unit/hw/test_hw_qemu_compare.py).
 
 :meth:`Rtc.set_pc_config` fills the CMOS fields that QEMU's pc machine fills and
 firmware reads (memory sizes, boot order, equipment, hard disk types and geometry, CPUs).
