@@ -412,35 +412,49 @@ class VCPU:
             self._copy_bios_alias()
 
     def map_mmio(self, base: int, size: int, read: MmioRead, write: MmioWrite) -> None:
-        """Route guest-physical ``[base, base + size)`` to a device (page granular).
+        """Route guest-physical ``[base, base + size)`` to a device.
+
+        Unicorn maps whole 4 KiB pages: an unaligned region takes the pages around it, and
+        accesses to the rest of those pages read all ones (writes are dropped), as if
+        nothing were there.  Two regions cannot share a page (map the bus instead).
 
         :param read: ``read(offset, size) -> int`` (offset from ``base``).
         :param write: ``write(offset, size, value)``.
-        :raises ValueError: unaligned, or overlapping RAM/ROM/another MMIO region.
+        :raises ValueError: a bad range, or one overlapping RAM/ROM/another MMIO region.
         """
         self._with_cpu_stopped(lambda: self._map_mmio(base, size, read, write))
 
     def _map_mmio(self, base: int, size: int, read: MmioRead, write: MmioWrite) -> None:
-        if base % PAGE or size <= 0 or size % PAGE:
-            raise ValueError(f"MMIO region {base:#x}+{size:#x} must be page aligned")
-        self._check_free(base, base + size)
+        if base < 0 or size <= 0 or base + size > 1 << 52:
+            raise ValueError(f"MMIO region {base:#x}+{size:#x} is invalid")
+        start = base & ~(PAGE - 1)
+        end = (base + size + PAGE - 1) & ~(PAGE - 1)
+        self._check_free(start, end)
+        skew = base - start
 
         def on_read(_uc: object, offset: int, width: int, _ud: object) -> int:
+            ones = (1 << (8 * width)) - 1
+            off = offset - skew
+            if off < 0 or off + width > size:
+                return ones
             try:
-                return read(offset, width) & ((1 << (8 * width)) - 1)
+                return read(off, width) & ones
             except Exception as err:  # a device bug must not kill the vCPU
-                self._report(("mmio", base), "MMIO read at %#x+%#x failed: %s", base, offset, err)
-                return (1 << (8 * width)) - 1
+                self._report(("mmio", base), "MMIO read at %#x+%#x failed: %s", base, off, err)
+                return ones
 
         def on_write(_uc: object, offset: int, width: int, value: int, _ud: object) -> None:
+            off = offset - skew
+            if off < 0 or off + width > size:
+                return
             try:
-                write(offset, width, value)
+                write(off, width, value)
             except Exception as err:
-                self._report(("mmio", base), "MMIO write at %#x+%#x failed: %s", base, offset, err)
+                self._report(("mmio", base), "MMIO write at %#x+%#x failed: %s", base, off, err)
 
-        self._drop_filler(base, base + size)
-        self._uc.mmio_map(base, size, on_read, None, on_write, None)
-        self._add_mapped(base, base + size, "mmio")
+        self._drop_filler(start, end)
+        self._uc.mmio_map(start, end - start, on_read, None, on_write, None)
+        self._add_mapped(start, end, "mmio")
         self._mmio[base] = size
 
     def unmap_mmio(self, base: int, size: int) -> None:
@@ -448,9 +462,11 @@ class VCPU:
         def unmap() -> None:
             if self._mmio.get(base) != size:
                 raise ValueError(f"no MMIO region at {base:#x} of size {size:#x}")
-            self._uc.mem_unmap(base, size)
+            start = base & ~(PAGE - 1)
+            end = (base + size + PAGE - 1) & ~(PAGE - 1)
+            self._uc.mem_unmap(start, end - start)
             del self._mmio[base]
-            self._mapped = [m for m in self._mapped if m[0] != base]
+            self._mapped = [m for m in self._mapped if m[0] != start]
 
         self._with_cpu_stopped(unmap)
 

@@ -1029,8 +1029,11 @@ def test_bad_construction_arguments() -> None:
         VCPU(0x1000, board._port_read, board._port_write, board)
     with pytest.raises(ValueError):
         board.cpu.load_rom(0x1000, b"\0" * 0x1000)          # overlaps RAM
-    with pytest.raises(ValueError):
-        board.cpu.map_mmio(0xFEB00000, 0x100, lambda o, s: 0, lambda o, s, v: None)
+    board.cpu.map_mmio(0xFEB00100, 0x100, lambda o, s: 0, lambda o, s, v: None)
+    with pytest.raises(ValueError):       # shares the page of the region above
+        board.cpu.map_mmio(0xFEB00400, 0x100, lambda o, s: 0, lambda o, s, v: None)
+    board.cpu.unmap_mmio(0xFEB00100, 0x100)
+    board.cpu.map_mmio(0xFEB00400, 0x100, lambda o, s: 0, lambda o, s, v: None)
     with pytest.raises(ValueError):
         board.cpu.unmap_mmio(0xFEB00000, 0x1000)
     assert board.cpu.dma_view(0x1000, 16) is not None
@@ -1164,3 +1167,22 @@ def test_random_code_and_random_irqs_never_break_the_vcpu(caplog) -> None:
             board.cpu.stop()
     assert resets and set(resets) == {"triple-fault"}
     assert not [r for r in caplog.records if r.name == "emu.cpu"]
+
+
+def test_unaligned_mmio_region_gets_offsets_from_its_base() -> None:
+    body = r"""
+    mov eax, [0xFEB00104]                 ; inside the 0x20-byte region at 0xFEB00100
+    mov [RES], eax
+    mov eax, [0xFEB00000]                 ; same page, outside the region
+    mov [RES + 4], eax
+    mov word [0xFEB0011E], 0xBEEF
+    mov dword [0xFEB00200], 1             ; outside: dropped
+    EXIT 0x32
+"""
+    writes: list[tuple[int, int, int]] = []
+    board = Board(guest(body))
+    board.cpu.map_mmio(0xFEB00100, 0x20, lambda off, size: 0xA0 + off,
+                       lambda off, size, v: writes.append((off, size, v)))
+    assert board.run() == 0x32
+    assert (board.u32(0x500), board.u32(0x504)) == (0xA4, 0xFFFFFFFF)
+    assert writes == [(0x1E, 2, 0xBEEF)]
