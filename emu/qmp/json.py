@@ -510,6 +510,8 @@ class JsonMessageParser:
         elif typ == JSON_RSQUARE:
             self.bracket -= 1
         elif typ == JSON_ERROR:
+            # QEMU formats the token as a C string: it ends at the first NUL byte
+            text = text.split(b"\0", 1)[0]
             self._emit(None, JsonError(b"JSON parse error, stray '" + text + b"'"))
             return
         if self.token_size + len(text) + 1 > MAX_TOKEN_SIZE:

@@ -575,6 +575,21 @@ def blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
 
 # ------------------------------------------------------- blockdev-add / -del
 
+_CHILD_KEYS = ("file", "backing", "image", "data-file")
+
+
+def _check_references(ctx: CommandContext, opts: dict) -> None:
+    """A child given by name must exist: QEMU looks it up as device *and* node name."""
+    g = _graph(ctx)
+    for key in _CHILD_KEYS:
+        ref = opts.get(key)
+        if isinstance(ref, str):
+            if g.lookup(ref) is None and ctx.machine.find_block_device(ref) is None:
+                raise QmpError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        elif isinstance(ref, dict):
+            _check_references(ctx, ref)
+
+
 @command("blockdev-add", args=BLOCKDEV_OPTIONS, boxed=True)
 def blockdev_add(ctx: CommandContext, args: dict) -> dict:
     if "node-name" not in args:
@@ -583,6 +598,7 @@ def blockdev_add(ctx: CommandContext, args: dict) -> dict:
     if g.lookup(args["node-name"]) is not None or ctx.machine.find_block_device(
             args["node-name"]) is not None:
         raise QmpError(f"Duplicate nodes with node-name='{args['node-name']}'")
+    _check_references(ctx, args)
     try:
         bs = g.blockdev_add(args)
     except EmuError as e:

@@ -112,3 +112,7 @@ def test_writer_is_qemus(obj: object, text: str) -> None:
 def test_qdict_order_is_bucket_then_newest_first() -> None:
     # "status" and "singlestep" share a bucket: the later insertion comes first
     assert qdict_order(["running", "singlestep", "status"]) == ["status", "singlestep", "running"]
+
+
+def test_nul_byte_ends_the_quoted_token_like_a_c_string() -> None:
+    assert feed(b"\x00\n") == ["JSON parse error, stray ''"]
