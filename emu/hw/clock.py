@@ -15,7 +15,10 @@ Two ways to drive it:
   caller's thread with ``now()`` equal to each deadline.  Tests use it to get
   exact, fast and repeatable device timing.
 
-Timer callbacks run without any clock lock held; they may re-arm timers.
+Timer callbacks run without any clock lock held; they may re-arm timers.  The
+timer thread takes an expiry before it calls the callback, so a device thread may
+re-arm the timer in between: a callback that finds its timer ``pending`` again is
+stale and should return (the new arming will call it).
 """
 
 from __future__ import annotations

@@ -342,6 +342,8 @@ class Pit:
 
     def _on_timer(self) -> None:
         with self._lock:
+            if self._timer.pending:
+                return  # re-armed by a reprogramming after this expiry was taken: stale
             ch = self.channels[0]
             d = self._deadline_ticks
             if d is None:

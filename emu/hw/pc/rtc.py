@@ -263,6 +263,8 @@ class Rtc:
 
     def _on_periodic(self) -> None:
         with self._lock:
+            if self._periodic_timer.pending:
+                return  # re-armed meanwhile (rate or PIE changed): this expiry is stale
             self._raise_flags(REG_C_PF)
             self._arm_periodic()
 
@@ -276,7 +278,7 @@ class Rtc:
 
     def _on_second(self) -> None:
         with self._lock:
-            if not self._running():
+            if self._second_timer.pending or not self._running():
                 return
             flags = REG_C_UF
             self._store_time()

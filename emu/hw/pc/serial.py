@@ -273,6 +273,8 @@ class Serial16550:
 
     def _on_timeout(self) -> None:
         with self._lock:
+            if self._timer is not None and self._timer.pending:
+                return  # re-armed by newer FIFO activity: this expiry is stale
             if self.fifo_enabled and self.rx:
                 self.timeout_ipending = True
                 self._update_irq()

@@ -86,3 +86,14 @@ def test_timer_thread_fires_and_holds_timers_while_paused():
         assert fired.wait(5)
     finally:
         clock.stop()
+
+
+def test_pending_is_false_inside_own_callback_and_true_after_rearm():
+    clock = VirtualClock(manual=True)
+    seen = []
+    t = clock.timer(lambda: seen.append(t.pending))
+    t.mod(10)
+    clock.advance(10)
+    assert seen == [False]
+    t.mod(20)
+    assert t.pending and t.deadline == 20
