@@ -192,7 +192,8 @@ class PciFunction:
     def add_capability(self, cap_id: int, size: int) -> int:
         """Append a capability of ``size`` bytes to the list; returns its offset.
 
-        The ID and next pointer are read-only; the body is writable (adjust ``wmask`` as needed).
+        As QEMU's pci_add_capability, the whole capability starts read-only: the device fills
+        its body in ``config`` and opens writable fields by setting their ``wmask`` bytes.
         """
         off = (self._next_cap + 3) & ~3
         if off + size > PCI_CONFIG_SPACE_SIZE:
@@ -201,7 +202,8 @@ class PciFunction:
         c[off] = cap_id
         c[off + 1] = c[PCI_CAPABILITY_LIST]  # prepend: the list head points at the newest
         c[PCI_CAPABILITY_LIST] = off
-        self.wmask[off] = self.wmask[off + 1] = 0
+        for i in range(off, off + size):
+            self.wmask[i] = 0
         c[PCI_STATUS] |= PCI_STATUS_CAP_LIST
         self._next_cap = off + size
         return off

@@ -209,6 +209,11 @@ def test_capability_list():
     assert f.config_read(0x34, 1) == b
     assert f.config_read(b, 1) == 0x05 and f.config_read(b + 1, 1) == a
     assert f.config_read(a, 1) == 0x09 and f.config_read(a + 1, 1) == 0
+    f.config_write(a + 4, 4, 0xFFFFFFFF)
+    assert f.config_read(a + 4, 4) == 0  # capability bodies start read-only
+    f.wmask[a + 4] = 0xFF
+    f.config_write(a + 4, 4, 0xFFFFFFFF)
+    assert f.config_read(a + 4, 4) == 0xFF
 
 
 def test_hostile_config_traffic_never_raises():
