@@ -7,7 +7,7 @@ import importlib.util
 import random
 import sys
 
-from conftest import REPO
+from conftest import REPO, requires_qemu_system
 
 _loader = importlib.machinery.SourceFileLoader("qmp_fuzz", str(REPO / "scripts" / "qmp-fuzz"))
 _spec = importlib.util.spec_from_loader("qmp_fuzz", _loader)
@@ -31,3 +31,12 @@ def test_seeded_fuzz_run(tmp_path) -> None:
     assert stats["lines"] >= 2900
     assert stats["errors"] > 1000 and stats["vanished"] >= 20
     assert stats["second_client"] > 10 and stats["max_second_latency"] < 5.0
+
+
+@requires_qemu_system
+def test_differential_against_qemu(tmp_path) -> None:
+    """The same mutated lines to emu and qemu-system-x86_64 get identical replies."""
+    st = fuzz.differential(300, 424242, [sys.executable, "-m", "emu"], ["qemu-system-x86_64"],
+                           str(tmp_path))
+    assert st["lines"] > 200
+    assert st["diffs"] == []
