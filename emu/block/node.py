@@ -228,6 +228,8 @@ class BlockDriverState:
         self.force_share = force_share
         self.cache_direct = cache_direct
         self.cache_no_flush = cache_no_flush
+        #: QEMU's write cache flag; off (writethrough/directsync) flushes after every write.
+        self.cache_writeback = True
         #: What the image header named as backing (may differ from backing.filename).
         self.backing_file: str | None = None
         self.backing_format: str | None = None
@@ -275,6 +277,8 @@ class BlockDriverState:
             return
         with self.lock:
             self.impl.write(offset, bytes(data))
+            if not self.cache_writeback:
+                self.impl.flush()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (cheaply when the format can)."""
@@ -561,6 +565,7 @@ class BlockGraph:
             bs = self._new_node(fmt, node_name, filename=filename, read_only=read_only,
                                 force_share=force_share, cache_direct=proto.cache_direct,
                                 cache_no_flush=proto.cache_no_flush)
+            bs.cache_writeback = cache_writeback(cache)
         except BaseException:
             self.remove(proto)
             raise
@@ -695,3 +700,8 @@ def parse_cache_mode(cache: str | None) -> tuple[bool, bool]:
     if cache not in modes:
         raise BlockError(f"Invalid cache mode '{cache}'")
     return modes[cache]
+
+
+def cache_writeback(cache: str | None) -> bool:
+    """QEMU's write-cache flag: ``False`` for writethrough/directsync (flush after each write)."""
+    return cache not in ("writethrough", "directsync")
