@@ -103,7 +103,9 @@ class Delivery:
                 st.restore_bytes(saved)
                 if kind is Kind.SOFTWARE:
                     st.rip = st.rip - insn_length   # the fault is the INT instruction's
-                    saved = st.snapshot()
+                if fault.vector == PF and fault.cr2 is not None:
+                    st.set_cr(2, fault.cr2)         # a page fault loads CR2 when it happens
+                saved = st.snapshot()
                 if kind is Kind.EXCEPTION and vector == DF:
                     return DeliveryResult.TRIPLE_FAULT
                 first_contrib = kind is Kind.EXCEPTION and vector in CONTRIBUTORY
@@ -273,15 +275,7 @@ class Delivery:
         frame += [flags & 0xFFFFFFFF, st.seg(R_CS)[0], st.rip & 0xFFFFFFFF]
         if error_code is not None:
             frame.append(error_code)
-        sp = esp
-        user = new_cpl == 3
-        fmt = "<I" if size == 4 else "<H"
-        mask = 0xFFFFFFFF if size == 4 else 0xFFFF
-        data = bytearray()
-        for value in reversed(frame):
-            data += struct.pack(fmt, value & mask)
-        sp = (sp - len(data)) & sp_mask
-        mem.write(ss_base + sp, bytes(data), user=user)
+        sp = mem.push(ss_base, esp, sp_mask, frame, size, user=new_cpl == 3)
         if new_stack:
             if vm86:
                 for seg in (R_ES, R_DS, R_FS, R_GS):
@@ -330,8 +324,7 @@ class Delivery:
         frame = [st.seg(R_SS)[0], st.reg(R_ESP), flags, st.seg(R_CS)[0], st.rip]
         if error_code is not None:
             frame.append(error_code)
-        rsp = (rsp - 8 * len(frame)) & 0xFFFFFFFFFFFFFFFF
-        mem.write(rsp, struct.pack("<%dQ" % len(frame), *reversed(frame)), user=new_cpl == 3)
+        rsp = mem.push(0, rsp, 0xFFFFFFFFFFFFFFFF, frame, 8, user=new_cpl == 3)
         if new_cpl != cpl:
             # A ring change in long mode loads SS with a NULL selector whose RPL is the new CPL.
             st.load_seg_cache(R_SS, new_cpl, 0, 0, new_cpl << DESC_DPL_SHIFT)

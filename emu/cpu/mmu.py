@@ -64,6 +64,9 @@ class PhysMem:
 
     def read(self, gpa: int, n: int) -> bytes:
         """Read ``n`` bytes at ``gpa``; unbacked bytes read as 0xFF."""
+        hit = self._lookup(gpa)
+        if hit is not None and hit[2] >= n:       # the common case: all in one buffer
+            return bytes(hit[0][hit[1]:hit[1] + n])
         out = bytearray()
         while n > 0:
             hit = self._lookup(gpa)
@@ -118,6 +121,8 @@ class LinearMem:
         self.lma = bool(st.hflags & HF_LMA_MASK)
         # a20_mask is an int32 that QEMU sign-extends when it masks an address.
         self.a20 = st.i32(OFF_A20_MASK) & 0xFFFFFFFFFFFFFFFF
+        # One delivery touches a handful of pages (IDT, GDT, TSS, stack), several times.
+        self._tlb: dict[tuple[int, bool, bool], int] = {}
 
     def translate(self, lin: int, write: bool, user: bool) -> int:
         """Linear to physical; raises :class:`GuestFault` (#PF) as the CPU would."""
@@ -125,6 +130,15 @@ class LinearMem:
             lin &= 0xFFFFFFFF
         if not (self.cr0 & CR0_PG):
             return lin & self.a20
+        key = (lin >> 12, write, user)
+        page = self._tlb.get(key)
+        if page is not None:
+            return page | (lin & 0xFFF)
+        pa = self._walk(lin, write, user)      # faults report the exact address in CR2
+        self._tlb[key] = pa & ~0xFFF
+        return pa
+
+    def _walk(self, lin: int, write: bool, user: bool) -> int:
         err = (PF_W if write else 0) | (PF_U if user else 0)
         wp = bool(self.cr0 & CR0_WP)
         phys = self.phys
@@ -198,6 +212,33 @@ class LinearMem:
             lin += k
             n -= k
         return out
+
+    def push(self, base: int, sp: int, sp_mask: int, values: list[int], size: int,
+             user: bool = False) -> int:
+        """Push ``values`` (first one first, at the highest address) as the CPU does, each
+        ``size`` bytes, on the stack ``base``:``sp`` (``sp`` wraps within ``sp_mask``).
+
+        Every push is checked before anything is written; a fault reports the address of
+        the first push that fails in CR2, as the CPU's sequence of pushes would.
+
+        :returns: the new stack pointer.
+        """
+        mask = (1 << (8 * size)) - 1
+        writes = []
+        for value in values:
+            sp = (sp - size) & sp_mask
+            lin = base + sp
+            pa = self.translate(lin, True, user)
+            if (lin & 0xFFF) + size > 0x1000:      # a push straddling two pages
+                tail = self.translate((lin | 0xFFF) + 1, True, user)
+                first = 0x1000 - (lin & 0xFFF)
+                data = (value & mask).to_bytes(size, "little")
+                writes += [(pa, data[:first]), (tail, data[first:])]
+            else:
+                writes.append((pa, (value & mask).to_bytes(size, "little")))
+        for pa, data in writes:
+            self.phys.write(pa, data)
+        return sp
 
     def write(self, lin: int, data: bytes, user: bool = False) -> None:
         # Translate every page first so that a fault leaves memory untouched.

@@ -1186,3 +1186,32 @@ def test_unaligned_mmio_region_gets_offsets_from_its_base() -> None:
     assert board.run() == 0x32
     assert (board.u32(0x500), board.u32(0x504)) == (0xA4, 0xFFFFFFFF)
     assert writes == [(0x1E, 2, 0xBEEF)]
+
+
+def test_page_fault_on_the_stack_during_delivery_becomes_double_fault_on_ist() -> None:
+    # INT 0x40 with RSP in an unmapped page: pushing SS faults (#PF, CR2 = RSP - 8); the #PF
+    # cannot be pushed either: #DF, taken on IST1.
+    body = r"""
+    GATE64 0x40, never, 0x8E00
+    GATE64 14, never, 0x8E00
+    GATE64 8, df_handler, 0x8E01
+    mov qword [TSS + 0x24], 0x60000
+    mov ax, 0x50
+    ltr ax
+    mov rsp, 0x40000010                   ; the 2nd GiB is not mapped
+    int 0x40
+never:
+    EXIT 0xEE
+df_handler:
+    mov rax, cr2
+    mov [RES], rax
+    mov rax, [rsp]
+    mov [RES + 8], rax                    ; error code 0
+    mov [RES + 16], rsp
+    EXIT 0x33
+"""
+    board = Board(guest(body, long_mode=True))
+    assert board.run() == 0x33
+    assert board.u64(0x500) == 0x40000008
+    assert board.u64(0x508) == 0
+    assert board.u64(0x510) == 0x60000 - 48
