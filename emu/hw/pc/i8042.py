@@ -166,6 +166,7 @@ class I8042:
                 self.mouse_irq.set(mouse)
 
     def read_data(self) -> int:
+        """Guest read of port 0x60: the next output byte (0 when empty)."""
         with self._lock:
             if not self.queue:
                 return 0x00
@@ -182,12 +183,14 @@ class I8042:
             return byte
 
     def read_status(self) -> int:
+        """Guest read of port 0x64: the status register."""
         with self._lock:
             return self.status
 
     # ---- controller commands --------------------------------------------------------------------
 
     def write_command(self, val: int) -> None:
+        """Guest write of port 0x64: a controller command."""
         reset = False
         with self._lock:
             self.pending_cmd = 0
@@ -234,6 +237,7 @@ class I8042:
         return not val & KBD_OUT_RESET
 
     def write_data(self, val: int) -> None:
+        """Guest write of port 0x60: a command's data byte, or a byte for the keyboard."""
         reset = False
         with self._lock:
             cmd = self.pending_cmd

@@ -199,6 +199,7 @@ class PitChannel:
         self.gate = level
 
     def read(self) -> int:
+        """Guest read of the channel's data port: status latch, count latch, or live count."""
         if self.status_latched:
             self.status_latched = False
             return self.status
@@ -362,6 +363,7 @@ class Pit:
     # ---- port 0x61 ------------------------------------------------------------------------------
 
     def read_61(self) -> int:
+        """Guest read of port 0x61."""
         with self._lock:
             # The refresh bit flips on every read (QEMU's pcspk), so BIOS delay loops that wait
             # for it to toggle never stall; only the gate and speaker bits read back.
@@ -372,6 +374,7 @@ class Pit:
             return val
 
     def write_61(self, value: int) -> None:
+        """Guest write of port 0x61 (channel 2 gate, speaker data enable)."""
         with self._lock:
             self.port61 = value & 0x0F
             self.channels[2].set_gate(bool(value & P61_GATE2))

@@ -105,7 +105,8 @@ MAX_PENDING_INPUT = 1 << 20
 class SerialBackend(Protocol):
     """The host side of a UART (implemented by the chardev layer)."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Send bytes the guest transmitted."""
 
 
 class Serial16550:
@@ -180,10 +181,12 @@ class Serial16550:
 
     @property
     def fifo_enabled(self) -> bool:
+        """FCR bit 0: the 16-byte FIFOs are on."""
         return bool(self.fcr & UART_FCR_ENABLE_FIFO)
 
     @property
     def trigger_level(self) -> int:
+        """RX FIFO level that raises the received-data interrupt (1 without FIFO)."""
         return UART_FCR_TRIGGER[self.fcr & 0xC0] if self.fifo_enabled else 1
 
     def _char_time_ns(self) -> int:
@@ -410,7 +413,7 @@ class NullBackend:
     """``-serial null``: output discarded, no input."""
 
     def write(self, data: bytes) -> None:
-        return None
+        """Discard ``data``."""
 
 
 class FileBackend:
@@ -439,6 +442,7 @@ class FileBackend:
         return cls(sys.stdout.buffer, sys.stdin.buffer)
 
     def write(self, data: bytes) -> None:
+        """Write ``data`` to the output file and flush it."""
         if self.out is not None:
             self.out.write(data)
             self.out.flush()

@@ -66,6 +66,7 @@ class I440FX(PciFunction):
         self.on_pam_change = on_pam_change
 
     def config_written(self, offset: int, size: int, value: int) -> None:
+        """Report PAM changes to the memory layer."""
         if offset < I440FX_PAM + I440FX_PAM_SIZE and offset + size > I440FX_PAM and self.on_pam_change is not None:
             self.on_pam_change(bytes(self.config[I440FX_PAM : I440FX_PAM + I440FX_PAM_SIZE]))
 
@@ -135,10 +136,12 @@ class PIIX3(PciFunction):
                 self.pic.set_irq(irq, want[irq])
 
     def config_written(self, offset: int, size: int, value: int) -> None:
+        """Re-route INTx when a PIRQ route register changes."""
         if offset < PIIX_PIRQCA + PIIX_NUM_PIRQS and offset + size > PIIX_PIRQCA:
             self._update_irqs()
 
     def reset(self) -> None:
+        """Device reset: default routes (all disabled), RCR cleared."""
         super().reset()
         self.rcr = 0
         self._update_irqs()
@@ -146,9 +149,11 @@ class PIIX3(PciFunction):
     # ---- 0xCF9 ----------------------------------------------------------------------------------
 
     def rcr_read(self) -> int:
+        """Guest read of 0xCF9."""
         return self.rcr
 
     def rcr_write(self, value: int) -> None:
+        """Guest write of 0xCF9: bit 2 resets the system; bit 1 (hard reset) is kept."""
         if value & RCR_RST_CPU:
             if self.on_reset is not None:
                 self.on_reset()

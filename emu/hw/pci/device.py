@@ -103,6 +103,7 @@ class Bar:
 
     @property
     def type_bits(self) -> int:
+        """The BAR's read-only low bits (space, type, prefetchable)."""
         if self.io:
             return PCI_BASE_ADDRESS_SPACE_IO
         return (PCI_BASE_ADDRESS_MEM_TYPE_64 if self.mem64 else 0) | (PCI_BASE_ADDRESS_MEM_PREFETCH if self.prefetch else 0)
@@ -257,6 +258,7 @@ class PciFunction:
 
     @property
     def command(self) -> int:
+        """The command register."""
         return self.config[PCI_COMMAND] | self.config[PCI_COMMAND + 1] << 8
 
     def bar_address(self, bar: Bar) -> int | None:

@@ -35,13 +35,20 @@ def devfn(slot: int, function: int = 0) -> int:
 
 
 class IntxRouter(Protocol):
-    def route_intx(self, devfn: int, pin: int, level: bool) -> None: ...
+    """Routes bus-0 INTx pins to interrupt controller inputs (PIIX3)."""
+
+    def route_intx(self, devfn: int, pin: int, level: bool) -> None:
+        """INTx ``pin`` (0 = INTA#) of ``devfn`` is now at ``level``."""
 
 
 class ResetControl(Protocol):
-    def rcr_read(self) -> int: ...
+    """Answers byte accesses to port 0xCF9."""
 
-    def rcr_write(self, value: int) -> None: ...
+    def rcr_read(self) -> int:
+        """Guest read of 0xCF9."""
+
+    def rcr_write(self, value: int) -> None:
+        """Guest write of 0xCF9."""
 
 
 class PciHost:

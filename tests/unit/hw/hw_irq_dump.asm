@@ -218,6 +218,7 @@ stub %+ v:
     mov al, 0x0C
     out 0x70, al
     in al, 0x71
+    and al, 0xEF            ; UF: set whenever a second ticks by, which is up to timing
     REC
   %elif v == 1
     in al, 0x60
