@@ -18,7 +18,7 @@ from emu.block.qcow2 import format as f
 from emu.block.qcow2.create import create_qcow2
 from emu.errors import BlockError
 
-CASES = 300
+CASES = 500
 SIZE = 1 << 20
 
 
@@ -144,3 +144,55 @@ def test_mutated_images_fail_cleanly(tmp_path, compat):
     finally:
         signal.signal(signal.SIGALRM, old)
     assert outcomes["error"] > 10 and outcomes["ok"] > 10, outcomes
+
+
+def _patch(img: bytes, off: int, fmt: str, value: int) -> bytes:
+    b = bytearray(img)
+    struct.pack_into(fmt, b, off, value)
+    return bytes(b)
+
+
+def test_named_hostile_images(tmp_path):
+    """The cases the brief names, each a one-line ImageFormatError in well under a second."""
+    base = str(tmp_path / "base.qcow2")
+    img = _base_image(base, "1.1")
+    h = f.parse_header(img[:4096])
+    l2_off = f.parse_table(img[h.l1_table_offset:h.l1_table_offset + 8], 1)[0] & f.L1E_OFFSET_MASK
+    cases = {
+        "huge l1_size": (_patch(img, 36, ">I", 0x7FFFFFFF), "L1 table too large"),
+        "l1 beyond EOF": (_patch(img, 36, ">I", 100000), "beyond the end"),
+        "huge refcount table": (_patch(img, 56, ">I", 0x7FFFFFFF), "Reference count table too large"),
+        "refcount table beyond EOF": (_patch(img, 48, ">Q", 1 << 40), "beyond the end"),
+        "L1 overlaps refcount table": (_patch(img, 40, ">Q", h.refcount_table_offset), "overlap"),
+        "L1 inside the header": (_patch(img, 40, ">Q", 0), "Invalid L1 table offset"),
+        "L2 entry into the header": (_patch(img, l2_off + 8, ">Q", f.QCOW_OFLAG_COPIED | 0), None),
+        "L2 entry into the L1 table": (_patch(img, l2_off + 8, ">Q", f.QCOW_OFLAG_COPIED | h.l1_table_offset),
+                                       "Preventing invalid write on metadata"),
+        "L2 entry into the refcount table": (_patch(img, l2_off + 8, ">Q",
+                                                    f.QCOW_OFLAG_COPIED | h.refcount_table_offset),
+                                             "Preventing invalid write on metadata"),
+        "too many snapshots": (_patch(img, 60, ">I", 1 << 20), "Too many snapshots"),
+    }
+    for name, (data, want) in cases.items():
+        p = str(tmp_path / "h.qcow2")
+        with open(p, "wb") as fh:
+            fh.write(data)
+        t0 = time.monotonic()
+        g = BlockGraph()
+        try:
+            bs = g.open_image(p, "qcow2", cache="unsafe")
+            bs.read(0, bs.size)
+            bs.write(4096, b"x" * 4096)  # must never land on the header
+            bs.flush()
+            assert want is None, name
+        except BlockError as err:
+            assert want is not None and want in str(err), (name, str(err))
+            assert "\n" not in str(err)
+        finally:
+            try:
+                g.close_all()
+            except BlockError:
+                pass
+        assert time.monotonic() - t0 < 1.0, name
+        with open(p, "rb") as fh:
+            assert fh.read(4)[:4] == b"QFI\xfb", name  # the header was not overwritten
