@@ -114,12 +114,24 @@ main:
         CHECK "imr_masked_by_handler", ebx, 0xFF
         ENDTEST
 
-        ; Masked: ticks must not be delivered, but IRQ 0 stays requested in IRR.
+        ; Masked: ticks must not be delivered, but IRQ 0 stays requested in IRR.  Wait (with
+        ; IF=1) until IRR shows it - the emulator's timer may run late on a busy host - and
+        ; a few periods more.
         sti
-        mov ecx, 5
+        mov ebp, 1000
+.irr_wait:
+        mov ecx, 1
+        call pit_wait16
+        in al, PIC1_CMD                 ; OCW3 left IRR selected
+        test al, 0x01
+        jnz .irr_set
+        dec ebp
+        jnz .irr_wait
+.irr_set:
+        mov ecx, 3
         call pit_wait16
         cli
-        in al, PIC1_CMD                 ; OCW3 left IRR selected
+        in al, PIC1_CMD
         movzx ebx, al
         TEST "masked"
         CHECK "count", dword [irq0_count], IRQ0_COUNT

@@ -215,14 +215,14 @@ main:
         CHECK "c_second", eax, RTC_C_IRQF | RTC_C_UF
         CHECK "c_after", ecx, 0
         SHOWDEC "ms_between", ebx
-        xor ecx, ecx
-        cmp ebx, 800
+        xor ecx, ecx                    ; loose: either interrupt may come late on a busy host
+        cmp ebx, 500
         jb .interval_done
-        cmp ebx, 1200
+        cmp ebx, 1500
         ja .interval_done
         inc ecx
 .interval_done:
-        CHECK "in_800_1200", ecx, 1
+        CHECK "in_500_1500", ecx, 1
         ENDTEST
 
         ; Every wait above ended on an update cycle; at least one must have seen UIP itself.
