@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -40,6 +41,44 @@ class BlockReadOnlyError(BlockError):
     """A write to a read-only backend."""
 
 
+THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+
+
+class Throttle:
+    """QEMU's throttling limits without bursts: each limit is a clock that a request
+    advances by its cost (bytes/bps or 1/iops); a request waits until every clock that
+    applies to it has caught up with real time."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        bad = [k for k in limits if k not in THROTTLE_KEYS]
+        if bad:
+            raise BlockError(f"Invalid parameter '{bad[0]}'")
+        if any(int(v) < 0 for v in limits.values()):
+            raise BlockError("bps/iops/max values must be within [0, 1000000000000000]")
+        if limits.get("bps") and (limits.get("bps_rd") or limits.get("bps_wr")):
+            raise BlockError("bps and bps_rd/bps_wr cannot be used at the same time")
+        if limits.get("iops") and (limits.get("iops_rd") or limits.get("iops_wr")):
+            raise BlockError("iops and iops_rd/iops_wr cannot be used at the same time")
+        self.limits = {k: int(v) for k, v in limits.items() if int(v)}
+        self._clocks: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def delay(self, nbytes: int, write: bool) -> float:
+        """Reserve capacity for one request; returns how long the caller must wait."""
+        side = "_wr" if write else "_rd"
+        now = time.monotonic()
+        wait = 0.0
+        with self._lock:
+            for key, cost_of in (("bps", nbytes), ("bps" + side, nbytes), ("iops", 1), ("iops" + side, 1)):
+                rate = self.limits.get(key)
+                if not rate:
+                    continue
+                start = max(now, self._clocks.get(key, now))
+                wait = max(wait, start - now)
+                self._clocks[key] = start + cost_of / rate
+        return wait
+
+
 class BlockBackend:
     """The device-facing end of a block graph.
 
@@ -58,6 +97,31 @@ class BlockBackend:
         self._queued: list[tuple[Callable[[], Any], Callback | None]] = []
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
+        self._throttle: Throttle | None = None
+
+    def set_io_limits(self, limits: dict[str, int] | None) -> None:
+        """Set QEMU-style limits (``bps``, ``bps_rd``, ``bps_wr``, ``iops``, ``iops_rd``,
+        ``iops_wr``; 0 = unlimited); ``None`` or all zero removes throttling."""
+        t = Throttle(limits or {})
+        self._throttle = t if t.limits else None
+
+    @property
+    def io_limits(self) -> dict[str, int]:
+        """The current limits (every key, 0 when unlimited)."""
+        cur = self._throttle.limits if self._throttle else {}
+        return {k: cur.get(k, 0) for k in THROTTLE_KEYS}
+
+    def _throttled(self, fn: Callable[[], Any], nbytes: int, write: bool) -> Callable[[], Any]:
+        t = self._throttle
+        if t is None:
+            return fn
+
+        def run() -> Any:
+            wait = t.delay(nbytes, write)
+            if wait > 0:
+                time.sleep(wait)
+            return fn()
+        return run
 
     # --- root ------------------------------------------------------------------------------
     @property
@@ -120,13 +184,13 @@ class BlockBackend:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
         node = self._check(offset, length, False)
-        return self._run(lambda: node.read(offset, length))
+        return self._run(self._throttled(lambda: node.read(offset, length), length, False))
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``."""
         node = self._check(offset, len(data), True)
         data = bytes(data)
-        self._run(lambda: node.write(offset, data))
+        self._run(self._throttled(lambda: node.write(offset, data), len(data), True))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeroes."""
@@ -179,13 +243,13 @@ class BlockBackend:
 
     def aio_read(self, offset: int, length: int, callback: Callback) -> None:
         """Read on a worker thread; ``callback(bytes | Exception)``."""
-        self._aio(lambda: self._node().read(offset, length), callback,
+        self._aio(self._throttled(lambda: self._node().read(offset, length), length, False), callback,
                   lambda: self._check(offset, length, False))
 
     def aio_write(self, offset: int, data: bytes, callback: Callback | None = None) -> None:
         """Write on a worker thread; ``callback(None | Exception)``."""
         data = bytes(data)
-        self._aio(lambda: self._node().write(offset, data), callback,
+        self._aio(self._throttled(lambda: self._node().write(offset, data), len(data), True), callback,
                   lambda: self._check(offset, len(data), True))
 
     def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None) -> None:

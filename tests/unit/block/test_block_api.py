@@ -159,3 +159,23 @@ def test_blkdebug_delay(qimg):
     bs.read(0, 1)
     assert time.monotonic() - t0 >= 0.05
     g.close_all()
+
+
+def test_throttling_limits_bandwidth(qimg):
+    g = BlockGraph()
+    blk = BlockBackend(g.open_image(qimg), "t")
+    blk.set_io_limits({"bps_wr": 1 << 20})  # 1 MiB/s
+    assert blk.io_limits["bps_wr"] == 1 << 20 and blk.io_limits["iops"] == 0
+    t0 = time.monotonic()
+    for i in range(4):
+        blk.write(i * 65536, b"t" * 65536)  # 256 KiB -> about 0.19 s after the first
+    assert time.monotonic() - t0 >= 0.15
+    t0 = time.monotonic()
+    blk.read(0, 1 << 20)  # reads are not limited
+    assert time.monotonic() - t0 < 0.15
+    with pytest.raises(BlockError, match="cannot be used at the same time"):
+        blk.set_io_limits({"bps": 1, "bps_rd": 1})
+    blk.set_io_limits(None)
+    assert blk.io_limits["bps_wr"] == 0
+    blk.close()
+    g.close_all()
