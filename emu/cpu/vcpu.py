@@ -296,8 +296,11 @@ class VCPU:
         self._kick_pending = True
         self._uc.emu_stop()
         self._wake.set()
-        with self._cond:
-            self._cond.notify_all()
+        # The stopper only matters inside emu_start; the vCPU checks _kick_pending itself
+        # after setting _in_emu, so one of the two always sees the other.
+        if self._in_emu:
+            with self._cond:
+                self._cond.notify_all()
 
     def pause(self, timeout: Optional[float] = None) -> bool:
         """Park the vCPU; returns when it is parked (other threads) or at once (vCPU thread).
@@ -895,9 +898,9 @@ class VCPU:
                     self._apply_a20(a20)
                 if inval:
                     self._invalidate_now(inval)
-                with self._cond:
-                    self._inval_done = inval_seq
-                    self._cond.notify_all()
+                    with self._cond:
+                        self._inval_done = inval_seq
+                        self._cond.notify_all()
                 if self._rom_dirty:
                     self._invalidate_now(self._restore_rom_bytes())
                 self._step()
@@ -1040,7 +1043,11 @@ class VCPU:
         """Length of the instruction at CS:RIP that ends with ``opcode`` (prefixes skipped)."""
         st = self._st
         try:
-            code = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip, 15)
+            mem = LinearMem(st, self._phys)
+            pc = st.seg(L.R_CS)[1] + st.rip
+            if mem.read(pc, len(opcode)) == opcode:     # no prefixes: the usual case
+                return len(opcode)
+            code = mem.read(pc, 15)
         except GuestFault:
             return len(opcode)
         i = 0
