@@ -7,6 +7,7 @@ commands give QEMU's text as a *successful* reply: ``unknown command: 'foo'``.
 from __future__ import annotations
 
 import shlex
+import sys
 from typing import Any, Callable
 
 __all__ = ["run_hmp", "HMP_COMMANDS", "INFO_COMMANDS", "hmp"]
@@ -16,6 +17,8 @@ HmpFn = Callable[[Any, list[str]], str]
 HMP_COMMANDS: dict[str, HmpFn] = {}
 #: ``info`` sub-commands
 INFO_COMMANDS: dict[str, HmpFn] = {}
+#: ``info`` sub-commands that take no argument (QEMU complains about extra text)
+NO_ARGS = frozenset({"status", "version", "name", "snapshots"})
 
 
 def hmp(name: str, info: bool = False) -> Callable[[HmpFn], HmpFn]:
@@ -46,6 +49,9 @@ def run_hmp(machine: Any, line: str) -> str:
         fn = INFO_COMMANDS.get(sub)
         if fn is None:
             out = f"unknown command: 'info {sub}'\n" if sub else _info_help()
+        elif sub in NO_ARGS and rest2.strip():
+            out = (f"{sub}: extraneous characters at the end of line\n"
+                   f"Try \"help info {sub}\" for more information\n")
         else:
             out = fn(machine, _split(rest2))
     else:
@@ -75,7 +81,7 @@ def info_version(machine: Any, args: list[str]) -> str:
     from emu.qmp.protocol import PACKAGE, QEMU_VERSION
 
     v = QEMU_VERSION
-    return f"{v['major']}.{v['minor']}.{v['micro']}{PACKAGE and ' (' + PACKAGE + ')'}\n"
+    return f"{v['major']}.{v['minor']}.{v['micro']}{PACKAGE}\n"     # QEMU: no separator
 
 
 @hmp("name", info=True)
@@ -213,20 +219,34 @@ def _snapshot_row(s: dict) -> str:
 
 @hmp("snapshots", info=True)
 def info_snapshots(machine: Any, args: list[str]) -> str:
-    per_dev = []
-    for dev in machine.block_devices:
-        if dev.node is not None and dev.node.supports_snapshots:
-            snaps = dev.node.snapshot_list()
-            if snaps:
-                per_dev.append((dev.name, snaps))
-    if not per_dev:
+    """QEMU's hmp_info_snapshots: snapshots present (by name) on every writable disk are
+    listed once with id ``--``; the rest per device as partial (non-loadable)."""
+    writable = [d for d in machine.block_devices if d.node is not None and not d.node.read_only]
+    capable = [d for d in writable if d.node.supports_snapshots]
+    if not capable:
+        return "no block device can store vmstate for snapshot\n"
+    sn_tab = capable[0].node.snapshot_list()
+    images = [(d.name, list(d.node.snapshot_list())) for d in capable]
+    images = [(n, snaps) for n, snaps in images if snaps]
+    if not images:
         return "There is no snapshot available.\n"
-    # emu saves no VM state, so no snapshot is loadable on all disks
-    out = "List of snapshots present on all disks:\nNone\n"
-    for name, snaps in per_dev:
-        out += f"\nList of partial (non-loadable) snapshots on '{name}':\n"
+    names_on = [{s["name"] for s in d.node.snapshot_list()} if d.node.supports_snapshots
+                else None for d in writable]
+    everywhere = [sn for sn in sn_tab
+                  if all(names is not None and sn["name"] in names for names in names_on)]
+    out = "List of snapshots present on all disks:\n"
+    if everywhere:
         out += _snapshot_header() + "\n"
-        out += "".join(_snapshot_row(s) + "\n" for s in snaps)
+        out += "".join(_snapshot_row(dict(sn, id="--")) + "\n" for sn in everywhere)
+    else:
+        out += "None\n"
+    gone = {sn["name"] for sn in everywhere}
+    for name, snaps in images:
+        rest = [sn for sn in snaps if sn["name"] not in gone]
+        if rest:
+            out += f"\nList of partial (non-loadable) snapshots on '{name}':\n"
+            out += _snapshot_header() + "\n"
+            out += "".join(_snapshot_row(sn) + "\n" for sn in rest)
     return out
 
 
@@ -271,11 +291,16 @@ def hmp_qemu_io(machine: Any, args: list[str]) -> str:
         return ""
     verb, opts = words[0], words[1:]
     try:
-        return _qemu_io(target, node, verb, opts)
+        msg = _qemu_io(target, node, verb, opts)
     except (ValueError, IndexError):
-        return f"{verb}: invalid arguments\n"
+        msg = f"{verb}: invalid arguments\n"
     except Exception as e:  # noqa: BLE001 - qemu-io prints errors as text
-        return f"{verb} failed: {e}\n"
+        msg = f"{verb} failed: {e}\n"
+    # like QEMU, qemu-io's own output goes to the emulator's stdout, not the monitor
+    if msg:
+        sys.stdout.write(msg)
+        sys.stdout.flush()
+    return ""
 
 
 def _qemu_io(target: Any, node: Any, verb: str, opts: list[str]) -> str:

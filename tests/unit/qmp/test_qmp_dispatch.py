@@ -177,7 +177,9 @@ def test_hmp_texts(env) -> None:
     assert hmp("") == ""
     assert hmp("no-such-hmp-command") == "unknown command: 'no-such-hmp-command'\r\n"
     assert hmp("info no-such-thing") == "unknown command: 'info no-such-thing'\r\n"
-    assert hmp("info snapshots") == "There is no snapshot available.\r\n"
+    assert hmp("info snapshots") == "no block device can store vmstate for snapshot\r\n"
+    assert hmp("info status extra") == ("status: extraneous characters at the end of line\r\n"
+                                        "Try \"help info status\" for more information\r\n")
 
 
 def test_schema_introspection_describes_commands(env) -> None:
