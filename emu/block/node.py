@@ -468,10 +468,10 @@ class BlockGraph:
 
     # --- names ---------------------------------------------------------------------------
     def _auto_name(self) -> str:
-        # QEMU's id_generate(): "#block" + counter + two random digits.
+        # QEMU's id_generate(): "#block" + counter (from 0) + two random digits.
         while True:
-            self._counter += 1
             name = f"#block{self._counter}{random.randrange(100):02d}"
+            self._counter += 1
             if self.lookup(name) is None:
                 return name
 
