@@ -929,10 +929,9 @@ class VCPU:
         st.load()
         if self._event is not None:
             event, self._event = self._event, None
-            self._handle_event(event)
+            self._handle_event(event)      # leaves the blob equal to the live CPU
             if self._shutdown:
                 return
-            st.load()
         if self._intc.has_interrupt():
             if self._delivery.can_take_interrupt():
                 vector = self._intc.acknowledge() & 0xFF
@@ -940,7 +939,6 @@ class VCPU:
                 self._raise(vector, Kind.HARDWARE)
                 if self._shutdown:
                     return
-                st.load()
             elif not self._halted:
                 if st.eflags & L.IF and not st.eflags & L.TF:
                     # Interrupt shadow (STI, MOV SS): run exactly the one shadowed
