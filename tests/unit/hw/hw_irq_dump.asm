@@ -37,6 +37,8 @@ start:
 %assign v v + 1
 %endrep
     mov word [0x7FE], 0
+    mov byte [0x7FB], 0xFF
+    mov byte [0x7FD], 0
     ; QEMU 7.2's local APIC leaves reset with LINT0 masked, so the 8259's INTR reaches the CPU
     ; only once firmware sets LINT0 to ExtINT (virtual wire), as SeaBIOS does.  Do the same
     ; from unreal mode; on a machine without a LAPIC the writes go nowhere.
@@ -59,17 +61,19 @@ start:
     mov [fs:dword 0xFEE000F0], eax
     mov dword [fs:dword 0xFEE00350], 0x700
     call pic_init
-    ; ---------- A: PIT mode 2 ~1 ms, three IRQ 0s with normal EOI
+    ; ---------- A: PIT mode 2 ~1 ms, three IRQ 0s with normal EOI (the handler masks after 3)
     mov al, 'A'
     REC
+    mov byte [0x7FC], 0
+    mov byte [0x7FB], 3
     OUTB 0x21, 0xFE
     OUTB 0x43, 0x34
     OUTB 0x40, 0xA9
     OUTB 0x40, 0x04
     sti
-    hlt
-    hlt
-    hlt
+.a: hlt
+    cmp byte [0x7FC], 3
+    jb .a
     cli
     OUTB 0x21, 0xFF
     OUTB 0x43, 0x30          ; stop: mode 0, no count
@@ -78,19 +82,23 @@ start:
     REC
     mov byte [0x7FD], 1      ; stubs skip EOI
     call pic_init_aeoi
+    mov byte [0x7FC], 0
+    mov byte [0x7FB], 2
     OUTB 0x21, 0xFE
     OUTB 0x43, 0x34
     OUTB 0x40, 0xA9
     OUTB 0x40, 0x04
     sti
-    hlt
-    hlt
+.b: hlt
+    cmp byte [0x7FC], 2
+    jb .b
     cli
     OUTB 0x21, 0xFF
     OUTB 0x20, 0x0B
     in al, 0x20
     REC
     mov byte [0x7FD], 0
+    mov byte [0x7FB], 0xFF
     call pic_init
     ; ---------- C: PIT mode 4 one-shot: exactly one IRQ 0
     mov al, 'C'
@@ -119,9 +127,11 @@ start:
     call delay_ms
     OUTB 0x3F9, 0x00
     cli
-    ; ---------- E: RTC periodic 1024 Hz on IRQ 8, register C read in the handler
+    ; ---------- E: RTC periodic 1024 Hz on IRQ 8, register C read in the handler (masked after 3)
     mov al, 'E'
     REC
+    mov byte [0x7FC], 0
+    mov byte [0x7FB], 3
     OUTB 0x21, 0xFB
     OUTB 0xA1, 0xFE
     OUTB 0x70, 0x0A
@@ -129,10 +139,11 @@ start:
     OUTB 0x70, 0x0B
     OUTB 0x71, 0x42
     sti
-    hlt
-    hlt
-    hlt
+.e: hlt
+    cmp byte [0x7FC], 3
+    jb .e
     cli
+    mov byte [0x7FB], 0xFF
     OUTB 0x70, 0x0B
     OUTB 0x71, 0x02
     OUTB 0x70, 0x0C
@@ -144,10 +155,10 @@ start:
     OUTB 0x21, 0xFD
     sti
     OUTB 0x60, 0xF2
-    call delay_ms
+    call delay_10ms
     OUTB 0x64, 0xD2          ; a byte "from the keyboard"
     OUTB 0x60, 0x1C
-    call delay_ms
+    call delay_10ms
     cli
     OUTB 0x21, 0xFF
     ; ---------- G: masked edge stays in IRR; delivered on unmask
@@ -155,9 +166,8 @@ start:
     REC
     OUTB 0x43, 0x38
     OUTB 0x40, 0x00
-    OUTB 0x40, 0x01          ; 256 ticks, then wait 2 ms: QEMU's timer may lag the guest
-    call delay_ms
-    call delay_ms
+    OUTB 0x40, 0x01          ; 256 ticks, then wait 10 ms: timers may lag a loaded host
+    call delay_10ms
     OUTB 0x20, 0x0A
     in al, 0x20
     and al, 0x01
@@ -174,8 +184,7 @@ start:
     OUTB 0x43, 0x38
     OUTB 0x40, 0x00
     OUTB 0x40, 0x01
-    call delay_ms
-    call delay_ms
+    call delay_10ms
     OUTB 0x21, 0xFE
     OUTB 0x20, 0x0C
     in al, 0x20
@@ -224,6 +233,14 @@ stub %+ v:
     in al, 0x60
     REC
   %endif
+    inc byte [0x7FC]
+    mov al, [0x7FC]
+    cmp al, [0x7FB]
+    jb .under
+    mov al, 0xFF             ; limit reached: no further deliveries in this section
+    out 0x21, al
+    out 0xA1, al
+.under:
     cmp byte [0x7FD], 0
     jne .noeoi
   %if v >= 8
@@ -272,6 +289,14 @@ pic_init_common:
     mov al, 0xFF
     out 0x21, al
     out 0xA1, al
+    ret
+
+delay_10ms:
+    push cx
+    mov cx, 10
+.l: call delay_ms
+    loop .l
+    pop cx
     ret
 
 ; ~1 ms busy wait on PIT channel 2 (mode 0, polled OUT2 on port 0x61)
