@@ -200,3 +200,33 @@ def test_qemu_qmp_library_client(tmp_path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_sigterm_sends_shutdown_host_signal(tmp_path) -> None:
+    import signal
+
+    a = str(tmp_path / "a.sock")
+    p = launch("-qmp", f"unix:{a},server=on,wait=off")
+    try:
+        c = Client.unix(a)
+        c.negotiate()
+        p.send_signal(signal.SIGTERM)
+        ev = c.msg()
+        assert ev["event"] == "SHUTDOWN" and ev["data"] == {"guest": False, "reason": "host-signal"}
+        assert p.wait(20) == 0
+        assert b"terminating on signal 15" in p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_stdio_monitor_answers_every_piped_command() -> None:
+    r = subprocess.run([sys.executable, "-m", "emu", "-nodefaults", "-display", "none", "-S",
+                        "-qmp", "stdio"], cwd=REPO, capture_output=True, timeout=30,
+                       input=b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n'
+                             b'{"execute": "quit"}\n')
+    lines = r.stdout.split(b"\r\n")
+    assert r.returncode == 0 and lines[0].startswith(b'{"QMP": ')
+    assert lines[1:3] == [b'{"return": {}}',
+                          b'{"return": {"status": "prelaunch", "singlestep": false, "running": false}}']
+    assert b'"event": "SHUTDOWN"' in lines[3] and lines[4] == b'{"return": {}}'
