@@ -308,6 +308,35 @@ class BlockDriverState:
         if self.backing is not None and not self.backing.read_only:
             self.backing.drain_metadata()
 
+    def reopen(self, read_only: bool) -> None:
+        """Switch this node and its protocol child between read-only and read-write
+        (QEMU's bdrv_reopen, e.g. for commit into a backing file).
+
+        :raises ImageOpenError: another process holds a conflicting lock.
+        """
+        if read_only == self.read_only:
+            return
+        if read_only and self.force_share is False and not self.read_only:
+            self.flush()
+        if not read_only and self.force_share:
+            raise BlockError("force-share=on can only be used with read-only images")
+        with self.lock:
+            if self.file is not None:
+                self.file.reopen(read_only)
+            if hasattr(self.impl, "reopen"):
+                self.impl.reopen(read_only)
+            self.read_only = read_only
+            if self.impl.is_protocol or self.impl.is_filter:
+                return
+            # Format drivers re-read their metadata in the new mode.
+            try:
+                self.impl.open(dict(self.options))
+            except BaseException:
+                self.read_only = not read_only
+                if self.file is not None:
+                    self.file.reopen(not read_only)
+                raise
+
     def truncate(self, size: int) -> None:
         """Resize (grow) the node."""
         if self.read_only:
@@ -573,6 +602,7 @@ class BlockGraph:
         proto.auto = True
         proto.parents += 1
         try:
+            bs.options = dict(options or {})
             bs.impl.open(dict(options or {}))
             bs.opened = True
             if bs.impl.supports_backing and bs.backing_file and backing is _UNSET:
@@ -644,6 +674,7 @@ class BlockGraph:
         bs.file = fnode
         fnode.parents += 1
         backing = opts.pop("backing", _UNSET)
+        bs.options = dict(opts)
         try:
             bs.impl.open(opts)
             bs.opened = True

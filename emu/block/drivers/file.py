@@ -70,35 +70,66 @@ class FileDriver(BlockDriver):
         super().__init__(bs)
         self.fd = -1
         self.direct = False
+        self.options: dict[str, Any] = {}
 
     def open(self, options: dict[str, Any]) -> None:
         path = options["filename"]
         if path.startswith("file:"):
             path = path[5:]
         self.path = path
-        bs = self.bs
-        flags = os.O_RDONLY if bs.read_only else os.O_RDWR
+        self.options = dict(options)
+        self.fd = self._open_fd(self.bs.read_only)
+
+    def _open_fd(self, read_only: bool) -> int:
+        bs, path, options = self.bs, self.path, self.options
+        flags = os.O_RDONLY if read_only else os.O_RDWR
         flags |= os.O_CLOEXEC
         if bs.cache_direct:
             flags |= os.O_DIRECT
             self.direct = True
         try:
-            self.fd = os.open(path, flags)
+            fd = os.open(path, flags)
         except OSError as err:
             raise ImageOpenError(f"Could not open '{path}': {os.strerror(err.errno)}") from err
         if options.get("locking", "auto") not in ("off", False):
-            if bs.read_only:
+            if read_only:
                 perm = BLK_PERM_CONSISTENT_READ
                 shared = BLK_PERM_ALL if bs.force_share else BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
             else:
                 perm = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE
                 shared = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
+            # Our own old descriptor must not count as a conflict while reopening.
+            old = self.fd
+            if old >= 0:
+                release_locks(old)
             try:
-                apply_perm_locks(self.fd, path, perm, shared)
+                apply_perm_locks(fd, path, perm, shared)
             except BaseException:
-                os.close(self.fd)
-                self.fd = -1
+                os.close(fd)
+                if old >= 0:
+                    self._relock(old)
                 raise
+        return fd
+
+    def _relock(self, fd: int) -> None:
+        bs = self.bs
+        if bs.read_only:
+            perm = BLK_PERM_CONSISTENT_READ
+            shared = BLK_PERM_ALL if bs.force_share else BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
+        else:
+            perm = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE
+            shared = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED
+        try:
+            apply_perm_locks(fd, self.path, perm, shared)
+        except ImageOpenError:
+            pass  # keep going with what we had
+
+    def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (new descriptor, new locks)."""
+        fd = self._open_fd(read_only)
+        old, self.fd = self.fd, fd
+        if old >= 0:
+            os.close(old)
 
     def _err(self, what: str, err: OSError) -> HostIOError:
         return HostIOError(f"{what} of '{self.path}' failed: {os.strerror(err.errno)}", err.errno)

@@ -147,3 +147,26 @@ def test_file_discard_punches_hole_and_direct_io(tmp_path, graph):
     n.flush()
     assert os.stat(r).st_blocks * 512 < (1 << 20)
     assert n.size == 1 << 20
+
+
+def test_reopen_read_write_and_back(tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    create_qcow2(base, 1 << 20)
+    top = str(tmp_path / "top.qcow2")
+    create_qcow2(top, 1 << 20, backing_file="base.qcow2", backing_fmt="qcow2")
+    g = BlockGraph()
+    t = g.open_image(top)
+    b = t.backing
+    assert b.read_only
+    with pytest.raises(BlockError):
+        b.write(0, b"x")
+    b.reopen(False)  # as block-commit does
+    b.write(0, b"base")
+    other = BlockGraph()
+    with pytest.raises(ImageOpenError, match='Failed to get "write" lock'):
+        other.open_image(base)
+    b.reopen(True)
+    assert b.read_only and t.read(0, 4) == b"base"
+    other.open_image(base, read_only=True)  # only readers now
+    other.close_all()
+    g.close_all()
