@@ -1,7 +1,8 @@
 ; lm-exceptions - 64-bit long mode: exceptions, interrupts and SYSCALL through the 64-bit IDT.
 ;
-; CPL0: #UD delivered on an IST stack, #GP with a selector error code, #GP(0) for a
-; non-canonical address, #PF (not-present read and write: CR2 + error code), INT3.
+; CPL0: #UD delivered on an IST stack, #GP with a selector error code, #DF (#GP through a
+; not-present gate), #GP(0) for a non-canonical address, #PF (not-present read and write:
+; CR2 + error code), INT3.
 ; CPL3 (entered by IRETQ): SYSCALL/SYSRET round trip (STAR, LSTAR, FMASK: RCX/R11, masked
 ; RFLAGS, CS/SS on both sides), INT 0x80 through a DPL3 gate on RSP0 from the TSS, INT 0x81
 ; through a DPL0 gate -> #GP (error 0x81*16+2 as QEMU 7.2 reports it in long mode), #PF on a
@@ -202,6 +203,21 @@ lm_entry:
         CHECK "error", qword [rbx + R_ERROR], SEL_BAD
         CHECK "rip", qword [rbx + R_RIP], .gp_at
         FRAME_ON [rsp_before]
+        ENDTEST
+
+        ; #GP whose gate is not present: #NP while delivering it, two contributory faults
+        ; -> #DF with error code 0.
+        and byte [IDT_BASE + 13 * 16 + 5], 0x7F
+        EXPECT .df_resume
+        mov ax, SEL_BAD
+.df_at:
+        mov ds, ax
+.df_resume:
+        or byte [IDT_BASE + 13 * 16 + 5], 0x80
+        TEST "df"
+        RECORD
+        CHECK "vector", qword [rbx + R_VECTOR], 8
+        CHECK "error", qword [rbx + R_ERROR], 0
         ENDTEST
 
         mov rdi, cr2

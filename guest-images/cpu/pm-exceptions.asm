@@ -1,7 +1,8 @@
 ; pm-exceptions - 32-bit protected mode: exceptions and interrupts through the IDT.
 ;
-; CPL0: #UD, #GP with a selector error code, #PF (not-present read and write: CR2 + error
-; code), INT3 through a DPL3 trap gate (IF kept), INTO through an interrupt gate (IF cleared).
+; CPL0: #UD, #GP with a selector error code, #DF (#GP through a not-present gate), #PF
+; (not-present read and write: CR2 + error code), INT3 through a DPL3 trap gate (IF kept),
+; INTO through an interrupt gate (IF cleared).
 ; CPL3 (entered by IRET, stack switch through the TSS): INT 0x80 through a DPL3 interrupt gate
 ; (frame, SS:ESP on entry), INT 0x81 through a DPL0 gate -> #GP(0x81*8+2), #PF on a supervisor
 ; page (error code 5), CLI -> #GP(0), and IRQ 0 from the PIT taken while at CPL3.
@@ -182,6 +183,21 @@ pm_entry:
         CHECK "eip", dword [ebx + R_EIP], .gp_at
         FRAME_IS
         CHECK "ds_unchanged", edi, SEL_DATA0
+        ENDTEST
+
+        ; #GP whose gate is not present: #NP while delivering it, two contributory faults
+        ; -> #DF with error code 0.
+        and byte [IDT_BASE + 13 * 8 + 5], 0x7F
+        EXPECT .df_resume
+        mov ax, SEL_BAD
+.df_at:
+        mov ds, ax
+.df_resume:
+        or byte [IDT_BASE + 13 * 8 + 5], 0x80
+        TEST "df"
+        RECORD
+        CHECK "vector", dword [ebx + R_VECTOR], 8
+        CHECK "error", dword [ebx + R_ERROR], 0
         ENDTEST
 
         mov eax, PAGE_DIR

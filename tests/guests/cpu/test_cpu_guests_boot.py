@@ -70,9 +70,10 @@ USTACK_TOP = 0x38000     # where their CPL3 code's stack starts
 
 def test_cpu_guest_pm_exceptions(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     run = boot(emulator, "pm-exceptions", request, tmp_path)
-    assert_passed(run, ["ud", "gp_selector", "pf_read", "pf_write", "int3", "into", "int80_dpl3",
+    assert_passed(run, ["ud", "gp_selector", "df", "pf_read", "pf_write", "int3", "into", "int80_dpl3",
                         "int81_dpl0", "pf_user", "cli_user", "irq_cpl3"])
     assert run.fields("gp_selector")["error"] == 0x100
+    assert (run.fields("df")["vector"], run.fields("df")["error"]) == (8, 0)
     assert (run.fields("pf_read")["error"], run.fields("pf_read")["cr2"]) == (0, 0x300010)
     assert (run.fields("pf_write")["error"], run.fields("pf_write")["cr2"]) == (2, 0x300024)
     assert (run.fields("pf_user")["error"], run.fields("pf_user")["cr2"]) == (5, 0x301008)
@@ -84,9 +85,10 @@ def test_cpu_guest_pm_exceptions(emulator: Emulator, request: pytest.FixtureRequ
 
 def test_cpu_guest_lm_exceptions(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     run = boot(emulator, "lm-exceptions", request, tmp_path)
-    assert_passed(run, ["ud_ist", "gp_selector", "gp_noncanonical", "pf_read", "pf_write", "int3",
+    assert_passed(run, ["ud_ist", "gp_selector", "df", "gp_noncanonical", "pf_read", "pf_write", "int3",
                         "syscall", "int80_dpl3", "int81_dpl0", "pf_user", "irq_cpl3"])
     assert run.fields("ud_ist")["frame"] == 0x34000 - 40          # IST1 top, 5 qwords pushed
+    assert (run.fields("df")["vector"], run.fields("df")["error"]) == (8, 0)
     assert (run.fields("pf_read")["error"], run.fields("pf_read")["cr2"]) == (0, 0x400010)
     assert (run.fields("pf_user")["error"], run.fields("pf_user")["cr2"]) == (5, 0x600008)
     # QEMU 7.2 reports vector*16+2 for a gate refused in long mode (the SDM says vector*8+2).
