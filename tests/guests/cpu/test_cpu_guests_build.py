@@ -22,7 +22,9 @@ def test_cpu_guests_build_reproducible(tmp_path) -> None:
         fresh = (out / "cpu" / f"{name}.img").read_bytes()
         committed = (GUESTS_DIR / f"{name}.img").read_bytes()
         assert len(fresh) == 32768, name
-        assert fresh == committed, f"guest-images/cpu/{name}.img differs from what its source builds"
+        nasm = subprocess.run(["nasm", "-v"], capture_output=True, text=True).stdout.strip()
+        assert fresh == committed, (f"guest-images/cpu/{name}.img differs from what its source builds "
+                                    f"with {nasm} (2.16.01 built the committed images): run scripts/build-guests")
 
 
 @requires_nasm
