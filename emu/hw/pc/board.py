@@ -12,7 +12,7 @@ ELCR                   0x4D0-0x4D1
 port B (speaker/gate)  0x61
 i8042 + port A         0x60, 0x64, 0x92     1, 12
 MC146818 RTC/CMOS      0x70-0x71            8
-16550A COM1            0x3F8-0x3FF          4
+16550A COM1 (-COM4)    0x3F8-0x3FF, ...     4 (3, 4, 3)
 POST port              0x80
 PCI conf1 + RCR        0xCF8-0xCFF
 isa-debug-exit         (if configured)
@@ -35,11 +35,13 @@ from emu.hw.pc.i8042 import I8042
 from emu.hw.pc.pic import PicPair
 from emu.hw.pc.pit import Pit
 from emu.hw.pc.rtc import Rtc
-from emu.hw.pc.serial import COM1, COM1_IRQ, SerialBackend, Serial16550
+from emu.hw.pc.serial import SerialBackend, Serial16550
 from emu.hw.pci.chipset import I440FX, PIIX3
 from emu.hw.pci.host import PciHost
 
 PIIX3_SLOT = 1  # 00:01.0 ISA bridge; 00:01.1 is where the PIIX3 IDE function goes
+#: ISA serial ports in the order QEMU assigns -serial options to them (base, IRQ).
+ISA_SERIAL_PORTS = ((0x3F8, 4), (0x2F8, 3), (0x3E8, 4), (0x2E8, 3))
 
 
 class PcBoard:
@@ -52,6 +54,8 @@ class PcBoard:
     :param on_a20: guest A20 gate changes (i8042 output port, port 0x92).
     :param on_exit: isa-debug-exit status; required when ``debug_exit`` is given.
     :param serial_backend: COM1's host side (None: output discarded).
+    :param serial_ports: how many ISA UARTs to create now (QEMU creates one per ``-serial``;
+        ``-nodefaults`` without ``-serial`` means 0); more can be added with :meth:`add_serial`.
     :param debug_exit: ``(iobase, iosize)`` to add an isa-debug-exit device, else None.
     :param start_time: RTC start time as UTC epoch seconds (default: host time).
     """
@@ -66,6 +70,7 @@ class PcBoard:
         serial_backend: SerialBackend | None = None,
         debug_exit: tuple[int, int] | None = None,
         start_time: float | None = None,
+        serial_ports: int = 1,
     ) -> None:
         self.clock = clock
         self.iobus = IOBus()
@@ -79,8 +84,9 @@ class PcBoard:
         self.i8042.register(bus)
         self.rtc = Rtc(clock, self.pic.irq_line(8), start_time)
         self.rtc.register(bus)
-        self.serial = Serial16550(self.pic.irq_line(COM1_IRQ), clock, serial_backend, COM1, "serial0")
-        self.serial.register(bus)
+        self.serials: list[Serial16550] = []
+        for i in range(serial_ports):
+            self.add_serial(serial_backend if i == 0 else None)
         self.port80 = PostPort()
         self.port80.register(bus)
         self.pci = PciHost(bus, self.mmiobus)
@@ -98,6 +104,25 @@ class PcBoard:
             self.debug_exit = DebugExit(on_exit, *debug_exit)
             self.debug_exit.register(bus)
 
+    @property
+    def serial(self) -> Serial16550 | None:
+        """COM1, if there is one."""
+        return self.serials[0] if self.serials else None
+
+    def add_serial(self, backend: SerialBackend | None) -> Serial16550:
+        """Add the next ISA UART (COM1-COM4 at QEMU's bases and IRQs) with ``backend``.
+
+        :raises ValueError: past the fourth port (QEMU's limit for ISA serial ports).
+        """
+        index = len(self.serials)
+        if index >= len(ISA_SERIAL_PORTS):
+            raise ValueError("at most 4 ISA serial ports")
+        base, irq = ISA_SERIAL_PORTS[index]
+        uart = Serial16550(self.pic.irq_line(irq), self.clock, backend, base, f"serial{index}")
+        uart.register(self.iobus)
+        self.serials.append(uart)
+        return uart
+
     def connect_cpu(self, kick: Callable[[], None]) -> None:
         """Wire the PIC's INTR output to the vCPU (``vcpu.kick``) once the vCPU exists."""
         self.pic.notify = kick
@@ -110,5 +135,6 @@ class PcBoard:
         self.pit.reset()
         self.i8042.reset()
         self.rtc.reset()
-        self.serial.reset()
+        for uart in self.serials:
+            uart.reset()
         self.pci.reset()

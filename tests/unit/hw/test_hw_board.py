@@ -103,3 +103,16 @@ def test_reset_and_port_map():
     assert board.pic.imr() == 0 and board.pic.master.irq_base == 0
     with pytest.raises(ValueError):
         PcBoard(clock, debug_exit=(0x501, 2))
+
+
+def test_serial_ports_follow_qemu_order():
+    clock = VirtualClock(manual=True)
+    none = PcBoard(clock, serial_ports=0)
+    assert none.serial is None and none.iobus.port_read(0x3FD, 1) == 0xFF
+    board = PcBoard(clock, serial_ports=2)
+    board.add_serial(None)
+    assert [(u.base, u.irq.irq) for u in board.serials] == [(0x3F8, 4), (0x2F8, 3), (0x3E8, 4)]
+    assert board.iobus.port_read(0x2FD, 1) == 0x60 and board.iobus.port_read(0x2EE, 1) == 0xFF
+    board.add_serial(None)
+    with pytest.raises(ValueError):
+        board.add_serial(None)
