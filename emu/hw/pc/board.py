@@ -101,8 +101,7 @@ class PcBoard:
         if debug_exit is not None:
             if on_exit is None:
                 raise ValueError("isa-debug-exit needs an on_exit callback")
-            self.debug_exit = DebugExit(on_exit, *debug_exit)
-            self.debug_exit.register(bus)
+            self.add_debug_exit(DebugExit(on_exit, *debug_exit))
 
     @property
     def serial(self) -> Serial16550 | None:
@@ -122,6 +121,16 @@ class PcBoard:
         uart.register(self.iobus)
         self.serials.append(uart)
         return uart
+
+    def add_debug_exit(self, device: DebugExit) -> DebugExit:
+        """Plug an isa-debug-exit (e.g. ``DebugExit.from_qemu_props(props, on_exit)`` for a
+        ``-device isa-debug-exit,...``) onto the I/O bus.
+
+        :raises BusError: if its ports are taken.
+        """
+        device.register(self.iobus)
+        self.debug_exit = device
+        return device
 
     def connect_cpu(self, kick: Callable[[], None]) -> None:
         """Wire the PIC's INTR output to the vCPU (``vcpu.kick``) once the vCPU exists."""
