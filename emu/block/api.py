@@ -19,9 +19,9 @@ Guest-side errors (offset past the end, negative length, read-only) raise
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -79,6 +79,36 @@ class Throttle:
         return wait
 
 
+class _WorkerPool:
+    """A few daemon threads running submitted calls (daemon: a request held forever at a
+    blkdebug breakpoint must not keep the process from exiting)."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args = item
+            fn(*args)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._q.put((fn, args))
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+
+
 class BlockBackend:
     """The device-facing end of a block graph.
 
@@ -96,7 +126,7 @@ class BlockBackend:
         self._drain_owner: int | None = None
         self._queued: list[tuple[Callable[[], Any], Callback | None]] = []
         self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _WorkerPool | None = None
         self._throttle: Throttle | None = None
 
     def set_io_limits(self, limits: dict[str, int] | None) -> None:
@@ -215,7 +245,7 @@ class BlockBackend:
                 return
             self._in_flight += 1
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=f"blk-{self.name}")
+                self._pool = _WorkerPool(self._workers, f"blk-{self.name}")
             pool = self._pool
         pool.submit(self._worker, fn, callback)
 
@@ -318,5 +348,5 @@ class BlockBackend:
         finally:
             self.resume()
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown()
                 self._pool = None
