@@ -104,6 +104,11 @@ CMOS_BOOT_FIRST_SECOND = 0x3D
 CMOS_MEM_ABOVE_4G = 0x5B  # 3 bytes, 64 KiB units
 CMOS_CPU_COUNT = 0x5F
 BOOT_DEVICE_CODES = {"a": 1, "b": 1, "c": 2, "d": 3, "n": 4}
+# CMOS 0x39 translation codes, two bits per IDE drive (QEMU's BIOS_ATA_TRANSLATION_* minus 1).
+CMOS_TRANS_NONE = 0
+CMOS_TRANS_LBA = 1
+CMOS_TRANS_LARGE = 2
+CMOS_TRANS_RECHS = 3
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -386,7 +391,7 @@ class Rtc:
     def set_pc_config(
         self,
         ram_size: int,
-        hard_disks: Sequence[tuple[int, int, int] | None] = (),
+        hard_disks: Sequence[tuple[int, ...] | None] = (),
         boot_order: str = "cad",
         smp_cpus: int = 1,
         below_4g_mem_size: int | None = None,
@@ -394,9 +399,11 @@ class Rtc:
         """Fill the CMOS fields QEMU's pc machine sets for firmware.
 
         :param ram_size: guest RAM in bytes.
-        :param hard_disks: legacy CHS geometry ``(cylinders, heads, sectors)`` of IDE
-            primary master and slave (and secondary master/slave: translation byte only),
-            None for an absent drive.
+        :param hard_disks: per IDE drive (primary master, primary slave, secondary master,
+            secondary slave) its CHS geometry ``(cylinders, heads, sectors)`` or
+            ``(cylinders, heads, sectors, translation)`` with a ``CMOS_TRANS_*`` code (default:
+            QEMU's automatic choice), or None for no drive.  All four set the translation
+            byte 0x39; the first two also the type/geometry fields.
         :param boot_order: QEMU ``-boot order=`` letters, at most 3 (a/b floppy, c disk, d cd, n net).
         :param smp_cpus: number of CPUs.
         :param below_4g_mem_size: RAM below 4 GiB; default as QEMU's i440FX splits it.
@@ -428,10 +435,13 @@ class Rtc:
             trans = 0
             for i, geom in enumerate(disks[:4]):
                 if geom is not None:
-                    cyls, heads, secs = geom
-                    # BIOS translation: none if it fits CHS 1024/16/63, else LBA (QEMU's choice for big disks).
-                    lba = cyls > 1024 or heads > 16 or secs > 63
-                    trans |= (1 if lba else 0) << (i * 2)
+                    cyls, heads, secs = geom[:3]
+                    if len(geom) > 3:
+                        code = geom[3] & 3  # the IDE layer's choice (QEMU's BIOS_ATA_TRANSLATION_* - 1)
+                    else:
+                        # QEMU's automatic choice: none if it fits CHS 1024/16/63, else LBA.
+                        code = CMOS_TRANS_LBA if cyls > 1024 or heads > 16 or secs > 63 else CMOS_TRANS_NONE
+                    trans |= code << (i * 2)
             c[CMOS_HD_TRANSLATION] = trans
             hd_types = 0
             for i, (type_ofs, info_ofs) in enumerate(((CMOS_HD0_EXT_TYPE, CMOS_HD0_INFO), (CMOS_HD1_EXT_TYPE, CMOS_HD1_INFO))):
@@ -439,7 +449,7 @@ class Rtc:
                 if geom is None:
                     c[type_ofs] = 0
                     continue
-                cyls, heads, secs = geom
+                cyls, heads, secs = geom[:3]
                 hd_types |= 0xF0 if i == 0 else 0x0F
                 c[type_ofs] = 47  # "user defined" type: geometry follows
                 c[info_ofs + 0] = cyls & 0xFF

@@ -163,6 +163,10 @@ def test_pc_cmos_config_fields():
     assert cmos(bus, 0x14) == 0x06
     assert cmos(bus, 0x12) == 0xF0 and cmos(bus, 0x19) == 47 and cmos(bus, 0x1A) == 0
     assert [cmos(bus, 0x1B + i) for i in range(9)] == [0x00, 0x04, 16, 0xFF, 0xFF, 0xC8, 0x00, 0x04, 63]
+    assert cmos(bus, 0x39) == 0x00
+    rtc.set_pc_config(32 * 1024 * 1024, hard_disks=[None, (16383, 16, 63), (100, 4, 17, 2)])
+    assert cmos(bus, 0x39) == (1 << 2) | (2 << 4)  # slave auto -> LBA, secondary master LARGE
+    assert cmos(bus, 0x12) == 0x0F and cmos(bus, 0x19) == 0 and cmos(bus, 0x1A) == 47
     rtc.set_pc_config(6 * 1024**3)
     assert cmos(bus, 0x17) | cmos(bus, 0x18) << 8 == 65535
     assert cmos(bus, 0x34) | cmos(bus, 0x35) << 8 == (0xC0000000 - 16 * 1024 * 1024) // 65536
