@@ -16,8 +16,8 @@ Error codes are QEMU 7.2's where it differs from the SDM: no EXT bit, and vector
 for a 64-bit IDT entry (the SDM: vector * 8 + 2), because test guests compare emu's verdicts
 with QEMU's (guest-images/cpu/lm-exceptions checks 0x812 for INT 0x81 through a DPL0 gate).
 
-Not implemented: task gates and hardware task switches (they give #GP here); 16-bit gates
-and virtual-8086 exits follow QEMU's code but are not covered by tests.
+Not implemented: task gates and hardware task switches (they give #GP here).  16-bit gates
+follow QEMU's code but are not covered by tests.
 """
 
 from __future__ import annotations

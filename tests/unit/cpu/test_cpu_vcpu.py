@@ -1215,3 +1215,75 @@ df_handler:
     assert board.u64(0x500) == 0x40000008
     assert board.u64(0x508) == 0
     assert board.u64(0x510) == 0x60000 - 48
+
+
+def test_pae_paging_delivery_and_page_fault() -> None:
+    # 32-bit protected mode with PAE paging (2 MiB pages): delivery walks the PAE tables for
+    # the IDT, GDT and stack; a not-present page gives #PF with CR2.
+    body = r"""
+    GATE32 14, pf_handler, 0x8E00
+    GATE32 0x40, int_handler, 0x8E00
+    mov dword [0x14000], 0x12001          ; PDPT[0] -> PD 0-1 GiB
+    mov dword [0x14004], 0
+    mov dword [0x14018], 0x13001          ; PDPT[3] -> PD 3-4 GiB (the ROM)
+    mov dword [0x1401C], 0
+    mov eax, cr4
+    or eax, 1 << 5
+    mov cr4, eax
+    mov eax, 0x14000
+    mov cr3, eax
+    mov eax, cr0
+    or eax, 1 << 31
+    mov cr0, eax
+    int 0x40
+    mov dword [0x40000000 + 0x20], 1      ; PDPT[1] not present: #PF
+    EXIT 0x34
+int_handler:
+    mov dword [RES], 0x600D
+    iretd
+pf_handler:
+    mov eax, cr2
+    mov [RES + 4], eax
+    mov eax, [esp]
+    mov [RES + 8], eax
+    EXIT 0x35
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x35
+    assert struct.unpack_from("<3I", board.cpu.ram, 0x500) == (0x600D, 0x40000020, 0x2)
+
+
+def test_interrupt_from_virtual_8086_mode_goes_to_ring0_with_segment_frame() -> None:
+    body = r"""
+    GATE32 0x40, v86_int, 0xEE00             ; INT n from v86 (CPL3) needs a DPL3 gate
+    mov dword [TSS + 4], 0x88000
+    mov dword [TSS + 8], 0x10
+    mov ax, 0x50
+    ltr ax
+    mov word [0x6000], 0x40CD             ; the v86 code: int 0x40
+    push dword 0                          ; GS
+    push dword 0                          ; FS
+    push dword 0x1234                     ; DS
+    push dword 0x2345                     ; ES
+    push dword 0                          ; SS
+    push dword 0x7000                     ; ESP
+    push dword 0x23202                    ; EFLAGS: VM, IOPL=3, IF
+    push dword 0x0600                     ; CS
+    push dword 0                          ; EIP -> linear 0x6000
+    iretd
+v86_int:
+    mov ax, 0x10
+    mov ds, ax
+    mov esi, esp
+    mov edi, RES
+    mov ecx, 9
+    rep movsd                             ; EIP CS EFLAGS ESP SS ES DS FS GS
+    mov [RES + 36], esp
+    EXIT 0x36
+"""
+    board = Board(guest(body))
+    assert board.run() == 0x36
+    eip, cs, eflags, esp, ss, es, ds, fs, gs, esp0 = struct.unpack_from("<10I", board.cpu.ram, 0x500)
+    assert (eip, cs, esp, ss, es, ds, fs, gs) == (2, 0x600, 0x7000, 0, 0x2345, 0x1234, 0, 0)
+    assert eflags & 0x20000                     # VM was set in the interrupted code
+    assert esp0 == 0x88000 - 36
