@@ -147,6 +147,11 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
             bs.backing_format = h.backing_format
         if h.incompatible_features & f.QCOW2_INCOMPAT_DIRTY and not bs.read_only:
             self._repair_dirty()
+        if h.version >= 3 and h.autoclear_features and not bs.read_only:
+            # The spec: a writer that does not maintain an autoclear feature (bitmaps,
+            # raw external data) clears its bit, so readers know the data went stale.
+            h.autoclear_features = 0
+            self.file_write(88, struct.pack(">Q", 0))
 
     def _check_table(self, name: str, offset: int, length: int, fsize: int) -> None:
         if not length:
