@@ -54,7 +54,11 @@ class Emulator:
 OUR_BIOS = REPO / "firmware" / "bios.bin"
 QEMU = Emulator("qemu", ("qemu-system-x86_64",), timeout=30.0)
 QEMU_OUR_BIOS = Emulator("qemu-ourbios", ("qemu-system-x86_64", "-bios", str(OUR_BIOS)), timeout=30.0)
-EMU = Emulator("emu", (sys.executable, "-m", "emu"), timeout=60.0)
+EMU = Emulator("emu", (sys.executable, "-m", "emu"), timeout=40.0)
+#: After this many emu runs killed at the timeout, the remaining emu runs are skipped, so a
+#: machine that hangs costs the suite minutes, not ten timeouts.
+EMU_MAX_TIMEOUTS = 2
+_emu_timeouts = 0
 EMULATORS = [pytest.param(QEMU, marks=requires_qemu_system, id="qemu"),
              pytest.param(QEMU_OUR_BIOS, marks=requires_qemu_system, id="qemu-ourbios"),
              pytest.param(EMU, id="emu")]
@@ -141,6 +145,9 @@ def run_guest(emulator: Emulator, guest: str, workdir: Path, timeout: float | No
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=timeout or emulator.timeout, cwd=workdir)
     except subprocess.TimeoutExpired as exc:
+        if emulator is EMU:
+            global _emu_timeouts
+            _emu_timeouts += 1
         return GuestRun(emulator.name, guest, None, _text(exc.stdout), _text(exc.stderr))
     return GuestRun(emulator.name, guest, proc.returncode, _text(proc.stdout), _text(proc.stderr))
 
@@ -209,6 +216,8 @@ def prepare(emulator: Emulator, guest: str, request: pytest.FixtureRequest, work
     ready, reason = emu_readiness(str(workdir))
     if not ready:
         pytest.skip(reason)
+    if _emu_timeouts >= EMU_MAX_TIMEOUTS:
+        pytest.skip(f"emu already timed out on {_emu_timeouts} guests in this session")
     if guest not in EMU_CONFORMANT and not strict:
         request.applymarker(pytest.mark.xfail(
             strict=False, reason=f"{guest} is not yet in EMU_CONFORMANT (emu's machine is new)"))
