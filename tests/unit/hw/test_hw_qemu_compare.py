@@ -118,14 +118,14 @@ def sections(log: str) -> dict[str, list[str]]:
     return out
 
 
-def run_on_emu(rom_path, ram_mb: int = 64) -> str:
+def run_on_emu(rom_path, hard_disks=()) -> str:
     from emu.cpu.vcpu import VCPU
 
     clock = VirtualClock()
     out = io.BytesIO()
     done = threading.Event()
     board = PcBoard(clock, serial_backend=FileBackend(out), debug_exit=(0x501, 2), on_exit=lambda s: done.set())
-    board.rtc.set_pc_config(64 * 1024 * 1024)  # what the machine does for -m 64
+    board.rtc.set_pc_config(64 * 1024 * 1024, hard_disks=hard_disks)  # what the machine does for -m 64
     cpu = VCPU(64 * 1024 * 1024, board.iobus.port_read, board.iobus.port_write, board.pic, clock_ns=clock.now)
     board.connect_cpu(cpu.kick)
     cpu.load_rom(0xFFFF0000, rom_path.read_bytes())
@@ -139,10 +139,10 @@ def run_on_emu(rom_path, ram_mb: int = 64) -> str:
     return out.getvalue().decode()
 
 
-def run_on_qemu(rom_path) -> str:
+def run_on_qemu(rom_path, extra=()) -> str:
     proc = subprocess.run(
         ["qemu-system-x86_64", "-machine", "pc", "-m", "64", "-nodefaults", "-display", "none", "-vga", "none",
-         "-serial", "stdio", "-bios", str(rom_path), "-device", "isa-debug-exit,iobase=0x501,iosize=2"],
+         "-serial", "stdio", "-bios", str(rom_path), "-device", "isa-debug-exit,iobase=0x501,iosize=2", *extra],
         capture_output=True, timeout=60,
     )
     assert proc.returncode == 1, proc.stderr
@@ -222,3 +222,34 @@ def test_uart_fifo_timeout_overrun_match_qemu(uart_rom):
 @requires_qemu_system
 def test_uart_probe_recording_is_current(uart_rom):
     assert run_on_qemu(uart_rom).strip() == QEMU_7_2_UART.strip()
+
+
+#: CMOS line of the register dump on QEMU 7.2 with a 100 MiB primary master and a 1 GiB primary
+#: slave (raw, no partition table: QEMU guesses 203/16/63 and 2080/16/63, LBA for the latter).
+QEMU_7_2_CMOS_DISKS = (
+    "cmos:26 02 00 80 00 00 00 FF 00 06 80 02 00 FC 2F 2F CB 00 10 FF FF C8 CB 00 3F 20 08 10 FF FF "
+    "C8 20 08 3F 00 00 00 00 FC 20 00 00 03 00 20 30 04 00 00 00 12 00 00 00 00 00 00 20 20 FF"
+)
+
+
+def _cmos_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("cmos:")).strip()
+
+
+@requires_nasm
+def test_cmos_disk_fields_match_qemu(rom):
+    out = run_on_emu(rom, hard_disks=[(203, 16, 63), (2080, 16, 63)])
+    assert _cmos_line(out) == QEMU_7_2_CMOS_DISKS
+
+
+@requires_nasm
+@requires_qemu_system
+def test_cmos_disk_recording_is_current(rom, tmp_path):
+    d0, d1 = tmp_path / "d0.raw", tmp_path / "d1.raw"
+    with open(d0, "wb") as f:
+        f.truncate(100 * 1024 * 1024)
+    with open(d1, "wb") as f:
+        f.truncate(1024 * 1024 * 1024)
+    out = run_on_qemu(rom, ["-drive", f"file={d0},format=raw,if=ide,index=0",
+                            "-drive", f"file={d1},format=raw,if=ide,index=1"])
+    assert _cmos_line(out) == QEMU_7_2_CMOS_DISKS
