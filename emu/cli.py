@@ -723,13 +723,26 @@ class _Quiet(Exception):
     """Exit 1 after the messages were already printed."""
 
 
+_PIDFILE_FD: list[int] = []
+
+
 def _write_pidfile(path: str) -> None:
+    """Create and lock the pid file as QEMU does (a second emu on it fails)."""
+    import fcntl
+
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise OptionError(f"cannot create PID file: {os.strerror(e.errno or 0)}") from e
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        raise OptionError("cannot create PID file: Cannot lock pid file: "
+                          f"{os.strerror(e.errno or 0)}") from e
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _PIDFILE_FD.append(fd)      # the lock lives as long as the process
 
 
 def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:

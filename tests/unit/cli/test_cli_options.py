@@ -174,3 +174,27 @@ def test_daemonize_pidfile_and_signal(tmp_path) -> None:
             break
         time.sleep(0.05)
     assert not pid.exists() and not os.path.exists(f"{tmp_path}/q.sock")
+
+
+def test_pidfile_is_locked_against_a_second_instance(tmp_path) -> None:
+    import time
+
+    pid = tmp_path / "emu.pid"
+    sock = tmp_path / "q.sock"
+    first = subprocess.Popen([sys.executable, "-m", "emu", "-nodefaults", "-S", "-pidfile",
+                              str(pid), "-qmp", f"unix:{sock},server=on,wait=off"], cwd=REPO,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        assert int(pid.read_text()) == first.pid
+        second = _emu("-nodefaults", "-S", "-pidfile", str(pid))
+        assert second.returncode == 1 and second.stderr == (
+            "emu: cannot create PID file: Cannot lock pid file: Resource temporarily unavailable\n")
+        assert int(pid.read_text()) == first.pid
+    finally:
+        first.terminate()
+        first.wait(20)
+    assert not pid.exists()
