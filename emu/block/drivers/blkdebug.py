@@ -139,7 +139,10 @@ class BlkdebugDriver(BlockDriver):
         for r in options.get("inject-error", []) or []:
             self.rules.append(_inject_from(r))
         for r in options.get("set-state", []) or []:
-            self.state_rules.append(StateRule(r["event"], int(r.get("state", 0)), int(r["new-state"])))
+            new = r.get("new_state", r.get("new-state"))  # QAPI spells it new_state
+            if new is None:
+                raise BlockError("Parameter 'new_state' is missing")
+            self.state_rules.append(StateRule(r["event"], int(r.get("state", 0)), int(new)))
 
     # --- test controls (qemu-io's break / resume / remove_break / wait_break) -------------
     def break_on(self, event: str, tag: str) -> None:

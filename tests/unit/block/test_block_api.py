@@ -179,3 +179,18 @@ def test_throttling_limits_bandwidth(qimg):
     assert blk.io_limits["bps_wr"] == 0
     blk.close()
     g.close_all()
+
+
+def test_blkdebug_state_machine(qimg, tmp_path):
+    raw = tmp_path / "s.raw"
+    raw.write_bytes(bytes(4096))
+    g = BlockGraph()
+    bs = g.blockdev_add({"driver": "raw", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": str(raw)},
+        "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
+        "inject-error": [{"event": "read_aio", "state": 2, "errno": errno.EIO}]}})
+    assert bs.read(0, 4) == bytes(4)  # state 1: reads work
+    bs.write(0, b"abcd")  # moves to state 2
+    with pytest.raises(BlockError):
+        bs.read(0, 4)
+    g.close_all()
