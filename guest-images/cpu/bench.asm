@@ -2,7 +2,8 @@
 ;
 ; Each loop runs SCALE times its base count and prints one line
 ;     bench <loop>: iters=<n> insns=<n> bytes=<n> tsc=<cycles> ms=<PIT milliseconds>
-; where ms counts IRQ 0 at 1 kHz and tsc is RDTSC's difference.  Then IRQ latency: IRQ_SAMPLES
+; where ms counts IRQ 0 at 1 kHz and tsc is RDTSC's difference.  Then IRQ delivery cost (the
+; ALU loop with IRQ 0 masked, then taking it: tsc_masked, tsc_irqs, irqs), IRQ latency: IRQ_SAMPLES
 ; ticks taken from HLT, each handler latching the PIT count to see how long after the
 ; terminal count it ran (units of 1/1193182 s), and a HLT phase of HALT_MS milliseconds
 ; between "bench halt: start" and "bench halt: ... done" for measuring the host's CPU use (that
@@ -188,6 +189,29 @@ lm_entry:
         LSTR rsi, "memcpy"
         call report
 
+        ; IRQ delivery cost: the ALU loop once with IRQ 0 masked and once taking it at 1 kHz;
+        ; (tsc_irqs - tsc_masked) / irqs is what one delivery + handler + IRET costs.
+        mov r12d, ALU_ITERS
+        mov eax, [param_scale]
+        imul r12, rax
+        mov al, 0xFF
+        out PIC1_DATA, al
+        call alu_timed
+        mov r13, rax                    ; TSC, masked
+        mov al, 0xFE
+        out PIC1_DATA, al
+        mov r15, [ms]
+        call alu_timed
+        mov r14, rax                    ; TSC, taking IRQs
+        mov rbx, [ms]
+        sub rbx, r15
+        TEST "bench irqcost"
+        SHOWDEC "iters", r12
+        SHOWDEC "tsc_masked", r13
+        SHOWDEC "tsc_irqs", r14
+        SHOWDEC "irqs", rbx
+        ENDTEST
+
         ; IRQ latency from HLT: the handler latches the PIT count of the tick it serves.
         cli
         mov qword [lat_sum], 0
@@ -239,6 +263,27 @@ lm_entry:
 
 leaf:
         add rax, 1
+        ret
+
+; alu_timed: the ALU loop R12 times; RAX = TSC cycles it took.
+alu_timed:
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        mov r8, rax
+        mov rcx, r12
+        mov rax, 1
+        mov rbx, 3
+.loop:
+        add rax, rbx
+        xor rbx, rcx
+        rol rax, 3
+        dec rcx
+        jnz .loop
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        sub rax, r8
         ret
 
 ; start_timer: note RDTSC and the millisecond count.

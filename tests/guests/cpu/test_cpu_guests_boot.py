@@ -111,16 +111,17 @@ def test_cpu_guest_bench(emulator: Emulator, request: pytest.FixtureRequest, tmp
     run = run_guest(emulator, "bench", tmp_path,
                     patch={BENCH_PARAMS + 8: struct.pack("<II", 2, 50)})
     loops = ["bench alu", "bench loadstore", "bench callret", "bench memcpy"]
-    assert_passed(run, ["params", *loops, "bench irq", "bench halt"])
+    assert_passed(run, ["params", *loops, "bench irqcost", "bench irq", "bench halt"])
     assert run.results()["params"] == "scale=2 halt_ms=50 ok"
     values = {}
-    for test in loops + ["bench irq", "bench halt"]:
+    for test in loops + ["bench irqcost", "bench irq", "bench halt"]:
         values[test] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", run.results()[test])}
     assert values["bench alu"]["iters"] == 2 * 10_000_000 and values["bench alu"]["insns"] == 100_000_000
     assert values["bench loadstore"]["insns"] == 2 * 4_000_000 * 7
     assert values["bench callret"]["insns"] == 2 * 4_000_000 * 5
     assert values["bench memcpy"]["bytes"] == 2 * 8 << 20
     assert all(values[t]["tsc"] > 0 for t in loops)
+    assert values["bench irqcost"]["iters"] == 2 * 10_000_000 and values["bench irqcost"]["tsc_masked"] > 0
     assert values["bench irq"]["n"] == 200
     assert values["bench halt"]["ms"] >= 50 and values["bench halt"]["tsc"] > 0
     assert "bench halt: start" in run.lines
