@@ -148,8 +148,8 @@ class BlockDriver:
     def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
         """Return ``(kind, length, host_offset)`` for the extent at ``offset``.
 
-        ``kind`` is ``"data"``, ``"zero"`` (reads as zeroes here), or ``"unallocated"``
-        (defer to backing).
+        ``kind`` is ``"data"``, ``"zero"`` (reads as zeroes here), ``"unallocated"``
+        (defer to backing) or ``"zero-unallocated"`` (not allocated, no backing: zeroes).
         """
         return "data", length, offset
 

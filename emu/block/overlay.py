@@ -15,6 +15,8 @@ from emu.errors import BlockError
 
 #: Bytes copied per step by rebase/commit.
 COPY_CHUNK = 1 << 20
+#: block_status kinds meaning "not allocated in this node" (the second: and no backing file).
+UNALLOCATED_KINDS = ("unallocated", "zero-unallocated")
 
 
 def create_overlay(graph: BlockGraph, base: BlockDriverState, filename: str, *, fmt: str = "qcow2",
@@ -80,7 +82,7 @@ def is_allocated_above(top: BlockDriverState, base: BlockDriverState | None, off
             node = node.backing
             continue
         kind, cnt, _ = node.block_status(offset, min(n, node.size - offset))
-        if kind not in ("unallocated",):
+        if kind not in UNALLOCATED_KINDS:
             return True, max(1, min(n, cnt))
         n = max(1, min(n, cnt))
         node = node.backing
@@ -99,7 +101,7 @@ def rebase(bs: BlockDriverState, new_backing: BlockDriverState | None, *,
         n = min(COPY_CHUNK, size - off)
         kind, cnt, _ = bs.block_status(off, n)
         cnt = max(1, min(n, cnt))
-        if kind == "unallocated":
+        if kind in UNALLOCATED_KINDS:
             a = _read_node(old, off, cnt)
             b = _read_node(new_backing, off, cnt)
             if a != b:

@@ -73,3 +73,19 @@ def test_writethrough_mode_flag(tmp_path):
     bs.write(0, b"abc")
     assert bs.read(0, 3) == b"abc"
     g.close_all()
+
+
+def test_safe_rebase_onto_a_backing_of_a_standalone_image(tmp_path):
+    g = BlockGraph()
+    lone_p, new_p = str(tmp_path / "lone.qcow2"), str(tmp_path / "new.qcow2")
+    create_qcow2(lone_p, MB)
+    create_qcow2(new_p, MB)
+    lone = g.open_image(lone_p)
+    lone.write(0, b"L" * 4096)
+    new = g.open_image(new_p, node_name="new")
+    new.write(0, b"N" * MB)
+    rebase(lone, new)  # unallocated zeroes of `lone` must stay zeroes
+    assert lone.backing is new
+    assert lone.read(0, 8192) == b"L" * 4096 + bytes(4096)
+    assert lone.read(MB - 10, 10) == bytes(10)
+    g.close_all()
