@@ -522,9 +522,12 @@ class VCPU:
         self._with_cpu_stopped(enter)
 
     def registers(self) -> dict[str, int]:
-        """The CPU's registers (for ``info registers``); call while paused or not started."""
-        if self._state is RunState.RUNNING and not self._on_cpu_thread():
-            raise CpuError("registers can only be read while the vCPU is paused")
+        """The CPU's registers (for ``info registers``); a running vCPU is paused briefly."""
+        out: dict[str, int] = {}
+        self._with_cpu_stopped(lambda: out.update(self._registers()))
+        return out
+
+    def _registers(self) -> dict[str, int]:
         st = CpuState(self._uc).load()
         regs = {name: st.reg(i) for i, name in enumerate(
             ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",

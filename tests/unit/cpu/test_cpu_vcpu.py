@@ -1287,3 +1287,23 @@ v86_int:
     assert (eip, cs, esp, ss, es, ds, fs, gs) == (2, 0x600, 0x7000, 0, 0x2345, 0x1234, 0, 0)
     assert eflags & 0x20000                     # VM was set in the interrupted code
     assert esp0 == 0x88000 - 36
+
+
+def test_registers_of_a_running_vcpu() -> None:
+    body = r"""
+    mov esi, 0x5151
+.loop:
+    inc dword [RES]
+    jmp .loop
+"""
+    board = Board(guest(body))
+    board.cpu.start()
+    try:
+        assert board.wait_for(lambda: board.u32(0x500) > 100)
+        regs = board.cpu.registers()          # pauses around the read, then runs on
+        assert regs["rsi"] == 0x5151 and regs["cs"] == 0x08 and regs["cr0"] & 1
+        assert board.cpu.state.value == "running"
+        count = board.u32(0x500)
+        assert board.wait_for(lambda: board.u32(0x500) > count + 100)
+    finally:
+        board.cpu.stop()
