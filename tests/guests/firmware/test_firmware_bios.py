@@ -442,3 +442,51 @@ def test_firmware_int15_move_refuses_bad_descriptors(platform, tmp_path):
     # not present, code, too short: AH=02h with CF; the good table: AH=0, no CF; no reset
     assert rep.output.endswith("2C2C2C0-"), rep.output[-200:]
     assert rep.output.count("emu BIOS") == 1
+
+
+# ---- a transfer that real mode cannot hold is refused, not wrapped onto the IVT -------------------
+
+HUGE_READ_PROBE = r"""
+        bits    16
+        org     0x7C00
+        xor     ax, ax
+        mov     ds, ax
+        mov     word [0x600], 16            ; DAP: 0xFFFF sectors from LBA 0 to 1000:0000
+        mov     word [0x602], 0xFFFF
+        mov     dword [0x604], 0x10000000
+        mov     dword [0x608], 0
+        mov     dword [0x60C], 0
+        mov     si, 0x600
+        mov     ah, 0x42
+        mov     dl, 0x80
+        int     0x13
+        mov     bl, 0x11                    ; fail unless CF and AH=01h
+        jnc     .out
+        cmp     ah, 0x01
+        jne     .out
+        mov     ax, 0x0E4F                  ; "OK" through INT 10h: the IVT is still there
+        int     0x10
+        mov     ax, 0x0E4B
+        int     0x10
+        mov     bl, 0x10
+.out:   mov     al, bl
+        mov     dx, 0x501
+        out     dx, al
+        hlt
+        times   510 - ($ - $$) db 0
+        dw      0xAA55
+"""
+
+
+@pytest.mark.parametrize("platform", [p for p in PLATFORMS if p.values[0].bios is not None],
+                         ids=lambda p: p.name)
+def test_firmware_refuses_transfer_beyond_real_mode_memory(platform, tmp_path):
+    _usable(platform)
+    src = tmp_path / "huge.asm"
+    src.write_text(HUGE_READ_PROBE)
+    img = tmp_path / "huge.img"
+    subprocess.run(["nasm", "-f", "bin", "-o", str(img), str(src)], check=True)
+    with open(img, "r+b") as f:
+        f.truncate(64 << 20)                        # big enough for the 32 MiB asked for
+    rep = run(platform, [f"file={img},format=raw,if=ide"])
+    assert rep.status == 33 and rep.output.endswith("OK"), rep.output[-300:]
