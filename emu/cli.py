@@ -305,8 +305,6 @@ def _opt_mon(b: _Builder, arg: str) -> None:
     chardev = opts.get("chardev")
     if not chardev:
         raise OptionError("Parameter 'chardev' is missing")
-    if mode == "readline":
-        raise OptionError("the human monitor (mode=readline) is not supported; use mode=control")
     pretty = parse_bool(opts.get("pretty", "off"), "pretty")
     b.cfg.monitors.append(MonitorConfig(chardev, mode, pretty))
 
@@ -319,9 +317,13 @@ def _opt_qmp(b: _Builder, arg: str, pretty: bool = False) -> None:
 
 
 def _opt_monitor(b: _Builder, arg: str) -> None:
-    if arg in ("none", "null"):
+    """``-monitor SPEC``: the human monitor on a legacy chardev (``none``: no monitor)."""
+    if arg == "none":
         return
-    raise OptionError("the human monitor is not supported; use -qmp")
+    cid = f"compat_monitor{b.compat_monitors}"
+    b.compat_monitors += 1
+    b.compat_chardev(f"-monitor {arg}", arg, cid)
+    b.cfg.monitors.append(MonitorConfig(cid, "readline"))
 
 
 def _opt_serial(b: _Builder, arg: str) -> None:
@@ -775,7 +777,7 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
         io.start()
         server = QmpServer(machine, io.loop)
         for m in cfg.monitors:
-            server.add_monitor(chardevs[m.chardev])
+            server.add_monitor(chardevs[m.chardev], m.mode)
         machine.serial_chardevs = [chardevs[s] for s in cfg.serials]
         for chardev in chardevs.values():
             io.call(chardev.start(io.loop))

@@ -361,3 +361,87 @@ def _blkdebug(node: Any) -> Any:
             return node.impl
         node = getattr(node, "file", None)
     return None
+
+
+# ------------------------------------------------------- the readline monitor
+
+HMP_BANNER = "QEMU {version} monitor - type 'help' for more information\r\n"
+PROMPT = "(qemu) "
+
+
+@hmp("stop")
+def hmp_stop(machine: Any, args: list[str]) -> str:
+    machine.pause()
+    return ""
+
+
+@hmp("cont")
+def hmp_cont(machine: Any, args: list[str]) -> str:
+    try:
+        machine.resume()
+    except Exception as e:  # noqa: BLE001 - HMP prints errors
+        return f"Error: {e}\n"
+    return ""
+
+
+@hmp("system_reset")
+def hmp_system_reset(machine: Any, args: list[str]) -> str:
+    from emu.machine.pc import ShutdownCause
+
+    machine.reset(ShutdownCause.HOST_QMP_SYSTEM_RESET)
+    return ""
+
+
+@hmp("system_powerdown")
+def hmp_system_powerdown(machine: Any, args: list[str]) -> str:
+    machine.powerdown()
+    return ""
+
+
+@hmp("quit")
+def hmp_quit(machine: Any, args: list[str]) -> str:
+    from emu.machine.pc import ShutdownCause
+
+    machine.quit(ShutdownCause.HOST_QMP_QUIT)
+    return ""
+
+
+def echo_line(line: str) -> str:
+    """QEMU's readline redraw while a line is typed, one update per character."""
+    out = []
+    for k in range(1, len(line) + 1):
+        out.append("\x1b[D" * (k - 1) + line[:k] + "\x1b[K")
+    return "".join(out) + "\r\n"
+
+
+async def hmp_session(machine: Any, executor: Any, reader: Any, writer: Any) -> None:
+    """Serve the human monitor (``-monitor``, ``-mon mode=readline``) on one connection:
+    banner, prompt, QEMU's echo of each typed line, the command's output, prompt."""
+    import asyncio
+
+    from emu.qmp.protocol import QEMU_VERSION
+
+    v = QEMU_VERSION
+    writer.write((HMP_BANNER.format(version=f"{v['major']}.{v['minor']}.{v['micro']}")
+                  + PROMPT).encode())
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while True:
+        data = await reader.read(4096)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf or b"\r" in buf:
+            cut = min(i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0)
+            raw, buf = buf[:cut], buf[cut + 1:]
+            if raw == b"" and data[cut - 1:cut] == b"\r":
+                continue            # the \n of a \r\n pair
+            line = "".join(ch for ch in raw.decode("utf-8", "replace") if ch >= " ")
+            writer.write(echo_line(line).encode())
+            out = await loop.run_in_executor(executor, run_hmp, machine, line)
+            writer.write(out.encode("utf-8", "replace"))
+            if machine.shutdown_cause is not None:
+                await writer.drain()
+                return
+            writer.write(PROMPT.encode())
+            await writer.drain()

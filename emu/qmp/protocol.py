@@ -252,10 +252,19 @@ class QmpServer:
         self._idle: asyncio.Event | None = None
         machine.add_event_listener(self._on_event)
 
-    def add_monitor(self, chardev: Chardev) -> None:
-        """Serve QMP on ``chardev`` (before the chardev is started)."""
+    def add_monitor(self, chardev: Chardev, mode: str = "control") -> None:
+        """Serve a monitor on ``chardev`` (before the chardev is started): QMP
+        (``mode="control"``) or the human monitor (``"readline"``)."""
         self.chardevs.append(chardev)
-        chardev.set_frontend(self._session)
+        if mode == "readline":
+            from emu.qmp.hmp import hmp_session
+
+            async def human(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await hmp_session(self.machine, self.executor, reader, writer)
+
+            chardev.set_frontend(human)
+        else:
+            chardev.set_frontend(self._session)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await QmpSession(self, reader, writer).run()

@@ -230,3 +230,26 @@ def test_stdio_monitor_answers_every_piped_command() -> None:
     assert lines[1:3] == [b'{"return": {}}',
                           b'{"return": {"status": "prelaunch", "singlestep": false, "running": false}}']
     assert b'"event": "SHUTDOWN"' in lines[3] and lines[4] == b'{"return": {}}'
+
+
+def test_human_monitor_on_a_socket(tmp_path) -> None:
+    """-monitor: banner, prompt, QEMU's readline echo, output (checked against QEMU 7.2)."""
+    path = str(tmp_path / "hmp.sock")
+    p = launch("-monitor", f"unix:{path},server=on,wait=off")
+    try:
+        c = Client.unix(path)
+        got = b""
+        while not got.endswith(b"(qemu) "):
+            got += c.s.recv(4096)
+        assert got == b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) "
+        c.send(b"info status\n")
+        got = b""
+        while not got.endswith(b"(qemu) "):
+            got += c.s.recv(4096)
+        echo = b"".join(b"\x1b[D" * (k - 1) + b"info status"[:k] + b"\x1b[K" for k in range(1, 12))
+        assert got == echo + b"\r\nVM status: paused (prelaunch)\r\n(qemu) "
+        c.send(b"quit\n")
+        assert p.wait(20) == 0
+    finally:
+        p.kill()
+        p.wait()
