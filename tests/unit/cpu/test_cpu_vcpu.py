@@ -1302,7 +1302,7 @@ def test_registers_of_a_running_vcpu() -> None:
         assert board.wait_for(lambda: board.u32(0x500) > 100)
         regs = board.cpu.registers()          # pauses around the read, then runs on
         assert regs["rsi"] == 0x5151 and regs["cs"] == 0x08 and regs["cr0"] & 1
-        assert board.cpu.state.value == "running"
+        assert board.wait_for(lambda: board.cpu.state.value == "running")
         count = board.u32(0x500)
         assert board.wait_for(lambda: board.u32(0x500) > count + 100)
     finally:
