@@ -33,21 +33,38 @@ class SnapshotMixin:
         return f.parse_table(self.file_read(offset, l1_size * 8), l1_size)
 
     def _update_tree_refcounts(self, l1: list[int], delta: int) -> None:
-        """Add ``delta`` to every L2 table and data cluster reachable from ``l1``."""
+        """Add ``delta`` to every L2 table and data cluster reachable from ``l1``.
+
+        All or nothing: if one update fails (overflow, corrupt entry) the ones already made
+        are undone in memory before the error propagates, so nothing half-done is written.
+        """
         cs = self.cluster_size
-        for i in range(len(l1)):
-            l2off = self._l2_table_offset(i, l1)
-            if not l2off:
-                continue
-            l2 = bytes(self.l2cache.get(l2off))
-            for e in struct.unpack(f">{self.l2_size}Q", l2):
-                if e & f.QCOW_OFLAG_COMPRESSED:
-                    coff = e & self.clayout.offset_mask
-                    nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
-                    self.refs.update(coff & ~511, nb * 512, delta)
-                elif e & f.L2E_OFFSET_MASK:
-                    self.refs.update(e & f.L2E_OFFSET_MASK, cs, delta)
-            self.refs.update(l2off, cs, delta)
+        done: list[tuple[int, int]] = []
+
+        def upd(off: int, length: int) -> None:
+            self.refs.update(off, length, delta)
+            done.append((off, length))
+        try:
+            for i in range(len(l1)):
+                l2off = self._l2_table_offset(i, l1)
+                if not l2off:
+                    continue
+                l2 = bytes(self.l2cache.get(l2off))
+                for e in struct.unpack(f">{self.l2_size}Q", l2):
+                    if e & f.QCOW_OFLAG_COMPRESSED:
+                        coff = e & self.clayout.offset_mask
+                        nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
+                        upd(coff & ~511, nb * 512)
+                    elif e & f.L2E_OFFSET_MASK:
+                        upd(e & f.L2E_OFFSET_MASK, cs)
+                upd(l2off, cs)
+        except BaseException:
+            for off, length in reversed(done):
+                try:
+                    self.refs.update(off, length, -delta)
+                except BlockError:
+                    pass
+            raise
 
     def _fix_copied_flags(self) -> None:
         """Set QCOW_OFLAG_COPIED exactly where the active tree's refcount is 1."""
@@ -169,7 +186,12 @@ class SnapshotMixin:
                             f.serialize_table([e & ~f.QCOW_OFLAG_COPIED for e in self.l1]))
         # 2. Every cluster the snapshot shares gets one more reference; the active tree
         #    loses QCOW_OFLAG_COPIED where clusters are now shared.
-        self._update_tree_refcounts(self.l1, +1)
+        try:
+            self._update_tree_refcounts(self.l1, +1)
+        except BaseException:
+            if self.l1:
+                self.refs.update(sn.l1_table_offset, len(self.l1) * 8, -1)
+            raise
         self._fix_copied_flags()
         # Raised refcounts and the L1 copy reach the disk before the snapshot table that uses them.
         self._write_tree_metadata()

@@ -172,3 +172,18 @@ def test_unknown_incompatible_bit_and_corrupt_bit(tmp_path):
         g.open_image(p)
     assert g.open_image(p, read_only=True).image_info()["format-specific"]["data"]["corrupt"]
     g.close_all()
+
+
+def test_snapshot_refcount_overflow_is_all_or_nothing(tmp_path):
+    p = str(tmp_path / "r1.qcow2")
+    create_qcow2(p, 1 << 20, cluster_size=4096, refcount_bits=1)
+    g = BlockGraph()
+    bs = g.open_image(p)
+    bs.write(0, b"d" * 65536)
+    free_before = bs.impl.refs.get(40)
+    with pytest.raises(ImageFormatError, match="overflow"):
+        bs.snapshot_create("s")  # 1-bit refcounts cannot share clusters
+    assert bs.snapshot_list() == [] and bs.impl.refs.get(40) == free_before
+    bs.write(0, b"e" * 4096)  # still writable in place, nothing half-done
+    assert bs.read(0, 8192) == b"e" * 4096 + b"d" * 4096
+    g.close_all()
