@@ -150,8 +150,7 @@ class PciFunction:
         # Writable header fields, as QEMU's pci_init_wmask.
         struct.pack_into(
             "<H", self.wmask, PCI_COMMAND,
-            PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_PARITY
-            | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE,
+            PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE,
         )
         struct.pack_into("<H", self.w1cmask, PCI_STATUS, PCI_STATUS_W1C)
         self.wmask[PCI_CACHE_LINE_SIZE] = 0xFF

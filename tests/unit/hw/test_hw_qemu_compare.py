@@ -22,6 +22,9 @@ RTC_SOURCE = HERE / "hw_rtc_dump.asm"
 KBD_SOURCE = HERE / "hw_kbd_dump.asm"
 PIC_SOURCE = HERE / "hw_pic_dump.asm"
 UART_SOURCE = HERE / "hw_uart_dump.asm"
+PCI_MASK_SOURCE = HERE / "hw_pci_mask_dump.asm"
+#: Its output on QEMU 7.2 (two lines of 64 dwords; '-' for the registers it leaves alone).
+PCI_MASK_QEMU_7_2 = HERE / "hw_pci_mask_qemu72.txt"
 
 #: qemu-system-x86_64 7.2 -machine pc -m 64 -nodefaults -vga none -bios <rom>
 QEMU_7_2 = """\
@@ -253,3 +256,19 @@ def test_cmos_disk_recording_is_current(rom, tmp_path):
     out = run_on_qemu(rom, ["-drive", f"file={d0},format=raw,if=ide,index=0",
                             "-drive", f"file={d1},format=raw,if=ide,index=1"])
     assert _cmos_line(out) == QEMU_7_2_CMOS_DISKS
+
+
+@pytest.fixture(scope="module")
+def pci_mask_rom(tmp_path_factory):
+    return _assemble(tmp_path_factory, PCI_MASK_SOURCE)
+
+
+@requires_nasm
+def test_pci_config_write_masks_match_qemu(pci_mask_rom):
+    assert run_on_emu(pci_mask_rom).split() == PCI_MASK_QEMU_7_2.read_text().split()
+
+
+@requires_nasm
+@requires_qemu_system
+def test_pci_mask_recording_is_current(pci_mask_rom):
+    assert run_on_qemu(pci_mask_rom).split() == PCI_MASK_QEMU_7_2.read_text().split()

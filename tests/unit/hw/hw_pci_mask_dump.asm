@@ -1,0 +1,105 @@
+; PCI write-mask probe: every config dword of 00:00.0 and 00:01.0 written with all ones, read back
+; and restored (i440FX PAM/SMRAM skipped: they would unmap this ROM).
+bits 16
+org 0
+start:
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov ss, ax
+    mov sp, 0x7000
+    mov ebx, 0x80000000          ; 00:00.0
+    call probe_fn
+    mov al, 10
+    call putc
+    mov ebx, 0x80000800          ; 00:01.0
+    call probe_fn
+    mov al, 10
+    call putc
+    mov dx, 0x501
+    mov al, 0
+    out dx, al
+.h: hlt
+    jmp .h
+
+; for each dword register: skip the ones that would pull the ROM from under us (i440FX PAM,
+; SMRAM), else write all ones, print what reads back, restore the old value
+probe_fn:
+    xor si, si
+.next:
+    cmp ebx, 0x80000000
+    jne .ok
+    cmp si, 0x58
+    jb .ok
+    cmp si, 0x74
+    jb .skip
+.ok:
+    mov eax, ebx
+    or ax, si
+    mov dx, 0xCF8
+    out dx, eax
+    mov dx, 0xCFC
+    in eax, dx
+    mov edi, eax                 ; old value
+    mov eax, 0xFFFFFFFF
+    out dx, eax
+    in eax, dx
+    call hex32
+    mov eax, edi
+    out dx, eax
+    jmp .adv
+.skip:
+    mov al, '-'
+    call putc
+    mov al, ' '
+    call putc
+.adv:
+    add si, 4
+    cmp si, 0x100
+    jb .next
+    ret
+
+putc:
+    push dx
+    push ax
+    mov dx, 0x3FD
+.w: in al, dx
+    test al, 0x20
+    jz .w
+    pop ax
+    mov dx, 0x3F8
+    out dx, al
+    pop dx
+    ret
+hex32:
+    push eax
+    shr eax, 16
+    call hex16n
+    pop eax
+    call hex16n
+    mov al, ' '
+    jmp putc
+hex16n:
+    push ax
+    mov al, ah
+    call hex8n
+    pop ax
+hex8n:
+    push ax
+    shr al, 4
+    call nib
+    pop ax
+    push ax
+    and al, 0x0F
+    call nib
+    pop ax
+    ret
+nib:
+    add al, '0'
+    cmp al, '9'
+    jbe .o
+    add al, 7
+.o: jmp putc
+times 0xFFF0 - ($ - $$) db 0
+    jmp 0xF000:start
+times 0x10000 - ($ - $$) db 0
