@@ -230,6 +230,9 @@ class BlockDriverState:
         self.cache_no_flush = cache_no_flush
         #: QEMU's write cache flag; off (writethrough/directsync) flushes after every write.
         self.cache_writeback = True
+        #: ``fn(offset, length)`` called (under the node lock) before any write, zero-write or
+        #: discard changes the node's content: copy-before-write for backup jobs.
+        self.before_write: list[Callable[[int, int], None]] = []
         #: What the image header named as backing (may differ from backing.filename).
         self.backing_file: str | None = None
         self.backing_format: str | None = None
@@ -276,6 +279,8 @@ class BlockDriverState:
         if not data:
             return
         with self.lock:
+            for fn in list(self.before_write):
+                fn(offset, len(data))
             self.impl.write(offset, bytes(data))
             if not self.cache_writeback:
                 self.impl.flush()
@@ -285,6 +290,8 @@ class BlockDriverState:
         self._check_request(offset, length, True)
         if length:
             with self.lock:
+                for fn in list(self.before_write):
+                    fn(offset, length)
                 self.impl.write_zeroes(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
@@ -292,6 +299,8 @@ class BlockDriverState:
         self._check_request(offset, length, True)
         if length:
             with self.lock:
+                for fn in list(self.before_write):
+                    fn(offset, length)
                 self.impl.discard(offset, length)
 
     def flush(self) -> None:

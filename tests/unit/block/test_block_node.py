@@ -170,3 +170,16 @@ def test_reopen_read_write_and_back(tmp_path):
     other.open_image(base, read_only=True)  # only readers now
     other.close_all()
     g.close_all()
+
+
+def test_before_write_hook_sees_old_data(tmp_path, graph):
+    p = str(tmp_path / "h.qcow2")
+    create_qcow2(p, 1 << 20)
+    bs = graph.open_image(p)
+    bs.write(0, b"old!")
+    seen = []
+    bs.before_write.append(lambda off, n: seen.append((off, n, bs.read(off, n))))
+    bs.write(0, b"new!")
+    bs.write_zeroes(0, 2)
+    assert seen == [(0, 4, b"old!"), (0, 2, b"ne")]
+    assert bs.read(0, 4) == b"\0\0w!"
