@@ -28,7 +28,8 @@ CFG_LBA = 48                #: must match CFG_LBA in biostest.asm
 READ_LBA = 200              #: 8 pattern sectors read with AH=42h
 WRITE_LBA = 300             #: 3 sectors the guest writes with AH=43h
 CHS_WRITE_LBA = 400         #: 1 sector the guest writes with AH=03h
-PATTERN_END = 20000         #: pattern sectors from 64 up to here (covers every CHS boundary test)
+PATTERN_END = 1100          #: pattern sectors from 64 up to here (the read/write areas)
+SPT = 63                    #: sectors per track of every geometry QEMU reports here
 LBA28_LIMIT = 1 << 28
 WRITE_MAGIC = 0x5752544D
 #: isa-debug-exit: the guest writes 0x10 (pass) or 0x11 (fail); status = (v << 1) | 1
@@ -101,6 +102,9 @@ def make_disk(path: Path, size: int, boot: bool = True, int10_console: bool = Tr
             mbr[446:462] = end + struct.pack("<II", 63, sectors - 63)
         f.write(mbr)
         ranges = [range(64, min(sectors, PATTERN_END)), range(max(64, sectors - 64), sectors)]
+        # the CHS read crosses the end of cylinder 0: heads * 63 - 2 .. + 1, for any head count
+        ranges += [range(h * SPT - 4, min(sectors, h * SPT + 4))
+                   for h in range(PATTERN_END // SPT, 256) if h * SPT + 4 <= sectors]
         if sectors > LBA28_LIMIT + 64:
             disk.high_lba = LBA28_LIMIT - 2
             ranges.append(range(LBA28_LIMIT - 16, LBA28_LIMIT + 16))
