@@ -178,7 +178,7 @@ def _active_layer(ctx: CommandContext, name: str) -> tuple[Any, str]:
     bs = _graph(ctx).lookup(name) if ctx.machine.block_graph is not None else None
     if bs is None:
         raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
-    return bs, _device_name_of(ctx, bs)
+    return bs, name         # QEMU's messages name the device as the client spelled it
 
 
 # ----------------------------------------------------------------- queries

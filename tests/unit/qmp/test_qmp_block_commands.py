@@ -83,6 +83,9 @@ def test_internal_snapshots(pc) -> None:
     assert run("blockdev-snapshot-internal-sync", device="virtio0", name="x")["error"]["desc"] \
         == "Block format 'raw' used by device 'virtio0' does not support internal snapshots"
     assert run("blockdev-snapshot-internal-sync", device="fmt2", name="bynode") == {"return": {}}
+    # QEMU names the device as the client spelled it (here: the node name)
+    assert run("blockdev-snapshot-internal-sync", device="fmt2", name="bynode")["error"][
+        "desc"] == "Snapshot with name 'bynode' already exists on device 'fmt2'"
     snaps = run("query-block")["return"][0]["inserted"]["image"]["snapshots"]
     assert [s["name"] for s in snaps] == ["s1"] and snaps[0]["id"] == "1"
     text = run("human-monitor-command", command_line="info snapshots")["return"]
