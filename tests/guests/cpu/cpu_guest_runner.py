@@ -36,7 +36,7 @@ STATUS_DISK = (2 << 1) | 1      #: the MBR could not read the payload
 #: First line every guest prints from its payload; printed twice means the machine reset.
 BANNER = "emu-guest cpu/{name} start"
 #: Seconds the serial guest gets to boot on emu before emu counts as not booting yet.
-PROBE_TIMEOUT = 20.0
+PROBE_TIMEOUT = 15.0
 #: Guests that must pass on emu (not xfail) once emu boots; grow this as emu's layers land.
 EMU_CONFORMANT: frozenset[str] = frozenset()
 
