@@ -152,3 +152,11 @@ def test_cpu_guest_triple_fault_no_reboot(emulator: Emulator, request: pytest.Fi
     assert run.status == 0, run.describe()
     assert run.output.count(BANNER.format(name="reset")) == 1, run.describe()
     assert run.lines[-1] == "reset: triple fault now", run.describe()
+
+
+def test_cpu_guest_unassigned(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # QEMU 7.2 reads 0 from unassigned memory (PCI hole, above RAM) and drops writes there.
+    run = boot(emulator, "unassigned", request, tmp_path)
+    assert_passed(run, ["pci_hole", "above_ram", "ram_end"])
+    for test in ("pci_hole", "above_ram"):
+        assert run.fields(test) == {"dword": 0, "word": 0, "byte": 0, "after_write": 0}, test
