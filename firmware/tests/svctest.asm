@@ -110,7 +110,7 @@ BUF             equ     0x0600
         call    crlf
         cmp     dx, 3
         jb      .bad_wait
-        cmp     dx, 12
+        cmp     dx, 40
         jbe     .a20
 .bad_wait:
         inc     bp
