@@ -52,8 +52,11 @@ class Emulator:
 
 #: emu's own BIOS (firmware/), also run on QEMU as a cross-check of firmware + guests.
 OUR_BIOS = REPO / "firmware" / "bios.bin"
-QEMU = Emulator("qemu", ("qemu-system-x86_64",), timeout=30.0)
-QEMU_OUR_BIOS = Emulator("qemu-ourbios", ("qemu-system-x86_64", "-bios", str(OUR_BIOS)), timeout=30.0)
+# TCG explicitly: the guests expect QEMU's emulated CPU (e.g. its long-mode IDT error codes),
+# which is what qemu-system-x86_64 picks by default anyway.
+QEMU = Emulator("qemu", ("qemu-system-x86_64", "-accel", "tcg"), timeout=30.0)
+QEMU_OUR_BIOS = Emulator("qemu-ourbios", ("qemu-system-x86_64", "-accel", "tcg", "-bios", str(OUR_BIOS)),
+                         timeout=30.0)
 EMU = Emulator("emu", (sys.executable, "-m", "emu"), timeout=40.0)
 #: After this many emu runs killed at the timeout, the remaining emu runs are skipped, so a
 #: machine that hangs costs the suite minutes, not ten timeouts.
