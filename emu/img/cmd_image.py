@@ -410,8 +410,9 @@ def cmd_info(opts: list[tuple[str, str]], args: list[str]) -> int:
     out = output_format(out)
     filename = args[0]
     with session() as s:
-        bs = s.open(filename, fmt, read_only=True, force_share=share)
-        nodes = bs.backing_chain() if chain else [bs]
+        # qemu-img info opens each image without its backing chain.
+        nodes = s.chain(filename, fmt, share) if chain else \
+            [s.open(filename, fmt, read_only=True, force_share=share, no_backing=True)]
         infos = []
         for n in nodes:
             try:

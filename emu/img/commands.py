@@ -51,6 +51,31 @@ def _dump_human_check(r: qcheck.CheckResult, quiet: bool) -> None:
         qprint(quiet, f"Image end offset: {r.image_end_offset}\n")
 
 
+def _open_backing_chain(filename: str) -> None:
+    """qemu-img check opens the image with its backing chain: a broken chain fails the same way.
+
+    The image itself is judged leniently by the checker (as QEMU's check mode), so only the
+    backing chain is opened through the block layer here.
+    """
+    from emu.block.node import BlockGraph, resolve_backing_path
+    from emu.block.qcow2 import format as qfmt
+    try:
+        with open(filename, "rb") as f:
+            h = qfmt.parse_header(f.read(1 << 16).ljust(4096, b"\0"))
+    except (OSError, EmuError):
+        return  # the checker reports the image's own problems
+    if not h.backing_file:
+        return
+    g = BlockGraph()
+    try:
+        g.open_image(resolve_backing_path(filename, h.backing_file), h.backing_format, read_only=True,
+                     force_share=True)
+    except EmuError as err:
+        raise ImgError(f"Could not open '{filename}': Could not open backing file: {err}") from None
+    finally:
+        g.close_all()
+
+
 @command("check", "f:r:T:qU", ["format=", "repair=", "output=", "object=", "image-opts", "force-share"])
 def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
     """``check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename``; exit 0/1/2/3/63."""
@@ -83,6 +108,7 @@ def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
     fmt = probe_format(filename, fmt)
     if fmt != "qcow2":
         raise ImgError("This image format does not support checks", 63)
+    _open_backing_chain(filename)
     try:
         res = qcheck.check_qcow2(filename, fix, force_share=share)
     except qcheck.CheckError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -41,10 +42,42 @@ class Session:
             bs = self.graph.open_image(filename, fmt, read_only=read_only, force_share=force_share,
                                        cache=cache, **kw)
         except EmuError as err:
+            if not no_backing and backing is None and self._opens_alone(filename, fmt, read_only, force_share):
+                # The image itself is fine: its backing chain failed (QEMU says so).
+                raise ImgError(f"Could not open '{filename}': Could not open backing file: {err}") from None
             raise ImgError(f"Could not open '{filename}': {err}") from None
         if fmt is None and bs.drv == "raw" and not read_only:
             sys.stderr.write(PROBE_WARNING.format(filename))
         return bs
+
+    def _opens_alone(self, filename: str, fmt: str | None, read_only: bool, force_share: bool) -> bool:
+        try:
+            bs = self.graph.open_image(filename, fmt, read_only=True, force_share=True, backing=None)
+        except EmuError:
+            return False
+        has_backing = bool(bs.backing_file)
+        self.graph.remove(bs)
+        return has_backing
+
+    def chain(self, filename: str, fmt: str | None, force_share: bool) -> list:
+        """Open every image of a backing chain on its own (``info --backing-chain``), top first.
+
+        :raises ImgError: qemu-img's texts for a missing member or a loop.
+        """
+        from emu.block.node import resolve_backing_path
+        nodes = []
+        seen: set[str] = set()
+        name, f = filename, fmt
+        while True:
+            key = os.path.realpath(name)
+            if key in seen:
+                raise ImgError(f"Backing file '{name}' creates an infinite loop.")
+            seen.add(key)
+            bs = self.open(name, f, read_only=True, force_share=force_share, no_backing=True)
+            nodes.append(bs)
+            if not bs.backing_file:
+                return nodes
+            name, f = resolve_backing_path(bs.filename, bs.backing_file), bs.backing_format
 
     def close(self) -> None:
         """Flush and close every node; errors become qemu-img style errors."""

@@ -115,7 +115,8 @@ def read_header(io: "FileIO | NodeIO", path: str, snapshots: bool = True) -> _Im
     :raises ImageFormatError: with QEMU's text when the image cannot be opened.
     """
     file_size = io.length()
-    first = io.pread(0, min(file_size, 1 << fmt.MAX_CLUSTER_BITS))
+    # bdrv_pread semantics: a short file reads as zeros past its end (QEMU's messages follow).
+    first = io.pread(0, max(min(file_size, 1 << fmt.MAX_CLUSTER_BITS), 4096))
     try:
         h = fmt.parse_header(first)
         fmt.check_features(h)
