@@ -758,6 +758,14 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
     if pidfile is not None:
         _write_pidfile(pidfile)
     machine = Machine(cfg)
+
+    # before any monitor accepts a client: a signal then always ends in a clean SHUTDOWN
+    def on_signal(signum: int, frame: Any) -> None:
+        print(f"{progname()}: terminating on signal {signum}", file=sys.stderr, flush=True)
+        machine.quit(ShutdownCause.HOST_SIGNAL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     io = IOThread()
     server: QmpServer | None = None
     chardevs = {}
@@ -782,12 +790,6 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
         for chardev in chardevs.values():
             io.call(chardev.start(io.loop))
 
-        def on_signal(signum: int, frame: Any) -> None:
-            print(f"{progname()}: terminating on signal {signum}", file=sys.stderr, flush=True)
-            machine.quit(ShutdownCause.HOST_SIGNAL)
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
         machine.start()
         if ready_fd is not None:
             os.write(ready_fd, b"0")

@@ -7,7 +7,7 @@ import importlib.util
 import random
 import sys
 
-from conftest import REPO, requires_qemu_system
+from conftest import REPO, requires_qemu_img, requires_qemu_system
 
 _loader = importlib.machinery.SourceFileLoader("qmp_fuzz", str(REPO / "scripts" / "qmp-fuzz"))
 _spec = importlib.util.spec_from_loader("qmp_fuzz", _loader)
@@ -39,4 +39,14 @@ def test_differential_against_qemu(tmp_path) -> None:
     st = fuzz.differential(300, 424242, [sys.executable, "-m", "emu"], ["qemu-system-x86_64"],
                            str(tmp_path))
     assert st["lines"] > 200
+    assert st["diffs"] == []
+
+
+@requires_qemu_system
+@requires_qemu_img
+def test_differential_block_commands_against_qemu(tmp_path) -> None:
+    """Mutated block commands on real drives: the same replies as qemu-system-x86_64."""
+    st = fuzz.differential(200, 777, [sys.executable, "-m", "emu"], ["qemu-system-x86_64"],
+                           str(tmp_path), drives=True)
+    assert st["lines"] > 150
     assert st["diffs"] == []
