@@ -223,7 +223,14 @@ class QmpSession:
             self.busy = True
             try:
                 rsp = await loop.run_in_executor(self.server.executor, self._dispatch, value)
-                self.send(rsp)
+                try:
+                    self.send(rsp)
+                except Exception as e:  # noqa: BLE001 - a reply that cannot be written
+                    print(f"emu: QMP reply could not be serialised: {e!r}", file=sys.stderr)
+                    bad = error_response(QmpError(f"internal error: {type(e).__name__}"))
+                    if "id" in rsp:
+                        bad["id"] = rsp["id"]
+                    self.send(bad)
                 try:
                     await self.writer.drain()
                 except (ConnectionError, OSError):
