@@ -24,7 +24,7 @@ from conftest import requires_qemu_img
 pytestmark = requires_qemu_img
 
 EMU_IMG = [sys.executable, "-m", "emu.img"]
-RUNS = int(os.environ.get("EMU_CRASH_RUNS", "3"))
+RUNS = int(os.environ.get("EMU_CRASH_RUNS", "2"))
 
 
 def _kill_after(cmd: list[str], delay: float) -> bool:
