@@ -1,0 +1,9 @@
+"""The PC as a whole.
+
+- :mod:`emu.machine.config`  dataclasses the command line fills (drives, devices, chardevs,
+                             monitors) and QEMU's drive naming
+- :mod:`emu.machine.pc`      :class:`~emu.machine.pc.Machine`: run states, events, guest
+                             requests, ``quiesce()``, the attach points for vCPU and devices
+- :mod:`emu.machine.drives`  opens ``-drive``/``-blockdev`` through the block layer into
+                             named block devices
+"""
