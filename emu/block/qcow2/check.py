@@ -168,10 +168,12 @@ class FileIO:
 
     def __init__(self, f) -> None:
         self.f = f
+        self.f.seek(0, os.SEEK_END)
+        #: Cached size: the check asks for it once per reference.
+        self._len = self.f.tell()
 
     def length(self) -> int:
-        self.f.seek(0, os.SEEK_END)
-        return self.f.tell()
+        return self._len
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read like bdrv_pread: zeros past the end of the file."""
@@ -184,9 +186,11 @@ class FileIO:
     def pwrite(self, offset: int, data: bytes) -> None:
         self.f.seek(offset)
         self.f.write(data)
+        self._len = max(self._len, offset + len(data))
 
     def truncate(self, size: int) -> None:
         self.f.truncate(size)
+        self._len = size
 
     def sync(self) -> None:
         self.f.flush()
@@ -198,9 +202,10 @@ class NodeIO:
 
     def __init__(self, node) -> None:
         self.node = node
+        self._len = node.size
 
     def length(self) -> int:
-        return self.node.size
+        return self._len
 
     def pread(self, offset: int, length: int) -> bytes:
         size = self.node.size
@@ -209,12 +214,13 @@ class NodeIO:
         return data + bytes(length - n)
 
     def pwrite(self, offset: int, data: bytes) -> None:
-        if offset + len(data) > self.node.size:
-            self.node.truncate(offset + len(data))
+        if offset + len(data) > self._len:
+            self.truncate(offset + len(data))
         self.node.write(offset, data)
 
     def truncate(self, size: int) -> None:
         self.node.truncate(size)
+        self._len = size
 
     def sync(self) -> None:
         self.node.flush()
@@ -237,6 +243,7 @@ class _Checker:
         self.reftable: list[int] = self._read_u64s(img.refcount_table_offset,
                                                    img.refcount_table_clusters * self.cs // 8)
         self._refblock_cache: dict[int, bytearray] = {}
+        self._decoded_cache: dict[int, list[int]] = {}
         self._corruption_signaled = False
         #: Program name for the lines QEMU prints through error_report.
         self.prog = "emu-img"
@@ -277,6 +284,19 @@ class _Checker:
             self._refblock_cache[offset] = blk
         return blk
 
+    def _decoded(self, offset: int) -> list[int]:
+        """All entries of a refblock as ints (decoded once; per-entry decoding is slow)."""
+        vals = self._decoded_cache.get(offset)
+        if vals is None:
+            blk = self._refblock(offset)
+            width = {4: "H", 5: "I", 6: "Q", 3: "B"}.get(self.img.refcount_order)
+            if width is not None:
+                vals = list(struct.unpack(f">{self.refblock_entries}{width}", bytes(blk)))
+            else:
+                vals = [self._get_entry(blk, i) for i in range(self.refblock_entries)]
+            self._decoded_cache[offset] = vals
+        return vals
+
     def _get_entry(self, blk: bytes | bytearray, index: int) -> int:
         return fmt.read_refcount(blk, index, self.img.refcount_order)
 
@@ -296,7 +316,7 @@ class _Checker:
             return None  # QEMU: -EIO ("Can't get refcount for cluster N")
         if rb_off > (1 << 63) - 1 - self.cs:
             return None
-        return self._get_entry(self._refblock(rb_off), cluster & (self.refblock_entries - 1))
+        return self._decoded(rb_off)[cluster & (self.refblock_entries - 1)]
 
     def set_refcount(self, cluster: int, value: int) -> bool:
         """Write one refcount into its existing refblock; False when there is none."""
@@ -309,6 +329,8 @@ class _Checker:
         blk = self._refblock(rb_off)
         index = cluster & (self.refblock_entries - 1)
         self._set_entry(blk, index, value)
+        if rb_off in self._decoded_cache:
+            self._decoded_cache[rb_off][index] = value
         width_bytes = max(self.refcount_bits // 8, 1)
         byte = (index * self.refcount_bits) // 8
         self.pwrite(rb_off + byte, bytes(blk[byte:byte + width_bytes]))
@@ -481,15 +503,36 @@ class _Checker:
         highest = 0
         rebuild = False
         nb = max(len(imrt), self._nb_clusters())
-        for i in range(nb):
-            on_disk = self.get_refcount(i)
+        per = self.refblock_entries
+        i = 0
+        while i < nb:
+            # Fast path: a whole refblock whose stored counts equal the computed ones.
+            if i % per == 0 and i + per <= len(imrt):
+                rt_index = i // per
+                rb = self.reftable[rt_index] & REFT_OFFSET_MASK if rt_index < len(self.reftable) else 0
+                disk = None
+                if rb and not rb & (self.cs - 1) and rb <= (1 << 63) - 1 - self.cs:
+                    disk = self._decoded(rb)
+                elif not rb:
+                    disk = [0] * per
+                comp = imrt[i:i + per]
+                if disk is not None and disk == comp:
+                    for j in range(per - 1, -1, -1):
+                        if comp[j]:
+                            highest = i + j
+                            break
+                    i += per
+                    continue
+            i_msg = i
+            i += 1
+            on_disk = self.get_refcount(i_msg)
             if on_disk is None:
-                self.log(f"Can't get refcount for cluster {i}: {_EIO}\n")
+                self.log(f"Can't get refcount for cluster {i_msg}: {_EIO}\n")
                 res.check_errors += 1
                 continue
-            computed = imrt[i] if i < len(imrt) else 0
+            computed = imrt[i_msg] if i_msg < len(imrt) else 0
             if on_disk or computed:
-                highest = i
+                highest = i_msg
             if on_disk == computed:
                 continue
             fixing = None
@@ -500,8 +543,8 @@ class _Checker:
             elif on_disk < computed and fix & FIX_ERRORS:
                 fixing = "corruptions_fixed"
             tag = "Repairing" if fixing else ("ERROR" if on_disk < computed else "Leaked")
-            self.log(f"{tag} cluster {i} refcount={on_disk} reference={computed}\n")
-            if fixing and self.set_refcount(i, computed):
+            self.log(f"{tag} cluster {i_msg} refcount={on_disk} reference={computed}\n")
+            if fixing and self.set_refcount(i_msg, computed):
                 setattr(res, fixing, getattr(res, fixing) + 1)
                 continue
             if on_disk < computed:
@@ -555,6 +598,7 @@ class _Checker:
         self.img.refcount_table_clusters = n_rt
         self.reftable = reftable
         self._refblock_cache.clear()
+        self._decoded_cache.clear()
 
     def check_oflag_copied(self, res: CheckResult, fix: int) -> None:
         """QEMU's check_oflag_copied (active L1 only)."""
