@@ -116,3 +116,41 @@ def test_serial_ports_follow_qemu_order():
     board.add_serial(None)
     with pytest.raises(ValueError):
         board.add_serial(None)
+
+
+def test_random_port_flood_never_raises_and_platform_recovers():
+    import random
+
+    clock = VirtualClock(manual=True)
+    events = []
+    board = PcBoard(clock, notify=lambda: None, on_reset=lambda: events.append("reset"),
+                    on_a20=lambda on: None, on_exit=lambda s: events.append(s), debug_exit=(0x501, 2))
+    bus = board.iobus
+    rng = random.Random(4)
+    hot = [0x20, 0x21, 0xA0, 0xA1, 0x40, 0x41, 0x42, 0x43, 0x60, 0x61, 0x64, 0x70, 0x71, 0x80, 0x92,
+           0x3F8, 0x3F9, 0x3FA, 0x3FB, 0x3FC, 0x3FD, 0x3FE, 0x3FF, 0x4D0, 0x4D1, 0xCF8, 0xCF9, 0xCFC, 0xCFE]
+    for i in range(20000):
+        port = rng.choice(hot) if i % 2 else rng.randrange(0x10000)
+        size = rng.choice((1, 2, 4))
+        if rng.random() < 0.5:
+            value = bus.port_read(port, size)
+            assert 0 <= value < 1 << (8 * size)
+        else:
+            bus.port_write(port, size, rng.getrandbits(32) & ((1 << (8 * size)) - 1))
+        if i % 1000 == 0:
+            clock.advance(rng.randrange(10_000_000))
+        for _ in range(4):  # a level-triggered source may stay asserted: take a few, like a CPU
+            if not board.pic.has_interrupt():
+                break
+            board.pic.acknowledge()
+            bus.port_write(0x20, 1, 0x20)
+            bus.port_write(0xA0, 1, 0x20)
+    # the platform still works after the flood: a system reset and a clean PIC/PIT set-up
+    board.reset()
+    for port, val in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFE)):
+        bus.port_write(port, 1, val)
+    bus.port_write(0x43, 1, 0x34)
+    bus.port_write(0x40, 1, 100)
+    bus.port_write(0x40, 1, 0)
+    clock.advance(1_000_000)
+    assert board.pic.has_interrupt() and board.pic.acknowledge() == 0x20
