@@ -55,13 +55,14 @@ def sector_pattern(lba: int, tag: int = 0x53) -> bytes:
 class EmuRig:
     """PcBoard + PIIX3 IDE, BIOS-style PCI set-up, guest RAM as a bytearray."""
 
-    def __init__(self, images: list[tuple[str, str] | None], ram_size: int = RAM_SIZE) -> None:
+    def __init__(self, images: list[tuple[str, str] | None], ram_size: int = RAM_SIZE,
+                 graph: BlockGraph | None = None, backends: list[BlockBackend | None] | None = None) -> None:
         self.clock = VirtualClock(manual=True)
         self.board = PcBoard(self.clock)
         self.ram = bytearray(ram_size)
         self.invalidated: list[tuple[int, int]] = []
-        self.graph = BlockGraph()
-        self.backends: list[BlockBackend | None] = []
+        self.graph = graph or BlockGraph()
+        self.backends: list[BlockBackend | None] = list(backends or [])
         for i, spec in enumerate(images):
             if spec is None:
                 self.backends.append(None)
