@@ -5,6 +5,7 @@
 #include "dw.h"
 
 #define VERSION 1
+#define IMAGE_SECTORS 128 /* the bootable image (64 KiB) the data area must not overlap */
 #define MAX_REGION 4096
 #define UNKNOWN_SEQ 0xFFFFFFFFu /* a write that failed: its sector's content is undefined */
 #define IRQ_GRACE_MS 1000       /* no interrupt this long after a request: switch to polling */
@@ -541,7 +542,7 @@ void dw_main(const struct params *boot_params) {
     P = *boot_params;
     if (memcmp(P.magic, "DWPARAMS", 8)) fatal("parameter block magic", 0);
     if (P.region_count == 0 || P.region_count > MAX_REGION) fatal("region_count", P.region_count);
-    if (P.region_start < 64) fatal("region_start overlaps the boot sectors", P.region_start);
+    if (P.region_start < IMAGE_SECTORS) fatal("region_start overlaps the boot sectors", P.region_start);
     crc_init();
     interrupts_init();
     outb(COM1 + 1, 0); /* COM1 polled both ways */
