@@ -670,6 +670,9 @@ def pre_resize_args(args: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------- commit / rebase
 
+#: qemu-img's IO_BUF_SIZE: rebase compares (and reports progress) in steps of this size.
+IO_CHUNK = 2 << 20
+
 def copy_allocated(src, dst, offset: int, length: int, chunk: int = 1 << 20) -> None:
     """Copy every extent that ``src`` itself allocates (data or zero) into ``dst``."""
     end = offset + length
@@ -775,36 +778,39 @@ def cmd_rebase(opts: list[tuple[str, str]], args: list[str]) -> int:
             bs = s.open(filename, fmt, read_only=False, cache=cache, no_backing=True)
         else:
             bs = s.open(filename, fmt, read_only=False, cache=cache)
-        if new_base and new_fmt is None:
-            new_fmt = _detect_backing_fmt(filename, new_base) if not unsafe else None
+        probe_fmt = None
+        if new_base and new_fmt is None and not unsafe:
+            probe_fmt = _detect_backing_fmt(filename, new_base)
         if not unsafe:
             new_node = None
             if new_base:
                 try:
-                    new_node = s.open(resolve_backing_path(filename, new_base), new_fmt, read_only=True)
-                except ImgError as err:
-                    raise ImgError(f"Could not open new backing file '{new_base}': "
-                                   f"{_strip_open(str(err)).split(': ', 1)[-1]}") from None
+                    new_node = s.graph.open_image(resolve_backing_path(filename, new_base),
+                                                  new_fmt or probe_fmt, read_only=True)
+                except EmuError as err:
+                    raise ImgError(f"Could not open new backing file '{new_base}': {err}") from None
             old_node = bs.backing
             size = bs.size
-            prog = Progress(progress and not quiet)
-            chunk = 1 << 20
+            prog = Progress(progress and not quiet, 2.0)
+            step = 100.0 / max(1, size // min(size, IO_CHUNK)) if size else 100.0
+            # qemu-img's loop: 2 MiB steps cut at allocation changes; every unallocated step
+            # is compared and reported (allocated ones are skipped silently).
             off = 0
             while off < size:
-                kind, n, _ = bs.block_status(off, min(size - off, 1 << 30))
-                n = max(1, min(n, size - off))
+                kind, n, _ = bs.block_status(off, min(IO_CHUNK, size - off))
+                n = max(1, min(n, IO_CHUNK, size - off))
                 if kind in ("unallocated", "zero-unallocated"):
-                    pos = off
-                    while pos < off + n:
-                        m = min(chunk, off + n - pos)
-                        old = _read_or_zero(old_node, pos, m)
-                        new = _read_or_zero(new_node, pos, m)
-                        if old != new:
-                            _write_diff(bs, pos, old, new)
-                        pos += m
+                    old = _read_or_zero(old_node, off, n)
+                    new = _read_or_zero(new_node, off, n)
+                    if old != new:
+                        _write_diff(bs, off, old, new)
+                    prog.add(step)
                 off += n
-                prog.update(off * 100.0 / size)
+            prog.force(100.0)
             prog.end()
+        if new_base and new_fmt is None:
+            raise ImgError(f"Could not change the backing file to '{new_base}': backing format must be "
+                           "specified")
         _set_backing(bs, new_base or None, new_fmt if new_base else None)
     return 0
 
@@ -884,6 +890,15 @@ class Progress:
             return
         self.current = min(100.0, percent)
         if self.current - self.last >= self.min_skip or self.current >= 100.0 and self.last < 100.0:
+            self.last = self.current
+            self._print()
+
+    def add(self, delta: float) -> None:
+        """Advance by ``delta`` percent (capped at 100), as qemu_progress_print(delta, 100)."""
+        if not self.enabled:
+            return
+        self.current = min(100.0, self.current + delta)
+        if self.current == 100.0 or self.current - self.last > self.min_skip:
             self.last = self.current
             self._print()
 

@@ -72,6 +72,8 @@ CASES = [
     # resize / commit / rebase
     "resize base.qcow2 +10M", "resize base.qcow2 10M", "resize -f raw r.raw +1M", "resize base.qcow2 abc",
     "commit base.qcow2", "commit ov.qcow2", "rebase ov.qcow2", "rebase -u -b base.qcow2 -F qcow2 ov.qcow2",
+    "rebase -p -b v2.qcow2 -F qcow2 ov.qcow2", "rebase -b nope -F qcow2 ov.qcow2", "rebase -b v2.qcow2 ov.qcow2",
+    "rebase -u -b v2.qcow2 ov.qcow2", "commit -b nope ov.qcow2",
     # general
     "frob", "", "check -r bogus base.qcow2",
 ]
