@@ -787,6 +787,10 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
         for m in cfg.monitors:
             server.add_monitor(chardevs[m.chardev], m.mode)
         machine.serial_chardevs = [chardevs[s] for s in cfg.serials]
+        if cfg.machine_type != "none":
+            from emu.machine.hardware import build_hardware
+
+            build_hardware(machine)     # vCPU, board, BIOS, disk controllers
         for chardev in chardevs.values():
             io.call(chardev.start(io.loop))
 

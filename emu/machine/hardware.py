@@ -1,0 +1,295 @@
+"""The PC's hardware, assembled from a :class:`~emu.machine.config.MachineConfig`.
+
+:func:`build_hardware` puts together what :class:`~emu.machine.pc.Machine` drives:
+
+* the virtual clock (:class:`emu.hw.clock.VirtualClock`) — one clock for the PIT, RTC, UART
+  timeouts *and* the TSC (``VCPU(clock_ns=clock.now)``), paused with the VM;
+* the platform board (:class:`emu.hw.pc.board.PcBoard`): one 16550A per ``-serial`` on its
+  chardev, isa-debug-exit for ``-device isa-debug-exit``, CMOS filled as QEMU's pc machine;
+* the vCPU (:class:`emu.cpu.vcpu.VCPU`) on the board's buses, the BIOS ROM (``-bios``, by
+  default emu's own, :func:`default_bios`) and every PCI memory BAR mapped as it appears;
+* the disk controllers: ``-drive if=ide`` / ``-device ide-hd`` on the PIIX3 IDE function
+  (00:01.1).  emu has no virtio-blk device model yet: a ``virtio-blk-pci`` drive stays a
+  named BlockBackend (QMP works on it) and a warning says the guest does not see it.
+
+Wiring, and why:
+
+* guest requests (i8042/0xCF9 reset, triple fault, isa-debug-exit) arrive on the vCPU thread.
+  They are handed to the machine from a short-lived thread, because the machine may at that
+  moment hold its lock while it waits in ``vcpu.pause()`` — taking that lock on the vCPU
+  thread would deadlock (the vCPU could never park);
+* A20 changes go straight to ``vcpu.set_a20`` (it only posts a request to the vCPU);
+* a machine reset resets the board (a reset handler) and then the vCPU (``Machine.reset``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from emu.errors import ConfigError
+from emu.machine.config import DeviceConfig
+from emu.machine.pc import Machine, ShutdownCause
+
+__all__ = ["Hardware", "build_hardware", "default_bios", "load_bios", "VcpuRunner", "SerialLink",
+           "BIOS_NAME"]
+
+log = logging.getLogger("emu.machine")
+
+BIOS_NAME = "bios.bin"
+FOUR_GIB = 1 << 32
+#: ROM sizes QEMU accepts for ``-bios`` on the pc machine: a multiple of 64 KiB, at most 16 MiB
+BIOS_ALIGN = 64 * 1024
+BIOS_MAX = 16 << 20
+#: PIIX3 IDE positions: (bus, unit) -> index in primary master .. secondary slave order
+IDE_POSITIONS = {(0, 0): 0, (0, 1): 1, (1, 0): 2, (1, 1): 3}
+VIRTIO_BLK_MODELS = ("virtio-blk-pci", "virtio-blk")
+
+
+def default_bios() -> Path:
+    """emu's own BIOS: ``emu/machine/bios.bin`` (package data in an installed wheel; a link to
+    ``firmware/bios.bin`` in a source tree), else ``firmware/bios.bin`` beside the package.
+
+    :raises ConfigError: when neither exists.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / BIOS_NAME, here.parent.parent / "firmware" / BIOS_NAME):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("qemu: could not find emu's BIOS (bios.bin); give one with -bios")
+
+
+def load_bios(path: str | os.PathLike[str] | None) -> bytes:
+    """Read a BIOS image and check it fits below 4 GiB as QEMU's pc machine loads it.
+
+    :raises ConfigError: QEMU's ``could not load PC BIOS`` text.
+    """
+    p = Path(path) if path is not None else default_bios()
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"qemu: could not load PC BIOS '{p}'") from err
+    if not data or len(data) % BIOS_ALIGN or len(data) > BIOS_MAX:
+        raise ConfigError(f"qemu: could not load PC BIOS '{p}'")
+    return data
+
+
+class VcpuRunner:
+    """The vCPU as :class:`~emu.machine.pc.Machine` drives it: pausing the VM also stops the
+    virtual clock (so timers and the TSC stand still while paused, as QEMU's vm clock).
+
+    :param cpu: the :class:`emu.cpu.vcpu.VCPU`.
+    :param clock: the machine's :class:`emu.hw.clock.VirtualClock`.
+    """
+
+    def __init__(self, cpu: Any, clock: Any) -> None:
+        self.cpu = cpu
+        self.clock = clock
+
+    def start(self) -> None:
+        self.clock.resume()
+        self.clock.start()
+        self.cpu.start()
+
+    def pause(self) -> None:
+        self.cpu.pause()
+        self.clock.pause()
+
+    def resume(self) -> None:
+        self.clock.resume()
+        self.cpu.resume()
+
+    def reset(self) -> None:
+        self.cpu.reset()
+
+    def stop(self) -> None:
+        self.cpu.stop()
+        self.clock.stop()
+
+    def registers(self) -> dict[str, int]:
+        """The vCPU's registers (``info registers``)."""
+        return self.cpu.registers()
+
+
+@dataclass
+class Hardware:
+    """What :func:`build_hardware` built (tests and QMP reach devices through it)."""
+
+    clock: Any
+    board: Any
+    cpu: Any
+    runner: VcpuRunner
+    ide: Any = None
+    #: exit status the guest asked for through isa-debug-exit (None: not yet)
+    exit_status: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SerialLink:
+    """A UART's host side on a chardev.
+
+    Output to a ``stdio`` chardev goes straight to file descriptor 1, synchronously as QEMU
+    writes it: emu's stdio chardev drops output once stdin reaches EOF (``< /dev/null``, as
+    test harnesses run it), which must not silence the guest's console.
+
+    :param chardev: an :class:`emu.chardev.Chardev` (``write``, ``set_receiver``).
+    """
+
+    def __init__(self, chardev: Any) -> None:
+        self.chardev = chardev
+        self._fd = 1 if getattr(chardev, "backend_name", "") == "stdio" else None
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            self.chardev.write(data)
+            return
+        view = memoryview(bytes(data))
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                return          # stdout gone (closed pipe): output is dropped, as QEMU
+            view = view[n:]
+
+    def set_receiver(self, fn: Callable[[bytes], None]) -> None:
+        self.chardev.set_receiver(fn)
+
+
+def warn(text: str) -> None:
+    """A start-up warning on stderr, as QEMU prints them (``emu: warning: …``)."""
+    print(f"emu: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _post(fn: Callable[[], None], name: str) -> None:
+    """Run ``fn`` on its own thread (see the module docstring: never on the vCPU thread)."""
+    threading.Thread(target=fn, name=name, daemon=True).start()
+
+
+def _ide_backends(machine: Machine) -> list[Any]:
+    """The BlockBackend at each PIIX3 IDE position, from the ``ide-hd`` devices."""
+    backends: list[Any] = [None] * 4
+    for dev in machine.config.devices:
+        if dev.driver not in ("ide-hd", "ide-cd"):
+            continue
+        if dev.driver == "ide-cd":
+            raise ConfigError("'ide-cd' is not supported by emu (no ATAPI): use media=disk")
+        index = _ide_index(dev, backends)
+        drive = dev.props.get("drive")
+        bdev = machine.find_block_device(drive) if drive is not None else None
+        if bdev is None or bdev.backend is None:
+            raise ConfigError(f"Device needs media, but drive is empty ({dev.spec})")
+        backends[index] = bdev.backend
+    return backends
+
+
+def _ide_index(dev: DeviceConfig, taken: list[Any]) -> int:
+    bus_text = dev.props.get("bus")
+    unit_text = dev.props.get("unit")
+    buses = [int(bus_text.rsplit(".", 1)[1])] if bus_text else [0, 1]
+    for bus in buses:
+        units = [int(unit_text, 0)] if unit_text is not None else [0, 1]
+        for unit in units:
+            index = IDE_POSITIONS.get((bus, unit))
+            if index is None:
+                raise ConfigError(f"Invalid IDE unit {unit} on bus ide.{bus}")
+            if taken[index] is None:
+                return index
+    raise ConfigError(f"IDE unit already in use ({dev.spec})")
+
+
+def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hardware:
+    """Build clock, board, vCPU, firmware and disk controllers for ``machine`` and attach them
+    (vCPU, reset handler); call after the drives are opened and ``machine.serial_chardevs`` is
+    set, before ``machine.start()``.
+
+    :param machine: the machine (its config and block devices are read).
+    :param start_time: RTC start (UTC epoch seconds); default host time.
+    :raises ConfigError: a device emu lacks, a bad BIOS, a bad device property.
+    """
+    from emu.cpu.vcpu import VCPU
+    from emu.hw.clock import VirtualClock
+    from emu.hw.pc.board import PcBoard
+    from emu.hw.pc.debugexit import DebugExit
+
+    cfg = machine.config
+    for dev in cfg.devices:
+        if dev.driver in VIRTIO_BLK_MODELS:
+            # the drive stays a named BlockBackend (QMP sees it); only the guest does not
+            warn(f"-device {dev.spec}: emu has no virtio-blk device model yet: drive "
+                 f"'{dev.props.get('drive', '')}' is not visible to the guest (use if=ide)")
+    ram_size = cfg.memory_mib << 20
+    bios = load_bios(cfg.bios)
+
+    clock = VirtualClock()
+    clock.pause()                       # time starts when the guest first runs
+    hw: Hardware | None = None
+
+    def on_reset() -> None:
+        _post(lambda: machine.request_reset(ShutdownCause.GUEST_RESET), "emu-guest-reset")
+
+    def on_reset_request(reason: str) -> None:
+        log.debug("vCPU asks for a reset: %s", reason)
+        on_reset()
+
+    def on_exit(status: int) -> None:
+        if hw is not None:
+            hw.exit_status = status
+        # the OS keeps the low 8 bits of QEMU's exit(status)
+        _post(lambda: machine.request_shutdown(ShutdownCause.NONE, exit_code=status & 0xFF),
+              "emu-guest-exit")
+
+    cpu_ref: list[Any] = []
+
+    def on_a20(enabled: bool) -> None:
+        if cpu_ref:
+            cpu_ref[0].set_a20(enabled)
+
+    board = PcBoard(clock, on_reset=on_reset, on_a20=on_a20, start_time=start_time,
+                    serial_ports=0)
+    for chardev in machine.serial_chardevs:
+        board.add_serial(SerialLink(chardev))
+    for dev in cfg.devices:
+        if dev.driver == "isa-debug-exit":
+            board.add_debug_exit(DebugExit.from_qemu_props(dev.props, on_exit))
+    cpu = VCPU(ram_size, board.iobus.port_read, board.iobus.port_write, board.pic,
+               on_reset_request=on_reset_request, clock_ns=clock.now)
+    cpu_ref.append(cpu)
+    cpu.load_rom(FOUR_GIB - len(bios), bios)
+    board.connect_cpu(cpu.kick)
+
+    def map_region(base: int, size: int) -> None:
+        cpu.map_mmio(base, size, lambda off, n: board.mmiobus.read(base + off, n),
+                     lambda off, n, v: board.mmiobus.write(base + off, n, v))
+
+    def unmap_region(base: int, size: int) -> None:
+        cpu.unmap_mmio(base, size)
+
+    board.mmiobus.add_listener(map_region, unmap_region)
+
+    ide = None
+    backends = _ide_backends(machine)
+    geometry: list[tuple[int, ...] | None] = [None] * 4
+    if any(b is not None for b in backends):
+        from emu.hw.ide import attach_piix_ide
+
+        ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, backends)
+        for i, drive in enumerate(ide.drives):
+            if drive.present:
+                g = drive.geometry
+                geometry[i] = (g.cylinders, g.heads, g.sectors, g.translation - 1)
+    board.rtc.set_pc_config(ram_size, geometry)
+
+    runner = VcpuRunner(cpu, clock)
+    hw = Hardware(clock, board, cpu, runner, ide)
+    machine.add_reset_handler(board.reset)
+    machine.attach_vcpu(runner)
+    machine.hardware = hw          # type: ignore[attr-defined]
+    return hw
+
