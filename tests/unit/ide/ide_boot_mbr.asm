@@ -125,6 +125,11 @@ main:
     mov al, 0xCA
     mov ecx, 20
     call ata_dma
+    ; nIEN again for the BIOS's polled PIO, as firmware runs it.  (Without it IRQ 14 arrives
+    ; while the BIOS is in REP INSW; emu's vCPU then repeats one IN of the string.)
+    mov dx, 0x3F6
+    mov al, 0x02
+    out dx, al
     mov dword [dap_lba], 20
     mov word [dap_buf], RBUF
     mov word [dap_cnt], 2
