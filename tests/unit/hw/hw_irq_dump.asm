@@ -106,13 +106,12 @@ start:
     OUTB 0x43, 0x38
     OUTB 0x40, 0x00
     OUTB 0x40, 0x08          ; 2048 ticks
+    mov byte [0x7FC], 0
     OUTB 0x21, 0xFE
     sti
-    call delay_ms
-    call delay_ms
-    call delay_ms
-    call delay_ms
-    call delay_ms
+    mov al, 1
+    call wait_count          ; the one-shot fires (however late the host's timer thread is)
+    call delay_10ms          ; ... and only once
     cli
     OUTB 0x21, 0xFF
     ; ---------- D: UART THRE interrupt on IER enable, and after a transmitted byte
@@ -120,10 +119,14 @@ start:
     REC
     OUTB 0x3FC, 0x08         ; OUT2
     OUTB 0x21, 0xEF          ; IRQ 4 only
+    mov byte [0x7FC], 0
     sti
     OUTB 0x3F9, 0x02
-    call delay_ms
+    mov al, 1
+    call wait_count
     OUTB 0x3F8, '.'
+    mov al, 2
+    call wait_count
     call delay_ms
     OUTB 0x3F9, 0x00
     cli
@@ -153,12 +156,16 @@ start:
     mov al, 'F'
     REC
     OUTB 0x21, 0xFD
+    mov byte [0x7FC], 0
     sti
     OUTB 0x60, 0xF2
-    call delay_10ms
+    mov al, 3
+    call wait_count          ; FA AB 83, one IRQ each
     OUTB 0x64, 0xD2          ; a byte "from the keyboard"
     OUTB 0x60, 0x1C
-    call delay_10ms
+    mov al, 4
+    call wait_count
+    call delay_ms
     cli
     OUTB 0x21, 0xFF
     ; ---------- G: masked edge stays in IRR; delivered on unmask
@@ -166,8 +173,8 @@ start:
     REC
     OUTB 0x43, 0x38
     OUTB 0x40, 0x00
-    OUTB 0x40, 0x01          ; 256 ticks, then wait 10 ms: timers may lag a loaded host
-    call delay_10ms
+    OUTB 0x40, 0x01          ; 256 ticks; the host's timer thread may lag: wait for the edge
+    call wait_irr0
     OUTB 0x20, 0x0A
     in al, 0x20
     and al, 0x01
@@ -184,7 +191,7 @@ start:
     OUTB 0x43, 0x38
     OUTB 0x40, 0x00
     OUTB 0x40, 0x01
-    call delay_10ms
+    call wait_irr0
     OUTB 0x21, 0xFE
     OUTB 0x20, 0x0C
     in al, 0x20
@@ -289,6 +296,35 @@ pic_init_common:
     mov al, 0xFF
     out 0x21, al
     out 0xA1, al
+    ret
+
+; wait (at most ~2 s) until the handlers have counted AL deliveries in [0x7FC]
+wait_count:
+    push cx
+    mov cx, 2000
+.w: cmp [0x7FC], al
+    jae .done
+    push ax
+    call delay_ms
+    pop ax
+    loop .w
+.done:
+    pop cx
+    ret
+
+; wait (at most ~2 s) until the master's IRR shows IRQ 0 (OCW3 read IRR: no side effects)
+wait_irr0:
+    push cx
+    mov cx, 2000
+    mov al, 0x0A
+    out 0x20, al
+.w: in al, 0x20
+    test al, 0x01
+    jnz .done
+    call delay_ms
+    loop .w
+.done:
+    pop cx
     ret
 
 delay_10ms:

@@ -179,6 +179,19 @@ make_irqs:
     mov cx, 10              ; QEMU's timers may lag a busy vCPU: give them 10 ms
 .d: call delay
     loop .d
+    mov al, 0x0A            ; ... and on a loaded host wait (up to ~2 s) for both edges:
+    out 0x20, al            ; master IRR bit 0 (PIT) and slave IRR bit 0 (RTC)
+    out 0xA0, al
+    mov cx, 2000
+.e: in al, 0x20
+    mov ah, al
+    in al, 0xA0
+    and al, ah
+    test al, 0x01
+    jnz .f
+    call delay
+    loop .e
+.f:
     mov al, 0x0C
     out 0x70, al
     in al, 0x71             ; clear IRQ 8 line
