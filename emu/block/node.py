@@ -643,7 +643,7 @@ class BlockGraph:
             raise BlockError("Parameter 'driver' is missing")
         _load_drivers()
         if drv not in DRIVERS:
-            raise BlockError(f"Invalid parameter '{drv}'")
+            raise BlockError(f"Parameter 'driver' does not accept value '{drv}'")
         node_name = opts.pop("node-name", None)
         read_only = bool(opts.pop("read-only", False))
         force_share = bool(opts.pop("force-share", False))
