@@ -88,11 +88,14 @@ class BmDma:
 
     :param channel: the IDE channel this engine serves.
     :param memory: guest memory for PRD tables and data.
+    :param master_enabled: whether the function may master the bus now (PCI command bit 2).
     """
 
-    def __init__(self, channel: "IdeChannel", memory: DmaMemory) -> None:
+    def __init__(self, channel: "IdeChannel", memory: DmaMemory,
+                 master_enabled: Callable[[], bool] | None = None) -> None:
         self.ch = channel
         self.memory = memory
+        self.master_enabled = master_enabled
         channel.bmdma = self
         self.cmd = 0
         self.status = 0
@@ -190,8 +193,17 @@ class BmDma:
         ch = self.ch
         assert ch.dma_pending is not None
         d, kind = ch.dma_pending
+        if self.master_enabled is not None and not self.master_enabled():
+            self._fail(d, "bus mastering is disabled in the PCI command register")
+            return
         n = d.nsector
         limit = n * SECTOR_SIZE
+        if n == 0:  # DSM with a zero count: nothing to move (QEMU completes at once)
+            ch.dma_pending = None
+            d.status = READY_STAT | SEEK_STAT
+            ch.set_irq()
+            self.set_inactive(False)
+            return
         walked = self._prd_walk(limit)
         if isinstance(walked, str):
             self._fail(d, walked)
@@ -271,7 +283,7 @@ class BmDma:
             ranges.append((lba, count))
         assert d.blk is not None
         blk = d.blk
-        if not ranges:
+        if not ranges or not d.discard:
             done(None)
             return
         left = [len(ranges)]

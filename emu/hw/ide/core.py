@@ -94,7 +94,9 @@ class IdeDrive:
     :param version: IDENTIFY firmware revision.
     :param write_cache: the guest-visible write cache (``cache=writethrough`` turns it off).
     :param media: ``"disk"``; ``"cdrom"`` is refused (no ATAPI here).
-    :raises ConfigError: for ``media="cdrom"``.
+    :param discard: pass TRIM on to the backend (QEMU's ``discard=unmap``); by default TRIM
+        is checked and acknowledged but changes nothing, as QEMU's ``discard=ignore``.
+    :raises ConfigError: for ``media="cdrom"`` or a read-only backend (QEMU's texts).
     """
 
     def __init__(
@@ -105,12 +107,16 @@ class IdeDrive:
         version: str = QEMU_HW_VERSION,
         write_cache: bool = True,
         media: str = "disk",
+        discard: bool = False,
     ) -> None:
         if media == "cdrom":
             raise ConfigError("'ide-cd' is not supported by emu (no ATAPI): use media=disk")
         if media != "disk":
             raise ConfigError(f"invalid media '{media}'")
+        if blk is not None and blk.read_only:
+            raise ConfigError("Block node is read-only")
         self.blk = blk
+        self.discard = discard
         self.serial = serial
         self.model = model
         self.version = version
@@ -674,7 +680,7 @@ def cmd_write_dma(ch: IdeChannel, d: IdeDrive, cmd: int) -> bool:
 @command(ata.WIN_DSM)
 def cmd_data_set_management(ch: IdeChannel, d: IdeDrive, cmd: int) -> bool:
     if d.feature == DSM_TRIM and d.blk is not None:
-        d.lba48_transform(True)
+        # QEMU takes the count register as it is here (no 0 -> 65536 rule)
         ch.start_dma(d, IDE_DMA_TRIM)
         return False
     ch.abort(d)

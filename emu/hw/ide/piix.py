@@ -30,7 +30,7 @@ from emu.hw.bus import BusError, IOBus
 from emu.hw.ide.bmdma import BmDma, BmDmaBar, DmaMemory
 from emu.hw.ide.core import IdeChannel, IdeDrive
 from emu.hw.irq import IrqLine
-from emu.hw.pci.device import PCI_COMMAND, PCI_COMMAND_IO, PCI_STATUS, PciFunction
+from emu.hw.pci.device import PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_STATUS, PciFunction
 
 if TYPE_CHECKING:
     from emu.block.api import BlockBackend
@@ -75,7 +75,7 @@ class PiixIde(PciFunction):
             IdeChannel(irqs[0], drv[0], drv[1], "ide0"),
             IdeChannel(irqs[1], drv[2], drv[3], "ide1"),
         ]
-        self.bmdma = [BmDma(ch, memory) for ch in self.channels]
+        self.bmdma = [BmDma(ch, memory, self._master_enabled) for ch in self.channels]
         self.bar = self.add_bar(BMIBA_BAR, BMIBA_SIZE, BmDmaBar(self.bmdma), io=True)
         struct.pack_into("<H", self.config, PCI_STATUS, PCI_STATUS_DEVSEL_MEDIUM | PCI_STATUS_FAST_BACK)
         self._legacy_on = [False, False]
@@ -84,6 +84,9 @@ class PiixIde(PciFunction):
     def drives(self) -> list[IdeDrive]:
         """The four device positions (absent ones have ``blk is None``)."""
         return [d for ch in self.channels for d in ch.drives]
+
+    def _master_enabled(self) -> bool:
+        return bool(self.command & PCI_COMMAND_MASTER)
 
     # ---- legacy decode -----------------------------------------------------------------
     def _decodes(self, i: int) -> bool:
@@ -128,11 +131,15 @@ class PiixIde(PciFunction):
         self._update_legacy()
 
 
-def drives_for(backends: Sequence["BlockBackend | None"], write_cache: Sequence[bool] | None = None) -> list[IdeDrive | None]:
+def drives_for(backends: Sequence["BlockBackend | None"], write_cache: Sequence[bool] | None = None,
+               discard: Sequence[bool] | None = None) -> list[IdeDrive | None]:
     """IdeDrives for up to four backends, serial numbers QM00001.. in order, as QEMU numbers them.
 
     :param backends: primary master, primary slave, secondary master, secondary slave.
-    :param write_cache: per-position guest-visible write cache (default on).
+    :param write_cache: per position, the guest-visible write cache (default on;
+        ``cache=writethrough`` / ``directsync`` turn it off in QEMU).
+    :param discard: per position, pass TRIM to the backend (``discard=unmap``; default off).
+    :raises ConfigError: a read-only backend (QEMU: "Block node is read-only").
     """
     out: list[IdeDrive | None] = []
     n = 0
@@ -142,20 +149,26 @@ def drives_for(backends: Sequence["BlockBackend | None"], write_cache: Sequence[
             continue
         n += 1
         wc = True if write_cache is None else write_cache[i]
-        out.append(IdeDrive(blk, serial=f"QM{n:05d}", write_cache=wc))
+        dc = False if discard is None else discard[i]
+        out.append(IdeDrive(blk, serial=f"QM{n:05d}", write_cache=wc, discard=dc))
     return out
 
 
-def attach_piix_ide(board: Any, ram: Any, invalidate: Any, backends: Sequence["BlockBackend | None"]) -> PiixIde:
-    """Build the PIIX3 IDE function on ``board`` (an :class:`emu.hw.pc.board.PcBoard`).
+def attach_piix_ide(board: Any, ram: Any, invalidate: Any, backends: Sequence["BlockBackend | None"],
+                    write_cache: Sequence[bool] | None = None, discard: Sequence[bool] | None = None) -> PiixIde:
+    """Build the PIIX3 IDE function on ``board`` (an :class:`emu.hw.pc.board.PcBoard`) at 00:01.1.
+
+    QEMU's pc machine always has this function, with or without disks.
 
     :param ram: guest RAM (``vcpu.ram``).
     :param invalidate: the vCPU's ``invalidate_code``.
     :param backends: up to four BlockBackends (None: absent), as :func:`drives_for`.
+    :param write_cache: see :func:`drives_for`.
+    :param discard: see :func:`drives_for`.
     """
     from emu.hw.pc.board import PIIX3_SLOT
 
     ide = PiixIde(board.iobus, [board.pic.irq_line(14), board.pic.irq_line(15)],
-                  drives_for(backends), DmaMemory(ram, invalidate))
+                  drives_for(backends, write_cache, discard), DmaMemory(ram, invalidate))
     board.pci.add(ide, PIIX3_SLOT, 1)
     return ide

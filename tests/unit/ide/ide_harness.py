@@ -56,7 +56,8 @@ class EmuRig:
     """PcBoard + PIIX3 IDE, BIOS-style PCI set-up, guest RAM as a bytearray."""
 
     def __init__(self, images: list[tuple[str, str] | None], ram_size: int = RAM_SIZE,
-                 graph: BlockGraph | None = None, backends: list[BlockBackend | None] | None = None) -> None:
+                 graph: BlockGraph | None = None, backends: list[BlockBackend | None] | None = None,
+                 discard: list[bool] | None = None) -> None:
         self.clock = VirtualClock(manual=True)
         self.board = PcBoard(self.clock)
         self.ram = bytearray(ram_size)
@@ -71,7 +72,7 @@ class EmuRig:
             node = self.graph.open_image(path, fmt)
             self.backends.append(BlockBackend(node, f"ide{i // 2}-hd{i % 2}"))
         self.ide = attach_piix_ide(self.board, self.ram, lambda a, n: self.invalidated.append((a, n)),
-                                   self.backends)
+                                   self.backends, discard=discard)
         self.bus = self.board.iobus
         bios_setup(self)
 

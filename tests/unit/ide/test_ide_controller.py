@@ -374,3 +374,40 @@ def test_ide_pio_data_path_cost(tmp_path, rig_factory):
     dt = time.perf_counter() - t0
     assert r.inb(P + 7) == 0x50
     assert dt < 1.0, f"{dt / 32768 * 1e6:.2f} us per word"
+
+
+def test_ide_dma_needs_bus_master_enable(tmp_path, rig_factory):
+    path = make_image(tmp_path, "d", 1 * MiB, "raw")
+    r = rig_factory([(path, "raw")])
+    cfg_write(r, 0x04, 2, 0x0001)  # I/O on, bus master off
+    write_prd(r, 0x1000, [(0x8000, 512)])
+    select_lba28(r, 3, 1)
+    r.outb(P + 7, 0xC8)
+    start_dma(r, 0x1000, to_memory=True)
+    assert wait_bm_done(r) == 0x06 and r.inb(P + 7) == 0x41
+    assert r.memread(0x8000, 512) == bytes(512)
+
+
+def test_ide_read_only_backend_refused(tmp_path):
+    path = make_image(tmp_path, "d", 1 * MiB, "raw", fill=False)
+    g = BlockGraph()
+    blk = BlockBackend(g.open_image(path, "raw", read_only=True), "ro")
+    with pytest.raises(ConfigError, match="Block node is read-only"):
+        IdeDrive(blk)
+    g.close_all()
+
+
+def test_ide_trim_with_discard_unmap(tmp_path, rig_factory):
+    path = make_image(tmp_path, "d", 1 * MiB, "qcow2")
+    r = rig_factory([(path, "qcow2")], discard=[True])
+    blk = r.backends[0]
+    r.memwrite(0x20000, (128 | 128 << 48).to_bytes(8, "little").ljust(512, b"\0"))
+    write_prd(r, 0x1000, [(0x20000, 512)])
+    r.outb(P + 6, 0x40)
+    r.outb(P + 1, 1)
+    r.outb(P + 2, 1)
+    r.outb(P + 7, 0x06)
+    start_dma(r, 0x1000, to_memory=False)
+    assert wait_bm_done(r) == 0x04 and r.inb(P + 7) == 0x50
+    assert blk.read(128 * 512, 128 * 512) == bytes(128 * 512)  # the range reads as zeroes
+    assert blk.read(127 * 512, 512) == sector_pattern(127)
