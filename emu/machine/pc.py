@@ -242,10 +242,13 @@ class Machine:
         self._state = new
 
     def query_status(self) -> dict[str, Any]:
-        """``query-status``'s StatusInfo, members in schema order."""
-        with self._lock:
-            return {"running": self.is_running(), "singlestep": False,
-                    "status": self._state.value}
+        """``query-status``'s StatusInfo, members in schema order.
+
+        Lock-free (one attribute read), so monitors can answer it while a long command
+        holds the machine."""
+        state = self._state
+        return {"running": state is RunState.RUNNING, "singlestep": False,
+                "status": state.value}
 
     def start(self) -> None:
         """Leave prelaunch at start-up unless ``-S`` was given (QEMU's autostart)."""

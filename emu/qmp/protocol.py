@@ -209,6 +209,14 @@ class QmpSession:
         ctx = CommandContext(self.server.machine, self, self.server)
         return dispatch(value, ctx, negotiated=self.negotiated, oob_enabled=self.oob_enabled)
 
+    def _is_inline(self, value: Any) -> bool:
+        """Requests for lock-free read-only commands are answered in the I/O thread."""
+        if not isinstance(value, dict):
+            return True             # only QMP input checks, no command runs
+        name = value.get("execute")
+        cmd = COMMANDS.get(name) if isinstance(name, str) else None
+        return cmd is None or cmd.inline
+
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -222,7 +230,11 @@ class QmpSession:
                 continue
             self.busy = True
             try:
-                rsp = await loop.run_in_executor(self.server.executor, self._dispatch, value)
+                if self._is_inline(value):
+                    rsp = self._dispatch(value)
+                else:
+                    rsp = await loop.run_in_executor(self.server.executor, self._dispatch,
+                                                     value)
                 try:
                     self.send(rsp)
                 except Exception as e:  # noqa: BLE001 - a reply that cannot be written

@@ -32,8 +32,11 @@ class Command:
     returns: QType | None
     allow_oob: bool = False
     features: Sequence[str] = ()
-    #: runs in the monitor I/O thread instead of the command thread (OOB commands)
+    #: pass the checked arguments as one dict
     boxed: bool = False
+    #: a lock-free read that may run in the I/O thread, skipping the hop to the command
+    #: thread (query-status round trips are what clients poll)
+    inline: bool = False
 
 
 @dataclass
@@ -52,18 +55,22 @@ COMMANDS: dict[str, Command] = {}
 
 def command(name: str, args: Sequence[tuple[str, QType]] | QType = (),
             returns: QType | None = None, allow_oob: bool = False,
-            features: Sequence[str] = (), boxed: bool = False) -> Callable[[Callable], Callable]:
+            features: Sequence[str] = (), boxed: bool = False,
+            inline: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn`` as QMP command ``name``.
 
     :param args: QAPI members ``[("device", STR), ("?name", STR)]`` or a ready type.
     :param returns: the return type (introspection only).
     :param allow_oob: the command may be run with ``exec-oob``.
     :param boxed: pass the checked argument dict as one ``args`` parameter.
+    :param inline: the handler only reads state without locks; it may run in the I/O
+        thread (never for anything that waits or changes the machine).
     """
 
     def deco(fn: Callable) -> Callable:
         t = args if isinstance(args, QType) else Struct(f"q_obj_{name}-arg", args)
-        COMMANDS[name] = Command(name, fn, t, returns, allow_oob, tuple(features), boxed)
+        COMMANDS[name] = Command(name, fn, t, returns, allow_oob, tuple(features), boxed,
+                                 inline)
         return fn
 
     return deco

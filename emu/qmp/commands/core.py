@@ -21,7 +21,7 @@ NAME_INFO = Struct("NameInfo", [("?name", STR)])
 SCHEMA_INFO = Struct("SchemaInfo", [("name", STR), ("meta-type", STR)])
 
 
-@command("qmp_capabilities", args=[("?enable", List(QMP_CAPABILITY))])
+@command("qmp_capabilities", args=[("?enable", List(QMP_CAPABILITY))], inline=True)
 def qmp_capabilities(ctx: CommandContext, enable: list[str] | None = None) -> dict:
     """Leave capabilities-negotiation mode, optionally enabling ``oob``."""
     s = ctx.session
@@ -33,12 +33,12 @@ def qmp_capabilities(ctx: CommandContext, enable: list[str] | None = None) -> di
     return {}
 
 
-@command("query-status", returns=STATUS_INFO)
+@command("query-status", returns=STATUS_INFO, inline=True)
 def query_status(ctx: CommandContext) -> dict:
     return ctx.machine.query_status()
 
 
-@command("query-version", returns=VERSION_INFO)
+@command("query-version", returns=VERSION_INFO, inline=True)
 def query_version(ctx: CommandContext) -> dict:
     from emu.qmp.protocol import version_info
 
@@ -51,7 +51,7 @@ def query_commands(ctx: CommandContext) -> list:
     return [{"name": n} for n in reversed(list(COMMANDS))]
 
 
-@command("query-name", returns=NAME_INFO)
+@command("query-name", returns=NAME_INFO, inline=True)
 def query_name(ctx: CommandContext) -> dict:
     name = ctx.machine.name
     return {} if name is None else {"name": name}
