@@ -257,11 +257,18 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
             qprint(quiet, "Strict mode: Image size mismatch!\n")
             return 1
         off = 0
+        end1 = end2 = 0
         try:
             while off < total:
-                st1, n1 = block_status_above(bs1, off, total - off)
-                st2, n2 = block_status_above(bs2, off, total - off)
-                chunk = min(n1, n2)
+                # Each image's extent is kept until consumed: re-asking at every step of the
+                # other image's (possibly short) extents would rescan the same tables.
+                if off >= end1:
+                    st1, n1 = block_status_above(bs1, off, total - off)
+                    end1 = off + n1
+                if off >= end2:
+                    st2, n2 = block_status_above(bs2, off, total - off)
+                    end2 = off + n2
+                chunk = min(end1, end2) - off
                 a1, a2 = st1["present"], st2["present"]
                 if strict and (a1, st1["zero"], st1["data"]) != (a2, st2["zero"], st2["data"]):
                     qprint(quiet, f"Strict mode: Offset {off} block status mismatch!\n")
