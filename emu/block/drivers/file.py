@@ -91,6 +91,11 @@ class FileDriver(BlockDriver):
             fd = os.open(path, flags)
         except OSError as err:
             raise ImageOpenError(f"Could not open '{path}': {os.strerror(err.errno)}") from err
+        import stat
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            os.close(fd)
+            raise ImageOpenError(f"'file' driver requires '{path}' to be a regular file")
         if options.get("locking", "auto") not in ("off", False):
             if read_only:
                 perm = BLK_PERM_CONSISTENT_READ
