@@ -319,7 +319,8 @@ class BmDmaBar:
         if reg == 0:
             return bm.cmd
         if reg == 2:
-            return bm.status
+            with bm.ch.lock:  # INT and ACTIVE change together at completion
+                return bm.status
         return 0xFF
 
     def io_write(self, offset: int, size: int, value: int) -> None:

@@ -414,9 +414,8 @@ class IdeChannel:
 
     def abort(self, d: IdeDrive) -> None:
         """ABRT: transfer stopped, DRDY|ERR, error ABRT."""
-        self.transfer_stop(d)
-        d.status = READY_STAT | ERR_STAT
         d.error = ABRT_ERR
+        self.transfer_stop(d, READY_STAT | ERR_STAT)
 
     def rw_error(self, d: IdeDrive) -> None:
         self.abort(d)
@@ -430,24 +429,29 @@ class IdeChannel:
         return False
 
     # ---- PIO --------------------------------------------------------------------------
-    def transfer_start(self, d: IdeDrive, buf: "bytes | bytearray", size: int, end_fn: Callable[[], None], out: bool) -> None:
+    def transfer_start(self, d: IdeDrive, buf: "bytes | bytearray", size: int, end_fn: Callable[[], None],
+                       out: bool, status: int | None = None) -> None:
         """Open the data port on ``buf[:size]``; ``end_fn`` runs when it has all moved.
 
         :param out: device-to-host (the guest reads) when True.
+        :param status: the new status (default: the current one), DRQ added.  It is stored
+            last and in one go, so a guest polling the lock-free alternate status from the
+            vCPU never sees BSY gone before DRQ is there.
         """
         d.buf = buf
         d.ptr = 0
         d.end = size
         d.end_fn = end_fn
         d.pio_out = out
-        if not d.status & ERR_STAT:
-            d.status |= DRQ_STAT
+        st = d.status if status is None else status
+        d.status = st if st & ERR_STAT else st | DRQ_STAT
 
-    def transfer_stop(self, d: IdeDrive) -> None:
+    def transfer_stop(self, d: IdeDrive, status: int | None = None) -> None:
+        """Close the data port; ``status`` (default: the current one) without DRQ, in one store."""
         d.end_fn = None
         d.ptr = d.end = 0
         d.pio_out = True
-        d.status &= ~DRQ_STAT
+        d.status = (d.status if status is None else status) & ~DRQ_STAT
 
     def data_read(self, size: int) -> int:
         """16/32-bit read of the data port (hot path: no lock, see module docstring)."""
@@ -511,22 +515,23 @@ class IdeChannel:
             with self.lock:
                 if gen != self.generation:
                     return
-                d.status &= ~BUSY_STAT
                 if isinstance(result, BaseException):
                     log.warning("%s: read error at sector %d: %s", self.name, sector, result)
                     self.rw_error(d)
                     return
                 d.set_sector(sector + n)
                 d.nsector -= n
-                self.transfer_start(d, result, n * SECTOR_SIZE, lambda: self.sector_read(d), True)
+                self.transfer_start(d, result, n * SECTOR_SIZE, lambda: self.sector_read(d), True,
+                                    d.status & ~BUSY_STAT)
                 self.set_irq()
 
         d.blk.aio_read(sector << SECTOR_BITS, n * SECTOR_SIZE, done)
 
     # PIO write: the guest fills the buffer, then one aio write per block.
-    def start_write_block(self, d: IdeDrive) -> None:
+    def start_write_block(self, d: IdeDrive, status: int | None = None) -> None:
         n = min(d.nsector, d.req_nb_sectors)
-        self.transfer_start(d, bytearray(n * SECTOR_SIZE), n * SECTOR_SIZE, lambda: self.sector_write(d), False)
+        self.transfer_start(d, bytearray(n * SECTOR_SIZE), n * SECTOR_SIZE, lambda: self.sector_write(d), False,
+                            status)
 
     def sector_write(self, d: IdeDrive) -> None:
         d.status = READY_STAT | SEEK_STAT | BUSY_STAT
@@ -543,7 +548,6 @@ class IdeChannel:
             with self.lock:
                 if gen != self.generation:
                     return
-                d.status &= ~BUSY_STAT
                 if isinstance(result, BaseException):
                     log.warning("%s: write error at sector %d: %s", self.name, sector, result)
                     self.rw_error(d)
@@ -551,9 +555,9 @@ class IdeChannel:
                 d.nsector -= n
                 d.set_sector(sector + n)
                 if d.nsector == 0:
-                    self.transfer_stop(d)
+                    self.transfer_stop(d, d.status & ~BUSY_STAT)
                 else:
-                    self.start_write_block(d)
+                    self.start_write_block(d, d.status & ~BUSY_STAT)
                 self.set_irq()
 
         d.blk.aio_write(sector << SECTOR_BITS, data, done)
