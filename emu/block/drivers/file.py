@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import stat
 import threading
 from typing import Any
 
@@ -91,7 +92,6 @@ class FileDriver(BlockDriver):
             fd = os.open(path, flags)
         except OSError as err:
             raise ImageOpenError(f"Could not open '{path}': {os.strerror(err.errno)}") from err
-        import stat
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
             os.close(fd)
