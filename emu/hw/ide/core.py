@@ -26,6 +26,7 @@ and error registers with an interrupt; host errors (``BlockError`` from the back
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -67,6 +68,11 @@ if TYPE_CHECKING:
     from emu.hw.ide.bmdma import BmDma
 
 log = logging.getLogger(__name__)
+
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_P16 = struct.Struct("<H").pack_into
+_P32 = struct.Struct("<I").pack_into
 
 # Command-block register offsets (from 0x1F0 / 0x170)
 ATA_REG_DATA = 0
@@ -460,13 +466,20 @@ class IdeChannel:
             return 0
         p = d.ptr
         e = p + size
-        if e > d.end:
+        end = d.end
+        if e > end:
             return 0
-        v = int.from_bytes(d.buf[p:e], "little")
         d.ptr = e
-        if e >= d.end:
+        v = (_U16(d.buf, p) if size == 2 else _U32(d.buf, p))[0]
+        if e >= end:
             self._end_transfer(d)
         return v
+
+    def data_port_read(self, offset: int, size: int) -> int:
+        """The data port's ``io_read``: bound straight onto the bus (one call per access)."""
+        if size == 1:  # not a driver's access; QEMU widens it to a word read
+            return self.data_read(2) & 0xFF
+        return self.data_read(size)
 
     def data_write(self, size: int, value: int) -> None:
         """16/32-bit write of the data port."""
@@ -475,12 +488,21 @@ class IdeChannel:
             return
         p = d.ptr
         e = p + size
-        if e > d.end:
+        end = d.end
+        if e > end:
             return
-        d.buf[p:e] = value.to_bytes(size, "little")
         d.ptr = e
-        if e >= d.end:
+        if size == 2:
+            _P16(d.buf, p, value & 0xFFFF)
+        else:
+            _P32(d.buf, p, value & 0xFFFFFFFF)
+        if e >= end:
             self._end_transfer(d)
+
+    def data_port_write(self, offset: int, size: int, value: int) -> None:
+        """The data port's ``io_write`` (byte writes are ignored)."""
+        if size != 1:
+            self.data_write(size, value)
 
     def _end_transfer(self, d: IdeDrive) -> None:
         with self.lock:
@@ -816,15 +838,8 @@ class _DataPort:
     def __init__(self, ch: IdeChannel) -> None:
         self.name = f"{ch.name} data"
         self._ch = ch
-
-    def io_read(self, offset: int, size: int) -> int:
-        if size == 1:  # not a driver's access; QEMU widens it to a word read
-            return self._ch.data_read(2) & 0xFF
-        return self._ch.data_read(size)
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        if size != 1:
-            self._ch.data_write(size, value)
+        self.io_read = ch.data_port_read
+        self.io_write = ch.data_port_write
 
 
 class _CommandBlock:
