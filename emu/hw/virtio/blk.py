@@ -262,7 +262,7 @@ class VirtioBlk(VirtioDevice):
                 self.virtio_error(f"virtio-blk request: {elem.fault}")
                 return
             log.warning("virtio-blk: request fails: %s", elem.fault)
-            self._complete(vq, elem, gen, VIRTIO_BLK_S_IOERR, in_len, status_addr)
+            self._complete(vq, elem, gen, VIRTIO_BLK_S_IOERR, 1, status_addr)  # only the status written
             return
         rtype, _ioprio, sector = _OUTHDR.unpack(self._gather(elem.out_sg, 0, _OUTHDR.size))
         out_data = [(a, n) for a, n in self._skip(elem.out_sg, _OUTHDR.size)]

@@ -280,7 +280,7 @@ class VirtQueue:
         :raises VirtQueueError: if the used ring is no longer in RAM.
         """
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(elem.index, written))
+        self.memory.write(slot, _USED_ELEM.pack(elem.index, min(written, 0xFFFFFFFF)))
         # the element is visible before the index that publishes it (§2.7.8.2)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.memory.write_u16(self.used + 2, self.used_idx)
