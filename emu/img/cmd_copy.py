@@ -277,15 +277,15 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
                     pass
                 elif a1 == a2:
                     chunk = min(chunk, IO_BUF_SIZE)
-                    b1, b2 = bs1.read(off, chunk), bs2.read(off, chunk)
+                    b1, b2 = _cmp_read(bs1, f1, off, chunk), _cmp_read(bs2, f2, off, chunk)
                     d = _first_diff_sector(b1, b2)
                     if d < chunk:
                         qprint(quiet, f"Content mismatch at offset {off + d}!\n")
                         return 1
                 else:
                     chunk = min(chunk, IO_BUF_SIZE)
-                    node = bs1 if a1 else bs2
-                    i = _first_nonzero_sector(node.read(off, chunk))
+                    node, name = (bs1, f1) if a1 else (bs2, f2)
+                    i = _first_nonzero_sector(_cmp_read(node, name, off, chunk))
                     if i >= 0:
                         qprint(quiet, f"Content mismatch at offset {off + i}!\n")
                         return 1
@@ -293,13 +293,13 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
                 prog.update(off * 100.0 / total)
             if size1 != size2:
                 qprint(quiet, "Warning: Image size mismatch!\n")
-                big = bs1 if size1 > size2 else bs2
+                big, bname = (bs1, f1) if size1 > size2 else (bs2, f2)
                 off = total
                 while off < big.size:
                     st, n = block_status_above(big, off, big.size - off)
                     n = min(n, IO_BUF_SIZE)
                     if not st["zero"]:
-                        i = _first_nonzero_sector(big.read(off, n))
+                        i = _first_nonzero_sector(_cmp_read(big, bname, off, n))
                         if i >= 0:
                             qprint(quiet, f"Content mismatch at offset {off + i}!\n")
                             return 1
@@ -309,6 +309,14 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
         qprint(quiet, "Images are identical.\n")
         prog.end()
     return 0
+
+
+def _cmp_read(bs, name: str, offset: int, length: int) -> bytes:
+    """A compare read; a failure is qemu-img's exit code 4 with its text."""
+    try:
+        return bs.read(offset, length)
+    except EmuError as err:
+        raise ImgError(f"Error while reading offset {offset} of {name}: {err}", 4) from None
 
 
 # ---------------------------------------------------------------------------- bench
