@@ -104,6 +104,10 @@ class EmuRig:
     def irq_level(self, channel: int = 0) -> bool:
         return self.ide.channels[channel].irq.level
 
+    def irq(self) -> bool:
+        """IRQ 14's level now."""
+        return self.irq_level(0)
+
     def close(self) -> None:
         for b in self.backends:
             if b is not None:
@@ -136,6 +140,7 @@ class QtestRig:
         self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.irqs: list[str] = []
+        self.irq14 = False
         self.q("irq_intercept_in ioapic")
         bios_setup(self)
 
@@ -156,10 +161,16 @@ class QtestRig:
             parts = line.split()
             if parts and parts[0] == "IRQ":
                 self.irqs.append(line.strip())
+                if parts[2] == "14":
+                    self.irq14 = parts[1] == "raise"
                 continue
             if parts and parts[0] in ("OK", "FAIL", "ERR"):
                 assert parts[0] == "OK", line
                 return parts
+
+    def irq(self) -> bool:
+        """IRQ 14's level (GSI 14 as the I/O APIC sees it) after the last command."""
+        return self.irq14
 
     def outb(self, port: int, v: int) -> None:
         self.q(f"outb 0x{port:x} 0x{v:x}")

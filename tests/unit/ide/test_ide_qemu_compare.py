@@ -35,7 +35,11 @@ P, C = 0x1F0, 0x3F6
 
 
 def regs(io, rec, label, base=P):
+    if base == P:
+        rec(label + " irq", io.irq())  # before the status read acknowledges it
     rec(label, [io.inb(base + r) for r in (1, 2, 3, 4, 5, 6)] + [io.inb(base + 7)])
+    if base == P:
+        rec(label + " irq after status", io.irq())
 
 
 def sc_reset_state(io, rec):
@@ -163,14 +167,19 @@ def sc_multiple(io, rec):
 
 def sc_errors(io, rec):
     last = DISK // 512 - 1
-    select_lba28(io, last, 2)  # runs past the end
+    select_lba28(io, last, 2)  # runs past the end: the first sector is still delivered
     io.outb(P + 7, 0x20)
+    rec("read straddling", wait_not_busy(io))
+    rec("straddling data", pio_read_block(io, 512)[:8].hex())
     rec("read past", wait_not_busy(io))
     regs(io, rec, "read past regs")
     select_lba28(io, last - 1, 3)
     io.outb(P + 7, 0x30)
-    pio_write_block(io, b"\xEE" * 512)  # accepted, then the range check fails
-    rec("write past", wait_not_busy(io))
+    for i in range(3):  # each block is accepted, then checked: the third one fails
+        pio_write_block(io, b"\xEE" * 512)
+        rec(f"write past {i}", wait_not_busy(io))
+        if i < 2:
+            rec(f"write past irq {i}", io.irq())
     regs(io, rec, "write past regs")
     select_lba28(io, last, 1)  # the last sector itself is fine
     io.outb(P + 7, 0x30)
