@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
+from emu.block.api import BlockBackend
 from emu.errors import EmuError
 from emu.img.cmd_image import Progress, block_status_above, create_image, parse_o
 from emu.img.imgopen import session
@@ -377,23 +379,46 @@ def cmd_bench(opts: list[tuple[str, str]], args: list[str]) -> int:
                                              else ""))
         sys.stdout.flush()
         buf = bytes([pattern & 0xFF]) * size
+        blk = BlockBackend(bs, "bench", workers=max(1, min(depth, 4)))
+        slots = threading.Semaphore(max(1, depth))
+        errors: list[BaseException] = []
+
+        def done(result) -> None:
+            if isinstance(result, BaseException):
+                errors.append(result)
+            slots.release()
+
         start = time.monotonic()
         pos = offset
         try:
             for i in range(count):
                 if pos + size > image_size:
                     pos = 0
-                if write:
-                    bs.write(pos, buf)
-                    if flush_interval and (i + 1) % flush_interval == 0:
-                        bs.flush()
+                if depth <= 1:
+                    # One request at a time: no worker hand-off.
+                    blk.write(pos, buf) if write else blk.read(pos, size)
                 else:
-                    bs.read(pos, size)
+                    # Up to ``depth`` requests in flight through the backend's workers.
+                    slots.acquire()
+                    if errors:
+                        break
+                    if write:
+                        blk.aio_write(pos, buf, done)
+                    else:
+                        blk.aio_read(pos, size, done)
+                if write and flush_interval and (i + 1) % flush_interval == 0:
+                    blk.flush()
                 pos = (pos + step) % image_size
+            for _ in range(max(1, depth) if depth > 1 else 0):
+                slots.acquire()
+            if errors:
+                raise errors[0]
             if write:
-                bs.flush()
+                blk.flush()
         except EmuError as err:
             raise ImgError(f"Failed request: {err}") from None
+        finally:
+            blk.close()
         elapsed = time.monotonic() - start
     qprint(quiet, "Run completed in %3.3f seconds.\n" % elapsed)
     return 0
