@@ -143,6 +143,8 @@ class SerialLink:
     def __init__(self, chardev: Any) -> None:
         self.chardev = chardev
         self._fd = 1 if getattr(chardev, "backend_name", "") == "stdio" else None
+        if self._fd is not None:
+            _stdin_raw()
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -160,6 +162,41 @@ class SerialLink:
 
     def set_receiver(self, fn: Callable[[bytes], None]) -> None:
         self.chardev.set_receiver(fn)
+
+
+def _stdin_raw() -> None:
+    """Put a terminal on stdin into QEMU's ``-serial stdio`` mode: bytes reach the guest as
+    typed (no line editing, no local echo, CR not turned into LF), Ctrl-C still a signal;
+    the previous mode comes back at exit."""
+    try:
+        import atexit
+        import termios
+
+        if not os.isatty(0):
+            return
+        old = termios.tcgetattr(0)
+        new = termios.tcgetattr(0)
+    except (ImportError, OSError):
+        return
+    new[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    new[1] |= termios.OPOST
+    new[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    new[2] = (new[2] & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+    new[6][termios.VMIN] = 1
+    new[6][termios.VTIME] = 0
+    try:
+        termios.tcsetattr(0, termios.TCSANOW, new)
+    except OSError:
+        return
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(0, termios.TCSANOW, old)
+        except OSError:
+            pass
+
+    atexit.register(restore)
 
 
 def warn(text: str) -> None:

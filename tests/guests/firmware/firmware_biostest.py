@@ -150,8 +150,7 @@ OURS_ON_QEMU = Platform("emu-bios@qemu", ("qemu-system-x86_64",), BIOS)
 #: SeaBIOS's INT 10h needs a VGA (its serial console, sercon, redraws a virtual screen with
 #: escape sequences and is slow): on it the guest writes COM1 itself once it has its config.
 SEABIOS_ON_QEMU = Platform("seabios@qemu", ("qemu-system-x86_64",), None, int10_console=False)
-OURS_ON_EMU = Platform("emu-bios@emu", (sys.executable, "-m", "emu"), BIOS, qemu_extras=False,
-                       timeout=120.0)
+OURS_ON_EMU = Platform("emu-bios@emu", (sys.executable, "-m", "emu"), BIOS, timeout=120.0)
 
 
 @dataclass
