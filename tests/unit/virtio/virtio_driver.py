@@ -40,7 +40,7 @@ VERSION_1 = 32
 class Machine:
     """PcBoard + RAM + one virtio-blk-pci at 00:02.0, resources assigned as SeaBIOS would."""
 
-    def __init__(self, image: str, fmt: str = "qcow2", **props) -> None:
+    def __init__(self, image: str, fmt: str = "qcow2", assign: bool = True, **props) -> None:
         self.graph = BlockGraph()
         self.blk = BlockBackend(self.graph.open_image(image, fmt), "virtio0")
         self.ram = bytearray(RAM_SIZE)
@@ -48,7 +48,8 @@ class Machine:
         self.board = PcBoard(VirtualClock(manual=True), serial_ports=0)
         mem = GuestMemory(self.ram, lambda a, n: self.invalidated.append((a, n)))
         self.fn = attach_virtio_blk(self.board, mem, self.blk, SLOT, **props)
-        assign_resources(self.board.pci)
+        if assign:
+            assign_resources(self.board.pci)
         self.pci = self.board.pci
 
     def cfg(self, off: int, size: int = 4) -> int:
