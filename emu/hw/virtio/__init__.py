@@ -11,13 +11,13 @@ Which module owns what:
   QEMU 7.2, host I/O through ``BlockBackend.aio_*``;
 * :mod:`emu.hw.virtio.pci` — :class:`VirtioPciFunction`: legacy I/O BAR0 and modern
   capabilities + BAR4 (QEMU's ``disable-legacy`` / ``disable-modern``), INTx, and
-  :func:`attach_virtio_blk` for the board.
+  :func:`attach_virtio_blk` for the board, :func:`virtio_blk_pci_options` for ``-device`` properties.
 """
 
 from emu.hw.virtio.blk import VirtioBlk
 from emu.hw.virtio.device import VirtioDevice
-from emu.hw.virtio.pci import VirtioPciFunction, attach_virtio_blk
+from emu.hw.virtio.pci import VirtioPciFunction, attach_virtio_blk, virtio_blk_pci_options
 from emu.hw.virtio.virtqueue import GuestMemory, VirtQueue, VirtQueueError
 
 __all__ = ["GuestMemory", "VirtQueue", "VirtQueueError", "VirtioBlk", "VirtioDevice",
-           "VirtioPciFunction", "attach_virtio_blk"]
+           "VirtioPciFunction", "attach_virtio_blk", "virtio_blk_pci_options"]

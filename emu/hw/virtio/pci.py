@@ -398,18 +398,118 @@ class VirtioPciFunction(PciFunction):
 
 def attach_virtio_blk(board: Any, memory: Any, blk: Any, slot: int, *, name: str = "virtio0",
                       serial: str | None = None, disable_legacy: bool = False,
-                      disable_modern: bool = False, write_cache: bool = True,
-                      queue_size: int = 256) -> VirtioPciFunction:
+                      disable_modern: bool = False, write_cache: bool = True, queue_size: int = 256,
+                      discard: bool = True, write_zeroes: bool = True,
+                      on_write_cache: Any = None) -> VirtioPciFunction:
     """Build a virtio-blk-pci function and plug it into ``board`` (a PcBoard) at 00:slot.0.
+
+    ``-device virtio-blk-pci,...`` properties become these keywords through
+    :func:`virtio_blk_pci_options`.
 
     :param memory: a :class:`~emu.hw.virtio.virtqueue.GuestMemory` (``GuestMemory.from_vcpu(vcpu)``).
     :param blk: the drive's :class:`~emu.block.api.BlockBackend`.
-    :param slot: the PCI slot (QEMU gives -device in order the first free slot, 2 upwards
+    :param slot: the PCI slot (QEMU gives each -device the first free slot, 2 upwards
         with -nodefaults).
+    :param name: the device id (``virtio0`` for ``-drive if=virtio``), used in logs.
+    :param write_cache: initial guest-visible write cache (``cache=writethrough``: False).
+    :param on_write_cache: ``(enabled)`` callback when the guest toggles it (query-block).
     """
     from emu.hw.virtio.blk import VirtioBlk
 
-    dev = VirtioBlk(blk, memory, serial=serial, queue_size=queue_size, write_cache=write_cache)
+    dev = VirtioBlk(blk, memory, serial=serial, queue_size=queue_size, write_cache=write_cache,
+                    discard=discard, write_zeroes=write_zeroes, on_write_cache=on_write_cache)
     fn = VirtioPciFunction(dev, disable_legacy=disable_legacy, disable_modern=disable_modern, name=name)
     board.pci.add(fn, slot)
     return fn
+
+
+# ---- -device virtio-blk-pci,... properties ------------------------------------------------------
+
+#: properties the machine layer consumes itself (placement, wiring) and we accept
+_PLACEMENT_PROPS = ("driver", "drive", "id", "bus", "addr", "bootindex", "multifunction", "rombar", "romfile",
+                    "x-pcie-lnksta-dllla", "failover_pair_id")
+_BOOL_TRUE = ("on", "yes", "true", "y")
+_BOOL_FALSE = ("off", "no", "false", "n")
+
+
+def _bool_prop(props: dict, name: str, default: bool) -> bool:
+    raw = props.get(name)
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        return raw
+    v = str(raw).lower()
+    if v in _BOOL_TRUE:
+        return True
+    if v in _BOOL_FALSE:
+        return False
+    raise ConfigError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def _int_prop(props: dict, name: str, default: int) -> int:
+    raw = props.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(str(raw), 0)
+    except ValueError:
+        raise ConfigError(f"Parameter '{name}' expects integer") from None
+
+
+def virtio_blk_pci_options(props: dict) -> dict[str, Any]:
+    """Check ``-device virtio-blk-pci`` properties as QEMU 7.2 does; keyword arguments for
+    :func:`attach_virtio_blk` (without ``board``/``memory``/``blk``/``slot``).
+
+    Accepted: ``disable-legacy`` (on/off/auto; auto = on a conventional PCI bus, legacy
+    on), ``disable-modern``, ``serial``, ``queue-size`` (power of two, 3..1024),
+    ``num-queues`` (1; multiqueue is not implemented), ``config-wce``, ``discard``,
+    ``write-zeroes``, ``write-cache`` (on/off/auto), ``vectors`` (accepted; emu has no MSI-X,
+    so the device always behaves as ``vectors=0``), ``scsi`` (off), plus the placement
+    properties the machine handles (``drive``, ``id``, ``bus``, ``addr``, ``bootindex`` ...).
+
+    :raises ConfigError: with QEMU's message for a bad or unknown property.
+    """
+    known = set(_PLACEMENT_PROPS) | {"disable-legacy", "disable-modern", "serial", "queue-size", "num-queues",
+                                     "config-wce", "discard", "write-zeroes", "write-cache", "vectors", "scsi"}
+    for key in props:
+        if key not in known:
+            raise ConfigError(f"Property 'virtio-blk-pci.{key}' not found")
+    legacy_raw = str(props.get("disable-legacy", "auto")).lower()
+    if legacy_raw == "auto":
+        disable_legacy = False
+    elif legacy_raw in _BOOL_TRUE or legacy_raw in _BOOL_FALSE:
+        disable_legacy = legacy_raw in _BOOL_TRUE
+    else:
+        raise ConfigError(f"Parameter 'disable-legacy' does not accept value '{props['disable-legacy']}'")
+    disable_modern = _bool_prop(props, "disable-modern", False)
+    if disable_legacy and disable_modern:
+        raise ConfigError("device cannot work as neither modern nor legacy mode is enabled\n"
+                          "Set either disable-modern or disable-legacy to off")
+    queue_size = _int_prop(props, "queue-size", 256)
+    if queue_size <= 2:
+        raise ConfigError(f"invalid queue-size property ({queue_size}), must be > 2")
+    if queue_size & (queue_size - 1) or queue_size > VIRTIO_QUEUE_MAX:
+        raise ConfigError(f"invalid queue-size property ({queue_size}), must be a power of 2 (max 1024)")
+    num_queues = _int_prop(props, "num-queues", 1)
+    if num_queues < 1:
+        raise ConfigError("num-queues property must be larger than 0")
+    if num_queues > 1:
+        raise ConfigError("num-queues > 1 (multiqueue virtio-blk) is not supported by emu")
+    _int_prop(props, "vectors", 0)
+    if _bool_prop(props, "scsi", False):
+        raise ConfigError("Please set scsi=off for virtio-blk devices in order to use virtio 1.0")
+    _bool_prop(props, "config-wce", True)
+    wc_raw = str(props.get("write-cache", "auto")).lower()
+    if wc_raw != "auto" and wc_raw not in _BOOL_TRUE + _BOOL_FALSE:
+        raise ConfigError(f"Parameter 'write-cache' does not accept value '{props['write-cache']}'")
+    opts: dict[str, Any] = {
+        "disable_legacy": disable_legacy,
+        "disable_modern": disable_modern,
+        "serial": props.get("serial"),
+        "queue_size": queue_size,
+        "discard": _bool_prop(props, "discard", True),
+        "write_zeroes": _bool_prop(props, "write-zeroes", True),
+    }
+    if wc_raw != "auto":
+        opts["write_cache"] = wc_raw in _BOOL_TRUE
+    return opts

@@ -136,3 +136,28 @@ def test_registers_match_qemu(tmp_path, qemu_props, emu_props):
     diffs = [f"{space} 0x{addr:x}/{size}: qemu 0x{q:x} emu 0x{e:x}"
              for (space, addr, size, _), q, e in zip(reads, theirs, ours) if q != e]
     assert not diffs, "\n".join(diffs)
+
+
+BAD_PROPS = ["disable-modern=x", "disable-legacy=x", "disable-legacy=on,disable-modern=on", "queue-size=100",
+             "queue-size=2", "queue-size=2048", "queue-size=abc", "num-queues=0", "vectors=x", "config-wce=maybe",
+             "bogus=1"]
+
+
+@requires_qemu_system
+def test_property_errors_match_qemu(tmp_path):
+    from emu.errors import ConfigError
+    from emu.hw.virtio import virtio_blk_pci_options
+
+    image = tmp_path / "d.raw"
+    image.write_bytes(bytes(1 << 20))
+    for spec in BAD_PROPS:
+        props = dict(kv.split("=", 1) for kv in spec.split(","))
+        with pytest.raises(ConfigError) as err:
+            virtio_blk_pci_options({"drive": "d0", **props})
+        r = subprocess.run(["qemu-system-x86_64", "-machine", "pc", "-nodefaults", "-display", "none", "-S",
+                            "-qtest", "null", "-drive", f"file={image},format=raw,if=none,id=d0",
+                            "-device", f"virtio-blk-pci,drive=d0,{spec}"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1
+        assert r.stderr == f"qemu-system-x86_64: -device virtio-blk-pci,drive=d0,{spec}: {err.value}\n"
+    assert virtio_blk_pci_options({"drive": "d0", "disable-legacy": "auto", "serial": "x"})["serial"] == "x"
