@@ -9,7 +9,7 @@ import time
 
 from emu.block.api import BlockBackend
 from emu.errors import EmuError
-from emu.img.cmd_image import Progress, block_status_above, create_image, parse_o
+from emu.img.cmd_image import Progress, block_status_above, create_image, parse_o, vsize
 from emu.img.imgopen import session
 from emu.img.main import ImgError, UsageError, command
 from emu.img.util import parse_size, qprint
@@ -103,7 +103,7 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
     *srcs, target = args
     with session() as s:
         nodes = [s.open(f, fmt, read_only=True, force_share=share, cache=src_cache) for f in srcs]
-        total = sum(n.size for n in nodes)
+        total = sum(vsize(n) for n in nodes)
         if not no_create:
             try:
                 o = parse_o(out_fmt, olist, target)
@@ -134,7 +134,7 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
         try:
             for src in nodes:
                 _convert_one(src, dst, base, fresh, sparse, compress, gran, tick)
-                base += src.size
+                base += vsize(src)
             dst.flush()
         except EmuError as err:
             raise ImgError(f"error while writing at byte {base}: {err}") from None
@@ -253,7 +253,7 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
         bs1 = s.open(f1, fmt1, read_only=True, force_share=share, cache=cache)
         bs2 = s.open(f2, fmt2, read_only=True, force_share=share, cache=cache)
         prog = Progress(progress, 2.0)
-        size1, size2 = bs1.size, bs2.size
+        size1, size2 = vsize(bs1), vsize(bs2)
         total = min(size1, size2)
         if strict and size1 != size2:
             qprint(quiet, "Strict mode: Image size mismatch!\n")
@@ -265,10 +265,10 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
                 # Each image's extent is kept until consumed: re-asking at every step of the
                 # other image's (possibly short) extents would rescan the same tables.
                 if off >= end1:
-                    st1, n1 = block_status_above(bs1, off, total - off)
+                    st1, n1 = _status(bs1, off, total - off)
                     end1 = off + n1
                 if off >= end2:
-                    st2, n2 = block_status_above(bs2, off, total - off)
+                    st2, n2 = _status(bs2, off, total - off)
                     end2 = off + n2
                 chunk = min(end1, end2) - off
                 a1, a2 = st1["present"], st2["present"]
@@ -297,8 +297,8 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
                 qprint(quiet, "Warning: Image size mismatch!\n")
                 big, bname = (bs1, f1) if size1 > size2 else (bs2, f2)
                 off = total
-                while off < big.size:
-                    st, n = block_status_above(big, off, big.size - off)
+                while off < vsize(big):
+                    st, n = _status(big, off, vsize(big) - off)
                     n = min(n, IO_BUF_SIZE)
                     if not st["zero"]:
                         i = _first_nonzero_sector(_cmp_read(big, bname, off, n))
@@ -313,10 +313,19 @@ def _compare(f1: str, f2: str, fmt1, fmt2, cache, share: bool, quiet: bool, stri
     return 0
 
 
+def _status(bs, offset: int, length: int) -> tuple[dict, int]:
+    """block_status_above, with the sub-sector tail of a raw image reading as zeroes."""
+    if offset >= bs.size:
+        return {"depth": 0, "present": False, "zero": True, "data": False, "offset": None,
+                "filename": bs.filename}, length
+    return block_status_above(bs, offset, min(length, bs.size - offset))
+
+
 def _cmp_read(bs, name: str, offset: int, length: int) -> bytes:
-    """A compare read; a failure is qemu-img's exit code 4 with its text."""
+    """A compare read (zeros past a raw image's last byte); failures exit 4 as qemu-img."""
     try:
-        return bs.read(offset, length)
+        n = max(0, min(length, bs.size - offset))
+        return (bs.read(offset, n) if n else b"") + bytes(length - n)
     except EmuError as err:
         raise ImgError(f"Error while reading offset {offset} of {name}: {err}", 4) from None
 

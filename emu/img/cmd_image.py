@@ -360,6 +360,11 @@ def _snap_row(sn: dict) -> str:
                          sn.get("icount"))
 
 
+def vsize(bs) -> int:
+    """The virtual size QEMU shows: whole 512-byte sectors (a 5-byte raw file is 512 bytes)."""
+    return (bs.size + 511) & ~511
+
+
 def image_info(bs) -> dict:
     """QEMU's ImageInfo for one node, members inserted in QAPI order (printing reorders them).
 
@@ -372,7 +377,7 @@ def image_info(bs) -> dict:
         info["actual-size"] = os.stat(bs.filename).st_blocks * 512
     except OSError:
         pass
-    info["virtual-size"] = bs.size
+    info["virtual-size"] = vsize(bs)
     cs = getattr(bs.impl, "cluster_size", None)
     if cs:
         info["cluster-size"] = cs
@@ -569,12 +574,17 @@ def cmd_map(opts: list[tuple[str, str]], args: list[str]) -> int:
     out = output_format(out)
     with session() as s:
         bs = s.open(args[0], fmt, read_only=True, force_share=share)
-        size = bs.size
+        size = vsize(bs)
         end = size if max_len is None else min(size, start + max_len)
         entries: list[dict] = []
         off = start
         while off < end:
-            ent, n = block_status_above(bs, off, min(end - off, 1 << 30))
+            if off >= bs.size:
+                # The rest of the last sector of a raw image: zeroes at their own offset.
+                ent, n = {"depth": 0, "present": True, "zero": True, "data": False, "offset": off,
+                          "filename": bs.filename}, end - off
+            else:
+                ent, n = block_status_above(bs, off, min(end - off, bs.size - off, 1 << 30))
             ent["start"], ent["length"] = off, n
             last = entries[-1] if entries else None
             if last and all(last[k] == ent[k] for k in ("depth", "present", "zero", "data", "filename")) and \
@@ -586,6 +596,10 @@ def cmd_map(opts: list[tuple[str, str]], args: list[str]) -> int:
             else:
                 entries.append(ent)
             off += n
+    if not entries:
+        # qemu-img prints one empty extent for an empty image.
+        entries.append({"start": start, "length": 0, "depth": 0, "present": False, "zero": False,
+                        "data": False, "offset": None, "filename": args[0]})
     if out == "human":
         sys.stdout.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
         for e in entries:

@@ -36,6 +36,8 @@ def _prepare(d: Path) -> None:
     b = bytearray((d / "d1.raw").read_bytes())
     b[5000] ^= 0xFF
     (d / "d2.raw").write_bytes(bytes(b))
+    (d / "five.raw").write_bytes(b"hello")  # not a whole sector: QEMU shows 512 bytes
+    (d / "empty.raw").write_bytes(b"")
 
 
 CASES = [
@@ -74,6 +76,9 @@ CASES = [
     "commit base.qcow2", "commit ov.qcow2", "rebase ov.qcow2", "rebase -u -b base.qcow2 -F qcow2 ov.qcow2",
     "rebase -p -b v2.qcow2 -F qcow2 ov.qcow2", "rebase -b nope -F qcow2 ov.qcow2", "rebase -b v2.qcow2 ov.qcow2",
     "rebase -u -b v2.qcow2 ov.qcow2", "commit -b nope ov.qcow2",
+    # raw images that are not whole sectors, and empty ones
+    "info five.raw", "map --output=json five.raw", "map --output=json empty.raw", "info --output=json empty.raw",
+    "convert -O qcow2 five.raw f.qcow2", "compare five.raw d1.raw",
     # general
     "frob", "", "check -r bogus base.qcow2",
 ]
