@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from emu.errors import EmuError
 from emu.machine.config import MachineConfig
+from emu.oracle.cuts import CutLog
 
 __all__ = ["RunState", "ShutdownCause", "Machine", "MachineError", "BlockDevice", "VCpu"]
 
@@ -170,6 +171,8 @@ class Machine:
         self._shutdown_cause: ShutdownCause | None = None
         self._exit_code = 0
         self._quiesce_depth = 0
+        #: one cut per outermost quiesce, for x-emu-query-cuts and the oracle
+        self.cuts = CutLog()
         #: named block devices in creation order (query-block order)
         self.block_devices: list[BlockDevice] = []
         #: the block node graph (``emu.block.node.BlockGraph``) once drives are opened
@@ -426,6 +429,8 @@ class Machine:
                         vcpu.pause()
                     for blk in backends:
                         _write_back(blk)
+                    # drained, parked, written back: the instant the images are taken
+                    self.cuts.record(self, backends)
                 yield
             finally:
                 if outer:

@@ -76,7 +76,7 @@ def command(name: str, args: Sequence[tuple[str, QType]] | QType = (),
     return deco
 
 
-_MODULES = ("core", "hmp", "block")
+_MODULES = ("core", "hmp", "block", "oracle")
 
 
 def load_all() -> dict[str, Command]:
