@@ -215,9 +215,11 @@ class VirtioDevice:
         """Process what the driver made available (subclasses; lock held)."""
 
     def reset_queue(self, index: int) -> None:
-        """VIRTIO_F_RING_RESET: forget queue ``index``'s rings (in-flight requests are dropped)."""
+        """VIRTIO_F_RING_RESET: forget queue ``index``'s rings (in-flight requests are dropped:
+        the generation moves on, so their completions never touch the old rings)."""
         with self.lock:
             if 0 <= index < len(self.queues):
+                self.generation += 1  # one generation for all queues: virtio-blk has one
                 vq = self.queues[index]
                 vq.reset()
                 vq.event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX)

@@ -173,3 +173,30 @@ def test_async_io_keeps_vcpu_thread_free(qcow):
         assert ulen == 1 and m.ram[STATUS] == S_OK and m.irq_pending()
     finally:
         m.close()
+
+
+def test_queue_reset_and_pci_cfg_window(qcow):
+    """VIRTIO_F_RING_RESET drops the queue (and what is in flight on it); the
+    VIRTIO_PCI_CAP_PCI_CFG window reads the common configuration through config space."""
+    m = Machine(qcow)
+    try:
+        d = Driver(m, True)
+        cap = d.caps[5][2]
+        m.cfg_write(cap + 4, 1, 4)  # bar
+        m.cfg_write(cap + 8, 4, 0x12)  # offset: num_queues
+        m.cfg_write(cap + 12, 4, 2)  # length
+        assert m.cfg(cap + 16) == 1
+        m.cfg_write(cap + 8, 4, 0x16)  # queue_select, written through the window
+        m.cfg_write(cap + 16, 4, 1)
+        assert d.common_r(0x16, 2) == 1
+        d.common_w(0x16, 2, 0)
+        m.blk.drain()
+        d.request(T_IN, sector=0, in_len=512, wait=False)
+        d.common_w(0x3A, 2, 1)  # queue_reset
+        assert d.common_r(0x1C, 2) == 0 and d.common_r(0x20, 4) == 0
+        m.blk.resume()
+        m.blk.drain()
+        m.blk.resume()
+        assert d.used_idx() == 0 and m.ram[STATUS] == 0xFF
+    finally:
+        m.close()
