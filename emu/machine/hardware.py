@@ -61,21 +61,22 @@ def default_bios() -> Path:
     for candidate in (here / BIOS_NAME, here.parent.parent / "firmware" / BIOS_NAME):
         if candidate.is_file():
             return candidate
-    raise ConfigError("qemu: could not find emu's BIOS (bios.bin); give one with -bios")
+    raise ConfigError("could not find emu's BIOS (bios.bin); give one with -bios")
 
 
 def load_bios(path: str | os.PathLike[str] | None) -> bytes:
     """Read a BIOS image and check it fits below 4 GiB as QEMU's pc machine loads it.
 
-    :raises ConfigError: QEMU's ``could not load PC BIOS`` text.
+    :raises ConfigError: QEMU's ``could not load PC BIOS`` text (for a missing file the CLI
+        has already printed it QEMU's way; this catches empty or misaligned images).
     """
     p = Path(path) if path is not None else default_bios()
     try:
         data = p.read_bytes()
     except OSError as err:
-        raise ConfigError(f"qemu: could not load PC BIOS '{p}'") from err
+        raise ConfigError(f"could not load PC BIOS '{p}'") from err
     if not data or len(data) % BIOS_ALIGN or len(data) > BIOS_MAX:
-        raise ConfigError(f"qemu: could not load PC BIOS '{p}'")
+        raise ConfigError(f"could not load PC BIOS '{p}'")
     return data
 
 
@@ -259,7 +260,8 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
     for dev in cfg.devices:
         if dev.driver in VIRTIO_BLK_MODELS:
             # the drive stays a named BlockBackend (QMP sees it); only the guest does not
-            warn(f"-device {dev.spec}: emu has no virtio-blk device model yet: drive "
+            where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
+            warn(f"{where}: emu has no virtio-blk device model yet: drive "
                  f"'{dev.props.get('drive', '')}' is not visible to the guest (use if=ide)")
     ram_size = cfg.memory_mib << 20
     bios = load_bios(cfg.bios)
