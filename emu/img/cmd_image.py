@@ -10,10 +10,10 @@ from typing import Any
 
 from emu.errors import EmuError
 from emu.img.imgopen import session
-from emu.img.main import ImgError, UsageError, command
+from emu.img.main import PROG, ImgError, UsageError, command
 from emu.img.output import (SNAPSHOT_HEADER_LINE, qdict_order, size_to_str, snapshot_line,
                             to_json_pretty)
-from emu.img.util import output_format, parse_size, qprint
+from emu.img.util import SizeRangeError, output_format, parse_size, qprint
 
 # ---------------------------------------------------------------------------- create options
 
@@ -113,8 +113,7 @@ def _bool_opt(opts: dict[str, str], key: str, filename: str) -> bool:
     return _BOOL[v]
 
 
-def create_image(filename: str, fmt: str, size: int, opts: dict[str, str], *, quiet: bool = False,
-                 unsafe: bool = False) -> None:
+def create_image(filename: str, fmt: str, size: int, opts: dict[str, str], *, quiet: bool = False) -> None:
     """Create an image as ``qemu-img create`` does (prints the Formatting line unless ``quiet``).
 
     :param opts: parsed ``-o`` options (``cluster_size``, ``compat``, ``lazy_refcounts``,
@@ -224,11 +223,11 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
     if len(args) == 2:
         try:
             size = parse_size(args[1])
+        except SizeRangeError:
+            raise ImgError("Invalid image size specified. Must be between 0 and 9223372036854775807.") from None
         except ValueError:
-            if _too_big(args[1]):
-                raise ImgError("Invalid image size specified. Must be between 0 and 9223372036854775807.") from None
             raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-                           f"{_prog()}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+                           f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
     elif "size" in o:
         size = int(o["size"])
     bfile = o.get("backing_file")
@@ -249,15 +248,12 @@ def cmd_create(opts: list[tuple[str, str]], args: list[str]) -> int:
                             force_share=True)
                 bsize = bs.size
         except ImgError as err:
-            msg = str(err)
-            if msg.startswith("Could not open '"):
-                msg = msg.split(": ", 1)[1] if msg.count(": ") >= 2 else msg
             raise ImgError(f"{filename}: {_strip_open(str(err))}\nCould not open backing image.") from None
         if size is None:
             size = bsize
     if size is None:
         raise ImgError(f"{filename}: Image creation needs a size parameter")
-    create_image(filename, fmt, size, o, quiet=quiet, unsafe=unsafe)
+    create_image(filename, fmt, size, o, quiet=quiet)
     return 0
 
 
@@ -276,18 +272,6 @@ def _detect_backing_fmt(filename: str, bfile: str) -> str | None:
             return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     except OSError:
         return None
-
-
-def _too_big(text: str) -> bool:
-    try:
-        return parse_size(text.replace("E", "P").replace("e", "p")) >= 0 and text[-1:] in "eE"
-    except ValueError:
-        return False
-
-
-def _prog() -> str:
-    from emu.img.main import PROG
-    return PROG
 
 
 # ---------------------------------------------------------------------------- info
@@ -733,7 +717,6 @@ def cmd_commit(opts: list[tuple[str, str]], args: list[str]) -> int:
         probe = s.open(filename, fmt, read_only=True, no_backing=True)
         if not probe.backing_file:
             raise ImgError("Image does not have a backing file")
-        from emu.block.node import resolve_backing_path
         bpath, bfmt = probe.full_backing_filename(), probe.backing_format
         s.graph.remove(probe)
         base = s.open(bpath, bfmt, read_only=False, cache=cache)

@@ -10,7 +10,6 @@ qemu-img 7.2's; the program name is ours.
 from __future__ import annotations
 
 import getopt
-import os
 import sys
 from typing import Callable
 

@@ -16,10 +16,15 @@ _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 
 _SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)$")
 
 
+class SizeRangeError(ValueError):
+    """A well-formed size that does not fit in QEMU's int64."""
+
+
 def parse_size(text: str) -> int:
     """Parse a size as QEMU's ``qemu_strtosz``: bytes with optional k/M/G/T/P/E suffix (1024-based).
 
-    :raises ValueError: the text is not a size, or it does not fit in 63 bits.
+    :raises SizeRangeError: a valid size of 2^63 bytes or more.
+    :raises ValueError: the text is not a size.
     """
     m = _SIZE_RE.match(text)
     if not m:
@@ -37,7 +42,7 @@ def parse_size(text: str) -> int:
     else:
         val = int(num) * mult
     if val >= 1 << 63:
-        raise ValueError(text)
+        raise SizeRangeError(text)
     return val
 
 

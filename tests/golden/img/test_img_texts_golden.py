@@ -115,7 +115,7 @@ def test_locked_image_is_refused_like_qemu_img(tmp_path: Path) -> None:
     """While another process holds the image for writing, both tools refuse the same way; -U reads."""
     img = tmp_path / "held.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 4000", str(img)], stdout=subprocess.DEVNULL,
+    holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(img)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         import time
