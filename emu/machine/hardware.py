@@ -263,6 +263,9 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
             where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
             warn(f"{where}: emu has no virtio-blk device model yet: drive "
                  f"'{dev.props.get('drive', '')}' is not visible to the guest (use if=ide)")
+    if cfg.kernel is not None:
+        # the BIOS would boot the disk instead: say so rather than run something else
+        raise ConfigError("direct kernel boot (-kernel) is not implemented in emu yet")
     ram_size = cfg.memory_mib << 20
     bios = load_bios(cfg.bios)
 
