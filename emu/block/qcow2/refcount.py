@@ -16,7 +16,10 @@ reused while an on-disk table still points at it.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+import sys
+from bisect import bisect_left
+from array import array
+from typing import TYPE_CHECKING, Mapping
 
 from emu.block.qcow2 import format as f
 from emu.block.qcow2.cache import TableCache
@@ -123,6 +126,113 @@ class RefcountManager:
                 self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta)
             raise
 
+    def update_clusters(self, counts: Mapping[int, int], delta: int) -> dict[int, int]:
+        """Add ``delta * n`` to the refcount of every host cluster ``c`` in ``counts`` (``c -> n``).
+
+        The batch form QEMU's qcow2_update_snapshot_refcount amounts to: each refcount block
+        is decoded once and every new value is computed and range-checked before any is
+        stored, so a failure (overflow, negative count, cluster past the end of the file)
+        changes nothing.  Clusters whose refcount block does not exist yet fall back to
+        :meth:`update` (which allocates blocks) with the same all-or-nothing promise.
+
+        :returns: the new refcount of every cluster in ``counts``.
+        :raises ImageFormatError: a count would leave its range, or a cluster lies beyond
+            the end of the image file.
+        """
+        if not counts:
+            return {}
+        cb = self.cluster_bits
+        if (max(counts) + 1) << cb > self.drv.file_size_limit():
+            bad = min(c for c in counts if (c + 1) << cb > self.drv.file_size_limit())
+            raise ImageFormatError(f"Cluster {bad << cb:#x} referenced by metadata is beyond the end "
+                                   "of the image file")
+        be = self.block_entries
+        order = sorted(counts)
+        # Split the sorted clusters at refcount block boundaries (one slice per block).
+        groups: list[tuple[int, list[int]]] = []
+        i = 0
+        while i < len(order):
+            ti = order[i] // be
+            j = bisect_left(order, (ti + 1) * be, i)
+            groups.append((ti, order[i:j]))
+            i = j
+        missing = [ti for ti, _ in groups
+                   if ti >= len(self.table) or not self.table[ti] & f.REFT_OFFSET_MASK]
+        if missing:
+            if delta < 0:
+                c = next(cl[0] for ti, cl in groups if ti == missing[0])
+                raise ImageFormatError(f"Cannot decrease refcount of unreferenced cluster {c << cb:#x}")
+            return self._update_clusters_slow(counts, delta)
+        fast = self.order == 4 and sys.byteorder == "little"
+        single = max(counts.values()) == 1
+        staged: list[tuple[int, array | None, list[int], list[int]]] = []
+        for ti, cl in groups:
+            boff = self.table[ti] & f.REFT_OFFSET_MASK
+            raw = bytes(self.cache.get(boff))
+            base = ti * be
+            vals: array | None = None
+            if fast:
+                vals = array("H", raw)
+                vals.byteswap()
+                lo = cl[0] - base
+                if single and cl[-1] - cl[0] + 1 == len(cl):
+                    # A contiguous run touched once each (the usual case): whole-slice math.
+                    new = list(map(delta.__add__, vals[lo:lo + len(cl)]))
+                else:
+                    new = [vals[c - base] + delta * counts[c] for c in cl]
+            else:
+                new = [f.read_refcount(raw, c - base, self.order) + delta * counts[c] for c in cl]
+            if min(new) < 0:
+                c = cl[next(k for k, v in enumerate(new) if v < 0)]
+                raise ImageFormatError(f"Refcount of cluster {c << cb:#x} would become negative")
+            if max(new) > self.max_refcount:
+                c = cl[next(k for k, v in enumerate(new) if v > self.max_refcount)]
+                raise ImageFormatError(f"Refcount of cluster {c << cb:#x} would overflow")
+            staged.append((boff, vals, cl, new))
+        # Everything checked: store.  Blocks are looked up again because staging many of
+        # them may have evicted (clean, hence unchanged) ones from the cache.
+        result: dict[int, int] = {}
+        for boff, vals, cl, new in staged:
+            block = self.cache.get(boff)
+            base = (cl[0] // be) * be
+            if vals is not None:
+                lo = cl[0] - base
+                if cl[-1] - cl[0] + 1 == len(cl):
+                    vals[lo:lo + len(cl)] = array("H", new)
+                else:
+                    for c, v in zip(cl, new):
+                        vals[c - base] = v
+                vals.byteswap()
+                block[:] = vals.tobytes()
+            else:
+                for c, v in zip(cl, new):
+                    f.write_refcount(block, c - base, self.order, v)
+            self.cache.mark_dirty(boff)
+            result.update(zip(cl, new))
+            if delta < 0 and 0 in new:
+                for c, v in zip(cl, new):
+                    if v == 0:
+                        if c < self.free_hint:
+                            self.free_hint = c
+                        self.drv.on_cluster_freed(c << cb)
+        return result
+
+    def _update_clusters_slow(self, counts: Mapping[int, int], delta: int) -> dict[int, int]:
+        cb, cs = self.cluster_bits, self.cluster_size
+        done: list[tuple[int, int]] = []
+        try:
+            for c, n in counts.items():
+                self.update(c << cb, cs, delta * n)
+                done.append((c, n))
+        except BaseException:
+            for c, n in reversed(done):
+                try:
+                    self.update(c << cb, cs, -delta * n)
+                except ImageFormatError:
+                    pass
+            raise
+        return {c: self.get(c) for c in counts}
+
     def defer_free(self, offset: int, length: int) -> None:
         """Decrement later, once the L2 tables that dropped the reference are on disk."""
         self.pending_free.append((offset, length))
@@ -136,12 +246,38 @@ class RefcountManager:
     def _alloc_noref(self, n: int) -> int:
         """QEMU's alloc_clusters_noref: first run of ``n`` free clusters from the hint,
         leaving the hint just past it."""
-        run = 0
-        while run < n:
-            c = self.free_hint
-            self.free_hint += 1
-            run = run + 1 if self.get(c) == 0 else 0
-        return self.free_hint - n
+        while True:
+            c = self._next_free(self.free_hint)
+            k = 1
+            while k < n and self.get(c + k) == 0:
+                k += 1
+            if k == n:
+                self.free_hint = c + n
+                return c
+            self.free_hint = c + k + 1  # c + k is in use: search again after it
+
+    def _next_free(self, c: int) -> int:
+        """The first cluster at or after ``c`` with refcount 0 (uncovered ones count as 0)."""
+        if self.get(c) == 0:
+            return c
+        be = self.block_entries
+        fast = self.order == 4 and sys.byteorder == "little"
+        while True:
+            ti, bi = divmod(c, be)
+            if ti >= len(self.table) or not self.table[ti] & f.REFT_OFFSET_MASK:
+                return c
+            block = self.cache.get(self.table[ti] & f.REFT_OFFSET_MASK)
+            if fast:
+                # Scan a whole block in C (the first allocation after open starts at 0).
+                try:
+                    return ti * be + array("H", bytes(block)).index(0, bi)
+                except ValueError:
+                    c = (ti + 1) * be
+                    continue
+            for i in range(bi, be):
+                if f.read_refcount(block, i, self.order) == 0:
+                    return ti * be + i
+            c = (ti + 1) * be
 
     def _find_free(self, n: int) -> int:
         return self._alloc_noref(n)

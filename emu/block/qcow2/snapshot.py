@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import Counter
+from functools import reduce
+from operator import or_
 
 from emu.block.qcow2 import format as f
 from emu.errors import BlockError, ImageFormatError
+
+
+#: bytes.translate table clearing bit 7 (QCOW_OFLAG_COPIED in an entry's first byte).
+_CLEAR_COPIED = bytes(b & 0x7F for b in range(256))
 
 
 class SnapshotNotFound(BlockError):
@@ -32,68 +39,102 @@ class SnapshotMixin:
             raise ImageFormatError(f"Snapshot L1 table offset {offset:#x} invalid")
         return f.parse_table(self.file_read(offset, l1_size * 8), l1_size)
 
-    def _update_tree_refcounts(self, l1: list[int], delta: int) -> None:
+    def _tree_clusters(self, l1: list[int]) -> Counter:
+        """Host cluster -> number of references from the tree under ``l1`` (L2 tables,
+        data clusters, every host cluster a compressed cluster touches).
+
+        Also leaves in ``self._walked`` each L2 table's data clusters (in entry order) and
+        whether it holds compressed clusters, for :meth:`_fix_copied_flags`.
+        """
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        counts: Counter = Counter()
+        mask = f.L2E_OFFSET_MASK
+        comp = f.QCOW_OFLAG_COMPRESSED
+        unpack = struct.Struct(f">{self.l2_size}Q").unpack
+        walked: dict[int, tuple[list[int], bool]] = {}
+        for i in range(len(l1)):
+            l2off = self._l2_table_offset(i, l1)
+            if not l2off:
+                continue
+            entries = unpack(bytes(self.l2cache.get(l2off)))
+            hosts = [e & mask for e in entries if e & mask and not e & comp]
+            if reduce(or_, hosts, 0) & (cs - 1):
+                h = next(h for h in hosts if h & (cs - 1))
+                raise ImageFormatError(f"Cluster allocation offset {h:#x} unaligned "
+                                       f"(L2 offset: {l2off:#x})")
+            clusters = [h >> cb for h in hosts]
+            counts.update(clusters)
+            compressed = [e for e in entries if e & comp]
+            for e in compressed:
+                coff = (e & self.clayout.offset_mask) & ~511
+                nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
+                counts.update(range(coff >> cb, ((coff + nb * 512 - 1) >> cb) + 1))
+            counts[l2off >> cb] += 1
+            walked[l2off] = (clusters, bool(compressed))
+        self._walked = walked
+        return counts
+
+    def _update_tree_refcounts(self, l1: list[int], delta: int) -> dict[int, int]:
         """Add ``delta`` to every L2 table and data cluster reachable from ``l1``.
 
-        All or nothing: if one update fails (overflow, corrupt entry) the ones already made
-        are undone in memory before the error propagates, so nothing half-done is written.
+        One batch per call (each refcount block decoded and changed once, like QEMU's
+        qcow2_update_snapshot_refcount with its refcount cache).  All or nothing: every new
+        value is checked before any is stored, so a failure (overflow, corrupt entry)
+        changes nothing.
+
+        :returns: the new refcount of every cluster the tree references.
         """
-        cs = self.cluster_size
-        done: list[tuple[int, int]] = []
+        return self.refs.update_clusters(self._tree_clusters(l1), delta)
 
-        def upd(off: int, length: int) -> None:
-            self.refs.update(off, length, delta)
-            done.append((off, length))
-        try:
-            for i in range(len(l1)):
-                l2off = self._l2_table_offset(i, l1)
-                if not l2off:
-                    continue
-                l2 = bytes(self.l2cache.get(l2off))
-                for e in struct.unpack(f">{self.l2_size}Q", l2):
-                    if e & f.QCOW_OFLAG_COMPRESSED:
-                        coff = e & self.clayout.offset_mask
-                        nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
-                        upd(coff & ~511, nb * 512)
-                    elif e & f.L2E_OFFSET_MASK:
-                        upd(e & f.L2E_OFFSET_MASK, cs)
-                upd(l2off, cs)
-        except BaseException:
-            for off, length in reversed(done):
-                try:
-                    self.refs.update(off, length, -delta)
-                except BlockError:
-                    pass
-            raise
+    def _fix_copied_flags(self, changed: dict[int, int] | None = None) -> None:
+        """Set QCOW_OFLAG_COPIED exactly where the active tree's refcount is 1.
 
-    def _fix_copied_flags(self) -> None:
-        """Set QCOW_OFLAG_COPIED exactly where the active tree's refcount is 1."""
-        cs = self.cluster_size
+        :param changed: new refcounts of the clusters whose count just changed (from
+            :meth:`_update_tree_refcounts`); only entries pointing at those can change
+            their flag.  ``None`` re-derives every flag from the refcount blocks.
+        """
+        cb = self.cluster_bits
+        mask = f.L2E_OFFSET_MASK
+        copied = f.QCOW_OFLAG_COPIED
+        comp = f.QCOW_OFLAG_COMPRESSED
+        st = struct.Struct(f">{self.l2_size}Q")
+        refget = self.refs.get
         l1_changed = False
+        get = changed.get if changed is not None else refget
+        walked = getattr(self, "_walked", {}) if changed is not None else {}
         for i in range(len(self.l1)):
             l2off = self._l2_table_offset(i)
             if not l2off:
                 continue
             l2 = self.l2cache.get(l2off)
-            changed = False
-            for j in range(self.l2_size):
-                e = struct.unpack_from(">Q", l2, j * 8)[0]
-                if e & f.QCOW_OFLAG_COMPRESSED or not e & f.L2E_OFFSET_MASK:
-                    continue
-                one = self.refs.get((e & f.L2E_OFFSET_MASK) >> self.cluster_bits) == 1
-                ne = (e | f.QCOW_OFLAG_COPIED) if one else (e & ~f.QCOW_OFLAG_COPIED)
-                if ne != e:
-                    struct.pack_into(">Q", l2, j * 8, ne)
-                    changed = True
-            if changed:
+            before = bytes(l2)
+            seen = walked.get(l2off)
+            vals = list(map(changed.__getitem__, seen[0])) if seen and seen[0] else None
+            if vals and min(vals) >= 2:
+                # Every data cluster of this table is shared: clear bit 63 of every entry
+                # (compressed and unallocated entries never carry it).
+                l2[0::8] = l2[0::8].translate(_CLEAR_COPIED)
+            else:
+                entries = st.unpack(before)
+                if vals and max(vals) == 1 and not seen[1]:
+                    new = [e | copied if e & mask else e for e in entries]
+                else:
+                    # rc is None for clusters whose count did not change: their flag stays.
+                    new = [e if not e & mask or e & comp or (rc := get((e & mask) >> cb)) is None
+                           else (e | copied) if rc == 1 else (e & ~copied) for e in entries]
+                st.pack_into(l2, 0, *new)
+            if l2 != before:
                 self.l2cache.mark_dirty(l2off)
-            one = self.refs.get(l2off >> self.cluster_bits) == 1
-            ne = (self.l1[i] | f.QCOW_OFLAG_COPIED) if one else (self.l1[i] & ~f.QCOW_OFLAG_COPIED)
+            c = l2off >> cb
+            if changed is not None and c not in changed:
+                continue
+            rc = changed[c] if changed is not None else refget(c)
+            ne = (self.l1[i] | copied) if rc == 1 else (self.l1[i] & ~copied)
             if ne != self.l1[i]:
                 self.l1[i] = ne
                 l1_changed = True
         self._l1_flags_dirty = getattr(self, "_l1_flags_dirty", False) or l1_changed
-        del cs
 
     def _write_tree_metadata(self) -> None:
         """Write refcount blocks, then the active L1 and L2 tables, back to back.
@@ -187,12 +228,12 @@ class SnapshotMixin:
         # 2. Every cluster the snapshot shares gets one more reference; the active tree
         #    loses QCOW_OFLAG_COPIED where clusters are now shared.
         try:
-            self._update_tree_refcounts(self.l1, +1)
+            changed = self._update_tree_refcounts(self.l1, +1)
         except BaseException:
             if self.l1:
                 self.refs.update(sn.l1_table_offset, len(self.l1) * 8, -1)
             raise
-        self._fix_copied_flags()
+        self._fix_copied_flags(changed)
         # Raised refcounts and the L1 copy reach the disk before the snapshot table that uses them.
         self._write_tree_metadata()
         self.barrier()
@@ -219,11 +260,11 @@ class SnapshotMixin:
             self.snapshots.append(sn)
             raise
         # 2. Lower refcounts of its tree and free its L1 copy (a crash before this leaks only).
-        self._update_tree_refcounts(l1, -1)
+        changed = self._update_tree_refcounts(l1, -1)
         if sn.l1_size:
             self.refs.update(sn.l1_table_offset, sn.l1_size * 8, -1)
         # 3. Active clusters that are no longer shared get QCOW_OFLAG_COPIED back.
-        self._fix_copied_flags()
+        self._fix_copied_flags(changed)
         self._write_tree_metadata()
         self.barrier()
         self.invalidate_meta()
@@ -239,7 +280,7 @@ class SnapshotMixin:
             self.grow_l1(sn.l1_size)
         new_l1 = sn_l1 + [0] * (len(self.l1) - len(sn_l1))
         # 1. The snapshot's tree gets its extra reference before the active L1 points to it.
-        self._update_tree_refcounts(new_l1, +1)
+        changed = self._update_tree_refcounts(new_l1, +1)
         self._write_caches()
         self.barrier()
         # 2. Overwrite the active L1 table in place.
@@ -251,8 +292,8 @@ class SnapshotMixin:
         # 3. Only now that nothing points at the old active tree, lower its refcounts.
         # Lower refcounts and recompute flags in memory, then write refcounts, L1 and L2
         # tables back to back (refcounts first, as everywhere).
-        self._update_tree_refcounts(old_l1, -1)
-        self._fix_copied_flags()
+        changed.update(self._update_tree_refcounts(old_l1, -1))
+        self._fix_copied_flags(changed)
         self._write_tree_metadata()
         if sn.disk_size is not None and sn.disk_size != self.header.size:
             self.header.size = sn.disk_size
