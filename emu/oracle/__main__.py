@@ -1,0 +1,4 @@
+from emu.oracle.cli import main
+import sys
+
+sys.exit(main())
