@@ -52,32 +52,42 @@ _PRD = struct.Struct("<II")
 class DmaMemory:
     """Guest-physical memory as a device's DMA engine sees it.
 
-    :param ram: guest RAM, index = guest-physical address (``vcpu.ram``, or a bytearray).
+    :param ram: guest RAM, index = guest-physical address (a bytearray in tests; the
+        vCPU's ``ram`` when no ``dma_view`` is given).
     :param invalidate: called ``(gpa, length)`` after each write into RAM (the vCPU's
         ``invalidate_code``, so translated code in that range is dropped).
+    :param dma_view: ``(gpa, length) -> memoryview | None``, the vCPU's ``dma_view``: the
+        PC memory map (VGA hole, RAM above 4 GiB); None means ``ram`` indexed directly.
     """
 
-    def __init__(self, ram: Any, invalidate: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, ram: Any, invalidate: Callable[[int, int], None] | None = None,
+                 dma_view: Callable[[int, int], memoryview | None] | None = None) -> None:
         self.ram = memoryview(ram).cast("B") if not isinstance(ram, memoryview) else ram
         self.size = len(self.ram)
         self.invalidate = invalidate
+        self.view = dma_view or self._direct_view
+
+    def _direct_view(self, addr: int, length: int) -> memoryview | None:
+        if addr < 0 or length < 0 or addr + length > self.size:
+            return None
+        return self.ram[addr : addr + length]
 
     def valid(self, addr: int, length: int) -> bool:
         """True when ``[addr, addr + length)`` is entirely RAM."""
-        return 0 <= addr and length >= 0 and addr + length <= self.size
+        return self.view(addr, length) is not None
 
     def read(self, addr: int, length: int) -> bytes | None:
         """Bytes at ``addr``, or None if the range is not all RAM."""
-        if not self.valid(addr, length):
-            return None
-        return bytes(self.ram[addr : addr + length])
+        v = self.view(addr, length)
+        return None if v is None else bytes(v)
 
     def write(self, addr: int, data: bytes | memoryview) -> bool:
         """Store ``data`` at ``addr`` and invalidate code there; False if not all RAM."""
         n = len(data)
-        if not self.valid(addr, n):
+        v = self.view(addr, n)
+        if v is None:
             return False
-        self.ram[addr : addr + n] = data
+        v[:] = data
         if self.invalidate is not None:
             self.invalidate(addr, n)
         return True

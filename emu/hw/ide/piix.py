@@ -14,10 +14,12 @@ bits say.)
 
 Wiring (what the board does)::
 
-    ide = PiixIde(board.iobus, irq14, irq15, drives=[d0, d1, d2, d3], memory=DmaMemory(vcpu.ram, vcpu.invalidate_code))
+    ide = PiixIde(board.iobus, [irq14, irq15], [d0, d1, d2, d3],
+                  DmaMemory(vcpu.ram, vcpu.invalidate_code, vcpu.dma_view))
     board.pci.add(ide, PIIX3_SLOT, 1)
 
-or :func:`attach_piix_ide`, which does both from a board and a vCPU.
+or :func:`attach_piix_ide(board, vcpu.ram, vcpu.invalidate_code, backends, dma_view=vcpu.dma_view)
+<attach_piix_ide>`, which does both.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def drives_for(backends: Sequence["BlockBackend | None"], write_cache: Sequence[
 
 
 def attach_piix_ide(board: Any, ram: Any, invalidate: Any, backends: Sequence["BlockBackend | None"],
-                    write_cache: Sequence[bool] | None = None, discard: Sequence[bool] | None = None) -> PiixIde:
+                    write_cache: Sequence[bool] | None = None, discard: Sequence[bool] | None = None,
+                    dma_view: Any = None) -> PiixIde:
     """Build the PIIX3 IDE function on ``board`` (an :class:`emu.hw.pc.board.PcBoard`) at 00:01.1.
 
     QEMU's pc machine always has this function, with or without disks.
@@ -165,10 +168,12 @@ def attach_piix_ide(board: Any, ram: Any, invalidate: Any, backends: Sequence["B
     :param backends: up to four BlockBackends (None: absent), as :func:`drives_for`.
     :param write_cache: see :func:`drives_for`.
     :param discard: see :func:`drives_for`.
+    :param dma_view: the vCPU's ``dma_view`` (PC memory map for DMA: VGA hole, RAM above
+        4 GiB); without it ``ram`` is indexed by guest-physical address directly.
     """
     from emu.hw.pc.board import PIIX3_SLOT
 
     ide = PiixIde(board.iobus, [board.pic.irq_line(14), board.pic.irq_line(15)],
-                  drives_for(backends, write_cache, discard), DmaMemory(ram, invalidate))
+                  drives_for(backends, write_cache, discard), DmaMemory(ram, invalidate, dma_view))
     board.pci.add(ide, PIIX3_SLOT, 1)
     return ide

@@ -58,7 +58,7 @@ def _run_emu(path: str, timeout: float = 60) -> tuple[str, list[int]]:
     board = PcBoard(clock, serial_backend=Console(), debug_exit=(0x501, 2), on_exit=on_exit)
     bios = BIOS.read_bytes()
     cpu = VCPU(RAM, board.iobus.port_read, board.iobus.port_write, board.pic, clock_ns=clock.now)
-    ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, [blk])
+    ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, [blk], dma_view=cpu.dma_view)
     # Count data-port reads the device had nothing for (no DRQ): the guest never issues one,
     # so any is a replayed IN of a REP INSW (see the xfail below).
     ch = ide.channels[0]

@@ -411,3 +411,19 @@ def test_ide_trim_with_discard_unmap(tmp_path, rig_factory):
     assert wait_bm_done(r) == 0x04 and r.inb(P + 7) == 0x50
     assert blk.read(128 * 512, 128 * 512) == bytes(128 * 512)  # the range reads as zeroes
     assert blk.read(127 * 512, 512) == sector_pattern(127)
+
+
+def test_ide_dma_memory_follows_the_pc_memory_map():
+    from emu.cpu.vcpu import VCPU
+    from emu.hw.clock import VirtualClock
+    from emu.hw.ide import DmaMemory
+    from emu.hw.pc.board import PcBoard
+
+    board = PcBoard(VirtualClock(manual=True))
+    cpu = VCPU(16 << 20, board.iobus.port_read, board.iobus.port_write, board.pic)
+    mem = DmaMemory(cpu.ram, None, cpu.dma_view)
+    assert mem.write(0x9FE00, b"\x11" * 512) and mem.read(0x9FE00, 512) == b"\x11" * 512
+    assert not mem.write(0x9FF00, b"\x22" * 512)  # runs into the VGA window: not RAM
+    assert mem.read(0xA0000, 16) is None and not mem.valid(0xBFFF0, 32)
+    assert mem.write(0xC0000, b"\x33" * 16) and bytes(cpu.ram[0xC0000:0xC0010]) == b"\x33" * 16
+    assert not mem.valid((16 << 20) - 8, 16) and mem.read(0xFFFFF000, 8) is None
