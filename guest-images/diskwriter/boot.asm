@@ -47,12 +47,23 @@ _start16:
         mov si, msg_boot
         call puts16
         sti                             ; the BIOS disk code may wait for its IRQ
+        mov byte [tries], 3
+.read:
         mov si, dap
         mov ah, 0x42
         mov dl, [boot_drive]
         int 0x13
-        jc .fail
+        jnc .check
+        mov [disk_status], ah
+        dec byte [tries]
+        jz .fail
+        xor ax, ax                      ; AH=00h reset, then retry
+        mov dl, [boot_drive]
+        int 0x13
+        jmp .read
+.check:
         cli
+        mov byte [disk_status], 0xEE    ; read "worked" but the signature is not there
         cmp dword [_payload_sig], 'DWEN'
         jne .fail
         cmp dword [_payload_sig + 4], 'D!!!'
@@ -69,12 +80,37 @@ _start16:
 .fail:
         mov si, msg_fail
         call puts16
+        mov al, [disk_status]
+        shr al, 4
+        call hexdigit16
+        mov al, [disk_status]
+        call hexdigit16
+        mov si, msg_crlf
+        call puts16
         mov dx, DEBUG_EXIT_PORT
         mov al, EXIT_DISK
         out dx, al
 .halt:
         hlt
         jmp .halt
+
+hexdigit16:                             ; print the low nibble of AL
+        and al, 0x0F
+        add al, '0'
+        cmp al, '9'
+        jbe .digit
+        add al, 'a' - '0' - 10
+.digit:
+        mov ah, al
+        mov dx, COM1 + 5
+.wait:
+        in al, dx
+        test al, 0x20
+        jz .wait
+        mov dx, COM1
+        mov al, ah
+        out dx, al
+        ret
 
 puts16:
         lodsb
@@ -110,8 +146,11 @@ pm32:
         jmp .halt
 
 msg_boot:   db "diskwriter mbr: loading payload", 13, 10, 0
-msg_fail:   db "FAIL disk read", 13, 10, 0
+msg_fail:   db "FAIL disk read status=", 0
+msg_crlf:   db 13, 10, 0
 boot_drive: db 0
+disk_status: db 0
+tries:      db 0
         align 4
 dap:        db 0x10, 0                  ; EDD disk address packet
             dw _payload_sectors
@@ -175,6 +214,7 @@ isr_table:
 %endrep
 
 ; The payload's last 8 bytes (link.ld places this section last); the MBR checks them.
-        section .sig progbits alloc noexec nowrite
+        section .sig progbits alloc noexec nowrite align=8
 global _payload_sig
 _payload_sig: db "DWEND!!!"
+            dd 0                        ; checksum fixup, set by build: the payload's u32 words sum to 0
