@@ -6,6 +6,7 @@
 ;   3. run a stub at 0:8000 (returns AL=1), IN sector 6 over it, run it again: AL must be 2
 ;      (the DMA must drop the translated code)
 ; Exit (isa-debug-exit at 0xF4): 0x10 success, 0x2N failure at step N.
+; It does the firmware's PCI set-up itself, so it runs as -bios on emu and on QEMU alike.
 bits 16
 org 0
 %define BASE  0x5F0          ; saved I/O base
@@ -77,6 +78,24 @@ main:
     mov ss, ax
     mov sp, 0x7000
     mov dword [BASE], 0
+    ; firmware's work (no BIOS runs before us): PIIX3 (00:01.0) PIRQA-D all -> IRQ 11 (so the
+    ; slot swizzle does not matter), ELCR level for 11, BAR0 at 0xC000, interrupt line 11
+    mov eax, 0x80000860
+    mov dx, 0xCF8
+    out dx, eax
+    mov dx, 0xCFC
+    mov eax, 0x0B0B0B0B
+    out dx, eax
+    mov dx, 0x4D1
+    in al, dx
+    or al, 0x08
+    out dx, al
+    CFGADDR 0x10
+    mov eax, 0xC000
+    out dx, eax
+    CFGADDR 0x3C
+    mov al, 11
+    out dx, al
     ; PCI: BAR0, interrupt line, I/O + bus master on
     CFGADDR 0x10
     in eax, dx
@@ -94,6 +113,38 @@ main:
     in ax, dx
     or ax, 5
     out dx, ax
+    ; local APIC (if any): LINT0 = ExtINT so the 8259 reaches the CPU (QEMU leaves LINT0
+    ; masked for firmware to program, as SeaBIOS does); its registers are above 1 MiB, so
+    ; go through 16-bit protected mode with a flat data segment
+    mov eax, 1
+    cpuid
+    test edx, 1 << 9
+    jz .no_apic
+    mov ecx, 0x1B
+    rdmsr
+    test eax, 1 << 11
+    jz .no_apic
+    and eax, 0xFFFFF000
+    mov esi, eax
+    o32 lgdt [cs:gdt_desc]
+    mov eax, cr0
+    or al, 1
+    mov cr0, eax
+    jmp 0x08:.pm
+.pm:
+    mov ax, 0x10
+    mov ds, ax
+    or dword [esi + 0xF0], 0x100        ; SVR: software enable
+    mov dword [esi + 0x350], 0x8700     ; LINT0: ExtINT
+    mov dword [esi + 0x360], 0x8400     ; LINT1: NMI
+    mov eax, cr0
+    and al, 0xFE
+    mov cr0, eax
+    jmp 0xF000:.rm
+.rm:
+    xor ax, ax
+    mov ds, ax
+.no_apic:
     ; 8259 pair: master 0x08, slave 0x70, only IRQ2 (cascade) and IRQ10/11 open
     mov al, 0x11
     out 0x20, al
@@ -192,6 +243,15 @@ main:
     out EXIT, al
     cli
     hlt
+
+    align 8
+gdt:
+    dq 0
+    dq 0x00009B0F0000FFFF                ; 0x08: 16-bit code, base 0xF0000, limit 64 KiB
+    dq 0x008F93000000FFFF                ; 0x10: data, base 0, limit 4 GiB
+gdt_desc:
+    dw 3 * 8 - 1
+    dd 0xF0000 + gdt
 
 irq_handler:
     push ax
