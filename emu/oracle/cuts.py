@@ -154,17 +154,29 @@ _SKIP = (os.sep + "contextlib.py", os.path.join("emu", "machine", "pc.py"),
 
 
 def _caller_command() -> str:
-    """The QMP name of the function that entered the drained section.
+    """What entered the drained section.
 
-    Command handlers are named after their command (``blockdev_snapshot_internal_sync``)
-    and delegated entry points ``qmp_<command>`` (``qmp_transaction``), so this is the
-    command without threading a name through every caller."""
+    Inside a QMP command this is the command's name, read from the dispatcher's frame (the
+    ``Command`` being invoked: ``transaction``, not the helper that quiesces for it).  Outside
+    QMP (HMP, jobs, tests) it is the nearest caller: handlers are named after their command
+    (``blockdev_snapshot_internal_sync``), delegated entry points ``qmp_<command>``."""
     f = sys._getframe(1)
-    while f is not None and f.f_code.co_filename.endswith(_SKIP):
+    nearest = None
+    while f is not None:
+        if nearest is None and not f.f_code.co_filename.endswith(_SKIP):
+            nearest = f
+        if _QMP_DIR in f.f_code.co_filename:
+            cmd = f.f_locals.get("cmd")
+            name = getattr(cmd, "name", None)
+            if isinstance(name, str) and callable(getattr(cmd, "fn", None)):
+                return name
         f = f.f_back
-    if f is None:
+    if nearest is None:
         return "unknown"
-    name = f.f_code.co_name
+    name = nearest.f_code.co_name
     if name.startswith("qmp_"):
         name = name[4:]
     return name.strip("_").replace("_", "-")
+
+
+_QMP_DIR = os.path.join("emu", "qmp") + os.sep
