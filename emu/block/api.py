@@ -79,6 +79,110 @@ class Throttle:
         return wait
 
 
+#: QEMU's BlockAcctType, as query-blockstats prefixes them.
+ACCT_READ, ACCT_WRITE, ACCT_FLUSH, ACCT_UNMAP = "rd", "wr", "flush", "unmap"
+ACCT_TYPES = (ACCT_READ, ACCT_WRITE, ACCT_FLUSH, ACCT_UNMAP)
+
+
+class AcctCookie:
+    """One accounted request in progress (QEMU's BlockAcctCookie)."""
+
+    __slots__ = ("kind", "nbytes", "start_ns")
+
+    def __init__(self, kind: str, nbytes: int, start_ns: int) -> None:
+        self.kind, self.nbytes, self.start_ns = kind, nbytes, start_ns
+
+
+class BlockAcctStats:
+    """QEMU's BlockAcctStats (block/accounting.c) for one BlockBackend.
+
+    Semantics, exactly as QEMU 7.2 keeps them:
+
+    - :meth:`done`: ``<kind>_operations`` += 1, ``<kind>_bytes`` += bytes (no bytes for
+      flush), ``<kind>_total_time_ns`` += latency, last access = now.
+    - :meth:`failed`: ``failed_<kind>_operations`` += 1; latency and last access only
+      when ``account_failed``.
+    - :meth:`invalid`: ``invalid_<kind>_operations`` += 1 (a request refused before any I/O:
+      out of range, read-only); last access only when ``account_invalid``.
+    - ``idle_time_ns`` = now - last access, absent until something was accounted.
+    - ``*_merged`` stay 0 (emu never merges requests); ``timed_stats`` is empty.
+
+    Times come from ``time.monotonic_ns`` (QEMU: QEMU_CLOCK_REALTIME; only differences
+    are reported).
+    """
+
+    def __init__(self, account_invalid: bool = True, account_failed: bool = True) -> None:
+        self.account_invalid = account_invalid
+        self.account_failed = account_failed
+        self._lock = threading.Lock()
+        self._bytes = dict.fromkeys(ACCT_TYPES, 0)
+        self._ops = dict.fromkeys(ACCT_TYPES, 0)
+        self._failed = dict.fromkeys(ACCT_TYPES, 0)
+        self._invalid = dict.fromkeys(ACCT_TYPES, 0)
+        self._time = dict.fromkeys(ACCT_TYPES, 0)
+        self._last_access_ns = 0
+
+    def start(self, kind: str, nbytes: int = 0) -> AcctCookie:
+        """Begin accounting one request (QEMU's block_acct_start).
+
+        :param kind: ``"rd"``, ``"wr"``, ``"flush"`` or ``"unmap"``.
+        """
+        if kind not in self._ops:
+            raise ValueError(f"unknown accounting type {kind!r}")
+        return AcctCookie(kind, nbytes, time.monotonic_ns())
+
+    def done(self, cookie: AcctCookie) -> None:
+        """The request completed successfully (block_acct_done)."""
+        now = time.monotonic_ns()
+        with self._lock:
+            self._ops[cookie.kind] += 1
+            self._bytes[cookie.kind] += cookie.nbytes
+            self._time[cookie.kind] += now - cookie.start_ns
+            self._last_access_ns = now
+
+    def failed(self, cookie: AcctCookie) -> None:
+        """The request failed with a host error (block_acct_failed)."""
+        now = time.monotonic_ns()
+        with self._lock:
+            self._failed[cookie.kind] += 1
+            if self.account_failed:
+                self._time[cookie.kind] += now - cookie.start_ns
+                self._last_access_ns = now
+
+    def invalid(self, kind: str) -> None:
+        """A request refused before submission (block_acct_invalid)."""
+        with self._lock:
+            self._invalid[kind] += 1
+            if self.account_invalid:
+                self._last_access_ns = time.monotonic_ns()
+
+    def snapshot(self, wr_highest_offset: int = 0) -> dict[str, Any]:
+        """The counters as QEMU's BlockDeviceStats members (query-blockstats order).
+
+        :param wr_highest_offset: the root node's value (QEMU reports the node's there).
+        """
+        with self._lock:
+            d: dict[str, Any] = {}
+            for k in ("rd", "wr", "unmap"):
+                d[f"{k}_bytes"] = self._bytes[k]
+            for k in ACCT_TYPES:
+                d[f"{k}_operations"] = self._ops[k]
+            for k in ACCT_TYPES:
+                d[f"{k}_total_time_ns"] = self._time[k]
+            d["wr_highest_offset"] = wr_highest_offset
+            for k in ("rd", "wr", "unmap"):
+                d[f"{k}_merged"] = 0
+            for k in ACCT_TYPES:
+                d[f"failed_{k}_operations"] = self._failed[k]
+            for k in ACCT_TYPES:
+                d[f"invalid_{k}_operations"] = self._invalid[k]
+            if self._last_access_ns:
+                d["idle_time_ns"] = time.monotonic_ns() - self._last_access_ns
+            d["account_invalid"] = self.account_invalid
+            d["account_failed"] = self.account_failed
+            return d
+
+
 class _WorkerPool:
     """A few daemon threads running submitted calls (daemon: a request held forever at a
     blkdebug breakpoint must not keep the process from exiting)."""
@@ -128,6 +232,16 @@ class BlockBackend:
         self._workers = workers
         self._pool: _WorkerPool | None = None
         self._throttle: Throttle | None = None
+        #: I/O accounting for query-blockstats (see :class:`BlockAcctStats`).
+        self.acct = BlockAcctStats()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """QEMU's BlockDeviceStats of this backend (a fresh dict per call): the accounting
+        of every request made through it with ``account=True`` (the default), plus the
+        root node's ``wr_highest_offset``."""
+        root = self._root
+        return self.acct.snapshot(root.wr_highest_offset if root is not None else 0)
 
     def set_io_limits(self, limits: dict[str, int] | None) -> None:
         """Set QEMU-style limits (``bps``, ``bps_rd``, ``bps_wr``, ``iops``, ``iops_rd``,
@@ -210,32 +324,65 @@ class BlockBackend:
         finally:
             self._done()
 
+    def _accounted(self, kind: str, nbytes: int, fn: Callable[[], Any], account: bool) -> Callable[[], Any]:
+        if not account:
+            return fn
+        cookie = self.acct.start(kind, nbytes)
+
+        def run() -> Any:
+            try:
+                r = fn()
+            except BaseException:
+                self.acct.failed(cookie)
+                raise
+            self.acct.done(cookie)
+            return r
+        return run
+
+    def _checked(self, kind: str, offset: int, length: int, write: bool, account: bool) -> BlockDriverState:
+        try:
+            return self._check(offset, length, write)
+        except BlockError:
+            if account:
+                self.acct.invalid(kind)
+            raise
+
     # --- synchronous I/O --------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    # ``account=False`` leaves the request out of :attr:`stats` (QEMU accounts only what
+    # devices and qemu-io's aio_* commands submit; jobs and sync qemu-io commands are not).
+    def read(self, offset: int, length: int, *, account: bool = True) -> bytes:
         """Read ``length`` bytes at ``offset``."""
-        node = self._check(offset, length, False)
-        return self._run(self._throttled(lambda: node.read(offset, length), length, False))
+        node = self._checked(ACCT_READ, offset, length, False, account)
+        return self._run(self._accounted(ACCT_READ, length, self._throttled(
+            lambda: node.read(offset, length), length, False), account))
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, *, account: bool = True) -> None:
         """Write ``data`` at ``offset``."""
-        node = self._check(offset, len(data), True)
+        node = self._checked(ACCT_WRITE, offset, len(data), True, account)
         data = bytes(data)
-        self._run(self._throttled(lambda: node.write(offset, data), len(data), True))
+        self._run(self._accounted(ACCT_WRITE, len(data), self._throttled(
+            lambda: node.write(offset, data), len(data), True), account))
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make the range read as zeroes."""
-        node = self._check(offset, length, True)
-        self._run(lambda: node.write_zeroes(offset, length))
+    def write_zeroes(self, offset: int, length: int, *, account: bool = True) -> None:
+        """Make the range read as zeroes (accounted as a write of ``length`` bytes, as
+        virtio-blk's WRITE_ZEROES is in QEMU)."""
+        node = self._checked(ACCT_WRITE, offset, length, True, account)
+        self._run(self._accounted(ACCT_WRITE, length, lambda: node.write_zeroes(offset, length), account))
 
-    def discard(self, offset: int, length: int) -> None:
-        """Discard (trim) the range; advisory."""
-        node = self._check(offset, length, True)
-        self._run(lambda: node.discard(offset, length))
+    def discard(self, offset: int, length: int, *, account: bool = True) -> None:
+        """Discard (trim) the range; advisory (accounted as unmap)."""
+        node = self._checked(ACCT_UNMAP, offset, length, True, account)
+        self._run(self._accounted(ACCT_UNMAP, length, lambda: node.discard(offset, length), account))
 
-    def flush(self) -> None:
+    def flush(self, *, account: bool = True) -> None:
         """Write back caches and make completed writes durable."""
-        node = self._node()
-        self._run(node.flush)
+        try:
+            node = self._node()
+        except BlockError:
+            if account:
+                self.acct.invalid(ACCT_FLUSH)
+            raise
+        self._run(self._accounted(ACCT_FLUSH, 0, node.flush, account))
 
     # --- asynchronous I/O -------------------------------------------------------------------
     def _submit(self, fn: Callable[[], Any], callback: Callback | None) -> None:
@@ -262,36 +409,42 @@ class BlockBackend:
         finally:
             self._done()
 
-    def _aio(self, fn: Callable[[], Any], callback: Callback | None, check: Callable[[], Any]) -> None:
+    def _aio(self, fn: Callable[[], Any], callback: Callback | None, check: Callable[[], Any],
+             kind: str = "", nbytes: int = 0, account: bool = False) -> None:
         try:
             check()
         except BlockError as err:
+            if account:
+                self.acct.invalid(kind)
             if callback is not None:
                 callback(err)
             return
-        self._submit(fn, callback)
+        self._submit(self._accounted(kind, nbytes, fn, account), callback)
 
-    def aio_read(self, offset: int, length: int, callback: Callback) -> None:
+    def aio_read(self, offset: int, length: int, callback: Callback, *, account: bool = True) -> None:
         """Read on a worker thread; ``callback(bytes | Exception)``."""
         self._aio(self._throttled(lambda: self._node().read(offset, length), length, False), callback,
-                  lambda: self._check(offset, length, False))
+                  lambda: self._check(offset, length, False), ACCT_READ, length, account)
 
-    def aio_write(self, offset: int, data: bytes, callback: Callback | None = None) -> None:
+    def aio_write(self, offset: int, data: bytes, callback: Callback | None = None, *,
+                  account: bool = True) -> None:
         """Write on a worker thread; ``callback(None | Exception)``."""
         data = bytes(data)
         self._aio(self._throttled(lambda: self._node().write(offset, data), len(data), True), callback,
-                  lambda: self._check(offset, len(data), True))
+                  lambda: self._check(offset, len(data), True), ACCT_WRITE, len(data), account)
 
-    def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None) -> None:
+    def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None, *,
+                         account: bool = True) -> None:
         self._aio(lambda: self._node().write_zeroes(offset, length), callback,
-                  lambda: self._check(offset, length, True))
+                  lambda: self._check(offset, length, True), ACCT_WRITE, length, account)
 
-    def aio_discard(self, offset: int, length: int, callback: Callback | None = None) -> None:
+    def aio_discard(self, offset: int, length: int, callback: Callback | None = None, *,
+                    account: bool = True) -> None:
         self._aio(lambda: self._node().discard(offset, length), callback,
-                  lambda: self._check(offset, length, True))
+                  lambda: self._check(offset, length, True), ACCT_UNMAP, length, account)
 
-    def aio_flush(self, callback: Callback | None = None) -> None:
-        self._aio(lambda: self._node().flush(), callback, self._node)
+    def aio_flush(self, callback: Callback | None = None, *, account: bool = True) -> None:
+        self._aio(lambda: self._node().flush(), callback, self._node, ACCT_FLUSH, 0, account)
 
     # --- drain ----------------------------------------------------------------------------
     def drain(self, timeout: float | None = None) -> None:

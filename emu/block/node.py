@@ -21,7 +21,7 @@ import os
 import random
 import struct
 import threading
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 from emu.errors import BlockError, ImageFormatError, ImageOpenError
 
@@ -162,6 +162,10 @@ class BlockDriver:
     def dirty_flag(self) -> bool:
         return False
 
+    def stats(self) -> dict[str, Any]:
+        """Driver-specific counters for :attr:`BlockDriverState.stats` (none by default)."""
+        return {}
+
 
 class DriverEntry:
     """One row of the driver table."""
@@ -247,6 +251,20 @@ class BlockDriverState:
         #: Opened implicitly as a child (protocol, backing named in the header, inline dict):
         #: it goes away with its last parent.  Nodes the user opened stay until removed.
         self.auto = False
+        #: Highest byte offset + 1 any write or zero-write on this node reached (QEMU's
+        #: bs->wr_highest_offset: guest offsets on format nodes, host offsets on protocol
+        #: nodes, including metadata writes).
+        self.wr_highest_offset = 0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Node-level statistics, as QEMU keeps them per node (a fresh dict per call):
+        ``wr_highest_offset``, plus the driver's own counters (``file``: ``discard-nb-ok``,
+        ``discard-nb-failed``, ``discard-bytes-ok``, QEMU's BlockStatsSpecificFile).
+        Request counts and times live in :attr:`emu.block.api.BlockBackend.stats`."""
+        d: dict[str, Any] = {"wr_highest_offset": self.wr_highest_offset}
+        d.update(self.impl.stats())
+        return d
 
     # --- I/O ---------------------------------------------------------------------------
     @property
@@ -281,7 +299,10 @@ class BlockDriverState:
         with self.lock:
             for fn in list(self.before_write):
                 fn(offset, len(data))
-            self.impl.write(offset, bytes(data))
+            try:
+                self.impl.write(offset, bytes(data))
+            finally:
+                self._note_write(offset + len(data))
             if not self.cache_writeback:
                 self.impl.flush()
 
@@ -292,7 +313,14 @@ class BlockDriverState:
             with self.lock:
                 for fn in list(self.before_write):
                     fn(offset, length)
-                self.impl.write_zeroes(offset, length)
+                try:
+                    self.impl.write_zeroes(offset, length)
+                finally:
+                    self._note_write(offset + length)
+
+    def _note_write(self, end: int) -> None:
+        if end > self.wr_highest_offset:
+            self.wr_highest_offset = end
 
     def discard(self, offset: int, length: int) -> None:
         """Advisory discard; the range then reads as zeroes or as the backing file."""
@@ -345,6 +373,19 @@ class BlockDriverState:
                 if self.file is not None:
                     self.file.reopen(not read_only)
                 raise
+
+    def set_read_only(self, read_only: bool) -> None:
+        """Make this node (and its protocol child) read-only or read-write: the public way
+        to flip ``read_only`` (QEMU's bdrv_reopen_set_read_only, which blockdev-snapshot-sync
+        applies to the old active layer).  Do not assign ``read_only`` directly: this also
+        writes back cached metadata, re-opens the file descriptor with QEMU's permission
+        locks for the new mode (so ``qemu-img`` can open a now read-only image), and has the
+        format driver re-read its metadata.  A no-op when the mode is already right.
+
+        :raises ImageOpenError: another process holds a conflicting lock (nothing changes).
+        :raises BlockError: ``force-share=on`` nodes cannot become read-write.
+        """
+        self.reopen(read_only)
 
     def truncate(self, size: int) -> None:
         """Resize (grow) the node."""
@@ -495,6 +536,24 @@ def resolve_backing_path(overlay_filename: str, backing: str) -> str:
 
 _UNSET: Any = object()
 
+#: Size of QEMU's BlockDriverState.node_name buffer (names must be shorter).
+NODE_NAME_SIZE = 32
+
+
+class InvalidNodeNameError(BlockError):
+    """A node name QEMU would refuse (bad characters, too long)."""
+
+
+class NodeNameInUseError(BlockError):
+    """A node name that already names a node or a device."""
+
+
+def is_wellformed_id(name: str) -> bool:
+    """QEMU's id_wellformed(): an ASCII letter, then ASCII letters, digits, ``-``, ``.``, ``_``."""
+    if not name or not ("a" <= name[0].lower() <= "z"):
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "-._") for c in name[1:])
+
 
 class BlockGraph:
     """All nodes of one emulator (or one emu-img run), by node name."""
@@ -513,12 +572,32 @@ class BlockGraph:
             if self.lookup(name) is None:
                 return name
 
-    def _check_name(self, name: str) -> None:
-        if not name or len(name) > 31 or not (name[0].isalpha()) or not all(
-                c.isalnum() or c in "-._" for c in name):
-            raise BlockError("Invalid node-name: '%s'" % name)
+    def check_node_name(self, name: str, device_names: Iterable[str] = ()) -> None:
+        """Check a user-chosen node name as QEMU's bdrv_assign_node_name does, in its order,
+        without creating anything (QMP calls it before creating an overlay file).
+
+        :param device_names: BlockBackend/device names the node name must not equal.
+        :raises InvalidNodeNameError: ``Invalid node-name: '<name>'`` (not ASCII letter first,
+            then letters, digits, ``-``, ``.``, ``_``).
+        :raises NodeNameInUseError: ``node-name=<name> is conflicting with a device id`` or
+            ``Duplicate nodes with node-name='<name>'``.
+        :raises InvalidNodeNameError: ``Node name too long`` (32 bytes or more).
+        """
+        if not is_wellformed_id(name):
+            raise InvalidNodeNameError("Invalid node-name: '%s'" % name)
+        if name in set(device_names):
+            raise NodeNameInUseError(f"node-name={name} is conflicting with a device id")
         if self.lookup(name) is not None:
-            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+            raise NodeNameInUseError(f"Duplicate nodes with node-name='{name}'")
+        if len(name.encode()) >= NODE_NAME_SIZE:
+            raise InvalidNodeNameError("Node name too long")
+
+    def node_name_in_use(self, name: str) -> bool:
+        """Whether a node called ``name`` exists (QMP's "New overlay node-name already in use")."""
+        return self.lookup(name) is not None
+
+    def _check_name(self, name: str) -> None:
+        self.check_node_name(name)
 
     def lookup(self, node_name: str) -> BlockDriverState | None:
         """The node named ``node_name`` or ``None``."""

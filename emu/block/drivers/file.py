@@ -72,6 +72,7 @@ class FileDriver(BlockDriver):
         self.fd = -1
         self.direct = False
         self.options: dict[str, Any] = {}
+        self._discard_nb_ok = self._discard_nb_failed = self._discard_bytes_ok = 0
 
     def open(self, options: dict[str, Any]) -> None:
         path = options["filename"]
@@ -225,11 +226,21 @@ class FileDriver(BlockDriver):
         pass  # nothing cached here: pwrite()s are already visible to other processes
 
     def discard(self, offset: int, length: int) -> None:
+        # Counted as QEMU's raw_account_discard: any error (even "unsupported") is a failure.
         try:
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as err:
+            self._discard_nb_failed += 1
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise self._err("Discard", err) from err
+            return
+        self._discard_nb_ok += 1
+        self._discard_bytes_ok += length
+
+    def stats(self) -> dict:
+        """QEMU's BlockStatsSpecificFile counters."""
+        return {"discard-nb-ok": self._discard_nb_ok, "discard-nb-failed": self._discard_nb_failed,
+                "discard-bytes-ok": self._discard_bytes_ok}
 
     def write_zeroes(self, offset: int, length: int) -> None:
         size = self.size
