@@ -62,7 +62,7 @@ int ide_poll(int use_irq, u32 *status);      /* REQ_BUSY/OK/ERR; status: device 
 void ide_irq(void);
 
 /* virtio.c: virtio-blk over the legacy I/O transport */
-int vd_init(u32 bdf);
+int vd_init(u32 bdf, int want_modern);
 u32 vd_sectors(void);
 int vd_can_flush(void);
 void vd_start(int kind, u32 lba, void *buf);

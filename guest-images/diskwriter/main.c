@@ -28,6 +28,7 @@ struct params {
 };
 #define PF_START_PAUSED 1
 #define PF_NO_IRQ 2
+#define PF_VIRTIO_MODERN 4
 
 struct disk {
     const char *name;
@@ -63,6 +64,7 @@ extern u32 ide_bm_base(void);
 extern int vd_irq_seen(void);
 extern u32 vd_io_base(void);
 extern u32 vd_queue_size(void);
+extern int vd_modern(void);
 
 /* ---- libc bits gcc may call ---- */
 void *memset(void *d, int c, size_t n) {
@@ -508,7 +510,7 @@ static void find_disks(void) {
         if ((id & 0xFFFF) == 0xFFFF) continue;
         u32 cls = pci_read32(bdf, 8) >> 16;
         if (cls == 0x0101 && ide_bdf == 0xFFFFFFFFu) ide_bdf = bdf; /* mass storage, IDE */
-        if (id == 0x10011AF4u && vd_bdf == 0xFFFFFFFFu) vd_bdf = bdf; /* transitional virtio-blk */
+        if ((id == 0x10011AF4u || id == 0x10421AF4u) && vd_bdf == 0xFFFFFFFFu) vd_bdf = bdf; /* virtio-blk */
         if ((bdf & 7) == 0 && !(pci_read8(bdf, 0x0E) & 0x80)) bdf += 7; /* single-function */
     }
     struct disk *d = &disks[DISK_IDE];
@@ -523,12 +525,14 @@ static void find_disks(void) {
         puts_("S nodisk ide"); kv("reason", (u32)-r); nl();
     }
     d = &disks[DISK_VD];
-    r = vd_bdf == 0xFFFFFFFFu ? -100 : vd_init(vd_bdf);
+    r = vd_bdf == 0xFFFFFFFFu ? -100 : vd_init(vd_bdf, (P.flags & PF_VIRTIO_MODERN) != 0);
     if (r == 0) {
         d->present = 1;
         d->sectors = vd_sectors();
         d->irq = vd_irq_line();
-        puts_("S disk vd pci="); put_bdf(vd_bdf); puts_(" io=0x"); putx(vd_io_base(), 4);
+        puts_("S disk vd pci="); put_bdf(vd_bdf);
+        puts_(vd_modern() ? " transport=modern" : " transport=legacy");
+        puts_(" io=0x"); putx(vd_io_base(), 4);
         kv("irq", d->irq); kv("sectors", d->sectors); kv("flush", vd_can_flush());
         kv("queue", vd_queue_size()); nl();
     } else {

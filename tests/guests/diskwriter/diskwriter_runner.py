@@ -107,11 +107,18 @@ class Session:
     transcript: io.StringIO = field(default_factory=io.StringIO)  #: every byte read, once
 
     @classmethod
-    def start(cls, emulator: Emulator, ide: Path, vd: Path | None) -> "Session":
-        """Boot and wait for the guest's ``S running`` or ``S paused``."""
+    def start(cls, emulator: Emulator, ide: Path, vd: Path | None, modern_only: bool = False) -> "Session":
+        """Boot and wait for the guest's ``S running`` or ``S paused``.
+
+        :param modern_only: attach ``vd`` as ``virtio-blk-pci,disable-legacy=on`` (1AF4:1042)
+            instead of ``-drive if=virtio`` (transitional 1AF4:1001).
+        """
         import pexpect
         drives = ["-drive", f"file={ide},format=qcow2,if=ide"]
-        if vd is not None:
+        if vd is not None and modern_only:
+            drives += ["-drive", f"file={vd},format=qcow2,if=none,id=vd0",
+                       "-device", "virtio-blk-pci,drive=vd0,disable-legacy=on"]
+        elif vd is not None:
             drives += ["-drive", f"file={vd},format=qcow2,if=virtio"]
         cmd = [*emulator.argv, "-machine", "pc", "-m", "64", "-nodefaults", "-display", "none",
                "-serial", "stdio", *drives, "-device", "isa-debug-exit,iobase=0x501,iosize=2"]

@@ -176,3 +176,27 @@ def test_diskwriter_polling_and_small_disk(emulator: Emulator, tmp_path: Path) -
     assert counts[("ide", "pio")] >= 20 and counts[("ide", "dma")] >= 20, counts
     check_disk(log, "ide", to_raw(ide), boot)
     assert to_raw(vd).count(0) == 1 * MiB, "the too-small disk was written"
+
+
+@pytest.mark.parametrize("modern_only", [False, True], ids=["transitional", "disable-legacy"])
+@pytest.mark.parametrize("emulator", [pytest.param(QEMU, marks=EMULATORS[0].marks, id="qemu")])
+def test_diskwriter_virtio_modern(emulator: Emulator, modern_only: bool, tmp_path: Path) -> None:
+    """The modern virtio-pci transport (capabilities in a memory BAR): chosen by flags bit 2 on a
+    transitional device, the only one on 1AF4:1042."""
+    params = Params(region_start=2048, region_count=48, rate=0, flush_every=8, flags=0 if modern_only else 4)
+    ide, vd, boot = make_disks(tmp_path, params)
+    session = Session.start(emulator, ide, vd, modern_only=modern_only)
+    try:
+        session.wait_count(r"^C vd \d+", 60)
+        session.command("v")
+        session.expect(r"V end (ok|bad)", 60)
+        status = session.quit()
+    finally:
+        session.close()
+    log = session.log()
+    assert status == STATUS_QUIT
+    assert log.disks["vd"]["transport"] == "modern"
+    assert log.verify[-1]["ok"] is True and log.verify[-1]["vd"]["match"] == 48
+    assert log.stats["vd"]["polling"] == 0 and log.stats["vd"]["irqs"] >= log.stats["vd"]["completed"]
+    check_disk(log, "vd", to_raw(vd), None)
+    check_disk(log, "ide", to_raw(ide), boot)
