@@ -25,7 +25,10 @@ from emu.oracle.check import DiskImage, check, disk_for_device
 from emu.oracle.records import Params, parse_log
 
 IMAGE = REPO / "guest-images" / "diskwriter" / "diskwriter.img"
-ROUNDS = 6
+#: transactions per run (EMU_ORACLE_ROUNDS=100 for the issue's 100-in-a-row check)
+ROUNDS = int(os.environ.get("EMU_ORACLE_ROUNDS", "6"))
+#: the diskwriter image (EMU_ORACLE_IMAGE to check another build)
+IMAGE = Path(os.environ.get("EMU_ORACLE_IMAGE", str(IMAGE)))
 QEMU = ("qemu-system-x86_64", "-accel", "tcg")
 EMU = (sys.executable, "-m", "emu")
 
@@ -123,7 +126,7 @@ def test_oracle_transactions_under_guest_load(emulator: tuple[str, ...], tmp_pat
         assert booted, run.text[-2000:]
         qmp = run.connect()
         for r in range(ROUNDS):
-            time.sleep(0.3)
+            time.sleep(0.3 if ROUNDS <= 10 else 0.1)
             rsp = qmp.cmd_raw("transaction", {"actions": [
                 {"type": "blockdev-snapshot-internal-sync", "data": {"device": dev, "name": f"t{r}"}}
                 for dev in ("ide0-hd0", "virtio0")]})
