@@ -200,3 +200,27 @@ def test_queue_reset_and_pci_cfg_window(qcow):
         assert d.used_idx() == 0 and m.ram[STATUS] == 0xFF
     finally:
         m.close()
+
+
+def test_guest_toggles_write_cache(qcow):
+    """VIRTIO_BLK_F_CONFIG_WCE: the writeback byte is the guest-visible write cache; the
+    machine hears about changes; writes stay correct in write-through mode."""
+    seen = []
+    m = Machine(qcow)
+    try:
+        m.fn.device.on_write_cache = seen.append
+        for modern in (False, True):
+            d = Driver(m, modern)
+            if modern:
+                m.board.mmiobus.write(d.caps[4][0] + 32, 1, 0)
+            else:
+                m.board.iobus.port_write(d.base + 20 + 32, 1, 0)
+            assert d.config(32, 1) == 0 and not m.fn.device.writeback
+            assert d.request(T_OUT, sector=40, out=b"\x99" * 1024)[0] == S_OK
+            st, data, _ = d.request(T_IN, sector=40, in_len=1024)
+            assert st == S_OK and data == b"\x99" * 1024
+            d.set_status(0)  # reset restores the configured write cache
+            assert d.config(32, 1) == 1
+        assert seen == [False, True, False, True]
+    finally:
+        m.close()
