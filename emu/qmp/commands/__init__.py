@@ -76,7 +76,7 @@ def command(name: str, args: Sequence[tuple[str, QType]] | QType = (),
     return deco
 
 
-_MODULES = ("core", "hmp", "block", "oracle")
+_MODULES = ("core", "hmp", "block", "oracle", "jobs", "transaction")
 
 
 def load_all() -> dict[str, Command]:

@@ -1,0 +1,384 @@
+"""Backup and dirty-bitmap commands, and the machine's job registry.
+
+``drive-backup`` and ``blockdev-backup`` run as one-action transactions, as QEMU 7.2's
+do (blockdev_do_action): the job is created in prepare inside a drained section and
+started at commit, which is why a standalone backup shows ``created``, ``running``,
+``paused``, ``running`` before its reply.  The backup actions register in the
+transaction table (``@action``) here; the job itself is :mod:`emu.block.jobs.backup`.
+
+The job verbs (``block-job-*``, ``job-*``, ``query-*jobs``) live in
+:mod:`emu.qmp.commands.block` and use the registry this module attaches to the machine
+as ``machine.jobs`` (:func:`job_registry`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from emu.block import bitmaps as bmlib
+from emu.block.jobs import JobRegistry, JobTxn
+from emu.block.jobs.backup import BackupJob, busy_error
+from emu.block.transaction import ActionState, action
+from emu.errors import EmuError, QmpError
+from emu.qmp.commands import COMMANDS, CommandContext, command
+from emu.qmp.commands.block import (BITMAP, BITMAP_ADD, BITMAP_MERGE, BLOCKDEV_BACKUP,
+                                    DRIVE_BACKUP, _lookup_bs)
+from emu.qmp.errors import desc_of
+
+__all__ = ["job_registry", "run_actions", "bitmap_node", "lookup_bitmap"]
+
+
+# ----------------------------------------------------------------- registry
+
+def job_registry(machine: Any) -> JobRegistry:
+    """The machine's job registry (``machine.jobs``), attached on first use."""
+    reg = getattr(machine, "jobs", None)
+    if reg is None:
+        reg = JobRegistry(machine.emit)
+        machine.jobs = reg
+    return reg
+
+
+def run_actions(ctx: CommandContext, actions: list[tuple[str, dict]], grouped: bool = False) -> None:
+    """Run transaction actions inside one quiesce of the machine (QEMU's qmp_transaction:
+    drain everything first, then prepare / commit or abort / clean)."""
+    from emu.block.transaction import run_transaction
+
+    reg = job_registry(ctx.machine)
+    with ctx.machine.quiesce():
+        reg.drain_all()
+        try:
+            run_transaction(actions, ctx, grouped=grouped)
+        except QmpError:
+            raise
+        except EmuError as e:
+            raise QmpError(desc_of(e)) from e
+        except OSError as e:
+            raise QmpError(os.strerror(e.errno or 5)) from e
+
+
+def _device_of(ctx: CommandContext, bs: Any) -> str | None:
+    for d in ctx.machine.block_devices:
+        if d.node is bs:
+            return d.name
+    return None
+
+
+# ----------------------------------------------------------------- image creation
+
+def _known_format(fmt: str) -> bool:
+    from emu.block.node import DRIVERS, _load_drivers
+
+    _load_drivers()
+    return fmt in DRIVERS and not DRIVERS[fmt].cls.is_protocol
+
+
+def create_target(path: str, fmt: str, size: int, backing: Any | None) -> None:
+    """Create a backup target as QEMU's bdrv_img_create does, with its ``Formatting``
+    line on stdout (printed before the file is made, as QEMU prints it)."""
+    if not _known_format(fmt):
+        raise QmpError(f"Unknown file format '{fmt}'")
+    if fmt == "qcow2":
+        extra = ""
+        if backing is not None:
+            extra = f" backing_file={backing.filename} backing_fmt={backing.drv}"
+        print(f"Formatting '{path}', fmt=qcow2 cluster_size=65536 extended_l2=off "
+              f"compression_type=zlib size={size}{extra} lazy_refcounts=off refcount_bits=16",
+              file=sys.stdout, flush=True)
+        from emu.block.qcow2.create import create_qcow2
+
+        try:
+            create_qcow2(path, size, backing_file=backing.filename if backing else None,
+                         backing_fmt=backing.drv if backing else None)
+        except EmuError as e:
+            raise QmpError(desc_of(e)) from e
+        return
+    if fmt == "raw":
+        if backing is not None:
+            raise QmpError("Backing file not supported for file format 'raw'")
+        print(f"Formatting '{path}', fmt=raw size={size}", file=sys.stdout, flush=True)
+        try:
+            with open(path, "wb") as fh:
+                fh.truncate(size)
+        except OSError as e:
+            raise QmpError(f"Could not create '{path}': {os.strerror(e.errno)}") from e
+        return
+    raise QmpError(f"Format driver '{fmt}' does not support image creation")
+
+
+def _open_target(ctx: CommandContext, path: str, fmt: str | None, backing: Any | None) -> Any:
+    g = ctx.machine.block_graph
+    if not os.path.exists(path):
+        raise QmpError(f"Could not open '{path}': No such file or directory")
+    try:
+        return g.open_image(path, fmt, backing=backing)
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+    except OSError as e:
+        raise QmpError(f"Could not open '{path}': {os.strerror(e.errno)}") from e
+
+
+# ----------------------------------------------------------------- backup actions
+
+def _backup_common(st: ActionState, bs: Any, target: Any, own_target: bool) -> None:
+    """QEMU's do_backup_common: bitmap checks, then the job (created, not started)."""
+    ctx: CommandContext = st.env
+    d = st.data
+    g = ctx.machine.block_graph
+    holder: dict[str, Any] = {"job": None}
+
+    def drop_target() -> None:
+        if own_target and target in g.nodes():
+            try:
+                g.remove(target)
+            except EmuError:
+                pass
+
+    st.on_clean(lambda: holder["job"] is None and drop_target())
+    sync = d["sync"]
+    bitmap_mode = d.get("bitmap-mode")
+    if sync in ("bitmap", "incremental") and "bitmap" not in d:
+        raise QmpError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if bitmap_mode is not None and bitmap_mode != "on-success":
+            raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode "
+                           "'incremental'")
+        sync, bitmap_mode = "bitmap", "on-success"
+    bitmap = None
+    if "bitmap" in d:
+        bitmap = bmlib.find_bitmap(bs, d["bitmap"])
+        if bitmap is None:
+            raise QmpError(f"Bitmap '{d['bitmap']}' could not be found")
+        if bitmap_mode is None:
+            raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+        try:
+            bitmap.check_usable(allow_ro=True)
+        except EmuError as e:
+            raise QmpError(desc_of(e)) from e
+        if sync == "none":
+            raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if bitmap_mode == "never" and sync != "bitmap":
+            raise QmpError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
+                           f"with sync mode '{sync}'")
+    elif bitmap_mode is not None:
+        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+    job_id = d.get("job-id")
+    if job_id is None:
+        job_id = _device_of(ctx, bs)
+        if job_id is None:
+            raise QmpError("An explicit job ID is required for this node")
+    reg = job_registry(ctx.machine)
+    txn = None
+    if st.grouped:
+        txn = st.txn.setdefault("jobs", JobTxn())
+    try:
+        job = BackupJob.new(
+            reg, job_id, bs, target, sync=sync, bitmap=bitmap, bitmap_mode=bitmap_mode,
+            compress=bool(d.get("compress", False)),
+            on_source_error=d.get("on-source-error", "report"),
+            on_target_error=d.get("on-target-error", "report"),
+            speed=d.get("speed", 0), auto_finalize=d.get("auto-finalize", True),
+            auto_dismiss=d.get("auto-dismiss", True), txn=txn,
+            target_is_new=own_target and d.get("mode", "absolute-paths") != "existing",
+            on_clean=drop_target)
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+    holder["job"] = job
+    st.on_commit(job.start)
+    st.on_abort(job.cancel_sync)
+
+
+def _drain_for(st: ActionState, nodes: list[Any]) -> None:
+    """QEMU's bdrv_drained_begin in prepare, paired with its clean."""
+    reg = job_registry(st.env.machine)
+    jobs = reg.drain_begin(nodes)
+    st.on_clean(lambda: reg.drain_end(jobs))
+
+
+@action("drive-backup", grouped=True)
+def drive_backup_prepare(st: ActionState) -> None:
+    """QEMU 7.2's drive_backup_prepare: create (or open) the target, then the job."""
+    ctx: CommandContext = st.env
+    d = st.data
+    device = d["device"]
+    bs = _lookup_bs(ctx, device, device)
+    _drain_for(st, [bs])
+    mode = d.get("mode", "absolute-paths")
+    fmt = d.get("format") or (None if mode == "existing" else bs.drv)
+    label = _device_of(ctx, bs) or bs.node_name
+    err = busy_error(job_registry(ctx.machine), bs, label)
+    if err:
+        raise QmpError(err)
+    sync = d["sync"]
+    source = None
+    if sync == "top":
+        source = bs.backing
+        if source is None:
+            st.data = d = dict(d, sync="full")
+    elif sync == "none":
+        source = bs
+    if mode != "existing":
+        create_target(d["target"], fmt, bs.size, source)
+    target = _open_target(ctx, d["target"], fmt, source)
+    _backup_common(st, bs, target, own_target=True)
+
+
+@action("blockdev-backup", grouped=True)
+def blockdev_backup_prepare(st: ActionState) -> None:
+    """QEMU 7.2's blockdev_backup_prepare: both nodes exist already."""
+    ctx: CommandContext = st.env
+    d = st.data
+    bs = _lookup_bs(ctx, d["device"], d["device"])
+    target = _lookup_bs(ctx, d["target"], d["target"])
+    _drain_for(st, [bs, target])
+    label = _device_of(ctx, bs) or bs.node_name
+    err = busy_error(job_registry(ctx.machine), bs, label)
+    if err:
+        raise QmpError(err)
+    _backup_common(st, bs, target, own_target=False)
+
+
+@command("drive-backup", args=DRIVE_BACKUP, features=("deprecated",), boxed=True)
+def drive_backup(ctx: CommandContext, args: dict) -> dict:
+    run_actions(ctx, [("drive-backup", dict(args))])
+    return {}
+
+
+@command("blockdev-backup", args=BLOCKDEV_BACKUP, boxed=True)
+def blockdev_backup(ctx: CommandContext, args: dict) -> dict:
+    run_actions(ctx, [("blockdev-backup", dict(args))])
+    return {}
+
+
+# ----------------------------------------------------------------- dirty bitmaps
+
+def bitmap_node(ctx: CommandContext, node: str) -> Any:
+    """QEMU's block_dirty_bitmap_lookup node step: device or node name."""
+    dev = ctx.machine.find_block_device(node)
+    if dev is not None and dev.node is not None:
+        return dev.node
+    g = ctx.machine.block_graph
+    bs = g.lookup(node) if g is not None else None
+    if bs is None:
+        raise QmpError(f"Node '{node}' not found")
+    return bs
+
+
+def lookup_bitmap(ctx: CommandContext, node: str, name: str) -> tuple[Any, bmlib.DirtyBitmap]:
+    """``(node, bitmap)`` or QEMU's ``Node '…' not found`` / ``Dirty bitmap '…' not found``."""
+    bs = bitmap_node(ctx, node)
+    bm = bmlib.find_bitmap(bs, name)
+    if bm is None:
+        raise QmpError(f"Dirty bitmap '{name}' not found")
+    return bs, bm
+
+
+def _check(bm: bmlib.DirtyBitmap) -> None:
+    try:
+        bm.check_usable()
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+
+
+def bitmap_add(ctx: CommandContext, node: str, name: str, granularity: int | None = None,
+               persistent: bool = False, disabled: bool = False) -> tuple[Any, Any]:
+    bs = _lookup_bs(ctx, node, node)
+    try:
+        return bs, bmlib.add_bitmap(bs, name, granularity, persistent, disabled, node)
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+
+
+def merge_sources(ctx: CommandContext, bs: Any, sources: list[Any]) -> list[bmlib.DirtyBitmap]:
+    out = []
+    for src in sources:
+        if isinstance(src, str):
+            bm = bmlib.find_bitmap(bs, src)
+            if bm is None:
+                raise QmpError(f"Dirty bitmap '{src}' not found")
+        else:
+            _, bm = lookup_bitmap(ctx, src["node"], src["name"])
+        out.append(bm)
+    return out
+
+
+@command("block-dirty-bitmap-add", args=BITMAP_ADD)
+def block_dirty_bitmap_add(ctx: CommandContext, node: str, name: str,
+                           granularity: int | None = None, persistent: bool = False,
+                           disabled: bool = False) -> dict:
+    bitmap_add(ctx, node, name, granularity, persistent, disabled)
+    return {}
+
+
+@command("block-dirty-bitmap-remove", args=BITMAP)
+def block_dirty_bitmap_remove(ctx: CommandContext, node: str, name: str) -> dict:
+    bs, bm = lookup_bitmap(ctx, node, name)
+    _check(bm)
+    bmlib.remove_bitmap(bs, bm)
+    return {}
+
+
+@command("block-dirty-bitmap-clear", args=BITMAP)
+def block_dirty_bitmap_clear(ctx: CommandContext, node: str, name: str) -> dict:
+    _, bm = lookup_bitmap(ctx, node, name)
+    _check(bm)
+    bm.clear()
+    return {}
+
+
+@command("block-dirty-bitmap-enable", args=BITMAP)
+def block_dirty_bitmap_enable(ctx: CommandContext, node: str, name: str) -> dict:
+    _, bm = lookup_bitmap(ctx, node, name)
+    _check(bm)
+    bm.recording = True
+    return {}
+
+
+@command("block-dirty-bitmap-disable", args=BITMAP)
+def block_dirty_bitmap_disable(ctx: CommandContext, node: str, name: str) -> dict:
+    _, bm = lookup_bitmap(ctx, node, name)
+    _check(bm)
+    bm.recording = False
+    return {}
+
+
+@command("block-dirty-bitmap-merge", args=BITMAP_MERGE)
+def block_dirty_bitmap_merge(ctx: CommandContext, node: str, target: str,
+                             bitmaps: list[Any]) -> dict:
+    bs, dst = lookup_bitmap(ctx, node, target)
+    _check(dst)
+    for src in merge_sources(ctx, bs, bitmaps):
+        dst.merge_from(src)
+    return {}
+
+
+# ----------------------------------------------------------------- query-block hook
+
+def _with_dirty_bitmaps(fn: Any) -> Any:
+    """query-block shows each inserted node's ``dirty-bitmaps`` (QEMU's BlockDeviceInfo
+    member); wraps the block module's command until it reads them itself."""
+
+    def query_block(ctx: CommandContext) -> list:
+        out = fn(ctx)
+        for entry, dev in zip(out, ctx.machine.block_devices):
+            ins = entry.get("inserted")
+            if ins is None or dev.node is None or "dirty-bitmaps" in ins:
+                continue
+            infos = bmlib.bitmap_info_list(dev.node)
+            if infos:
+                items = list(ins.items())
+                pos = next((i + 1 for i, (k, _) in enumerate(items) if k == "write_threshold"),
+                           len(items))
+                items.insert(pos, ("dirty-bitmaps", infos))
+                entry["inserted"] = dict(items)
+        return out
+
+    query_block.__doc__ = fn.__doc__
+    return query_block
+
+
+if "query-block" in COMMANDS and not getattr(COMMANDS["query-block"].fn, "_bitmaps", False):
+    COMMANDS["query-block"].fn = _with_dirty_bitmaps(COMMANDS["query-block"].fn)
+    COMMANDS["query-block"].fn._bitmaps = True     # type: ignore[attr-defined]
