@@ -224,3 +224,19 @@ def test_guest_toggles_write_cache(qcow):
         assert seen == [False, True, False, True]
     finally:
         m.close()
+
+
+def test_config_change_interrupt(qcow):
+    """What the machine calls after block_resize: ISR bit 1, the line, a new generation."""
+    m = Machine(qcow)
+    try:
+        d = Driver(m, True)
+        gen = d.common_r(0x15, 1)
+        m.fn.device.config_changed()
+        assert m.irq_pending() and d.read_isr() == 2 and not m.irq_pending()
+        assert d.common_r(0x15, 1) == (gen + 1) & 0xFF
+        d.set_status(0)
+        m.fn.device.config_changed()  # no driver: no interrupt
+        assert not m.irq_pending()
+    finally:
+        m.close()
