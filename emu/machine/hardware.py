@@ -9,8 +9,8 @@
 * the vCPU (:class:`emu.cpu.vcpu.VCPU`) on the board's buses, the BIOS ROM (``-bios``, by
   default emu's own, :func:`default_bios`) and every PCI memory BAR mapped as it appears;
 * the disk controllers: ``-drive if=ide`` / ``-device ide-hd`` on the PIIX3 IDE function
-  (00:01.1).  emu has no virtio-blk device model yet: a ``virtio-blk-pci`` drive stays a
-  named BlockBackend (QMP works on it) and a warning says the guest does not see it.
+  (00:01.1, always present as on QEMU), ``-drive if=virtio`` / ``-device virtio-blk-pci`` as
+  virtio-blk-pci functions from slot 2 up; each on its drive's BlockBackend.
 
 Wiring, and why:
 
@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from emu.errors import ConfigError
 from emu.machine.config import DeviceConfig
-from emu.machine.pc import Machine, ShutdownCause
+from emu.machine.pc import BlockDevice, Machine, ShutdownCause
 
 __all__ = ["Hardware", "build_hardware", "default_bios", "load_bios", "VcpuRunner", "SerialLink",
            "BIOS_NAME"]
@@ -126,6 +126,8 @@ class Hardware:
     cpu: Any
     runner: VcpuRunner
     ide: Any = None
+    #: virtio-blk-pci functions (``emu.hw.virtio.VirtioPciFunction``) by device name
+    virtio: dict[str, Any] = field(default_factory=dict)
     #: exit status the guest asked for through isa-debug-exit (None: not yet)
     exit_status: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -210,9 +212,11 @@ def _post(fn: Callable[[], None], name: str) -> None:
     threading.Thread(target=fn, name=name, daemon=True).start()
 
 
-def _ide_backends(machine: Machine) -> list[Any]:
-    """The BlockBackend at each PIIX3 IDE position, from the ``ide-hd`` devices."""
+def _ide_backends(machine: Machine) -> tuple[list[Any], list[bool]]:
+    """The BlockBackend and guest-visible write cache at each PIIX3 IDE position, from the
+    ``ide-hd`` devices."""
     backends: list[Any] = [None] * 4
+    write_cache = [True] * 4
     for dev in machine.config.devices:
         if dev.driver not in ("ide-hd", "ide-cd"):
             continue
@@ -224,7 +228,68 @@ def _ide_backends(machine: Machine) -> list[Any]:
         if bdev is None or bdev.backend is None:
             raise ConfigError(f"Device needs media, but drive is empty ({dev.spec})")
         backends[index] = bdev.backend
-    return backends
+        write_cache[index] = _write_cache(bdev)
+    return backends, write_cache
+
+
+def _write_cache(bdev: BlockDevice) -> bool:
+    """The guest-visible write cache QEMU gives a drive: off for ``cache=writethrough`` and
+    ``cache=directsync``, on otherwise."""
+    drive = bdev.extra.get("drive")
+    cache = getattr(drive, "cache", None)
+    return cache not in ("writethrough", "directsync")
+
+
+def _pci_slot(addr: str) -> int:
+    """``addr=`` of a ``-device`` (QEMU: ``slot[.function]`` in hex) -> slot."""
+    try:
+        slot = int(addr.split(".", 1)[0], 16)
+    except ValueError:
+        raise ConfigError(f"Property 'virtio-blk-pci.addr' doesn't take value '{addr}'") from None
+    if not 0 <= slot < 32:
+        raise ConfigError(f"Property 'virtio-blk-pci.addr' doesn't take value '{addr}'")
+    return slot
+
+
+def _attach_virtio_blk(machine: Machine, board: Any, cpu: Any) -> dict[str, Any]:
+    """Plug a virtio-blk-pci function for each such device, in command-line order, at its
+    ``addr=`` or the first free slot from 2 (QEMU's rule; emu has no VGA or NIC before them)."""
+    devices = [d for d in machine.config.devices if d.driver in VIRTIO_BLK_MODELS]
+    if not devices:
+        return {}
+    from emu.hw.virtio import GuestMemory, attach_virtio_blk, virtio_blk_pci_options
+
+    memory = GuestMemory.from_vcpu(cpu)
+    used = {0, 1}                       # i440FX, PIIX3 (ISA + IDE)
+    fixed = [_pci_slot(d.props["addr"]) for d in devices if "addr" in d.props]
+    used |= set(fixed)
+    out: dict[str, Any] = {}
+    for n, dev in enumerate(devices):
+        where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
+        try:
+            options = virtio_blk_pci_options(dev.props)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        drive = dev.props.get("drive")
+        bdev = machine.find_block_device(drive) if drive is not None else None
+        if bdev is None or bdev.backend is None:
+            raise ConfigError(f"{where}: Drive property not set" if drive is None else
+                              f"{where}: Device needs media, but drive is empty")
+        if "addr" in dev.props:
+            slot = _pci_slot(dev.props["addr"])
+        else:
+            slot = next(s for s in range(2, 32) if s not in used)
+            used.add(slot)
+        options.setdefault("write_cache", _write_cache(bdev))
+        bdev.writeback = options["write_cache"]
+        name = dev.id or (drive if dev.implicit else f"virtio-blk{n}")
+
+        def on_write_cache(enabled: bool, bdev: BlockDevice = bdev) -> None:
+            bdev.writeback = enabled        # query-block's write cache follows the guest
+
+        out[name] = attach_virtio_blk(board, memory, bdev.backend, slot, name=name,
+                                      on_write_cache=on_write_cache, **options)
+    return out
 
 
 def _ide_index(dev: DeviceConfig, taken: list[Any]) -> int:
@@ -257,12 +322,6 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
     from emu.hw.pc.debugexit import DebugExit
 
     cfg = machine.config
-    for dev in cfg.devices:
-        if dev.driver in VIRTIO_BLK_MODELS:
-            # the drive stays a named BlockBackend (QMP sees it); only the guest does not
-            where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
-            warn(f"{where}: emu has no virtio-blk device model yet: drive "
-                 f"'{dev.props.get('drive', '')}' is not visible to the guest (use if=ide)")
     if cfg.kernel is not None:
         # the BIOS would boot the disk instead: say so rather than run something else
         raise ConfigError("direct kernel boot (-kernel) is not implemented in emu yet")
@@ -315,21 +374,22 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
 
     board.mmiobus.add_listener(map_region, unmap_region)
 
-    ide = None
-    backends = _ide_backends(machine)
-    geometry: list[tuple[int, ...] | None] = [None] * 4
-    if any(b is not None for b in backends):
-        from emu.hw.ide import attach_piix_ide
+    # QEMU's pc machine always has the PIIX3 IDE function (00:01.1), disks or not
+    from emu.hw.ide import attach_piix_ide
 
-        ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, backends)
-        for i, drive in enumerate(ide.drives):
-            if drive.present:
-                g = drive.geometry
-                geometry[i] = (g.cylinders, g.heads, g.sectors, g.translation - 1)
+    backends, write_cache = _ide_backends(machine)
+    ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, backends, write_cache=write_cache,
+                          dma_view=cpu.dma_view)
+    geometry: list[tuple[int, ...] | None] = [None] * 4
+    for i, drive in enumerate(ide.drives):
+        if drive.present:
+            g = drive.geometry
+            geometry[i] = (g.cylinders, g.heads, g.sectors, g.translation - 1)
     board.rtc.set_pc_config(ram_size, geometry)
+    virtio = _attach_virtio_blk(machine, board, cpu)
 
     runner = VcpuRunner(cpu, clock)
-    hw = Hardware(clock, board, cpu, runner, ide)
+    hw = Hardware(clock, board, cpu, runner, ide, virtio=virtio)
     machine.add_reset_handler(board.reset)
     machine.attach_vcpu(runner)
     machine.hardware = hw          # type: ignore[attr-defined]

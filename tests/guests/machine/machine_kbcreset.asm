@@ -1,6 +1,7 @@
 ; A boot sector for the machine tests: counts its boots in CMOS byte 0x5F (CMOS RAM survives a
 ; reset), prints "boot N", resets the machine through the i8042 (0x64 <- 0xFE) until it has
-; booted three times, then exits through isa-debug-exit with the count (exit status 7).
+; booted three times, then waits for a byte on COM1 and exits through isa-debug-exit with the
+; count (exit status 7) — so a QMP client has all the time it needs to read the RESET events.
         bits 16
         org 0x7C00
 COM1    equ 0x3F8
@@ -37,7 +38,11 @@ start:  cli
         out 0x64, al
 .wait:  hlt
         jmp .wait
-done:   mov dx, 0x501
+done:   mov dx, COM1 + 5            ; LSR: wait for data ready
+        in al, dx
+        test al, 1
+        jz done
+        mov dx, 0x501
         mov al, bl
         out dx, al
         hlt

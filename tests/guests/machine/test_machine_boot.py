@@ -27,6 +27,7 @@ def test_machine_guest_resets_through_i8042(emu_machine, tmp_path: Path) -> None
     out = vm.expect("boot 3")
     assert "boot 1" in out and "boot 2" in out
     assert out.count("emu BIOS") == 3                             # POST ran again after each reset
+    vm.console.send("x")
     assert vm.wait() == 7
 
 
@@ -40,6 +41,7 @@ def test_machine_guest_reset_events_and_no_reboot(emu_machine, tmp_path: Path) -
         ev = vm.event("RESET")
         assert ev["data"] == {"guest": True, "reason": "guest-reset"}
     vm.expect("boot 3")
+    vm.console.send("x")
     assert vm.wait() == 7
     # -no-reboot: the first guest reset ends the run (status 0) with SHUTDOWN guest-reset
     vm2 = emu_machine(*MACHINE, *ide(img), "-no-reboot", qmp=True, paused=True)

@@ -1,6 +1,6 @@
 """The machine in-process (``emu_inprocess`` fixture): what the CLI builds, observed from inside —
 every disk has a BlockBackend, ``quiesce()`` parks the vCPU with nothing in flight and the resume
-path lets the guest go on; virtio-blk drives stay QMP-visible block devices."""
+path lets the guest go on; virtio-blk functions take PCI slots as on QEMU."""
 
 from __future__ import annotations
 
@@ -62,16 +62,25 @@ def test_machine_system_reset_in_process(emu_inprocess, tmp_path: Path) -> None:
     assert vm.text().count("emu BIOS") == 2                       # POST ran again
 
 
-def test_machine_virtio_drive_is_a_block_device_with_a_warning(emu_machine, tmp_path: Path) -> None:
-    # emu has no virtio-blk model yet: the drive is opened (QMP lists it), the guest does not see it
-    disk = tmp_path / "v.img"
-    disk.write_bytes(bytes(1 << 20))
+def test_machine_virtio_blk_functions_from_slot_2(emu_machine, tmp_path: Path) -> None:
+    # if=virtio and -device virtio-blk-pci get virtio-blk-pci functions (the explicit -device
+    # first, as QEMU orders them), each on its drive's BlockBackend; the BIOS lists them
+    disks = []
+    for name in ("v0.img", "v1.img"):
+        disks.append(tmp_path / name)
+        disks[-1].write_bytes(bytes(1 << 20))
     vm = emu_machine(*MACHINE, *ide(boot_image("machine_ticker", tmp_path)),
-                     "-drive", f"file={disk},format=raw,if=virtio", qmp=True, paused=True)
-    assert [b["device"] for b in vm.command("query-block")] == ["ide0-hd0", "virtio0"]
+                     "-drive", f"file={disks[0]},format=raw,if=virtio",
+                     "-drive", f"file={disks[1]},format=raw,if=none,id=d1",
+                     "-device", "virtio-blk-pci,drive=d1,id=vblk1", qmp=True)
+    out = vm.expect("ticker up")
+    assert "PCI: 00:02.0 1AF4:1001" in out and "PCI: 00:03.0 1AF4:1001" in out
+    blocks = {b["device"]: b["qdev"] for b in vm.command("query-block")}
+    assert blocks == {"ide0-hd0": "/machine/unattached/device[18]",
+                      "virtio0": "/machine/peripheral-anon/device[1]/virtio-backend",
+                      "d1": "/machine/peripheral/vblk1/virtio-backend"}
     vm.command("quit")
     assert vm.wait() == 0
-    assert "emu has no virtio-blk device model yet: drive 'virtio0'" in vm.console.before
 
 
 def test_machine_bad_bios_is_a_clear_error(tmp_path: Path) -> None:
