@@ -13,7 +13,8 @@ byte is written last, after the data, and the used ring after that.
 
 Request types as QEMU's ``virtio_blk_handle_request`` dispatches them (``type`` without
 the OUT and BARRIER bits): IN/OUT (sector-aligned, inside the disk, else IOERR), FLUSH,
-GET_ID (the serial, NUL-terminated only when shorter than 20 bytes), DISCARD and
+GET_ID (the serial, NUL-terminated only when shorter than 20 bytes), SCSI_CMD (IOERR or
+UNSUPP as QEMU with ``scsi=off``), DISCARD and
 WRITE_ZEROES (one 16-byte segment; more is UNSUPP; unknown flags UNSUPP; UNMAP on
 DISCARD is UNSUPP; past the end IOERR), anything else UNSUPP.  WRITE_ZEROES with UNMAP
 goes to the backend's ``write_zeroes``, which may deallocate (the range reads as zeroes
@@ -328,6 +329,15 @@ class VirtioBlk(VirtioDevice):
                 self.blk.aio_write_zeroes(offset, length, lambda r: done(self._status_of(r, "write-zeroes")))
             else:
                 self.blk.aio_discard(offset, length, lambda r: done(self._status_of(r, "discard")))
+        elif kind == VIRTIO_BLK_T_SCSI_CMD:
+            # QEMU 7.2 (scsi=off): malformed SCSI requests are IOERR, well-formed ones UNSUPP
+            # with 255 in the errors field of the virtio_scsi_inhdr before the status byte
+            if len(elem.out_sg) < 2 or len(elem.in_sg) < 3:
+                done(VIRTIO_BLK_S_IOERR)
+                return
+            addr, n = elem.in_sg[-2]
+            self.memory.write(addr, (255).to_bytes(4, "little")[: min(n, 4)])
+            done(VIRTIO_BLK_S_UNSUPP)
         else:
             done(VIRTIO_BLK_S_UNSUPP)
 

@@ -161,3 +161,130 @@ def test_property_errors_match_qemu(tmp_path):
         assert r.returncode == 1
         assert r.stderr == f"qemu-system-x86_64: -device virtio-blk-pci,drive=d0,{spec}: {err.value}\n"
     assert virtio_blk_pci_options({"drive": "d0", "disable-legacy": "auto", "serial": "x"})["serial"] == "x"
+
+
+# ---- the same requests on QEMU and emu ----------------------------------------------------------
+
+def _seg(sector: int, n: int, flags: int) -> bytes:
+    return sector.to_bytes(8, "little") + n.to_bytes(4, "little") + flags.to_bytes(4, "little")
+
+
+DISK = 16 << 20
+#: (type, sector, out data, in_len)
+REQUESTS = [
+    (1, 8, b"\x5A" * 4096, 0), (0, 8, b"", 4096), (0, 7, b"", 512), (4, 0, b"", 0),
+    (8, 0, b"", 20), (8, 0, b"", 4), (8, 0, b"", 40), (0, DISK // 512, b"", 512),
+    (1, DISK // 512 - 1, b"x" * 1024, 0), (1, 0, b"x" * 100, 0), (0x20, 0, b"", 512),
+    (11, 0, _seg(200, 8, 0), 0), (11, 0, _seg(200, 8, 1), 0), (13, 0, _seg(0, 1, 2), 0),
+    (13, 0, _seg(0, 1, 0) * 2, 0), (13, 0, _seg(DISK // 512, 1, 0), 0), (13, 0, _seg(9, 4, 1), 0),
+    (0, 8, b"", 4096), (2, 0, b"", 64), (5, 0, b"", 0), (9, 0, b"", 20), (0, 0, b"", 0),
+    (0x80000000, 8, b"", 512), (13, 0, _seg(12, 0x400000, 0), 0),
+]
+
+
+class _QtestLegacyDriver:
+    """The legacy-interface request path of virtio_driver.Driver, over QEMU's qtest protocol."""
+
+    def __init__(self, image: str) -> None:
+        args = ["qemu-system-x86_64", "-machine", "pc", "-m", "16", "-qtest", "stdio", "-display", "none",
+                "-nodefaults", "-S", "-drive", f"file={image},format=qcow2,if=none,id=d0",
+                "-device", "virtio-blk-pci,drive=d0,vectors=0,serial=SN-virtio-0123456789abcdef"]
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+
+    def q(self, cmd: str) -> int | None:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        while True:
+            line = self.p.stdout.readline()
+            assert line, "qemu-system-x86_64 went away"
+            if line.startswith(("OK", "FAIL", "ERR")):
+                parts = line.split()
+                return int(parts[1], 16) if len(parts) > 1 else None
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.q(f"write {addr:#x} {len(data)} 0x{data.hex()}")
+
+    def read(self, addr: int, n: int) -> bytes:
+        value = self.q(f"read {addr:#x} {n}")
+        return (value or 0).to_bytes(n, "big")  # qtest prints the bytes in memory order
+
+    def setup(self) -> None:
+        from virtio_driver import RING
+        q = self.q
+        for off, v in ((0x10, IO_BASE), (0x04, 5)):
+            q(f"outl 0xcf8 {SLOT_ADDR | off:#x}")
+            q(f"outl 0xcfc {v:#x}")
+        b = IO_BASE
+        for v in (0, 1, 3):
+            q(f"outb {b + 18:#x} {v}")
+        feats = q(f"inl {b:#x}") & ~(1 << 30)
+        q(f"outl {b + 4:#x} {feats:#x}")
+        q(f"outw {b + 14:#x} 0")
+        self.size = q(f"inw {b + 12:#x}")
+        self.desc, self.avail = RING, RING + 16 * self.size
+        self.used = (self.avail + 6 + 2 * self.size + 4095) & ~4095
+        self.write(RING, bytes(0x3000))
+        q(f"outl {b + 8:#x} {RING >> 12:#x}")
+        q(f"outb {b + 18:#x} 7")
+        self.avail_idx = 0
+
+    def request(self, rtype: int, sector: int, out: bytes, in_len: int) -> tuple[int, bytes, int]:
+        from virtio_driver import DATA, HDR, STATUS
+        import struct as st
+        self.write(HDR, st.pack("<IIQ", rtype, 0, sector))
+        self.write(STATUS, b"\xff")
+        bufs = [(HDR, 16, 0)]
+        if out:
+            self.write(DATA, out)
+            bufs.append((DATA, len(out), 0))
+        if in_len:
+            self.write(DATA, b"\xAA" * in_len)
+            bufs.append((DATA, in_len, 2))
+        bufs.append((STATUS, 1, 2))
+        for i, (a, n, f) in enumerate(bufs):
+            last = i == len(bufs) - 1
+            self.write(self.desc + 16 * i, st.pack("<QIHH", a, n, f | (0 if last else 1), i + 1))
+        self.write(self.avail + 4 + 2 * (self.avail_idx % self.size), b"\0\0")
+        self.avail_idx += 1
+        self.write(self.avail + 2, st.pack("<H", self.avail_idx))
+        self.q(f"outw {IO_BASE + 16:#x} 0")
+        for _ in range(5000):
+            if st.unpack("<H", self.read(self.used + 2, 2))[0] == self.avail_idx:
+                break
+        else:
+            raise TimeoutError("QEMU did not complete the request")
+        slot = self.used + 4 + 8 * ((self.avail_idx - 1) % self.size)
+        _, used_len = st.unpack("<II", self.read(slot, 8))
+        return self.read(STATUS, 1)[0], self.read(DATA, in_len) if in_len else b"", used_len
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait(timeout=10)
+
+
+@requires_qemu_system
+def test_requests_match_qemu(tmp_path):
+    """Status byte, used length and data of every request type and guest error, legacy interface."""
+    from virtio_driver import Driver
+
+    theirs_img, ours_img = str(tmp_path / "q.qcow2"), str(tmp_path / "e.qcow2")
+    create_qcow2(theirs_img, DISK)
+    create_qcow2(ours_img, DISK)
+    qd = _QtestLegacyDriver(theirs_img)
+    try:
+        qd.setup()
+        theirs = [qd.request(*r) for r in REQUESTS]
+    finally:
+        qd.close()
+    m = Machine(ours_img, serial="SN-virtio-0123456789abcdef")
+    try:
+        d = Driver(m, False)
+        ours = [d.request(t, sector=s, out=o, in_len=n) for t, s, o, n in REQUESTS]
+    finally:
+        m.close()
+    diffs = [f"request {i} {REQUESTS[i][0]:#x}: qemu (status {q[0]}, len {q[2]}, data {q[1][:24].hex()}) "
+             f"emu (status {e[0]}, len {e[2]}, data {e[1][:24].hex()})"
+             for i, (q, e) in enumerate(zip(theirs, ours)) if q != e]
+    assert not diffs, "\n".join(diffs)

@@ -240,3 +240,16 @@ def test_config_change_interrupt(qcow):
         assert not m.irq_pending()
     finally:
         m.close()
+
+
+def test_scsi_cmd_is_unsupported(qcow):
+    """VIRTIO_BLK_T_SCSI_CMD as QEMU 7.2 with scsi=off: short chains IOERR; a full one UNSUPP
+    with errors=255 in its virtio_scsi_inhdr."""
+    m = Machine(qcow, disable_modern=True)
+    try:
+        d = Driver(m, False)
+        assert d.request(2, in_len=64)[0] == S_IOERR
+        st, data, _ = d.request(2, out=b"\x12" * 16, in_len=96 + 16, split=96)  # cdb; sense, scsi inhdr
+        assert st == S_UNSUPP and data[96:100] == (255).to_bytes(4, "little")
+    finally:
+        m.close()
