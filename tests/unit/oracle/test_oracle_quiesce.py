@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from conftest import requires_qemu_img
 
@@ -31,45 +30,17 @@ RUN = 0x0DC0FFEE
 START, COUNT = 2048, 64
 ROUNDS = 8
 
-if hasattr(BlockBackend, "stats"):
-    Backend = BlockBackend
-else:
-    class Backend(BlockBackend):  # type: ignore[no-redef]
-        """BlockBackend plus QEMU's write accounting (wr_operations = completed writes),
-        counted at completion before the device's callback, as block accounting does."""
-
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, **kw)
-            self.stats = {"wr_operations": 0, "failed_wr_operations": 0, "flush_operations": 0,
-                          "wr_bytes": 0}
-
-        def aio_write(self, offset, data, callback=None):
-            def done(result):
-                key = "failed_wr_operations" if isinstance(result, BaseException) else "wr_operations"
-                self.stats[key] += 1
-                if key == "wr_operations":
-                    self.stats["wr_bytes"] += len(data)
-                if callback is not None:
-                    callback(result)
-            super().aio_write(offset, data, done)
-
-        def aio_flush(self, callback=None):
-            def done(result):
-                self.stats["flush_operations"] += 1
-                if callback is not None:
-                    callback(result)
-            super().aio_flush(done)
-
-
 class Guest:
     """The diskwriter's writer loop on both disks; the serial log kept as it would print it."""
 
     def __init__(self, backends: dict[str, BlockBackend]) -> None:
         self.backends = backends
         self.lines = [f"S hello diskwriter version=1 run={RUN:08x} region={START} count={COUNT} "
-                      "rate=0 flush_every=16 ide_mode=0 flags=0"]
+                      "rate=0 flush_every=0 ide_mode=0 flags=0"]
         self.lock = threading.Lock()
         self.seq = 0
+        self.inflight: dict[str, int] = {}   #: disk -> seq of its write in flight
+        self.flush_every = 0
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._loop, args=(d,), daemon=True) for d in backends]
@@ -94,6 +65,7 @@ class Guest:
                     self.seq += 1
                     seq, lba, gen = self.seq, START + cursor % COUNT, 1 + cursor // COUNT
                     self.lines.append(f"W {disk} {seq} {lba} {gen} {'vq' if disk == 'vd' else 'dma'}")
+                    self.inflight[disk] = seq
                 rec = encode_record(Record(RUN, DISK_IDS[disk], seq, lba, gen,
                                            XFER_IDS["vq" if disk == "vd" else "dma"], START, COUNT,
                                            int(time.monotonic() * 1000) & 0xFFFFFFFF))
@@ -102,7 +74,8 @@ class Guest:
                     raise result
                 self.say(f"C {disk} {seq}")
                 cursor, since_flush, newest = cursor + 1, since_flush + 1, seq
-                if since_flush == 16:
+                # no flushes: the breakpoint below must catch a guest write, not a cache flush
+                if since_flush == self.flush_every:
                     self.say(f"F {disk} {newest}")
                     self._request(lambda cb: blk.aio_flush(cb))
                     self.say(f"FC {disk} {newest}")
@@ -134,7 +107,7 @@ def test_oracle_quiesce_proof_snapshots_hold_exactly_the_completed_writes(tmp_pa
     for disk, devname in (("ide", "ide0-hd0"), ("vd", "virtio0")):
         node = graph.open_image(f"blkdebug::{paths[disk]}", "qcow2")
         debug[disk] = node.file.impl
-        blk = backends[disk] = Backend(node, devname)
+        blk = backends[disk] = BlockBackend(node, devname)
         machine.add_block_device(BlockDevice(devname, backend=blk, node=node))
     guest = Guest(backends)
     for t in guest.threads:
@@ -147,7 +120,8 @@ def test_oracle_quiesce_proof_snapshots_hold_exactly_the_completed_writes(tmp_pa
                 # hold vd's next write in flight, then start the snapshot
                 debug["vd"].break_on("write_aio", "held")
                 assert debug["vd"].wait_break("held", 10)
-                held_seq = guest.seq
+                held_seq = guest.inflight["vd"]
+                assert f"W vd {held_seq} " in guest.text() and f"C vd {held_seq}\r" not in guest.text()
                 taker = threading.Thread(target=snapshot_both, args=(machine, f"s{r}"))
                 taker.start()
                 time.sleep(0.2)
