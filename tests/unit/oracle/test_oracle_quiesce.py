@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 
-
 from conftest import requires_qemu_img
 
 from emu.block.api import BlockBackend
