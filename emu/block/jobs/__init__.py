@@ -421,6 +421,11 @@ class Job:
             j._finalize_single()
 
     def _finalize_single(self) -> None:
+        # job_update_rc(): a job cancelled after its work ended still ends as cancelled
+        if self.ret is None and self.cancelled:
+            self.ret = "Operation canceled"
+        if self.ret is not None and self.status is not JobStatus.ABORTING:
+            self._transition(JobStatus.ABORTING)
         if self.txn is not None and self in self.txn.jobs:
             self.txn.jobs.remove(self)
         try:
