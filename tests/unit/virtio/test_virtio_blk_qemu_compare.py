@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import requires_qemu_system
+from conftest import requires_qemu_img, requires_qemu_system
 from emu.block.qcow2.create import create_qcow2
 from virtio_driver import Machine
 
@@ -265,6 +265,7 @@ class _QtestLegacyDriver:
 
 
 @requires_qemu_system
+@requires_qemu_img
 def test_requests_match_qemu(tmp_path):
     """Status byte, used length and data of every request type and guest error, legacy interface."""
     from virtio_driver import Driver
@@ -288,3 +289,7 @@ def test_requests_match_qemu(tmp_path):
              f"emu (status {e[0]}, len {e[2]}, data {e[1][:24].hex()})"
              for i, (q, e) in enumerate(zip(theirs, ours)) if q != e]
     assert not diffs, "\n".join(diffs)
+    # and the two images hold the same data
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", theirs_img, ours_img],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
