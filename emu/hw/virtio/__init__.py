@@ -28,7 +28,8 @@ Where emu differs from QEMU 7.2 on purpose:
   turns it on, as QEMU does;
 * a device reset does not wait for requests in flight (QEMU drains them): their
   completions are dropped, so none touches RAM the driver has reused;
-* one queue only (``num-queues`` > 1 is refused).
+* one queue only (``num-queues`` > 1 is refused);
+* writes of ring metadata and status bytes do not invalidate translated code (data do).
 """
 
 from emu.hw.virtio.blk import VirtioBlk

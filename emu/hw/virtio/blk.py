@@ -21,7 +21,8 @@ goes to the backend's ``write_zeroes``, which may deallocate (the range reads as
 either way).
 
 Host I/O runs on the BlockBackend's workers (``aio_*``); the completion, on the worker
-thread, copies read data into guest RAM (code invalidated there), writes the status,
+thread, copies read data into guest RAM and invalidates translated code there (outside
+the device lock, before the driver can see the completion), writes the status,
 pushes the used ring and raises the interrupt unless event-idx / NO_INTERRUPT suppress
 it.  Completions from before a device reset are dropped.  Without FLUSH negotiated the
 device is write-through (each write is flushed before it completes), as QEMU.
@@ -234,16 +235,20 @@ class VirtioBlk(VirtioDevice):
                 break
         return bytes(out)
 
-    def _scatter(self, sg: list[tuple[int, int]], data: bytes | memoryview) -> int:
+    def _scatter(self, sg: list[tuple[int, int]], data: bytes | memoryview,
+                 invalidate: bool = True) -> list[tuple[int, int]]:
+        """Copy ``data`` into the buffers; returns the ranges written."""
         view = memoryview(data)
         off = 0
+        written = []
         for addr, n in sg:
             if off >= len(view):
                 break
             take = min(n, len(view) - off)
-            self.memory.write(addr, view[off : off + take])
+            self.memory.write(addr, view[off : off + take], invalidate)
+            written.append((addr, take))
             off += take
-        return off
+        return written
 
     def _request(self, vq: VirtQueue, elem: Element) -> None:
         if elem.out_len < _OUTHDR.size or elem.in_len < 1:
@@ -293,10 +298,16 @@ class VirtioBlk(VirtioDevice):
                         if gen != self.generation:
                             return
                         try:
-                            self._scatter(in_data, result)
+                            ranges = self._scatter(in_data, result, invalidate=False)
                         except VirtQueueError:
                             done(VIRTIO_BLK_S_IOERR)
                             return
+                    # Drop translated code before the driver can see the completion, but
+                    # without the device lock: from this worker thread the invalidation
+                    # waits for the vCPU, which may itself be waiting for the lock in a
+                    # register access.
+                    for addr, n in ranges:
+                        self.memory.invalidate_range(addr, n)
                     done(VIRTIO_BLK_S_OK)
                 self.blk.aio_read(offset, length, read_done)
         elif kind == VIRTIO_BLK_T_FLUSH:
@@ -383,7 +394,7 @@ class VirtioBlk(VirtioDevice):
             if gen != self.generation:
                 return  # the device was reset meanwhile: the driver forgot this request
             try:
-                self.memory.write(status_addr, bytes([status]))
+                self.memory.write(status_addr, bytes([status]), invalidate=False)
                 vq.push(elem, in_len)
             except VirtQueueError as err:
                 self.virtio_error(str(err))

@@ -16,6 +16,11 @@ moved by more than the queue size, a nested indirect table.  Each raises
 
 Callers hold the device lock: the vCPU thread pops on a notify while block
 completions push from worker threads.
+
+Device writes of ring metadata (used elements, used index, avail_event) and the request
+status byte skip translated-code invalidation: that memory belongs to the driver's live
+queue and is never executed, while each invalidation from a worker thread costs a round
+trip to the vCPU.  Data the device writes (read requests, GET_ID) is invalidated.
 """
 
 from __future__ import annotations
@@ -93,9 +98,12 @@ class GuestMemory:
             raise VirtQueueError(f"guest address 0x{gpa:x}+0x{length:x} is outside RAM")
         return bytes(v)
 
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``gpa`` and invalidate translated code there.
+    def write(self, gpa: int, data: bytes | bytearray | memoryview, invalidate: bool = True) -> None:
+        """Store ``data`` at ``gpa`` and (by default) invalidate translated code there.
 
+        :param invalidate: False for driver-owned metadata (used ring, status byte): it is
+            never executed, and from a worker thread each invalidation is a round trip to
+            the vCPU; callers that pass False for data call :meth:`invalidate_range` later.
         :raises VirtQueueError: if the range is not all RAM.
         """
         n = len(data)
@@ -103,14 +111,20 @@ class GuestMemory:
         if v is None:
             raise VirtQueueError(f"guest address 0x{gpa:x}+0x{n:x} is outside RAM")
         v[:] = data
-        if self.invalidate is not None and n:
+        if invalidate and self.invalidate is not None and n:
             self.invalidate(gpa, n)
+
+    def invalidate_range(self, gpa: int, length: int) -> None:
+        """Drop translated code in ``[gpa, gpa + length)`` (after a write with ``invalidate=False``)."""
+        if self.invalidate is not None and length:
+            self.invalidate(gpa, length)
 
     def read_u16(self, gpa: int) -> int:
         return _U16.unpack(self.read(gpa, 2))[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self.write(gpa, _U16.pack(value & 0xFFFF))
+        """Ring metadata: written without code invalidation (see :meth:`write`)."""
+        self.write(gpa, _U16.pack(value & 0xFFFF), invalidate=False)
 
 
 @dataclass
@@ -280,7 +294,7 @@ class VirtQueue:
         :raises VirtQueueError: if the used ring is no longer in RAM.
         """
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(elem.index, min(written, 0xFFFFFFFF)))
+        self.memory.write(slot, _USED_ELEM.pack(elem.index, min(written, 0xFFFFFFFF)), invalidate=False)
         # the element is visible before the index that publishes it (§2.7.8.2)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.memory.write_u16(self.used + 2, self.used_idx)
