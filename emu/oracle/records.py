@@ -435,6 +435,8 @@ def _status_line(log: SerialLog, word: str, rest: list[str], n: int, line: str, 
         if strict:
             raise LogError(n, line, f"unknown status line 'S {word}'")
         return
+    if word == "hello":
+        raise LogError(n, line, "a second hello: the guest restarted (parse each boot's log on its own)")
     if word == "disk":
         if not rest or rest[0] not in DISK_IDS:
             raise LogError(n, line, "S disk names no disk")

@@ -156,6 +156,7 @@ def test_diskwriter_parse_log() -> None:
     ("S stats ide issued=x", "not a number"),
     ("S disk ide pci", "not key=value"),
     ("hello from nowhere", "not a diskwriter protocol line"),
+    ("S hello diskwriter version=1 run=00000002 region=2048 count=4", "restarted"),
 ])
 def test_diskwriter_parse_log_rejects(bad: str, why: str) -> None:
     head = "S hello diskwriter version=1 run=00000001 region=2048 count=4\nW ide 1 2048 1 pio\nC ide 1\n"
