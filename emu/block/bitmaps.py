@@ -212,9 +212,9 @@ def add_bitmap(node: Any, name: str, granularity: int | None = None, persistent:
     else:
         granularity = default_granularity(node)
     if persistent:
-        raise BitmapError(f"Can't make bitmap '{name}' persistent in "
-                          f"'{node_label or node.node_name}': emu keeps dirty bitmaps in "
-                          "memory only")
+        # QEMU's text where the format cannot store bitmaps; emu stores none yet
+        raise BitmapError(f"Can't store persistent bitmaps to {node_label or node.node_name}: "
+                          "Operation not supported")
     if len(name) > 1023:
         raise BitmapError("Bitmap name is too long")
     with _REG_LOCK:

@@ -104,7 +104,8 @@ class BackupJob(Job):
         if source is target:
             raise JobError("Source and target cannot be the same")
         if kw.get("compress") and not getattr(target.impl, "cluster_size", 0):
-            raise JobError(f"Compression is not supported for this drive {target.node_name}")
+            # QEMU names the target's BlockBackend, which a backup target never has
+            raise JobError("Compression is not supported for this drive ")
         if target.size != source.size:
             raise JobError("Source and target image have different sizes")
         registry.check_new_id(job_id)

@@ -166,9 +166,8 @@ def _backup_common(st: ActionState, bs: Any, target: Any, own_target: bool) -> N
         raise QmpError("Cannot specify bitmap sync mode without a bitmap")
     job_id = d.get("job-id")
     if job_id is None:
-        job_id = _device_of(ctx, bs)
-        if job_id is None:
-            raise QmpError("An explicit job ID is required for this node")
+        # QEMU takes the BlockBackend name; a node without one gives ''
+        job_id = _device_of(ctx, bs) or ""
     reg = job_registry(ctx.machine)
     txn = None
     if st.grouped:
