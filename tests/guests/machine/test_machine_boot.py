@@ -50,3 +50,11 @@ def test_machine_guest_reset_events_and_no_reboot(emu_machine, tmp_path: Path) -
     ev = vm2.event("SHUTDOWN")
     assert ev["data"] == {"guest": True, "reason": "guest-reset"}
     assert vm2.wait() == 0
+
+
+def test_machine_serial_to_file(emu_machine, tmp_path: Path) -> None:
+    log = tmp_path / "com1.log"
+    vm = emu_machine(*MACHINE, *ide(cpu_guest("serial", tmp_path)), "-serial", f"file:{log}")
+    assert vm.wait() == 1
+    text = log.read_bytes().decode("latin-1")
+    assert "emu BIOS" in text and text.rstrip().endswith("PASS")
