@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Optional
 
 from emu.cpu.uclib import unicorn
 from emu.errors import CpuError
@@ -320,3 +321,126 @@ def _verify_layout() -> None:
     uc.emu_start(0x1002, 0)
     expect("HLT intercept event", len(seen) > 1 and seen[1][0], EXCP_VMEXIT + SVM_EXIT_HLT)
     expect("HLT intercept RIP", seen[1][3], 0x1002)
+
+
+# --- stops only between instructions ------------------------------------------------------
+#
+# Unicorn 2.1.4 emits, after every guest load and store, a call to helper_check_exit_request
+# (tcg-op.c: check_exit_request()).  When a stop is pending (uc_emu_stop -> cpu_exit) it leaves
+# through cpu_loop_exit_restore(), which rewinds RIP to the *start* of the current instruction:
+# whatever that instruction already did is done again when the CPU resumes.  REP INSW calls the
+# IN hook, stores the word, hits the check, and restarts with RDI/RCX not yet advanced: the
+# device sees an extra read, the guest loses a word.  The same happens to an MMIO read or write
+# followed by the instruction's own store (MOVS, ADD [mmio]) and to a load-op-store on RAM.
+# A kick from another thread lands there whenever it arrives during the callback; a kick from
+# inside the callback (a device raising its IRQ line) always does.
+#
+# QEMU itself checks for exits only at the start of a translation block (and a REP string
+# instruction is its own block, re-entered per iteration), so an exit there is always at an
+# instruction boundary.  Unicorn keeps a flag to omit the per-access checks (uc_struct's
+# ``bool no_exit_request``, used for ARM IT blocks and never touched on x86); it is read when a
+# block is translated.  We set it on the vCPU's engine before it translates anything: a stop
+# then takes effect at the next block boundary, which is also what the run loop assumed.
+# The flag has no API, so its offset is found next to a known neighbour and proven by running
+# the failing case (see find_no_exit_request).
+
+#: ``bool no_exit_request`` follows ``int cpu_context_size`` (= CTX_STATE_SIZE), 4 bytes of
+#: padding, ``uint64_t next_pc``, ``bool hook_insert``, ``bool first_tb``; then ``bool init_done``.
+#: Observed at 2034 in the PyPI wheel and at 2050 in emu's patched build.
+UC_NO_EXIT_AFTER_CONTEXT_SIZE = 18
+_UC_SCAN = 4096          # sizeof(struct uc_struct) is ~15 KiB; the field is near 2 KiB
+
+_no_exit_offset: Optional[int] = None
+
+
+def _uc_bytes(uc: "unicorn.Uc", n: int) -> bytes:
+    return ctypes.string_at(uc._uch.value, n)
+
+
+def _set_no_exit_request(uc: "unicorn.Uc", offset: int) -> None:
+    ctypes.c_bool.from_address(uc._uch.value + offset).value = True
+
+
+def _candidates(raw: bytes) -> list[int]:
+    """Offsets where ``no_exit_request`` may be: after the context size, with init_done set."""
+    out = []
+    for off in range(0, len(raw) - 24, 8):
+        if _I32.unpack_from(raw, off)[0] != CTX_STATE_SIZE:
+            continue
+        flag = off + UC_NO_EXIT_AFTER_CONTEXT_SIZE
+        if raw[flag] == 0 and raw[flag + 1] == 1 and raw[flag - 2] in (0, 1):
+            out.append(flag)
+    return out
+
+
+def rep_insw_stop_probe(uc: "unicorn.Uc") -> tuple[int, int, int]:
+    """Run ``REP INSW`` (RCX=3) on a scratch engine whose IN hook calls ``emu_stop`` at once.
+
+    :returns: (IN hook calls, RCX, RDI - buffer) after ``emu_start`` returns: ``(1, 2, 2)``
+        when the stop waits for the instruction boundary, ``(1, 3, 0)`` when the IN would be
+        replayed (stock behaviour).
+    """
+    calls = [0]
+
+    def on_in(u: "unicorn.Uc", port: int, size: int, _ud: object) -> int:
+        calls[0] += 1
+        u.emu_stop()
+        return 0x1234
+
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, b"\xf3\x66\x6d\xf4")          # rep insw; hlt
+    uc.hook_add(uc_const.UC_HOOK_INSN, on_in, None, 1, 0, x86.UC_X86_INS_IN)
+    uc.reg_write(x86.UC_X86_REG_RDI, 0x2000)
+    uc.reg_write(x86.UC_X86_REG_RCX, 3)
+    uc.reg_write(x86.UC_X86_REG_RDX, 0x1F0)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    uc.emu_start(0x1000, 0)
+    return (calls[0], uc.reg_read(x86.UC_X86_REG_RCX),
+            uc.reg_read(x86.UC_X86_REG_RDI) - 0x2000)
+
+
+def find_no_exit_request() -> int:
+    """The offset of ``no_exit_request`` in the loaded library's ``struct uc_struct``.
+
+    Found on a scratch engine and proven there: with the flag set, a stop requested inside the
+    IN hook of ``REP INSW`` must end the run after that iteration, with RCX and RDI advanced.
+
+    :raises CpuError: when the field cannot be found or setting it does not have that effect.
+    """
+    global _no_exit_offset
+    if _no_exit_offset is not None:
+        return _no_exit_offset
+    try:
+        uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        uc.reg_read(x86.UC_X86_REG_RAX)       # the engine is built lazily, at its first use
+        found = _candidates(_uc_bytes(uc, _UC_SCAN))
+        if len(found) != 1:
+            raise CpuError(f"found {len(found)} places for uc_struct.no_exit_request")
+        _set_no_exit_request(uc, found[0])
+        got = rep_insw_stop_probe(uc)
+    except CpuError as err:
+        raise CpuError(f"unicorn build not supported: {err}") from err
+    except Exception as err:  # a different build may fail anywhere in here
+        raise CpuError(f"unicorn build not supported: no_exit_request probe failed: {err}") from err
+    if got != (1, 2, 2):
+        raise CpuError(f"unicorn build not supported: a stop inside REP INSW still rewinds the "
+                       f"instruction with no_exit_request set (IN calls, RCX, RDI delta = {got})")
+    _no_exit_offset = found[0]
+    return _no_exit_offset
+
+
+def stop_only_between_instructions(uc: "unicorn.Uc") -> None:
+    """Make ``emu_stop`` on ``uc`` take effect only at a translation-block boundary, never in
+    the middle of an instruction (see the comment above :data:`UC_NO_EXIT_AFTER_CONTEXT_SIZE`).
+
+    Call it before ``uc`` translates any code: blocks translated earlier keep the checks.
+
+    :raises CpuError: on a libunicorn where this cannot be done (see :func:`find_no_exit_request`).
+    """
+    offset = find_no_exit_request()
+    uc.reg_read(x86.UC_X86_REG_RAX)
+    raw = _uc_bytes(uc, offset + 2)
+    if _I32.unpack_from(raw, offset - UC_NO_EXIT_AFTER_CONTEXT_SIZE)[0] != CTX_STATE_SIZE:
+        raise CpuError("uc_struct layout differs between two engines of the same library")
+    _set_no_exit_request(uc, offset)

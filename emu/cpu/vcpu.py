@@ -190,6 +190,9 @@ class VCPU:
         self._paused_since: Optional[int] = None
 
         self._uc = uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        # Before anything is translated: a kick must never rewind a half-done instruction
+        # (an IN or MMIO access would run twice; layout.py explains).
+        L.stop_only_between_instructions(uc)
         self._st = CpuState(uc)
         self._exports: list[object] = []                 # keeps mapped host buffers alive
         self._mapped: list[tuple[int, int, str]] = []   # (start, end, kind), sorted
