@@ -223,3 +223,47 @@ def test_oracle_external_snapshots_under_guest_load(emulator: tuple[str, ...], t
                 "--cuts", str(tmp_path / "cuts.json"), "--cut-id", "3"]
         assert main(argv) == 1
         assert "VIOLATION missing" in capsys.readouterr().out
+
+
+@requires_qemu_img
+@pytest.mark.parametrize("emulator", EMULATORS)
+def test_oracle_backup_transaction_under_guest_load(emulator: tuple[str, ...], tmp_path: Path) -> None:
+    """A transaction of two full drive-backups while the guest writes: each target holds the
+    disk as it was at the transaction's cut (copy-before-write), whatever the guest wrote later."""
+    run, ide, vd = _boot(emulator, tmp_path)
+    targets = {"ide": tmp_path / "ide-backup.qcow2", "vd": tmp_path / "vd-backup.qcow2"}
+    try:
+        qmp = run.connect()
+        time.sleep(0.4)
+        rsp = qmp.cmd_raw("transaction", {"actions": [
+            {"type": "drive-backup", "data": {"device": dev, "job-id": f"bk-{disk}", "sync": "full",
+                                               "target": str(targets[disk]), "format": "qcow2"}}
+            for disk, dev in (("ide", "ide0-hd0"), ("vd", "virtio0"))]})
+        assert rsp == {"return": {}}, rsp
+        done: set[str] = set()
+        end = time.monotonic() + 60
+        while len(done) < 2 and time.monotonic() < end:
+            ev = qmp.pull_event(wait=max(0.1, end - time.monotonic()))
+            if ev and ev["event"] == "BLOCK_JOB_COMPLETED":
+                assert "error" not in ev["data"], ev
+                done.add(ev["data"]["device"])
+        assert done == {"bk-ide", "bk-vd"}
+        cuts = qmp.cmd_raw("x-emu-query-cuts")["return"] if emulator is EMU else None
+        time.sleep(0.3)                      # the guest keeps writing after the backups
+        _quit(run)
+    finally:
+        run.close()
+    log = parse_log(run.text)
+    images = {d: DiskImage(str(p)) for d, p in targets.items()}
+    res = check(log, images)
+    assert res.ok, res.report()
+    assert res.disks["ide"].last_seq < max(log.writes)          # the guest wrote on afterwards
+    if cuts is not None:
+        cut = next(c for c in cuts if c["command"] == "transaction")
+        if all(d["accounted"] for d in cut["devices"]):
+            reported = check(log, images, {disk_for_device(d["device"]): d["wr_operations"]
+                                           for d in cut["devices"]})
+            assert reported.ok, reported.report()
+    # the live disks moved on: they are not the backups' cut
+    assert not check(log, {d: DiskImage(str(p)) for d, p in (("ide", ide), ("vd", vd))},
+                     {d: r.cut for d, r in res.disks.items()}).ok
