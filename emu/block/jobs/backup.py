@@ -30,6 +30,8 @@ __all__ = ["BackupJob", "BACKUP_CLUSTER_SIZE", "SYNC_MODES", "BITMAP_MODES",
 
 #: QEMU's BACKUP_CLUSTER_SIZE_DEFAULT: the copy unit (raised to the target's cluster size).
 BACKUP_CLUSTER_SIZE = 1 << 16
+#: QEMU's BLOCK_COPY_MAX_BUFFER: the most one background copy step moves.
+BLOCK_COPY_MAX_BUFFER = 1 << 20
 SYNC_MODES = ("top", "full", "none", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
 ON_ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
@@ -151,33 +153,60 @@ class BackupJob(Job):
         return [self.source, self.target]
 
     # ----------------------------------------------------------- copying
-    def _copy_cluster(self, c: int) -> int:
-        """Copy cluster ``c`` if still to do; returns the bytes copied (0 if done already)."""
+    def _alloc(self, c: int) -> bool:
+        off = c * self.cluster_size
+        return is_allocated_above(self.source, None, off,
+                                  min(self.cluster_size, self.size - off))[0]
+
+    def _chunk(self, c: int) -> list[int]:
+        """The clusters one background step copies: ``c`` and the clusters after it that
+        are still to do and allocated alike, up to QEMU's BLOCK_COPY_MAX_BUFFER (1 MiB),
+        which is also the unit the rate limit charges."""
+        out = [c]
+        alloc = self._alloc(c)
+        limit = max(1, BLOCK_COPY_MAX_BUFFER // self.cluster_size)
+        while len(out) < limit and out[-1] + 1 in self._todo and self._alloc(out[-1] + 1) == alloc:
+            out.append(out[-1] + 1)
+        return out
+
+    def _copy_cluster(self, c: int, count: int = 1) -> int:
+        """Copy clusters ``c .. c+count-1`` that are still to do; returns the bytes done."""
         cs = self.cluster_size
-        off = c * cs
-        n = min(cs, self.size - off)
+        done = 0
         with self.source.lock:
-            if c not in self._todo:
+            todo = [k for k in range(c, c + count) if k in self._todo]
+            if not todo:
                 return 0
+            first, last = todo[0], todo[-1]
+            off = first * cs
+            end = min((last + 1) * cs, self.size)
             if self._skip_zero and self.sync == "full":
-                alloc, cnt = is_allocated_above(self.source, None, off, n)
-                if not alloc and cnt >= n:
-                    self._done(c, n)
-                    return n
+                alloc, cnt = is_allocated_above(self.source, None, off, end - off)
+                if not alloc and cnt >= end - off:
+                    for k in todo:
+                        n = min(cs, self.size - k * cs)
+                        self._done(k, n)
+                        done += n
+                    return done
             try:
-                data = self.source.read(off, n)
+                data = self.source.read(off, end - off)
             except BlockError as err:
                 raise _CopyError(True, err) from err
-            try:
-                if data == self._zero[:n]:
-                    if not self._skip_zero:
-                        self.target.write_zeroes(off, n)
-                else:
-                    self.target.write(off, data)
-            except BlockError as err:
-                raise _CopyError(False, err) from err
-            self._done(c, n)
-            return n
+            for k in todo:
+                koff = k * cs
+                n = min(cs, self.size - koff)
+                piece = data[koff - off:koff - off + n]
+                try:
+                    if piece == self._zero[:n]:
+                        if not self._skip_zero:
+                            self.target.write_zeroes(koff, n)
+                    else:
+                        self.target.write(koff, piece)
+                except BlockError as err:
+                    raise _CopyError(False, err) from err
+                self._done(k, n)
+                done += n
+        return done
 
     def _done(self, c: int, n: int) -> None:
         self._todo.discard(c)
@@ -236,7 +265,8 @@ class BackupJob(Job):
                 if not self.set_busy():
                     continue
                 try:
-                    n = self._copy_cluster(c)
+                    chunk = self._chunk(c)
+                    n = self._copy_cluster(c, len(chunk))
                 except _CopyError as err:
                     with self._lock:
                         self.busy = False
