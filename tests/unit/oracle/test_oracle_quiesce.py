@@ -165,3 +165,51 @@ def test_oracle_quiesce_proof_snapshots_hold_exactly_the_completed_writes(tmp_pa
     assert not check(log, images, dict(cut, vd=cut["vd"] - 1)).ok
     for p in paths.values():
         subprocess.run(["qemu-img", "check", "-q", str(p)], check=True)
+
+
+def copy_both(machine: Machine, paths: dict[str, object], dest) -> None:
+    """Copy the image files inside a quiesce, as a paused-VM backup tool would (the bug of
+    cloud-hypervisor PR 8607: copies missing completed writes whose metadata was still cached)."""
+    import shutil
+
+    with machine.quiesce():
+        for disk, p in paths.items():
+            shutil.copy(p, dest / f"{disk}.qcow2")
+
+
+def test_oracle_quiesce_proof_file_copies_hold_the_completed_writes(tmp_path) -> None:
+    paths = {"ide": tmp_path / "ide.qcow2", "vd": tmp_path / "vd.qcow2"}
+    for p in paths.values():
+        create_qcow2(str(p), "4M")
+    graph = BlockGraph()
+    machine = Machine(MachineConfig())
+    backends = {}
+    for disk, devname in (("ide", "ide0-hd0"), ("vd", "virtio0")):
+        node = graph.open_image(str(paths[disk]), "qcow2")
+        backends[disk] = BlockBackend(node, devname)
+        machine.add_block_device(BlockDevice(devname, backend=backends[disk], node=node))
+    guest = Guest(backends)
+    for t in guest.threads:
+        t.start()
+    rounds, copies = 4, {}
+    try:
+        for r in range(rounds):
+            time.sleep(0.05)
+            (tmp_path / f"c{r}").mkdir()
+            copy_both(machine, paths, tmp_path / f"c{r}")
+            copies[r] = {disk_for_device(d): n for d, n in machine.cuts.last().writes().items()}
+            assert machine.cuts.last().command == "copy-both"
+        time.sleep(0.05)
+    finally:
+        guest.stop.set()
+        for t in guest.threads:
+            t.join(10)
+    for blk in backends.values():
+        blk.close()
+    graph.close_all()
+    assert not guest.errors
+    log = parse_log(guest.text())
+    for r, cut in copies.items():
+        res = check(log, {d: DiskImage(str(tmp_path / f"c{r}" / f"{d}.qcow2")) for d in paths}, cut)
+        assert res.ok, f"copy {r}: {res.report()}"
+        assert sum(x.match for x in res.disks.values()) > 0
