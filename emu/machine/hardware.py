@@ -240,6 +240,16 @@ def _write_cache(bdev: BlockDevice) -> bool:
     return cache not in ("writethrough", "directsync")
 
 
+def _forget_probe_io(machine: Machine) -> None:
+    """Clear the I/O accounting the controllers' start-up probes left (IDE and virtio-blk read
+    the MBR to guess a geometry): it is not guest I/O, and QEMU does not account it, so
+    ``query-blockstats`` starts with no ``idle_time_ns`` as QEMU's."""
+    for dev in machine.block_devices:
+        acct = getattr(dev.backend, "acct", None)
+        if acct is not None and hasattr(acct, "account_invalid"):
+            dev.backend.acct = type(acct)(acct.account_invalid, acct.account_failed)
+
+
 def _pci_slot(addr: str) -> int:
     """``addr=`` of a ``-device`` (QEMU: ``slot[.function]`` in hex) -> slot."""
     try:
@@ -388,6 +398,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
     board.rtc.set_pc_config(ram_size, geometry)
     virtio = _attach_virtio_blk(machine, board, cpu)
 
+    _forget_probe_io(machine)
     runner = VcpuRunner(cpu, clock)
     hw = Hardware(clock, board, cpu, runner, ide, virtio=virtio)
     machine.add_reset_handler(board.reset)
