@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import sys
 from typing import Any, Sequence
@@ -28,6 +29,8 @@ from emu.oracle.check import DiskImage, check, disk_for_device
 from emu.oracle.records import DISK_IDS, parse_log
 
 __all__ = ["main", "query_cuts", "cut_from_report"]
+
+_FORMATTING = re.compile(r"Formatting '[^\n]*\n")
 
 
 class UsageError(EmuError):
@@ -179,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = f.read()
         except OSError as err:
             raise UsageError(f"{args.log}: {err.strerror or err}") from err
+        # QEMU and emu print "Formatting '<overlay>', fmt=..." on stdout when a snapshot
+        # creates a file; with -serial stdio it can land in the middle of a guest line
+        text = _FORMATTING.sub("", text)
         result = check(parse_log(text, strict=False), images, cut)
     except EmuError as err:
         print(f"emu-oracle: {err}", file=sys.stderr)

@@ -109,6 +109,11 @@ def test_oracle_cli_cut_report_and_inference(tmp_path, capsys) -> None:
         assert main(["--log", str(log), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("emu-oracle: ") and "Traceback" not in err
+    # an overlay's "Formatting ..." line printed by the emulator in the middle of a guest line
+    text = sim.text().replace("C vd 8\r\n", "C v" + "Formatting 'o.qcow2', fmt=qcow2 size=1\n" + "d 8\r\n")
+    log.write_text(text)
+    assert main(["--log", str(log), *disks, "--cut", "ide=8,vd=7"]) == 0
+    capsys.readouterr()
     (tmp_path / "junk.txt").write_text("no guest here\n")
     assert main(["--log", str(tmp_path / "junk.txt"), *disks]) == 2
     assert "no 'S hello' line" in capsys.readouterr().err
