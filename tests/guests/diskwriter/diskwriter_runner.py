@@ -110,11 +110,14 @@ class Session:
     transcript: io.StringIO = field(default_factory=io.StringIO)  #: every byte read, once
 
     @classmethod
-    def start(cls, emulator: Emulator, ide: Path, vd: Path | None, modern_only: bool = False) -> "Session":
+    def start(cls, emulator: Emulator, ide: Path, vd: Path | None, modern_only: bool = False,
+              vd_blkdebug: Path | None = None) -> "Session":
         """Boot and wait for the guest's ``S running`` or ``S paused``.
 
         :param modern_only: attach ``vd`` as ``virtio-blk-pci,disable-legacy=on`` (1AF4:1042)
             instead of ``-drive if=virtio`` (transitional 1AF4:1001).
+        :param vd_blkdebug: a blkdebug configuration file to put under ``vd``'s qcow2 layer
+            (QEMU's ``blkdebug:CONFIG:FILE`` syntax), e.g. to inject errors.
         """
         import pexpect
         drives = ["-drive", f"file={ide},format=qcow2,if=ide"]
@@ -122,11 +125,14 @@ class Session:
             drives += ["-drive", f"file={vd},format=qcow2,if=none,id=vd0",
                        "-device", "virtio-blk-pci,drive=vd0,disable-legacy=on"]
         elif vd is not None:
-            drives += ["-drive", f"file={vd},format=qcow2,if=virtio"]
+            path = f"blkdebug:{vd_blkdebug}:{vd}" if vd_blkdebug else str(vd)
+            drives += ["-drive", f"file={path},format=qcow2,if=virtio"]
         cmd = [*emulator.argv, "-machine", "pc", "-m", "64", "-nodefaults", "-display", "none",
                "-serial", "stdio", *drives, "-device", "isa-debug-exit,iobase=0x501,iosize=2"]
-        child = pexpect.spawn(cmd[0], cmd[1:], encoding="latin-1", timeout=emulator.boot_timeout,
-                              cwd=str(ide.parent))
+        # stderr to a file: on a pty it would interleave with COM1 (emu reports I/O errors there).
+        stderr = ide.parent / f"stderr-{emulator.name}.txt"
+        child = pexpect.spawn("/bin/sh", ["-c", f'exec "$@" 2>"{stderr}"', "sh", *cmd], encoding="latin-1",
+                              timeout=emulator.boot_timeout, cwd=str(ide.parent))
         session = cls(emulator, child)
         child.logfile_read = session.transcript
         session.expect(r"S (running|paused)\r*\n", emulator.boot_timeout)

@@ -209,3 +209,38 @@ def test_diskwriter_virtio_modern(emulator: Emulator, modern_only: bool, request
     assert log.stats["vd"]["polling"] == 0 and log.stats["vd"]["irqs"] >= log.stats["vd"]["completed"]
     check_disk(log, "vd", to_raw(vd), None)
     check_disk(log, "ide", to_raw(ide), boot)
+
+
+@pytest.mark.parametrize("emulator", REFERENCE_AND_EMU)
+def test_diskwriter_write_errors_reported(emulator: Emulator, request: pytest.FixtureRequest,
+                                          tmp_path: Path) -> None:
+    """Every virtio write fails (blkdebug injects EIO under the qcow2 layer): the guest reports
+    each as ``E``, each flush as ``FE``, keeps writing the IDE disk, and its verify counts the
+    failed LBAs as unknown, not as mismatches."""
+    prepare(emulator, request)
+    params = Params(region_start=2048, region_count=32, rate=0, flush_every=8)
+    ide, vd, boot = make_disks(tmp_path, params)
+    config = tmp_path / "eio.cfg"
+    config.write_text('[inject-error]\nevent = "write_aio"\nerrno = "5"\nonce = "off"\n')
+    session = Session.start(emulator, ide, vd, vd_blkdebug=config)
+    try:
+        session.wait_count(r"^E vd \d+ ", 40)
+        session.wait_count(r"^C ide \d+", 40)
+        session.command("v")
+        session.expect(r"V end (ok|bad)", 60)
+        status = session.quit()
+    finally:
+        session.close()
+    log = session.log()
+    assert status == STATUS_QUIT
+    vd_writes = [w for w in log.writes.values() if w.disk == "vd"]
+    assert vd_writes and all(w.failed is not None and w.completed is None for w in vd_writes)
+    assert {w.status for w in vd_writes} == {1}                  # VIRTIO_BLK_S_IOERR
+    vd_flushes = [f for f in log.flushes if f.disk == "vd"]
+    assert vd_flushes and all(f.failed is not None for f in vd_flushes)
+    assert log.stats["vd"]["completed"] == 0 and log.stats["vd"]["errors"] == len(vd_writes) + len(vd_flushes)
+    verify = log.verify[-1]
+    assert verify["ok"] is True and verify["vd"]["unknown"] == 32 and verify["vd"]["match"] == 0
+    assert verify["ide"]["match"] == 32
+    assert all(w.failed is not None for w in log.expected("vd").values())
+    check_disk(log, "ide", to_raw(ide), boot)
