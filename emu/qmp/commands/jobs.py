@@ -75,6 +75,14 @@ def _known_format(fmt: str) -> bool:
     return fmt in DRIVERS and not DRIVERS[fmt].cls.is_protocol
 
 
+def _say(line: str) -> None:
+    # stdout may be closed or a dead pipe: the image is made all the same, as QEMU's is
+    try:
+        print(line, file=sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def create_target(path: str, fmt: str, size: int, backing: Any | None) -> None:
     """Create a backup target as QEMU's bdrv_img_create does, with its ``Formatting``
     line on stdout (printed before the file is made, as QEMU prints it)."""
@@ -84,9 +92,8 @@ def create_target(path: str, fmt: str, size: int, backing: Any | None) -> None:
         extra = ""
         if backing is not None:
             extra = f" backing_file={backing.filename} backing_fmt={backing.drv}"
-        print(f"Formatting '{path}', fmt=qcow2 cluster_size=65536 extended_l2=off "
-              f"compression_type=zlib size={size}{extra} lazy_refcounts=off refcount_bits=16",
-              file=sys.stdout, flush=True)
+        _say(f"Formatting '{path}', fmt=qcow2 cluster_size=65536 extended_l2=off "
+             f"compression_type=zlib size={size}{extra} lazy_refcounts=off refcount_bits=16")
         from emu.block.qcow2.create import create_qcow2
 
         try:
@@ -98,7 +105,7 @@ def create_target(path: str, fmt: str, size: int, backing: Any | None) -> None:
     if fmt == "raw":
         if backing is not None:
             raise QmpError("Backing file not supported for file format 'raw'")
-        print(f"Formatting '{path}', fmt=raw size={size}", file=sys.stdout, flush=True)
+        _say(f"Formatting '{path}', fmt=raw size={size}")
         try:
             with open(path, "wb") as fh:
                 fh.truncate(size)
