@@ -298,3 +298,67 @@ def test_incremental_backup_copies_dirty_clusters_and_clears_bitmap(env) -> None
     assert tgt.block_status(4 * CL, CL)[0] != "data"
     remove_bitmap(src, bm)
     assert bitmaps_of(src) == [] and not src.before_write
+
+
+def test_manual_finalize_and_dismiss(env) -> None:
+    g, src, blk, reg, ev, tmp = env
+    tgt, _ = _target(g, tmp)
+    job = BackupJob.new(reg, "man", src, tgt, sync="full", auto_finalize=False,
+                        auto_dismiss=False)
+    job.start()
+    ev.wait_for("JOB_STATUS_CHANGE", "man", "pending")
+    time.sleep(0.05)
+    assert job.status is JobStatus.PENDING and "BLOCK_JOB_COMPLETED" not in ev.statuses("man")
+    with pytest.raises(JobError, match="in state 'pending' cannot accept command verb 'dismiss'"):
+        job.dismiss()
+    job.finalize()
+    assert job.status is JobStatus.CONCLUDED
+    assert reg.query_jobs() == [{"current-progress": SIZE, "status": "concluded",
+                                 "total-progress": SIZE, "type": "backup", "id": "man"}]
+    job.dismiss()
+    assert ev.statuses("man") == ["created", "running", "waiting", "pending",
+                                  "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert reg.query_block_jobs() == []
+
+
+def test_sync_top_copies_only_the_top_layer(env, tmp_path: Path) -> None:
+    g, src, blk, reg, ev, tmp = env
+    ov_path = tmp / "ov.qcow2"
+    create_qcow2(str(ov_path), SIZE, backing_file=src.filename, backing_fmt="qcow2")
+    ov = g.open_image(str(ov_path), "qcow2", backing=src)
+    ov.write(2 * MiB, b"\x99" * CL)
+    p = tmp / "top.qcow2"
+    create_qcow2(str(p), SIZE, backing_file=src.filename, backing_fmt="qcow2")
+    tgt = g.open_image(str(p), "qcow2", backing=src)
+    job = BackupJob.new(reg, "top", ov, tgt, sync="top")
+    assert job.progress_total == CL
+    job.start()
+    _wait_gone(reg, "top")
+    assert tgt.block_status(2 * MiB, CL)[0] == "data"
+    assert tgt.block_status(0, CL)[0] != "data"
+    assert tgt.read(0, SIZE) == ov.read(0, SIZE)
+
+
+def test_target_write_error_enospc_policy_stops_the_job(tmp_path: Path) -> None:
+    g = BlockGraph()
+    src_path = tmp_path / "s.qcow2"
+    create_qcow2(str(src_path), SIZE)
+    src = g.open_image(str(src_path), "qcow2")
+    src.write(0, b"\x01" * CL)
+    raw = tmp_path / "t.raw"
+    raw.write_bytes(bytes(SIZE))
+    cfg = tmp_path / "bd.conf"
+    cfg.write_text('[inject-error]\nevent = "write_aio"\nerrno = "28"\nonce = "on"\n')
+    tgt = g.open_image(f"blkdebug:{cfg}:{raw}", "raw")
+    ev = Events()
+    reg = JobRegistry(ev)
+    job = BackupJob.new(reg, "nos", src, tgt, sync="full", on_target_error="enospc")
+    job.start()
+    ev.wait_for("JOB_STATUS_CHANGE", "nos", "paused")
+    assert [d for n, d in ev.items if n == "BLOCK_JOB_ERROR"] == [
+        {"device": "nos", "operation": "write", "action": "stop"}]
+    assert job.block_job_info()["io-status"] == "nospace"
+    job.resume()
+    _wait_gone(reg, "nos")
+    assert tgt.read(0, SIZE) == src.read(0, SIZE)
+    g.close_all()
