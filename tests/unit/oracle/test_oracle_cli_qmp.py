@@ -13,7 +13,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from conftest import REPO
 from emu.block.qcow2.create import create_qcow2
-from emu.oracle.cli import cut_from_report, main
+from emu.oracle.cli import cut_from_report, main, query_cuts
 
 from oracle_sim import Sim
 
@@ -39,7 +39,8 @@ def test_oracle_x_emu_query_cuts_over_qmp(tmp_path) -> None:
     sock = str(tmp_path / "qmp.sock")
     p = subprocess.Popen([sys.executable, "-m", "emu", "-nodefaults", "-display", "none", "-S",
                           "-drive", f"file={img},format=qcow2,if=none,id=d0",
-                          "-qmp", f"unix:{sock},server=on,wait=off"], cwd=REPO,
+                          "-qmp", f"unix:{sock},server=on,wait=off",
+                          "-qmp", f"unix:{sock}2,server=on,wait=off"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         qmp = _connect(sock)
@@ -53,9 +54,9 @@ def test_oracle_x_emu_query_cuts_over_qmp(tmp_path) -> None:
         assert set(c) == {"id", "command", "timestamp", "vm-clock-ns", "devices"}
         dev = c["devices"][0]
         assert dev["device"] == "d0" and dev["in-flight"] == 0 and dev["node-name"]
-        assert isinstance(dev["accounted"], bool)
-        if dev["accounted"]:
-            assert dev["wr_operations"] == 0
+        assert dev["accounted"] is True and dev["wr_operations"] == 0 and dev["flush_operations"] == 0
+        assert query_cuts(sock + "2") == cuts          # emu-oracle --qmp's client
+        assert cut_from_report(cuts, 2, {"d0": "ide"}) == {"ide": 0}
         assert qmp.cmd_raw("x-emu-query-cuts", {"since": 1})["return"] == [c]
         assert qmp.cmd_raw("x-emu-query-cuts", {"limit": 1})["return"] == [c]
         err = qmp.cmd_raw("x-emu-query-cuts", {"limit": 0})["error"]
