@@ -354,6 +354,11 @@ class Job:
         self._cancel_async(force)
         if not self.started:
             self._completed(None)
+        elif self.finished_run and self.status in (JobStatus.WAITING, JobStatus.PENDING):
+            # work done, waiting for its group or for job-finalize: abort the transaction
+            self.ret = "Operation canceled"
+            self._transition(JobStatus.ABORTING)
+            self._txn_abort()
         else:
             self._cond.notify_all()
 

@@ -362,3 +362,14 @@ def test_target_write_error_enospc_policy_stops_the_job(tmp_path: Path) -> None:
     _wait_gone(reg, "nos")
     assert tgt.read(0, SIZE) == src.read(0, SIZE)
     g.close_all()
+
+
+def test_cancel_a_pending_job(env) -> None:
+    g, src, blk, reg, ev, tmp = env
+    tgt, _ = _target(g, tmp)
+    job = BackupJob.new(reg, "pend", src, tgt, sync="full", auto_finalize=False)
+    job.start()
+    ev.wait_for("JOB_STATUS_CHANGE", "pend", "pending")
+    job.cancel(True)
+    assert reg.find("pend") is None
+    assert ev.statuses("pend")[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
