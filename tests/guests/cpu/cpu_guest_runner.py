@@ -38,11 +38,9 @@ BANNER = "emu-guest cpu/{name} start"
 #: Seconds the serial guest gets to boot on emu before emu counts as not booting yet.
 PROBE_TIMEOUT = 15.0
 #: Guests that must pass on emu (not xfail) once emu boots; grow this as emu's layers land.
-#: lm-exceptions, pm-exceptions, bench, reset: their MBR loads 21-25 sectors with ``rep insw``, and
-#: each emu_stop landing inside it loses one word (Unicorn re-executes the interrupted IN; the vCPU
-#: must replay the value) — "FAIL disk read status=ee" or a corrupt payload.  unassigned: emu's
-#: vCPU reads all ones from unassigned memory, QEMU 7.2 reads 0.
-EMU_CONFORMANT: frozenset[str] = frozenset({"serial", "pic-pit", "rtc"})
+#: Not yet: unassigned (emu's vCPU reads all ones from unassigned memory, QEMU 7.2 reads 0).
+EMU_CONFORMANT: frozenset[str] = frozenset({"serial", "pic-pit", "rtc", "pm-exceptions", "lm-exceptions",
+                                            "bench", "reset"})
 
 
 @dataclass(frozen=True)
