@@ -8,7 +8,8 @@ Which module owns what:
 
 ``uclib``       the one import point for Unicorn (stock or patched library; not ours)
 ``layout``      the CPUX86State fields we read and write through the context blob, their
-                offsets in the pinned build, and the start-up check that refuses another build
+                offsets in the pinned build, and the start-up check that refuses another build;
+                the uc_struct flag that keeps stops at instruction boundaries
 ``mmu``         guest physical memory access and the linear->physical page walk used
                 while delivering events (IDT/GDT/TSS reads, stack pushes, #PF on failure)
 ``interrupts``  delivery of IRQs, INT n, exceptions (real-mode IVT, 32-bit IDT, 64-bit IDT,

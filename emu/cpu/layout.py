@@ -10,6 +10,10 @@ The offsets below are those of the pinned release (unicorn 2.1.4, x86_64 target,
 ``target_ulong`` = 8 bytes), taken from ``qemu/target/i386/cpu.h`` of that release.
 :func:`verify_layout` proves them on the loaded library at start-up and raises
 :class:`~emu.errors.CpuError` on any other build.
+
+One field of Unicorn's own ``struct uc_struct`` is set too: ``no_exit_request``, so that a stop
+never rewinds a half-done instruction (:func:`stop_only_between_instructions`, found and proven
+by :func:`find_no_exit_request`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,12 @@ SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR); deliver a pending IRQ when IF=1 
 interrupt shadow; if halted wait on an Event; else ``emu_start(rip, 0)`` with exits enabled
 and an empty exit set.  ``emu_start(timeout=)`` and ``count=`` are never used.
 
-Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which Unicorn loses when it lands
-just before ``emu_start`` begins; a small "stopper" thread therefore repeats ``emu_stop``
-every 0.5 ms while a kick is unanswered inside ``emu_start``.  The same thread ends runs
+Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which takes effect at the next
+translation-block boundary, never inside an instruction (stock Unicorn rewinds an instruction
+stopped after its port/MMIO callback ran, so the access happened twice; ``layout.py`` has the
+cause and the fix).  Unicorn loses an ``emu_stop`` that lands just before ``emu_start``
+begins; a small "stopper" thread therefore repeats ``emu_stop`` every 0.5 ms while a kick
+is unanswered inside ``emu_start``.  The same thread ends runs
 every 0.5 ms while an interrupt waits behind IF=0 or an interrupt shadow, because nothing
 reports STI/POPF/IRET enabling it: such an IRQ is taken at most ~0.5 ms late (QEMU takes
 it at the next instruction boundary).  Idle (halted, paused, nothing pending) it sleeps.

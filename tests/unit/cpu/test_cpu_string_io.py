@@ -157,7 +157,7 @@ def test_rep_outsw_interrupted_inside_the_port_callback_writes_each_word_once() 
 
 
 def test_mmio_reads_writes_and_read_modify_write_are_not_replayed() -> None:
-    # REP MOVSD from MMIO to RAM, from RAM to MMIO, a plain load and an ADD to MMIO: a read has
+    # REP MOVSD from MMIO to RAM, from RAM to MMIO, a load, an ADD and REP STOSD: a read has
     # side effects (read-to-clear registers), so each must reach the device exactly once.
     body = f"""
     cld
@@ -172,13 +172,18 @@ def test_mmio_reads_writes_and_read_modify_write_are_not_replayed() -> None:
     mov eax, [{MMIO + 0x800:#x}]        ; read 100
     mov [{BUF + 0x1000:#x}], eax
     add dword [{MMIO + 0x804:#x}], 5    ; read 101, write 106
+    mov edi, {MMIO + 0x900:#x}
+    mov eax, 0xAB
+    mov ecx, 10
+    rep stosd                           ; 10 MMIO writes of 0xAB
 """ + _finish()
     board = CountingBoard(guest(body), kick_at=lambda n: True)
     assert board.run() == 0x11
     assert list(struct.unpack_from("<100I", board.cpu.ram, BUF)) == list(range(100))
     assert board.cpu.ram[BUF + 0x1000] == 100
     assert board.mmio_reads == 102
-    assert board.mmio_writes == ([(0x100 + 4 * i, 4, i) for i in range(100)] + [(0x804, 4, 106)])
+    assert board.mmio_writes == ([(0x100 + 4 * i, 4, i) for i in range(100)] + [(0x804, 4, 106)]
+                                 + [(0x900 + 4 * i, 4, 0xAB) for i in range(10)])
 
 
 def test_rep_insw_under_a_kick_storm_from_another_thread() -> None:
@@ -219,3 +224,32 @@ def test_rep_insw_under_a_kick_storm_from_another_thread() -> None:
     assert board.reads == 16 * 4096
     got = struct.unpack_from(f"<{16 * 4096}H", board.cpu.ram, BUF)
     assert got == tuple(n & 0xFFFF for n in range(16 * 4096))
+
+
+def test_root_cause_unicorn_rewinds_an_instruction_stopped_inside_its_callback() -> None:
+    # The bare engine: a stop requested in the IN hook of REP INSW (RCX=3) ends the run with
+    # RCX/RDI as before the iteration whose IN already ran: resuming reads the port again.
+    # With no_exit_request set the iteration completes and the run ends after it.
+    from emu.cpu import layout
+    from emu.cpu.uclib import unicorn
+    bare = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    assert layout.rep_insw_stop_probe(bare) == (1, 3, 0)
+    fixed = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    layout.stop_only_between_instructions(fixed)
+    assert layout.rep_insw_stop_probe(fixed) == (1, 2, 2)
+
+
+def test_a_build_where_the_flag_cannot_be_found_or_does_not_work_is_refused(monkeypatch) -> None:
+    from emu.cpu import layout
+    from emu.errors import CpuError
+    monkeypatch.setattr(layout, "_no_exit_offset", None)
+    monkeypatch.setattr(layout, "_candidates", lambda raw: [])
+    with pytest.raises(CpuError, match="found 0 places"):
+        layout.find_no_exit_request()
+    # A candidate whose byte does not change the behaviour (nothing is written here).
+    monkeypatch.setattr(layout, "_candidates", lambda raw: [2000])
+    monkeypatch.setattr(layout, "_set_no_exit_request", lambda uc, off: None)
+    with pytest.raises(CpuError, match="still rewinds"):
+        layout.find_no_exit_request()
+    monkeypatch.undo()
+    assert layout.find_no_exit_request() > 0
