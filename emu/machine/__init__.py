@@ -6,4 +6,6 @@
                              requests, ``quiesce()``, the attach points for vCPU and devices
 - :mod:`emu.machine.drives`  opens ``-drive``/``-blockdev`` through the block layer into
                              named block devices
+- :mod:`emu.machine.hardware` builds clock, board, vCPU, BIOS and disk controllers from the
+                             config and attaches them to the Machine (``build_hardware``)
 """

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,11 +201,6 @@ def _stdin_raw() -> None:
     atexit.register(restore)
 
 
-def warn(text: str) -> None:
-    """A start-up warning on stderr, as QEMU prints them (``emu: warning: …``)."""
-    print(f"emu: warning: {text}", file=sys.stderr, flush=True)
-
-
 def _post(fn: Callable[[], None], name: str) -> None:
     """Run ``fn`` on its own thread (see the module docstring: never on the vCPU thread)."""
     threading.Thread(target=fn, name=name, daemon=True).start()
@@ -271,8 +265,7 @@ def _attach_virtio_blk(machine: Machine, board: Any, cpu: Any) -> dict[str, Any]
 
     memory = GuestMemory.from_vcpu(cpu)
     used = {0, 1}                       # i440FX, PIIX3 (ISA + IDE)
-    fixed = [_pci_slot(d.props["addr"]) for d in devices if "addr" in d.props]
-    used |= set(fixed)
+    used |= {_pci_slot(d.props["addr"]) for d in devices if "addr" in d.props}
     out: dict[str, Any] = {}
     for n, dev in enumerate(devices):
         where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
