@@ -391,7 +391,7 @@ class Job:
         self._transition(JobStatus.WAITING)
         if not all(j.is_completed() for j in txn.jobs):
             return
-        for j in list(reversed(txn.jobs)):
+        for j in list(txn.jobs):        # newest first, as QEMU's job_txn_apply
             if j.status is JobStatus.WAITING:
                 j._transition(JobStatus.PENDING)
         if all(j.auto_finalize for j in txn.jobs):
@@ -422,7 +422,7 @@ class Job:
     def _do_finalize(self) -> None:
         txn = self.txn
         assert txn is not None
-        for j in list(reversed(txn.jobs)):
+        for j in list(txn.jobs):        # newest first (checked against QEMU 7.2)
             j._finalize_single()
 
     def _finalize_single(self) -> None:
