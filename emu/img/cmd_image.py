@@ -125,6 +125,13 @@ def create_image(filename: str, fmt: str, size: int, opts: dict[str, str], *, qu
     qprint(quiet, formatting_line(filename, fmt, opts))
     sys.stdout.flush()
     prealloc = opts.get("preallocation", "off")
+    if fmt == "raw" and filename.startswith("rbd:"):
+        from emu.block.drivers import rbd
+        try:
+            rbd.create_image(filename, size)
+        except EmuError as err:
+            raise ImgError(f"{filename}: {err}") from None
+        return
     if fmt == "raw":
         if prealloc not in ("off", "falloc", "full"):
             raise ImgError(f"{filename}: Invalid parameter '{prealloc}'")
@@ -362,7 +369,9 @@ def image_info(bs) -> dict:
     except OSError:
         pass
     info["virtual-size"] = vsize(bs)
-    cs = getattr(bs.impl, "cluster_size", None)
+    from emu.block.drivers.rbd import snapshot_node
+    snap_bs = snapshot_node(bs)   # raw on rbd: the rbd node's snapshots and object size
+    cs = getattr(bs.impl, "cluster_size", None) or getattr(snap_bs.impl, "cluster_size", None)
     if cs:
         info["cluster-size"] = cs
     if bs.backing_file:
@@ -370,7 +379,7 @@ def image_info(bs) -> dict:
         info["full-backing-filename"] = bs.full_backing_filename()
         if bs.backing_format:
             info["backing-filename-format"] = bs.backing_format
-    snaps = bs.snapshot_list()
+    snaps = snap_bs.snapshot_list()
     if snaps:
         info["snapshots"] = snaps
     spec = bs.impl.info_specific()
@@ -441,6 +450,8 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
         raise ImgError(f"Could not open '{args[0]}': force-share=on can only be used with read-only images")
     with session() as s:
         bs = s.open(filename, None, read_only=(action == "-l"), force_share=share, no_backing=False)
+        from emu.block.drivers.rbd import snapshot_node
+        bs = snapshot_node(bs)   # QEMU's fallback: raw on rbd snapshots the rbd node
         if action == "-l":
             snaps = bs.snapshot_list()
             if snaps:
@@ -465,6 +476,10 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
         except EmuError as err:
             verb = {"-c": "create", "-d": "delete", "-a": "apply"}[action]
             msg = str(err)
+            if action == "-c" and getattr(err, "errno", None):
+                # The driver's own report first (QEMU's error_report), then qemu-img's "%d (%s)".
+                sys.stderr.write(f"{PROG}: {err}\n")
+                msg = f"-{err.errno} ({os.strerror(err.errno)})"
             missing = "not found" in msg.lower() or "can't find" in msg.lower()
             if action == "-d" and missing:
                 msg = "snapshot not found"

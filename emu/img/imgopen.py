@@ -31,6 +31,8 @@ class Session:
         :param no_backing: do not open the backing chain (``rebase -u``, ``create -u``).
         :raises ImgError: ``Could not open '<file>': <reason>`` as qemu-img prints it.
         """
+        if filename.startswith("rbd:"):
+            return self._open_rbd(filename, fmt, read_only)
         kw = {}
         if no_backing:
             kw["backing"] = None
@@ -48,6 +50,19 @@ class Session:
             raise ImgError(f"Could not open '{filename}': {err}") from None
         if fmt is None and bs.drv == "raw" and not read_only:
             sys.stderr.write(PROBE_WARNING.format(filename))
+        return bs
+
+    def _open_rbd(self, filename: str, fmt: str | None, read_only: bool):
+        """QEMU's ``rbd:pool/image[@snap][:opts]``: a raw node on an rbd node."""
+        from emu.block.drivers import rbd
+        if fmt not in (None, "raw"):
+            raise ImgError(f"Could not open '{filename}': Unknown driver '{fmt}'")
+        try:
+            bs = rbd.open_image(self.graph, filename, read_only=read_only)
+        except EmuError as err:
+            raise ImgError(f"Could not open '{filename}': {err}") from None
+        if fmt is None and not bs.read_only:
+            sys.stderr.write(PROBE_WARNING.format(bs.file.filename))
         return bs
 
     def _opens_alone(self, filename: str, fmt: str | None, read_only: bool, force_share: bool) -> bool:
