@@ -232,3 +232,18 @@ def test_guest_writes_during_backup_through_the_device(pc) -> None:
     chk = subprocess.run(["qemu-img", "check", "-U", str(tmp / "live.qcow2")],
                          capture_output=True, text=True)
     assert chk.returncode == 0, chk.stdout
+
+
+def test_internal_snapshot_after_overlay_lands_in_the_overlay(pc) -> None:
+    m, run, tmp, events = pc
+    assert run("transaction", actions=[
+        {"type": "blockdev-snapshot-sync", "data": {"device": "drv2",
+                                                    "snapshot-file": str(tmp / "ov2.qcow2")}},
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": "drv2", "name": "in"}},
+    ]) == {"return": {}}
+    lst = subprocess.run(["qemu-img", "snapshot", "-U", "-l", str(tmp / "ov2.qcow2")],
+                         capture_output=True, text=True, check=True).stdout
+    assert " in " in lst
+    base = subprocess.run(["qemu-img", "snapshot", "-U", "-l", str(tmp / "none.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert base == ""
