@@ -7,6 +7,7 @@
 #define VERSION 1
 #define IMAGE_SECTORS 128 /* the bootable image (64 KiB) the data area must not overlap */
 #define MAX_REGION 4096
+#define MAX_RATE 1000000 /* writes/s: keeps the token arithmetic inside 32 bits */
 #define UNKNOWN_SEQ 0xFFFFFFFFu /* a write that failed: its sector's content is undefined */
 #define IRQ_GRACE_MS 1000       /* no interrupt this long after a request: switch to polling */
 #define REQ_TIMEOUT_MS 10000
@@ -460,7 +461,11 @@ static void command(char *line) {
     u32 n;
     if (!strcmp_(line, "p")) { running = 0; pause_reported = 0; }
     else if (!strcmp_(line, "r")) { running = 1; for (int i = 0; i < NDISKS; i++) disks[i].credit = 0; say("running"); }
-    else if (!memcmp(line, "rate ", 5) && parse_u32(line + 5, &n)) { P.rate = n; puts_("S rate"); putc_(' '); putu(n); nl(); }
+    else if (!memcmp(line, "rate ", 5) && parse_u32(line + 5, &n)) {
+        if (n > MAX_RATE) { puts_("S error rate-too-high"); nl(); return; }
+        P.rate = n;
+        puts_("S rate"); putc_(' '); putu(n); nl();
+    }
     else if (!strcmp_(line, "v")) verify();
     else if (!strcmp_(line, "q")) quit();
     else if (!strcmp_(line, "s")) stats();
@@ -551,6 +556,7 @@ void dw_main(const struct params *boot_params) {
     P = *boot_params;
     if (memcmp(P.magic, "DWPARAMS", 8)) fatal("parameter block magic", 0);
     if (P.region_count == 0 || P.region_count > MAX_REGION) fatal("region_count", P.region_count);
+    if (P.rate > MAX_RATE) fatal("rate", P.rate);
     if (P.region_start < IMAGE_SECTORS) fatal("region_start overlaps the boot sectors", P.region_start);
     crc_init();
     interrupts_init();

@@ -138,6 +138,8 @@ def test_diskwriter_commands(emulator: Emulator, request: pytest.FixtureRequest,
         session.expect(r"S error unknown-command")
         session.command("x" * 60)
         session.expect(r"S error line-too-long")
+        session.command("rate 2000000")
+        session.expect(r"S error rate-too-high")
         session.command("s")
         session.expect(r"S stats vd [^\r\n]*\r*\n")
         session.command("v")
