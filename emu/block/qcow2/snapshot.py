@@ -19,6 +19,8 @@ from emu.errors import BlockError, ImageFormatError
 
 #: bytes.translate table clearing bit 7 (QCOW_OFLAG_COPIED in an entry's first byte).
 _CLEAR_COPIED = bytes(b & 0x7F for b in range(256))
+#: bytes.translate table keeping only bit 6 (QCOW_OFLAG_COMPRESSED in an entry's first byte).
+_ONLY_COMPRESSED = bytes(b & 0x40 for b in range(256))
 
 
 class SnapshotNotFound(BlockError):
@@ -57,15 +59,21 @@ class SnapshotMixin:
             l2off = self._l2_table_offset(i, l1)
             if not l2off:
                 continue
-            entries = unpack(bytes(self.l2cache.get(l2off)))
-            hosts = [e & mask for e in entries if e & mask and not e & comp]
+            raw = bytes(self.l2cache.get(l2off))
+            entries = unpack(raw)
+            # Bit 62 (compressed) lives in each entry's first byte: count them in C.
+            has_comp = raw[0::8].translate(_ONLY_COMPRESSED).count(0x40) > 0
+            if has_comp:
+                hosts = [e & mask for e in entries if e & mask and not e & comp]
+            else:
+                hosts = list(filter(None, map(mask.__and__, entries)))
             if reduce(or_, hosts, 0) & (cs - 1):
                 h = next(h for h in hosts if h & (cs - 1))
                 raise ImageFormatError(f"Cluster allocation offset {h:#x} unaligned "
                                        f"(L2 offset: {l2off:#x})")
-            clusters = [h >> cb for h in hosts]
+            clusters = list(map(cb.__rrshift__, hosts))
             counts.update(clusters)
-            compressed = [e for e in entries if e & comp]
+            compressed = [e for e in entries if e & comp] if has_comp else []
             for e in compressed:
                 coff = (e & self.clayout.offset_mask) & ~511
                 nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
