@@ -11,6 +11,17 @@ metadata of the whole chain so another process (``qemu-img -U``) sees every comp
 write.  :meth:`resume` re-admits and submits what was queued.  The thread that drained
 may keep doing I/O through the backend (jobs and transactions do).
 
+Accounting (``query-blockstats``): every request is counted in :attr:`BlockBackend.acct`
+(:class:`BlockAcctStats`, QEMU's block/accounting.c semantics) unless made with
+``account=False``; :attr:`BlockBackend.stats` is the BlockDeviceStats dict.  A request the
+backend refuses before I/O (out of range, read-only, no medium) is *invalid*, one that fails
+in the host is *failed*; write-zeroes counts as a write and discard as unmap, as virtio-blk
+and IDE account them in QEMU.  Callers that account on their own (HMP ``qemu-io``: its
+``read``/``write``/``flush``/``discard`` are not accounted in QEMU, ``aio_read``/``aio_write``/
+``aio_flush`` are, ``-i`` makes an invalid one) pass ``account=False`` and use
+``acct.start``/``done``/``failed``/``invalid``.  Per-node counters (``wr_highest_offset``,
+the file driver's discard counters) are :attr:`emu.block.node.BlockDriverState.stats`.
+
 Guest-side errors (offset past the end, negative length, read-only) raise
 :class:`BlockRangeError` / :class:`~emu.errors.BlockError`; host errors arrive as
 ``BlockError`` subclasses carrying ``errno``.
