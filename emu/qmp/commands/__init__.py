@@ -65,9 +65,14 @@ def command(name: str, args: Sequence[tuple[str, QType]] | QType = (),
     :param boxed: pass the checked argument dict as one ``args`` parameter.
     :param inline: the handler only reads state without locks; it may run in the I/O
         thread (never for anything that waits or changes the machine).
+    :raises ValueError: ``name`` is registered already (one table, one entry per name).
     """
 
     def deco(fn: Callable) -> Callable:
+        if name in COMMANDS:
+            # a second registration would silently replace the first (and its arguments)
+            raise ValueError(f"QMP command '{name}' is already registered by "
+                             f"{COMMANDS[name].fn.__module__}")
         t = args if isinstance(args, QType) else Struct(f"q_obj_{name}-arg", args)
         COMMANDS[name] = Command(name, fn, t, returns, allow_oob, tuple(features), boxed,
                                  inline)

@@ -2,9 +2,9 @@
 internal snapshots, external snapshots, blockdev-add/-del — on the machine's block graph
 (``emu.block.node.BlockGraph``).  Texts are QEMU 7.2's (qmp-golden/error-index.md).
 
-Job commands (drive-backup, blockdev-backup, block-job-*, job-*) and ``transaction`` are
-declared here with their full QAPI arguments (so malformed requests get QEMU's exact
-errors) and run through ``emu.block.jobs`` / ``emu.block.transaction``.
+The QAPI types of the backup and transaction arguments are declared here; the commands
+that take them are registered once, in :mod:`.jobs` (drive-backup, blockdev-backup) and
+:mod:`.transaction`.  The job verbs (block-job-*, job-*) are here.
 """
 
 from __future__ import annotations
@@ -377,37 +377,6 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, device: str,
             return bs.snapshot_delete(match["id"], match["name"])
         except BlockError as e:
             raise QmpError(desc_of(e)) from e
-
-
-# ------------------------------------------------------- jobs and transactions
-
-def _delegate(module: str, func: str, ctx: CommandContext, **kw: Any) -> Any:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise QmpError(f"{module} is not available in this build") from None
-    fn = getattr(mod, func, None)
-    if fn is None:
-        raise QmpError(f"{module}.{func} is not available in this build")
-    return fn(ctx.machine, **kw)
-
-
-@command("drive-backup", args=DRIVE_BACKUP, features=("deprecated",), boxed=True)
-def drive_backup(ctx: CommandContext, args: dict) -> Any:
-    return _delegate("emu.block.jobs", "qmp_drive_backup", ctx, args=args)
-
-
-@command("blockdev-backup", args=BLOCKDEV_BACKUP, boxed=True)
-def blockdev_backup(ctx: CommandContext, args: dict) -> Any:
-    return _delegate("emu.block.jobs", "qmp_blockdev_backup", ctx, args=args)
-
-
-@command("transaction", args=[("actions", List(TRANSACTION_ACTION)),
-                              ("?properties", TRANSACTION_PROPS)], boxed=True)
-def transaction(ctx: CommandContext, args: dict) -> Any:
-    return _delegate("emu.block.transaction", "qmp_transaction", ctx, args=args)
 
 
 # ------------------------------------------------------- external snapshots
