@@ -58,7 +58,7 @@ class Session:
         if fmt not in (None, "raw"):
             raise ImgError(f"Could not open '{filename}': Unknown driver '{fmt}'")
         try:
-            bs = rbd.open_image(self.graph, filename, read_only=read_only)
+            bs = rbd.open_image(self.graph, filename, read_only=read_only, auto_read_only=False)
         except EmuError as err:
             raise ImgError(f"Could not open '{filename}': {err}") from None
         if fmt is None and not bs.read_only:

@@ -336,8 +336,11 @@ class RbdDriver(BlockDriver):
                 raise BlockError(f"Parameter '{key}' is missing")
         self.opts = opts
         self.snapshot = opts.get("snapshot") or None
-        if self.snapshot is not None:
-            # QEMU: an image opened at a snapshot is read-only.
+        if self.snapshot is not None and not self.bs.read_only:
+            # QEMU's bdrv_apply_auto_read_only: -drive (auto-read-only=on) switches to
+            # read-only, a writable open without it (qemu-img) is refused.
+            if opts.get("auto-read-only") not in (True, "on"):
+                raise ImageOpenError("rbd snapshots are read-only")
             self.bs.read_only = True
         self.conn = Connection(opts)
         ffi, lib = self.conn.ffi, self.conn.rbd
@@ -366,12 +369,12 @@ class RbdDriver(BlockDriver):
     def json_filename(self) -> dict[str, Any]:
         """The node's options in QEMU's ``json:`` filename order (pool, image, conf, driver, namespace)."""
         d: dict[str, Any] = {"pool": self.opts["pool"], "image": self.opts["image"]}
-        if self.snapshot:
-            d["snapshot"] = self.snapshot
         if self.opts.get("user"):
             d["user"] = self.opts["user"]
         if self.opts.get("conf"):
             d["conf"] = self.opts["conf"]
+        if self.snapshot:
+            d["snapshot"] = self.snapshot
         d["driver"] = "rbd"
         d["namespace"] = self.opts.get("namespace") or ""
         return d
@@ -521,7 +524,7 @@ class RbdDriver(BlockDriver):
                            "snapshot name", errno.EINVAL)
         found = [sn for sn in self.snapshot_list() if sn["name"] == target]
         if not found:
-            raise RbdError(f"Failed to remove the snapshot: {os.strerror(errno.ENOENT)}", errno.ENOENT)
+            raise RbdError(f"Snapshot '{target}' not found", errno.ENOENT)
         _check(self.conn.rbd.rbd_snap_remove(self.image, target.encode()), "Failed to remove the snapshot")
         return found[0]
 
@@ -529,8 +532,7 @@ class RbdDriver(BlockDriver):
         """Roll the image back to snapshot ``id_or_name`` (RBD rollback)."""
         found = [sn for sn in self.snapshot_list() if sn["name"] == id_or_name]
         if not found:
-            raise RbdError(f"Failed to roll back to snapshot '{id_or_name}': "
-                           f"{os.strerror(errno.ENOENT)}", errno.ENOENT)
+            raise RbdError(f"Snapshot '{id_or_name}' not found", errno.ENOENT)
         _check(self.conn.rbd.rbd_snap_rollback(self.image, id_or_name.encode()),
                f"Failed to roll back to snapshot '{id_or_name}'")
         return found[0]
@@ -541,17 +543,21 @@ def is_rbd_filename(filename: str) -> bool:
     return filename.startswith("rbd:")
 
 
-def open_image(graph, filename: str, *, read_only: bool = False, node_name: str | None = None):
+def open_image(graph, filename: str, *, read_only: bool = False, node_name: str | None = None,
+               auto_read_only: bool = True):
     """Open a legacy ``rbd:`` filename as QEMU does: a ``raw`` format node on an ``rbd`` node.
 
     Both nodes get QEMU's ``json:`` filenames (an RBD node has no plain filename).  Until the
     block graph routes ``rbd:`` filenames itself (see the report to node.py's owner), emu-img
     and tests open RBD images through here.
 
+    :param auto_read_only: ``@snap`` opens read-only (``-drive``); ``False`` refuses a
+        writable open of a snapshot as qemu-img does.
     :raises ImageOpenError: QEMU's texts (cluster, pool, image missing).
     """
     import json
-    proto = graph.open_protocol(filename, driver="rbd", read_only=read_only)
+    proto = graph.open_protocol(filename, driver="rbd", read_only=read_only,
+                                extra={"auto-read-only": auto_read_only})
     try:
         spec = proto.impl.json_filename()
         proto.filename = "json:" + json.dumps(spec)

@@ -157,8 +157,12 @@ def test_snapshots_qemu_semantics(ceph_conf):
     assert ei.value.errno == 34
     assert [s["name"] for s in bs.snapshot_list()] == ["s1"]
     bs.write(0, b"B" * 4096)
-    # @snap opens read-only and reads the old data.
-    g2, snap = _open(ceph_conf, f"{name}@s1")
+    # @snap: a writable open is refused (qemu-img), -drive's auto-read-only makes it read-only.
+    g2 = BlockGraph()
+    with pytest.raises(ImageOpenError, match="^rbd snapshots are read-only$"):
+        g2.open_protocol(f"rbd:rbd/{name}@s1:conf={ceph_conf}", driver="rbd")
+    snap = g2.open_protocol("", driver="rbd", extra={"pool": "rbd", "image": name, "snapshot": "s1",
+                                                    "conf": ceph_conf, "auto-read-only": True})
     assert snap.read_only and snap.read(0, 4096) == b"A" * 4096
     with pytest.raises(BlockError):
         snap.write(0, b"x")
