@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from emu.block.bitmaps import bitmap_info_list
 from emu.errors import BlockError, EmuError, QmpError
 from emu.qmp.commands import CommandContext, command
 from emu.qmp.errors import DEVICE_NOT_ACTIVE, desc_of
@@ -216,6 +217,10 @@ def block_device_info(bs: Any, depth_from_chain: bool = True, writeback: bool = 
     d["image"] = _image_info(bs)
     d["cache"] = _cache_info(bs, writeback)
     d["write_threshold"] = 0
+    # QEMU's bdrv_query_dirty_bitmaps: present only when the node has bitmaps
+    bitmaps = bitmap_info_list(bs)
+    if bitmaps:
+        d["dirty-bitmaps"] = bitmaps
     return d
 
 

@@ -22,7 +22,7 @@ from emu.block.jobs import JobRegistry, JobTxn
 from emu.block.jobs.backup import BackupJob, busy_error
 from emu.block.transaction import ActionState, action
 from emu.errors import EmuError, QmpError
-from emu.qmp.commands import COMMANDS, CommandContext, command
+from emu.qmp.commands import CommandContext, command
 from emu.qmp.commands.block import (BITMAP, BITMAP_ADD, BITMAP_MERGE, BLOCKDEV_BACKUP,
                                     DRIVE_BACKUP, _lookup_bs)
 from emu.qmp.errors import desc_of
@@ -358,33 +358,3 @@ def block_dirty_bitmap_merge(ctx: CommandContext, node: str, target: str,
     for src in merge_sources(ctx, bs, bitmaps):
         dst.merge_from(src)
     return {}
-
-
-# ----------------------------------------------------------------- query-block hook
-
-def _with_dirty_bitmaps(fn: Any) -> Any:
-    """query-block shows each inserted node's ``dirty-bitmaps`` (QEMU's BlockDeviceInfo
-    member); wraps the block module's command until it reads them itself."""
-
-    def query_block(ctx: CommandContext) -> list:
-        out = fn(ctx)
-        for entry, dev in zip(out, ctx.machine.block_devices):
-            ins = entry.get("inserted")
-            if ins is None or dev.node is None or "dirty-bitmaps" in ins:
-                continue
-            infos = bmlib.bitmap_info_list(dev.node)
-            if infos:
-                items = list(ins.items())
-                pos = next((i + 1 for i, (k, _) in enumerate(items) if k == "write_threshold"),
-                           len(items))
-                items.insert(pos, ("dirty-bitmaps", infos))
-                entry["inserted"] = dict(items)
-        return out
-
-    query_block.__doc__ = fn.__doc__
-    return query_block
-
-
-if "query-block" in COMMANDS and not getattr(COMMANDS["query-block"].fn, "_bitmaps", False):
-    COMMANDS["query-block"].fn = _with_dirty_bitmaps(COMMANDS["query-block"].fn)
-    COMMANDS["query-block"].fn._bitmaps = True     # type: ignore[attr-defined]

@@ -1,0 +1,78 @@
+"""Follow-ups on the QMP block/job commands and the machine facade, on a machine with real
+qcow2 drives: dirty bitmaps in BlockDeviceInfo, drained jobs around snapshots,
+``Machine.close()`` cancelling jobs, cut reasons, ``stop`` draining the guest's disks."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from conftest import requires_qemu_img, requires_qemu_io
+from emu.cli import parse_args
+from emu.machine.drives import open_drives
+from emu.machine.pc import Machine
+from emu.qmp.commands import CommandContext, load_all
+from emu.qmp.protocol import dispatch
+
+pytestmark = [requires_qemu_img, requires_qemu_io]
+
+
+class _Session:
+    negotiated = True
+    oob_enabled = False
+
+
+@pytest.fixture()
+def pc(tmp_path, capsys):
+    load_all()
+    for name in ("ide.qcow2", "none.qcow2"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / name), "4M"],
+                       check=True)
+    cfg, _ = parse_args(["-S", "-drive", f"file={tmp_path}/ide.qcow2,format=qcow2,if=ide",
+                         "-drive", f"file={tmp_path}/none.qcow2,format=qcow2,if=none,id=drv2,"
+                                   "node-name=fmt2",
+                         "-device", "virtio-blk-pci,drive=drv2,id=vblk2"])
+    m = Machine(cfg)
+    open_drives(m)
+    events: list[tuple[str, Any]] = []
+    m.add_event_listener(lambda n, d: events.append((n, d)))
+
+    def run(cmd: str, **args: Any) -> Any:
+        req: dict = {"execute": cmd}
+        if args:
+            req["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
+        return dispatch(req, CommandContext(m, _Session()), negotiated=True, oob_enabled=False)
+
+    yield m, run, tmp_path, events
+    if getattr(m, "jobs", None) is not None:
+        m.jobs.cancel_all()
+    m.close()
+
+
+def test_dirty_bitmaps_are_part_of_block_device_info(pc) -> None:
+    m, run, tmp, _ = pc
+    ins = run("query-block")["return"][0]["inserted"]
+    assert "dirty-bitmaps" not in ins                  # absent while the node has none
+    assert run("block-dirty-bitmap-add", node="ide0-hd0", name="a") == {"return": {}}
+    assert run("block-dirty-bitmap-add", node="ide0-hd0", name="b",
+               granularity=131072, disabled=True) == {"return": {}}
+    ins = run("query-block")["return"][0]["inserted"]
+    keys = list(ins)
+    assert keys[keys.index("write_threshold") + 1] == "dirty-bitmaps"
+    # newest first, as QEMU lists them
+    assert ins["dirty-bitmaps"] == [
+        {"name": "b", "recording": False, "persistent": False, "busy": False,
+         "granularity": 131072, "count": 0},
+        {"name": "a", "recording": True, "persistent": False, "busy": False,
+         "granularity": 65536, "count": 0}]
+    # the same BlockDeviceInfo in query-named-block-nodes (QEMU's bdrv_block_device_info)
+    nodes = {n["node-name"]: n for n in run("query-named-block-nodes")["return"]}
+    root = m.find_block_device("ide0-hd0").node.node_name
+    assert [b["name"] for b in nodes[root]["dirty-bitmaps"]] == ["b", "a"]
+    assert "dirty-bitmaps" not in nodes["fmt2"]
+    # query-block is the block module's own command again, not a wrapper
+    from emu.qmp.commands import COMMANDS
+
+    assert COMMANDS["query-block"].fn.__module__ == "emu.qmp.commands.block"
