@@ -48,6 +48,23 @@ def test_machine_quiesce_parks_vcpu_and_drains_disks(emu_inprocess, tmp_path: Pa
     assert vm.machine.query_status()["status"] == "running"
 
 
+def test_machine_pause_parks_the_vcpu_in_process(emu_inprocess, tmp_path: Path) -> None:
+    from emu.cpu.vcpu import RunState
+
+    vm = emu_inprocess(*MACHINE, *ide(boot_image("machine_ticker", tmp_path)))
+    vm.wait_for("ticker up")
+    _wait_more_dots(vm, 3)
+    for _ in range(3):
+        vm.machine.pause()                                        # QMP stop
+        assert vm.hardware.cpu.state is RunState.PAUSED and not vm.hardware.clock.running
+        before = _dots(vm)
+        time.sleep(0.3)
+        assert _dots(vm) == before
+        vm.machine.resume()                                       # QMP cont
+        _wait_more_dots(vm, 2)
+        assert vm.hardware.clock.running
+
+
 def test_machine_system_reset_in_process(emu_inprocess, tmp_path: Path) -> None:
     vm = emu_inprocess(*MACHINE, *ide(boot_image("machine_ticker", tmp_path)))
     vm.wait_for("ticker up")
