@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 from conftest import REPO, requires_nasm
 from ide_harness import make_image
 
@@ -60,7 +59,7 @@ def _run_emu(path: str, timeout: float = 60) -> tuple[str, list[int]]:
     cpu = VCPU(RAM, board.iobus.port_read, board.iobus.port_write, board.pic, clock_ns=clock.now)
     ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, [blk], dma_view=cpu.dma_view)
     # Count data-port reads the device had nothing for (no DRQ): the guest never issues one,
-    # so any is a replayed IN of a REP INSW (see the xfail below).
+    # so any is a replayed IN of a REP INSW (asserted below).
     ch = ide.channels[0]
     stray = [0]
     real_read = ch.data_port_read
@@ -101,10 +100,10 @@ def test_ide_bios_boot_pio_and_guest_driven_dma(tmp_path):
     expected = ("ata0-0: QEMU HARDDISK, 16 MiB, CHS 32/16/63, LCHS 32/16/63\n"
                 "Booting from hard disk 80h\nMBR\nsector 4 says hello\nsector 11 says hello\n"
                 "OLD\nBM 04 ST 50\nNEW\nBM 04 ST 50\nA written by DMA\nBDONE\n")
-    if stray:
-        # Not the controller: an interrupt (the BIOS's 18.2 Hz tick) that stops the vCPU
-        # inside REP INSW makes it run one IN of the string twice, so a word is lost.
-        pytest.xfail(f"emu vCPU replayed {stray} IN(s) of a REP INSW (owner: emu/cpu)")
+    # An interrupt (the BIOS's 18.2 Hz tick) that stopped the vCPU inside REP INSW used to
+    # make it run one IN of the string twice, so a word was lost; fixed in 64f313d.
+    assert stray == 0, (f"emu vCPU replayed {stray} IN(s) of a REP INSW: data-port reads "
+                        f"with no DRQ (regression of 64f313d, owner: emu/cpu)")
     assert exits == [1], text  # isa-debug-exit: (0 << 1) | 1
     assert text[text.index("ata0-0:"):].replace("\r", "") == expected, text
     assert time.monotonic() - t0 < 60
