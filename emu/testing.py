@@ -130,6 +130,23 @@ class EmuProcess:
         self.console.expect_exact(text, timeout=timeout if timeout is not None else -1)
         return self.console.before.replace("\r\n", "\n")
 
+    def output_for(self, seconds: float) -> str:
+        """Everything COM1 prints during the next ``seconds``, plus what was read but not yet
+        matched (pexpect's ``expect(TIMEOUT)`` would report the previous window instead)."""
+        import pexpect
+
+        out = self.console.buffer
+        self.console.buffer = ""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                out += self.console.read_nonblocking(4096, timeout=left)
+            except pexpect.TIMEOUT:
+                break
+            except pexpect.EOF:
+                break
+        return out.replace("\r\n", "\n")
+
     def wait(self, timeout: float = 30.0) -> int | None:
         """Wait for the process to end; return its exit status (negative: killed by a
         signal), or None if it is still running after ``timeout``."""

@@ -3,10 +3,7 @@ system_reset (board and CPU back to POST), quit — with QEMU's events — and C
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import pexpect
 
 from conftest import requires_nasm
 from machine_images import MACHINE, boot_image, ide
@@ -15,18 +12,8 @@ pytestmark = [requires_nasm]
 
 
 def _quiet_for(vm, seconds: float) -> str:
-    """Everything COM1 prints during the next ``seconds`` (plus what pexpect had buffered).
-
-    Read by hand: ``expect(TIMEOUT)`` reports the previous window's data in ``before``."""
-    out = vm.console.buffer
-    vm.console.buffer = ""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            out += vm.console.read_nonblocking(4096, timeout=left)
-        except pexpect.TIMEOUT:
-            break
-    return out
+    """Everything COM1 prints during the next ``seconds``."""
+    return vm.output_for(seconds)
 
 
 def test_machine_qmp_cont_stop_reset_quit(emu_machine, tmp_path: Path) -> None:
