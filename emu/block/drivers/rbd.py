@@ -367,16 +367,17 @@ class RbdDriver(BlockDriver):
             self.conn = None
 
     def json_filename(self) -> dict[str, Any]:
-        """The node's options in QEMU's ``json:`` filename order (pool, image, conf, driver, namespace)."""
+        """The node's options in the order QEMU's ``json:`` filename shows them
+        (pool, image, conf, snapshot, driver, namespace, user; measured with qemu-img 7.2)."""
         d: dict[str, Any] = {"pool": self.opts["pool"], "image": self.opts["image"]}
-        if self.opts.get("user"):
-            d["user"] = self.opts["user"]
         if self.opts.get("conf"):
             d["conf"] = self.opts["conf"]
         if self.snapshot:
             d["snapshot"] = self.snapshot
         d["driver"] = "rbd"
         d["namespace"] = self.opts.get("namespace") or ""
+        if self.opts.get("user"):
+            d["user"] = self.opts["user"]
         return d
 
     # --- asynchronous I/O ----------------------------------------------------------------

@@ -138,6 +138,15 @@ def test_convert_and_compare_both_ways(ceph_conf, tmp_path):
     assert (e.returncode, e.stdout) == (q.returncode, q.stdout) == (1, q.stdout)
 
 
+@pytest.fixture(scope="module")
+def shared_image(ceph_conf):
+    name = "cmp" + uuid.uuid4().hex[:8]
+    fn = f"rbd:rbd/{name}:conf={ceph_conf}"
+    run("qemu-img", "create", "-f", "raw", fn, "4M")
+    run("qemu-img", "snapshot", "-c", "s1", fn)
+    return name
+
+
 @pytest.mark.parametrize("args", [
     ["info", "{fn}"], ["info", "--output=json", "{fn}"], ["snapshot", "-l", "{fn}"],
     ["info", "rbd:rbd/nope:conf={conf}"], ["info", "rbd:nopool/x:conf={conf}"],
@@ -147,11 +156,11 @@ def test_convert_and_compare_both_ways(ceph_conf, tmp_path):
     ["resize", "-f", "raw", "{fn}", "8M"], ["resize", "-f", "raw", "rbd:rbd/{name}@s1:conf={conf}", "8M"],
     ["snapshot", "-d", "nosnap", "{fn}"],
 ])
-def test_emu_img_output_matches_qemu_img(ceph_conf, args):
-    name = "cmp" + uuid.uuid4().hex[:8]
+def test_emu_img_output_matches_qemu_img(ceph_conf, shared_image, args):
+    # One image with snapshot s1 for every case: each case runs qemu-img first, then emu-img
+    # on the same state (a resize leaves both at the same size).
+    name = shared_image
     fn = f"rbd:rbd/{name}:conf={ceph_conf}"
-    run("qemu-img", "create", "-f", "raw", fn, "4M")
-    run("qemu-img", "snapshot", "-c", "s1", fn)
     argv = [a.format(fn=fn, conf=ceph_conf, name=name) for a in args]
     q = run("qemu-img", *argv, ok=False)
     e = run("emu-img", *argv, ok=False)
@@ -170,3 +179,20 @@ def test_snapshot_apply_missing_same_error(ceph_conf):
     e = run("emu-img", "snapshot", "-a", "nosnap", fn, ok=False)
     assert e.returncode == q.returncode == 1
     assert _clean(e.stderr, "emu-img").splitlines()[-1] == _clean(q.stderr, "qemu-img").splitlines()[-1]
+
+
+def test_namespace_user_and_conf_options_as_qemu(ceph_conf):
+    ns, name = "ns" + uuid.uuid4().hex[:6], "img"
+    run("rbd", "-c", ceph_conf, "namespace", "create", f"rbd/{ns}")
+    run("rbd", "-c", ceph_conf, "create", "--size", "1M", f"rbd/{ns}/{name}")
+    for fn in (f"rbd:rbd/{ns}/{name}:conf={ceph_conf}:id=admin:rbd_cache=false",
+               f"rbd:rbd/{ns}/{name}:conf={ceph_conf}:bogus_opt=1"):
+        q = run("qemu-img", "info", fn, ok=False)
+        e = run("emu-img", "info", fn, ok=False)
+        assert (e.returncode, _clean(e.stdout, "emu-img"), _clean(e.stderr, "emu-img")) == \
+            (q.returncode, _clean(q.stdout, "qemu-img"), _clean(q.stderr, "qemu-img"))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", f"rbd:rbd/{ns}/{name}:conf={ceph_conf}")
+    g = BlockGraph()
+    bs = rbd.open_image(g, f"rbd:rbd/{ns}/{name}:conf={ceph_conf}:id=admin", read_only=True)
+    assert bs.read(0, 4096) == b"\x42" * 4096
+    g.close_all()
