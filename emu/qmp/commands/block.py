@@ -9,11 +9,12 @@ that take them are registered once, in :mod:`.jobs` (drive-backup, blockdev-back
 
 from __future__ import annotations
 
-import os
+import json
 from typing import Any
 
 from emu.block.bitmaps import bitmap_info_list
 from emu.errors import BlockError, EmuError, QmpError
+from emu.img.output import qdict_order
 from emu.qmp.commands import CommandContext, command
 from emu.qmp.errors import DEVICE_NOT_ACTIVE, desc_of
 from emu.qmp.schema import (ANY, BOOL, INT, NULL, STR, Alternate, Enum, List, Struct, Union)
@@ -194,21 +195,72 @@ BDRV_SECTOR_SIZE = 512
 
 def _image_info(bs: Any) -> dict:
     info = bs.image_info(backing_chain=True)
+    level, node = info, bs
+    while node is not None and level is not None:
+        _fix_image_level(level, node)
+        node, level = node.backing, level.get("backing-image")
+    return info
+
+
+def _fix_image_level(info: dict, bs: Any) -> None:
+    """One ImageInfo level as QEMU shows node ``bs``: sector-rounded protocol sizes, and
+    a ``json:`` filename without backing-filename members when its backing was attached
+    at run time (blockdev-snapshot onto a header without that backing file)."""
     if getattr(bs.impl, "is_protocol", False):     # protocol nodes have no clusters
         info.pop("cluster-size", None)
         # QEMU's bdrv_getlength() counts whole sectors: a file's length is rounded up
         size = info["virtual-size"]
         info["virtual-size"] = -(-size // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
-    return info
+    if backing_overridden(bs):
+        info["filename"] = node_filename(bs)
+        for key in ("full-backing-filename", "backing-filename", "backing-filename-format"):
+            info.pop(key, None)
+
+
+def backing_overridden(bs: Any) -> bool:
+    """QEMU's bdrv_backing_overridden: the backing node is not the one the image header
+    names (e.g. a ``backing: null`` node that became an overlay)."""
+    if bs.backing is None:
+        return False
+    return not bs.backing_file or bs.full_backing_filename() != bs.backing.filename
+
+
+def _node_options(bs: Any) -> dict:
+    """The options QEMU's bdrv_refresh_filename puts in a ``json:`` filename."""
+    if bs.file is None:
+        return {"driver": bs.drv, "filename": bs.filename}
+    opts: dict[str, Any] = {"driver": bs.drv, "file": _node_options(bs.file)}
+    if backing_overridden(bs):
+        opts["backing"] = _node_options(bs.backing)
+    return opts
+
+
+def _qdict_json(obj: Any) -> str:
+    # QEMU's qobject_to_json: members in QDict (hash bucket) order
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_qdict_json(obj[k])}"
+                               for k in qdict_order(obj)) + "}"
+    return json.dumps(obj)
+
+
+def node_filename(bs: Any) -> str:
+    """The node's ``filename`` as QEMU reports it: the plain file name, or ``json:{…}`` when
+    the node cannot be reopened from it (its backing is overridden)."""
+    if not backing_overridden(bs):
+        return bs.filename
+    return "json:" + _qdict_json(_node_options(bs))
 
 
 def block_device_info(bs: Any, depth_from_chain: bool = True, writeback: bool = True) -> dict:
     """QEMU's BlockDeviceInfo for node ``bs``, members in schema order."""
     chain_depth = len(bs.backing_chain()) - 1 if depth_from_chain else 0
-    d: dict[str, Any] = {"file": bs.filename, "node-name": bs.node_name, "ro": bool(bs.read_only),
-                         "drv": bs.drv}
-    if bs.backing_file:
-        d["backing_file"] = bs.backing_file
+    d: dict[str, Any] = {"file": node_filename(bs), "node-name": bs.node_name,
+                         "ro": bool(bs.read_only), "drv": bs.drv}
+    backing_file = bs.backing_file
+    if bs.backing is not None and backing_overridden(bs):
+        backing_file = bs.backing.filename
+    if backing_file:
+        d["backing_file"] = backing_file
     d["backing_file_depth"] = chain_depth
     d["encrypted"] = False
     d["detect_zeroes"] = "off"
@@ -474,8 +526,8 @@ def external_snapshot_commit(ctx: CommandContext, old: Any, new: Any) -> None:
     """Attach ``new`` above ``old``: backing link, device root switch, old layer read-only."""
     new.backing = old
     old.parents += 1
-    if not new.backing_file:
-        new.backing_file, new.backing_format = old.filename, old.drv
+    # the header keeps what it named (QEMU writes nothing): a differing backing shows as
+    # an overridden one (json: filename, see backing_overridden)
     for dev in ctx.machine.block_devices:
         if dev.node is old:
             dev.node = new

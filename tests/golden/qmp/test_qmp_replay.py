@@ -23,7 +23,8 @@ from conftest import REPO, SHARED, requires_qemu_img, requires_qemu_io, requires
 
 TRANSCRIPTS = SHARED / "qmp-golden" / "transcripts"
 REPLAY = SHARED / "tools" / "qmp-replay"
-CLEAN = ["01-greeting-capabilities", "02-greeting-oob", "07-external-snapshot", "08-drive-backup", "12-transaction-errors", "14-events-quit"]
+CLEAN = ["01-greeting-capabilities", "02-greeting-oob", "07-external-snapshot", "08-drive-backup",
+         "09-transaction-single", "12-transaction-errors", "14-events-quit"]
 KNOWN = {
     "03-protocol-errors": {67},
     "04-queries": {46},

@@ -76,3 +76,31 @@ def test_dirty_bitmaps_are_part_of_block_device_info(pc) -> None:
     from emu.qmp.commands import COMMANDS
 
     assert COMMANDS["query-block"].fn.__module__ == "emu.qmp.commands.block"
+
+
+def test_overlay_with_overridden_backing_shows_json_filename(pc) -> None:
+    m, run, tmp, _ = pc
+    ov = tmp / "ov.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ov), "4M"], check=True)
+    assert run("blockdev-add", driver="qcow2", node_name="ovl",
+               file={"driver": "file", "filename": str(ov)}, backing=None) == {"return": {}}
+    assert run("blockdev-snapshot", node="drv2", overlay="ovl") == {"return": {}}
+    ins = next(b for b in run("query-block")["return"] if b["device"] == "drv2")["inserted"]
+    want = ('json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "'
+            f'{tmp}/none.qcow2"}}}}, "driver": "qcow2", "file": {{"driver": "file", '
+            f'"filename": "{ov}"}}}}')
+    assert ins["file"] == want and ins["image"]["filename"] == want
+    assert ins["backing_file"] == f"{tmp}/none.qcow2"
+    assert ins["backing_file_depth"] == 1
+    for key in ("backing-filename", "backing-filename-format", "full-backing-filename"):
+        assert key not in ins["image"]
+    assert ins["image"]["backing-image"]["filename"] == f"{tmp}/none.qcow2"
+    # the overlay's header still names no backing file (QEMU writes nothing there)
+    info = subprocess.run(["qemu-img", "info", "-U", str(ov)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "backing file" not in info
+    # an overlay whose header names its backing keeps the plain filename
+    run("blockdev-snapshot-sync", device="ide0-hd0", snapshot_file=str(tmp / "s.qcow2"))
+    ide = run("query-block")["return"][0]["inserted"]
+    assert ide["file"] == str(tmp / "s.qcow2")
+    assert ide["image"]["backing-filename"] == str(tmp / "ide.qcow2")
