@@ -3,7 +3,8 @@
 Test modules (unit and golden) declare ``ceph_conf = rbd_ceph_cluster.ceph_conf_fixture()``;
 every such fixture shares one cluster (reference counted), started in a temporary directory
 with ``scripts/ceph-test-cluster start`` and stopped with ``... stop`` when the last user is
-finished -- and at interpreter exit if a finalizer never ran.  Tests skip with the reason
+finished -- at interpreter exit if a finalizer never ran, and by a detached watchdog
+shell if the pytest process is killed outright.  Tests skip with the reason
 when ceph-mon or librbd.so.1 is missing.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +41,23 @@ def missing_reason() -> str | None:
     return None
 
 
+def _watchdog(d: str) -> subprocess.Popen:
+    """A detached shell that stops the cluster if this pytest process dies without running
+    its finalizers (SIGKILL from a CI timeout): the daemons are in their own sessions and
+    would otherwise outlive it."""
+    code = ('while kill -0 "$0" 2>/dev/null; do sleep 1; done; '
+            '"$1" stop "$2" >/dev/null 2>&1; rmdir "$3" 2>/dev/null')
+    return subprocess.Popen(["sh", "-c", code, str(os.getpid()), str(SCRIPT), d, str(Path(d).parent)],
+                            start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _stop() -> None:
+    w = _state.get("watchdog")
+    if w is not None:
+        _state["watchdog"] = None
+        w.kill()       # our own child, by its pid
+        w.wait()
     d = _state["dir"]
     if d is not None:
         _state["dir"] = _state["conf"] = None
@@ -59,6 +77,7 @@ def acquire() -> str:
             base = tempfile.mkdtemp(prefix="emu-ceph-")
             d = str(Path(base) / "cluster")
             _state["dir"] = d
+            _state["watchdog"] = _watchdog(d)
             r = subprocess.run([str(SCRIPT), "start", d], capture_output=True, text=True, timeout=180)
             if r.returncode != 0:
                 _stop()
