@@ -126,7 +126,8 @@ class RefcountManager:
                 self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta)
             raise
 
-    def update_clusters(self, counts: Mapping[int, int], delta: int) -> dict[int, int]:
+    def update_clusters(self, counts: Mapping[int, int], delta: int, *,
+                        end: int | None = None) -> dict[int, int]:
         """Add ``delta * n`` to the refcount of every host cluster ``c`` in ``counts`` (``c -> n``).
 
         The batch form QEMU's qcow2_update_snapshot_refcount amounts to: each refcount block
@@ -135,6 +136,9 @@ class RefcountManager:
         changes nothing.  Clusters whose refcount block does not exist yet fall back to
         :meth:`update` (which allocates blocks) with the same all-or-nothing promise.
 
+        :param end: the highest byte offset (+1) the references really use; by default the
+            end of the highest cluster (a compressed cluster may end inside its last host
+            cluster, at the end of the file).
         :returns: the new refcount of every cluster in ``counts``.
         :raises ImageFormatError: a count would leave its range, or a cluster lies beyond
             the end of the image file.
@@ -142,7 +146,9 @@ class RefcountManager:
         if not counts:
             return {}
         cb = self.cluster_bits
-        if (max(counts) + 1) << cb > self.drv.file_size_limit():
+        if end is None:
+            end = (max(counts) + 1) << cb
+        if end > self.drv.file_size_limit():
             bad = min(c for c in counts if (c + 1) << cb > self.drv.file_size_limit())
             raise ImageFormatError(f"Cluster {bad << cb:#x} referenced by metadata is beyond the end "
                                    "of the image file")

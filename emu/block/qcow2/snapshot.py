@@ -55,6 +55,7 @@ class SnapshotMixin:
         comp = f.QCOW_OFLAG_COMPRESSED
         unpack = struct.Struct(f">{self.l2_size}Q").unpack
         walked: dict[int, tuple[list[int], bool]] = {}
+        end = 0
         for i in range(len(l1)):
             l2off = self._l2_table_offset(i, l1)
             if not l2off:
@@ -73,14 +74,22 @@ class SnapshotMixin:
                                        f"(L2 offset: {l2off:#x})")
             clusters = list(map(cb.__rrshift__, hosts))
             counts.update(clusters)
+            if hosts:
+                end = max(end, max(hosts) + cs)
             compressed = [e for e in entries if e & comp] if has_comp else []
             for e in compressed:
                 coff = (e & self.clayout.offset_mask) & ~511
                 nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
                 counts.update(range(coff >> cb, ((coff + nb * 512 - 1) >> cb) + 1))
+                # The sector count is rounded up and may run past the end of the file
+                # (qemu-io/qemu-img write the last compressed cluster short): only its
+                # first byte must lie inside.
+                end = max(end, coff + 1)
             counts[l2off >> cb] += 1
+            end = max(end, l2off + cs)
             walked[l2off] = (clusters, bool(compressed))
         self._walked = walked
+        self._walk_end = end
         return counts
 
     def _update_tree_refcounts(self, l1: list[int], delta: int) -> dict[int, int]:
@@ -93,7 +102,8 @@ class SnapshotMixin:
 
         :returns: the new refcount of every cluster the tree references.
         """
-        return self.refs.update_clusters(self._tree_clusters(l1), delta)
+        counts = self._tree_clusters(l1)
+        return self.refs.update_clusters(counts, delta, end=self._walk_end)
 
     def _fix_copied_flags(self, changed: dict[int, int] | None = None) -> None:
         """Set QCOW_OFLAG_COPIED exactly where the active tree's refcount is 1.
