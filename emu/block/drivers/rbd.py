@@ -31,12 +31,15 @@ snapshot's image size.  An image opened at ``@snap`` (or ``snapshot=``) is read-
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from typing import Any, Callable
 
 from emu.block.node import BlockDriver, register_driver
 from emu.errors import BlockError, ImageOpenError
+
+log = logging.getLogger(__name__)
 
 _CDEF = """
 typedef void *rados_t;
@@ -300,7 +303,7 @@ class _Request:
             try:
                 cb(ret, data)
             except Exception:  # a broken callback must not unwind into librbd
-                pass
+                log.exception("rbd completion callback failed")
         self.event.set()
         _pending.discard(self)
 
