@@ -35,6 +35,9 @@ enum { REQ_BUSY = 0, REQ_OK = 1, REQ_ERR = 2 };
 
 #define SECTOR 512
 
+/* Sectors per IDE/virtio read or write request: 1 except inside the bench command (main.c). */
+extern u32 io_sectors;
+
 /* main.c: console and time */
 extern volatile u32 ticks_ms;
 void putc_(char c);

@@ -95,7 +95,7 @@ void ide_start(int kind, u32 lba, void *buf, int xfer) {
     req.failed = 0;
     if (wait_not_busy(1000)) { req.failed = 1; return; }
     outb(ATA_DEVICE, 0xE0 | ((lba >> 24) & 0x0F)); /* LBA mode, master */
-    outb(ATA_NSECT, 1);
+    outb(ATA_NSECT, kind == REQ_FLUSH ? 1 : (u8)io_sectors); /* 256 would be 0; bench caps DMA at 128 */
     outb(ATA_LBAL, lba & 0xFF);
     outb(ATA_LBAM, (lba >> 8) & 0xFF);
     outb(ATA_LBAH, (lba >> 16) & 0xFF);
@@ -106,7 +106,7 @@ void ide_start(int kind, u32 lba, void *buf, int xfer) {
     } else if (req.xfer == XFER_DMA) {
         u8 dir = kind == REQ_READ ? BM_CMD_READ : 0;
         prd[0] = (u32)buf;
-        prd[1] = SECTOR | PRD_EOT;
+        prd[1] = ((io_sectors * SECTOR) & 0xFFFF) | PRD_EOT; /* byte count 0 = 64 KiB */
         outb(bm + BM_CMD, 0);
         outl(bm + BM_PRDT, (u32)prd);
         outb(bm + BM_STATUS, inb(bm + BM_STATUS) | BM_ST_ERR | BM_ST_INT); /* write 1 to clear */

@@ -457,6 +457,97 @@ static int parse_u32(const char *s, u32 *out) {
     return 1;
 }
 
+/* ---- bench (FORMAT.md "Bench") ---- */
+u32 io_sectors = 1;
+#define BENCH_BUF ((u8 *)0x100000)   /* 1 MiB at 1 MiB: only the bench touches memory above 1 MiB */
+#define BENCH_MAX_SECTORS 2048      /* 1 MiB */
+#define BENCH_MAX_DMA 128           /* one PRD entry (64 KiB) */
+#define BENCH_MAX_COUNT 1000000
+
+static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return (u64)hi << 32 | lo; }
+
+/* Next whitespace-separated token of *s (NUL-terminated in place), "" at the end. */
+static char *token(char **s) {
+    char *p = *s, *t;
+    while (*p == ' ') p++;
+    t = p;
+    while (*p && *p != ' ') p++;
+    if (*p) *p++ = 0;
+    *s = p;
+    return t;
+}
+
+static void bench_refuse(const char *why) { puts_("S error bench-"); puts_(why); nl(); }
+
+/* bench <disk> <pio|dma|vq> <read|write> <seq|rand> <sectors> <count> [trace]: <count> blocking
+ * requests of <sectors> sectors each on the bench area (after the writer's region, so `v` stays
+ * valid); one B line with the elapsed time and the longest gap between completions, by the 1 kHz
+ * tick and by the TSC (in units of 1024 cycles: the host knows the rate, the guest does not);
+ * `trace` prints a `b` line at every completion so the host can time them with its own clock. */
+static void bench(char *args) {
+    char *a[7];
+    u32 sectors, count;
+    for (int i = 0; i < 7; i++) a[i] = token(&args);
+    int trace = !strcmp_(a[6], "trace");
+    if (!*a[5] || (*a[6] && !trace) || *token(&args)) { bench_refuse("args"); return; }
+    struct disk *d = !strcmp_(a[0], "ide") ? &disks[DISK_IDE] : !strcmp_(a[0], "vd") ? &disks[DISK_VD] : 0;
+    int xfer = !strcmp_(a[1], "pio") ? XFER_PIO : !strcmp_(a[1], "dma") ? XFER_DMA : !strcmp_(a[1], "vq") ? XFER_VQ : -1;
+    int kind = !strcmp_(a[2], "read") ? REQ_READ : !strcmp_(a[2], "write") ? REQ_WRITE : -1;
+    int rnd = !strcmp_(a[3], "rand") ? 1 : !strcmp_(a[3], "seq") ? 0 : -1;
+    if (!d || xfer < 0 || kind < 0 || rnd < 0 || !parse_u32(a[4], &sectors) || !parse_u32(a[5], &count)) {
+        bench_refuse("args");
+        return;
+    }
+    if (!d->present) { bench_refuse("nodisk"); return; }
+    if ((d->id == DISK_VD) != (xfer == XFER_VQ) || (xfer == XFER_DMA && !ide_bm_base())) { bench_refuse("method"); return; }
+    u32 max = xfer == XFER_PIO ? 1 : xfer == XFER_DMA ? BENCH_MAX_DMA : BENCH_MAX_SECTORS;
+    if (!sectors || sectors > max || !count || count > BENCH_MAX_COUNT) { bench_refuse("size"); return; }
+    u32 area = P.region_start + P.region_count;
+    if (d->sectors < area + sectors) { bench_refuse("small"); return; }
+    u32 slots = (d->sectors - area) / sectors, rng = run_id | 1, ok = 0, errors = 0, maxgap = 0;
+    int was_running = running;
+    running = 0;
+    drain();
+    if (kind == REQ_WRITE)
+        for (u32 i = 0; i < sectors * SECTOR / 4; i++) ((u32 *)BENCH_BUF)[i] = run_id ^ i;
+    io_sectors = sectors;
+    u32 t0 = ticks_ms, last = t0;
+    u64 c0 = rdtsc(), clast = c0, cmaxgap = 0;
+    u32 tsc_back = 0; /* steps where the TSC went backwards: not a gap, but worth reporting */
+    for (u32 i = 0; i < count; i++) {
+        rng = rng * 1103515245u + 12345u; /* an LCG is random enough for placement */
+        u32 slot = rnd ? (rng >> 8) % slots : i % slots;
+        start(d, kind, area + slot * sectors, BENCH_BUF, xfer);
+        u32 st;
+        int r;
+        for (;;) {
+            r = poll_disk(d, &st);
+            if (r != REQ_BUSY) break;
+            cli();
+            idle();
+        }
+        d->busy = 0;
+        if (r == REQ_OK) ok++; else errors++;
+        u32 now = ticks_ms;
+        if (now - last > maxgap) maxgap = now - last;
+        last = now;
+        u64 cnow = rdtsc();
+        if (cnow < clast) tsc_back++;
+        else if (cnow - clast > cmaxgap) cmaxgap = cnow - clast;
+        clast = cnow;
+        if (trace) { puts_("b"); nl(); }
+    }
+    u64 cend = rdtsc();
+    u32 ms = ticks_ms - t0, tsc_k = cend > c0 ? (u32)((cend - c0) >> 10) : 0;
+    io_sectors = 1;
+    puts_("B "); puts_(d->name); putc_(' '); puts_(a[1]); putc_(' '); puts_(a[2]); putc_(' '); puts_(a[3]);
+    kv("sectors", sectors); kv("count", count); kv("ok", ok); kv("errors", errors); kv("ms", ms);
+    kv("maxgap_ms", maxgap); kv("tsc_k", tsc_k); kv("maxgap_tsc_k", (u32)(cmaxgap >> 10));
+    kv("tsc_back", tsc_back); nl();
+    running = was_running;
+    for (int i = 0; i < NDISKS; i++) disks[i].credit = 0;
+}
+
 static void command(char *line) {
     u32 n;
     if (!strcmp_(line, "p")) { running = 0; pause_reported = 0; }
@@ -472,6 +563,7 @@ static void command(char *line) {
     else if (!strcmp_(line, "mode alt")) { ide_mode = 0; say("mode alt"); }
     else if (!strcmp_(line, "mode pio")) { ide_mode = 1; say("mode pio"); }
     else if (!strcmp_(line, "mode dma")) { ide_mode = 2; say("mode dma"); }
+    else if (!memcmp(line, "bench ", 6)) bench(line + 6);
     else { puts_("S error unknown-command"); nl(); }
 }
 

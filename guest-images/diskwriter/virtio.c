@@ -200,7 +200,7 @@ void vd_start(int kind, u32 lba, void *buf) {
     desc[0].flags = VRING_DESC_F_NEXT;
     desc[0].next = kind == REQ_FLUSH ? 2 : 1;
     desc[1].addr = (u32)buf;
-    desc[1].len = SECTOR;
+    desc[1].len = io_sectors * SECTOR;
     desc[1].flags = VRING_DESC_F_NEXT | (kind == REQ_READ ? VRING_DESC_F_WRITE : 0);
     desc[1].next = 2;
     desc[2].addr = (u32)&status_byte;
