@@ -21,6 +21,8 @@ from emu.errors import BlockError, ImageFormatError
 _CLEAR_COPIED = bytes(b & 0x7F for b in range(256))
 #: bytes.translate table keeping only bit 6 (QCOW_OFLAG_COMPRESSED in an entry's first byte).
 _ONLY_COMPRESSED = bytes(b & 0x40 for b in range(256))
+#: L2 tables whose walk result is remembered (content-checked) between snapshot operations.
+_WALK_MEMO_TABLES = 64
 
 
 class SnapshotNotFound(BlockError):
@@ -51,46 +53,66 @@ class SnapshotMixin:
         cb = self.cluster_bits
         cs = self.cluster_size
         counts: Counter = Counter()
-        mask = f.L2E_OFFSET_MASK
-        comp = f.QCOW_OFLAG_COMPRESSED
-        unpack = struct.Struct(f">{self.l2_size}Q").unpack
         walked: dict[int, tuple[list[int], bool]] = {}
         end = 0
+        memo: dict[int, tuple[bytes, list[int], list[int], int]] = self.__dict__.setdefault("_walk_memo", {})
         for i in range(len(l1)):
             l2off = self._l2_table_offset(i, l1)
             if not l2off:
                 continue
             raw = bytes(self.l2cache.get(l2off))
-            entries = unpack(raw)
-            # Bit 62 (compressed) lives in each entry's first byte: count them in C.
-            has_comp = raw[0::8].translate(_ONLY_COMPRESSED).count(0x40) > 0
-            if has_comp:
-                hosts = [e & mask for e in entries if e & mask and not e & comp]
+            # The walk depends only on the table's bytes without QCOW_OFLAG_COPIED (which
+            # snapshots flip): reuse the last result for an unchanged table.
+            norm = bytearray(raw)
+            norm[0::8] = norm[0::8].translate(_CLEAR_COPIED)
+            hit = memo.get(l2off)
+            if hit is not None and hit[0] == norm:
+                _, clusters, extra, tend = hit
             else:
-                hosts = list(filter(None, map(mask.__and__, entries)))
-            if reduce(or_, hosts, 0) & (cs - 1):
-                h = next(h for h in hosts if h & (cs - 1))
-                raise ImageFormatError(f"Cluster allocation offset {h:#x} unaligned "
-                                       f"(L2 offset: {l2off:#x})")
-            clusters = list(map(cb.__rrshift__, hosts))
+                clusters, extra, tend = self._walk_l2(l2off, raw)
+                if len(memo) >= _WALK_MEMO_TABLES:
+                    memo.clear()
+                memo[l2off] = (bytes(norm), clusters, extra, tend)
             counts.update(clusters)
-            if hosts:
-                end = max(end, max(hosts) + cs)
-            compressed = [e for e in entries if e & comp] if has_comp else []
-            for e in compressed:
-                coff = (e & self.clayout.offset_mask) & ~511
-                nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
-                counts.update(range(coff >> cb, ((coff + nb * 512 - 1) >> cb) + 1))
-                # The sector count is rounded up and may run past the end of the file
-                # (qemu-io/qemu-img write the last compressed cluster short): only its
-                # first byte must lie inside.
-                end = max(end, coff + 1)
+            if extra:
+                counts.update(extra)
             counts[l2off >> cb] += 1
-            end = max(end, l2off + cs)
-            walked[l2off] = (clusters, bool(compressed))
+            end = max(end, tend, l2off + cs)
+            walked[l2off] = (clusters, bool(extra))
         self._walked = walked
         self._walk_end = end
         return counts
+
+    def _walk_l2(self, l2off: int, raw: bytes) -> tuple[list[int], list[int], int]:
+        """One L2 table: its data clusters (entry order), the host clusters its compressed
+        clusters touch, and the highest byte (+1) they must find inside the file."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        mask = f.L2E_OFFSET_MASK
+        comp = f.QCOW_OFLAG_COMPRESSED
+        entries = struct.unpack(f">{self.l2_size}Q", raw)
+        # Bit 62 (compressed) lives in each entry's first byte: count them in C.
+        has_comp = raw[0::8].translate(_ONLY_COMPRESSED).count(0x40) > 0
+        if has_comp:
+            hosts = [e & mask for e in entries if e & mask and not e & comp]
+        else:
+            hosts = list(filter(None, map(mask.__and__, entries)))
+        if reduce(or_, hosts, 0) & (cs - 1):
+            h = next(h for h in hosts if h & (cs - 1))
+            raise ImageFormatError(f"Cluster allocation offset {h:#x} unaligned "
+                                   f"(L2 offset: {l2off:#x})")
+        clusters = list(map(cb.__rrshift__, hosts))
+        end = max(hosts) + cs if hosts else 0
+        extra: list[int] = []
+        for e in ([e for e in entries if e & comp] if has_comp else []):
+            coff = (e & self.clayout.offset_mask) & ~511
+            nb = ((e >> self.clayout.csize_shift) & self.clayout.csize_mask) + 1
+            extra.extend(range(coff >> cb, ((coff + nb * 512 - 1) >> cb) + 1))
+            # The sector count is rounded up and may run past the end of the file
+            # (qemu-io/qemu-img write the last compressed cluster short): only its
+            # first byte must lie inside.
+            end = max(end, coff + 1)
+        return clusters, extra, end
 
     def _update_tree_refcounts(self, l1: list[int], delta: int) -> dict[int, int]:
         """Add ``delta`` to every L2 table and data cluster reachable from ``l1``.
