@@ -32,7 +32,7 @@ from emu.cpu.layout import (AC, CR0_PE, DESC_A_MASK, DESC_B_MASK, DESC_C_MASK, D
                             HF_LMA_MASK, HF_CS64_MASK, IF, NT, OFF_EXC_IS_INT, OFF_GDT, OFF_IDT,
                             OFF_LDT, OFF_OLD_EXCEPTION, OFF_TR, R_CS, R_DS, R_ECX, R_ES, R_ESP,
                             R_FS, R_GS, R_SS, RF, TF, VM, CpuState)
-from emu.cpu.mmu import GuestFault, LinearMem, PhysMem
+from emu.cpu.mmu import GuestFault, LinearMem, PhysMem, WalkCache
 
 #: Vectors that push an error code (when raised as exceptions).
 EXC_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
@@ -73,6 +73,9 @@ class Delivery:
     def __init__(self, st: CpuState, phys: PhysMem) -> None:
         self.st = st
         self.phys = phys
+        #: Page walks kept between deliveries (IDT, GDT, TSS, stack pages), each re-checked
+        #: before use (see :class:`~emu.cpu.mmu.WalkCache`); the vCPU shares it for code reads.
+        self.walks = WalkCache()
 
     # ------------------------------------------------------------------ entry points
     def deliver(self, vector: int, kind: Kind, error_code: Optional[int] = None,
@@ -160,7 +163,7 @@ class Delivery:
     # ------------------------------------------------------------------ one delivery
     def _deliver_one(self, vector: int, kind: Kind, error_code: Optional[int]) -> None:
         st = self.st
-        mem = LinearMem(st, self.phys)
+        mem = LinearMem(st, self.phys, self.walks)
         has_error = kind is Kind.EXCEPTION and vector in EXC_WITH_ERROR_CODE
         if has_error and error_code is None:
             error_code = 0

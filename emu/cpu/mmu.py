@@ -57,10 +57,16 @@ class PhysMem:
     """
 
     def __init__(self, lookup: Callable, slow_read: Callable[[int, int], Optional[bytes]],
-                 slow_write: Callable[[int, bytes], None]) -> None:
+                 slow_write: Callable[[int, bytes], None],
+                 ram: Optional[memoryview] = None,
+                 ram_ranges: Optional[list[tuple[int, int, int]]] = None) -> None:
         self._lookup = lookup
         self._slow_read = slow_read
         self._slow_write = slow_write
+        # Page-table entries live in RAM: q()/d() read them straight from the buffer when
+        # given ``ram`` and its ``(start, end, offset)`` ranges (fixed for the vCPU's life).
+        self._ram = ram
+        self._ram_ranges = tuple(ram_ranges) if ram is not None and ram_ranges else ()
 
     def read(self, gpa: int, n: int) -> bytes:
         """Read ``n`` bytes at ``gpa``; unbacked bytes read as 0xFF."""
@@ -99,10 +105,45 @@ class PhysMem:
             pos += k
 
     def q(self, gpa: int) -> int:
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa <= end - 8:
+                return _Q.unpack_from(self._ram, offset + gpa - start)[0]
         return _Q.unpack(self.read(gpa, 8))[0]
 
     def d(self, gpa: int) -> int:
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa <= end - 4:
+                return _D.unpack_from(self._ram, offset + gpa - start)[0]
         return _D.unpack(self.read(gpa, 4))[0]
+
+
+class WalkCache:
+    """Page walks that succeeded, kept from one delivery to the next.
+
+    An entry is used only after every paging-structure entry its walk read (PDPTE, PML4E
+    ... PTE) still holds the value the walk left there (Accessed/Dirty included): a new walk
+    would then read the same entries, reach the same frame, pass the same checks and write
+    nothing, so a hit is exactly an uncached walk, never a stale TLB (no INVLPG or CR3
+    reload needs to be seen).  The cache is emptied when CR0, CR3, CR4, EFER.LMA or the A20
+    mask differ from those it was filled under.
+    """
+
+    LIMIT = 64      # one delivery uses ~4 pages (IDT, GDT, TSS, stack) plus HLT's code page
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.walks: dict[tuple[int, bool, bool], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
+
+    def bind(self, key: tuple) -> None:
+        """Use the cache under paging context ``key``; forget everything if it changed."""
+        if key != self.key:
+            self.key = key
+            self.walks.clear()
+
+    def clear(self) -> None:
+        """Forget every walk (reset, or anything that rewrites guest memory wholesale)."""
+        self.key = None
+        self.walks.clear()
 
 
 class LinearMem:
@@ -112,7 +153,7 @@ class LinearMem:
     :param phys: physical memory.
     """
 
-    def __init__(self, st: CpuState, phys: PhysMem) -> None:
+    def __init__(self, st: CpuState, phys: PhysMem, cache: Optional[WalkCache] = None) -> None:
         self.st = st
         self.phys = phys
         self.cr0 = st.cr(0)
@@ -123,6 +164,9 @@ class LinearMem:
         self.a20 = st.i32(OFF_A20_MASK) & 0xFFFFFFFFFFFFFFFF
         # One delivery touches a handful of pages (IDT, GDT, TSS, stack), several times.
         self._tlb: dict[tuple[int, bool, bool], int] = {}
+        self._cache = cache
+        if cache is not None and self.cr0 & CR0_PG:
+            cache.bind((self.cr0, self.cr3, self.cr4, self.lma, self.a20))
 
     def translate(self, lin: int, write: bool, user: bool) -> int:
         """Linear to physical; raises :class:`GuestFault` (#PF) as the CPU would."""
@@ -134,15 +178,33 @@ class LinearMem:
         page = self._tlb.get(key)
         if page is not None:
             return page | (lin & 0xFFF)
-        pa = self._walk(lin, write, user)      # faults report the exact address in CR2
+        cache = self._cache
+        if cache is not None:
+            hit = cache.walks.get(key)
+            if hit is not None:
+                phys = self.phys
+                for addr, value, size in hit[1]:
+                    if (phys.q(addr) if size == 8 else phys.d(addr)) != value:
+                        break
+                else:
+                    self._tlb[key] = hit[0]
+                    return hit[0] | (lin & 0xFFF)
+        pa, read = self._walk(lin, write, user)      # faults report the exact address in CR2
         self._tlb[key] = pa & ~0xFFF
+        if cache is not None:
+            if len(cache.walks) >= cache.LIMIT:
+                cache.walks.clear()
+            cache.walks[key] = (pa & ~0xFFF, read)
         return pa
 
-    def _walk(self, lin: int, write: bool, user: bool) -> int:
+    def _walk(self, lin: int, write: bool, user: bool) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """One page walk; returns the physical address and the ``(address, value, size)`` of
+        every paging-structure entry read, with the values the walk left in memory."""
         err = (PF_W if write else 0) | (PF_U if user else 0)
         wp = bool(self.cr0 & CR0_WP)
         phys = self.phys
         entries: list[tuple[int, int, int]] = []  # (pte address, value, size)
+        pdpte_read: tuple[tuple[int, int, int], ...] = ()
 
         def fault(present: bool) -> GuestFault:
             return GuestFault(14, err | (PF_P if present else 0), cr2=lin)
@@ -156,6 +218,7 @@ class LinearMem:
                 pdpte = phys.q(pdpte_addr)
                 if not pdpte & PTE_P:
                     raise fault(False)
+                pdpte_read = ((pdpte_addr, pdpte, 8),)
                 table = pdpte & ADDR_MASK
                 shifts = (21, 12)
             rw, us = True, True
@@ -196,13 +259,15 @@ class LinearMem:
         if write and not rw and (user or wp):
             raise fault(True)
         # The CPU sets Accessed on every level and Dirty on the leaf of a write.
+        read = list(pdpte_read)
         for i, (addr, e, size) in enumerate(entries):
             new = e | PTE_A
             if write and i == len(entries) - 1:
                 new |= PTE_D
             if new != e:
                 phys.write(addr, new.to_bytes(size, "little"))
-        return pa & self.a20
+            read.append((addr, new, size))
+        return pa & self.a20, tuple(read)
 
     def read(self, lin: int, n: int, user: bool = False) -> bytes:
         out = b""

@@ -211,7 +211,8 @@ class VCPU:
         self._bios_alias: Optional[tuple[int, bytes]] = None
         self._map_ram()
         self._map_hidden()
-        self._phys = PhysMem(self._lookup, self._slow_read, self._slow_write)
+        self._phys = PhysMem(self._lookup, self._slow_read, self._slow_write,
+                             ram=self._ram, ram_ranges=self._ram_ranges)
         self._delivery = Delivery(self._st, self._phys)
         self._cpuid = CpuidTable(_native_lookup)
         self._msrs = MsrFile(self._tsc_ticks)
@@ -694,6 +695,7 @@ class VCPU:
         self._restore_roms()
         self._uc.ctl_flush_tb()
         self._flush_tlb()
+        self._delivery.walks.clear()
 
     def _restore_roms(self) -> None:
         for _base, buf, data in self._roms:
@@ -1057,7 +1059,7 @@ class VCPU:
         """Length of the instruction at CS:RIP that ends with ``opcode`` (prefixes skipped)."""
         st = self._st
         try:
-            mem = LinearMem(st, self._phys)
+            mem = LinearMem(st, self._phys, self._delivery.walks)
             pc = st.seg(L.R_CS)[1] + st.rip
             if mem.read(pc, len(opcode)) == opcode:     # no prefixes: the usual case
                 return len(opcode)
@@ -1076,7 +1078,7 @@ class VCPU:
         """Length of the INT3/INTO (1 byte) or INT n (2 bytes) that ends at RIP."""
         st = self._st
         try:
-            last = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip - 1, 1)
+            last = LinearMem(st, self._phys, self._delivery.walks).read(st.seg(L.R_CS)[1] + st.rip - 1, 1)
         except GuestFault:
             return 2
         return 1 if last in (b"\xcc", b"\xce") else 2
@@ -1085,7 +1087,7 @@ class VCPU:
         st = self._st
         length = self._insn_length(b"\xf1")
         try:
-            code = LinearMem(st, self._phys).read(st.seg(L.R_CS)[1] + st.rip, length)
+            code = LinearMem(st, self._phys, self._delivery.walks).read(st.seg(L.R_CS)[1] + st.rip, length)
         except GuestFault:
             return False
         return code[-1:] == b"\xf1"
