@@ -171,11 +171,25 @@ def _device_name_of(ctx: CommandContext, bs: Any) -> str:
     return bs.node_name
 
 
+def _backup_source(ctx: CommandContext, bs: Any) -> bool:
+    """``bs`` is the source of an unfinished backup job (QEMU has put its copy-before-write
+    filter above it)."""
+    jobs = getattr(ctx.machine, "jobs", None)
+    if jobs is None:
+        return False
+    from emu.block.jobs.backup import busy_error
+
+    return busy_error(jobs, bs, "") is not None
+
+
 def _active_layer(ctx: CommandContext, name: str) -> tuple[Any, str]:
     dev = ctx.machine.find_block_device(name)
     if dev is not None:
         if dev.node is None:
             raise QmpError(f"Device '{name}' has no medium")
+        if _backup_source(ctx, dev.node):
+            # QEMU's qmp_get_root_bs: the device's root is the backup's filter now
+            raise QmpError("Need a root block node")
         return dev.node, dev.name
     bs = _graph(ctx).lookup(name) if ctx.machine.block_graph is not None else None
     if bs is None:
@@ -383,12 +397,19 @@ def query_blockstats(ctx: CommandContext, query_nodes: bool = False) -> list:
 
 # ------------------------------------------------------- internal snapshots
 
+def _as_transaction(ctx: CommandContext, action: str, data: dict) -> dict:
+    """QEMU's blockdev_do_action: a standalone snapshot command is a one-action
+    transaction (every job drains around it: ``paused``/``running`` before the reply)."""
+    from emu.qmp.commands.jobs import run_actions     # jobs imports this module
+
+    run_actions(ctx, [(action, data)])
+    return {}
+
+
 @command("blockdev-snapshot-internal-sync", args=SNAPSHOT_INTERNAL)
 def blockdev_snapshot_internal_sync(ctx: CommandContext, device: str, name: str) -> dict:
-    bs, devname = _active_layer(ctx, device)
-    with ctx.machine.quiesce():
-        internal_snapshot_create(ctx, bs, devname, name)
-    return {}
+    return _as_transaction(ctx, "blockdev-snapshot-internal-sync",
+                           {"device": device, "name": name})
 
 
 def internal_snapshot_create(ctx: CommandContext, bs: Any, devname: str, name: str) -> dict:
@@ -480,6 +501,13 @@ def external_snapshot_prepare(ctx: CommandContext, device: str | None, node_name
     if parent is not None:
         raise QmpError(f"Node '{old.node_name}' is busy: node is used as backing hd of "
                        f"'{parent.node_name}'")
+    if _backup_source(ctx, old):
+        # QEMU's BLOCK_OP_TYPE_EXTERNAL_SNAPSHOT blocker of the backup job, checked inside
+        # prepare's drained section of the old node (the job shows paused/running first)
+        jobs = ctx.machine.jobs
+        jobs.drain_end(jobs.drain_begin([old]))
+        raise QmpError(f"Node '{_device_name_of(ctx, old)}' is busy: block device is in use "
+                       "by block job: backup")
     if node_name is not None and snapshot_node_name is None:
         raise QmpError("New overlay node-name missing")
     g = _graph(ctx)
@@ -559,24 +587,19 @@ def _backend_of(ctx: CommandContext, bs: Any) -> list[Any]:
             if d.backend is not None and d.node is bs]
 
 
-@command("blockdev-snapshot-sync", args=SNAPSHOT_SYNC)
-def blockdev_snapshot_sync(ctx: CommandContext, snapshot_file: str, device: str | None = None,
-                           node_name: str | None = None, snapshot_node_name: str | None = None,
-                           format: str = "qcow2", mode: str = "absolute-paths") -> dict:
-    probe = None
-    try:
-        probe = _lookup_bs(ctx, device, node_name)
-    except QmpError:
-        pass
-    with ctx.machine.quiesce(_backend_of(ctx, probe) if probe is not None else []):
-        old, new = external_snapshot_prepare(ctx, device, node_name, snapshot_file,
-                                             snapshot_node_name, format, mode)
-        external_snapshot_commit(ctx, old, new)
-    return {}
+@command("blockdev-snapshot-sync", args=SNAPSHOT_SYNC, boxed=True)
+def blockdev_snapshot_sync(ctx: CommandContext, args: dict) -> dict:
+    return _as_transaction(ctx, "blockdev-snapshot-sync", dict(args))
 
 
 @command("blockdev-snapshot", args=SNAPSHOT)
+def qmp_blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
+    return _as_transaction(ctx, "blockdev-snapshot", {"node": node, "overlay": overlay})
+
+
 def blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
+    """Put node ``overlay`` on top of ``node`` (the blockdev-snapshot action's work, run in
+    a transaction's drained section): QEMU's checks and texts, jobs on ``node`` drained."""
     old = _lookup_bs(ctx, node, node)
     g = _graph(ctx)
     new = g.lookup(overlay)
@@ -592,10 +615,16 @@ def blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
         raise QmpError("The overlay already has a backing image")
     if not new.impl.supports_backing:
         raise QmpError("The overlay does not support backing images")
-    with ctx.machine.quiesce(_backend_of(ctx, old)):
-        if not old.read_only:
-            old.flush()
-        external_snapshot_commit(ctx, old, new)
+    jobs = getattr(ctx.machine, "jobs", None)
+    token = jobs.drain_begin([old]) if jobs is not None else None
+    try:
+        with ctx.machine.quiesce(_backend_of(ctx, old)):
+            if not old.read_only:
+                old.flush()
+            external_snapshot_commit(ctx, old, new)
+    finally:
+        if token is not None:
+            jobs.drain_end(token)
     return {}
 
 

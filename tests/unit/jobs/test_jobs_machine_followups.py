@@ -30,6 +30,9 @@ def pc(tmp_path, capsys):
     for name in ("ide.qcow2", "none.qcow2"):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / name), "4M"],
                        check=True)
+    # data for a backup to copy slowly
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5 0 2M",
+                    str(tmp_path / "none.qcow2")], check=True, capture_output=True)
     cfg, _ = parse_args(["-S", "-drive", f"file={tmp_path}/ide.qcow2,format=qcow2,if=ide",
                          "-drive", f"file={tmp_path}/none.qcow2,format=qcow2,if=none,id=drv2,"
                                    "node-name=fmt2",
@@ -104,3 +107,42 @@ def test_overlay_with_overridden_backing_shows_json_filename(pc) -> None:
     ide = run("query-block")["return"][0]["inserted"]
     assert ide["file"] == str(tmp / "s.qcow2")
     assert ide["image"]["backing-filename"] == str(tmp / "ide.qcow2")
+
+
+def _statuses(events: list, job_id: str) -> list[str]:
+    return [d["status"] for n, d in events if n == "JOB_STATUS_CHANGE" and d["id"] == job_id]
+
+
+def test_standalone_snapshots_drain_jobs_as_qemu_does(pc) -> None:
+    """Checked against qemu-system-x86_64 7.2: standalone snapshot commands are one-action
+    transactions, so a running backup shows paused/running around them; on the job's own
+    device QEMU refuses (the backup's filter is the device's root now)."""
+    m, run, tmp, events = pc
+    run2 = run
+    try:
+        assert run2("drive-backup", device="drv2", sync="full", target=str(tmp / "bk.qcow2"),
+                    speed=65536, job_id="j") == {"return": {}}
+        assert _statuses(events, "j") == ["created", "running", "paused", "running"]
+        del events[:]
+        assert run2("blockdev-snapshot-internal-sync", device="ide0-hd0", name="s") == \
+            {"return": {}}
+        assert _statuses(events, "j") == ["paused", "running"]
+        del events[:]
+        assert run2("blockdev-snapshot-internal-sync", device="drv2", name="s")["error"] == \
+            {"class": "GenericError", "desc": "Need a root block node"}
+        assert _statuses(events, "j") == ["paused", "running"]
+        del events[:]
+        assert run2("blockdev-snapshot-delete-internal-sync", device="drv2",
+                    name="s")["error"]["desc"] == "Need a root block node"
+        assert _statuses(events, "j") == []
+        assert run2("blockdev-snapshot-sync", device="drv2",
+                    snapshot_file=str(tmp / "ov.qcow2"))["error"]["desc"] == \
+            "Node 'drv2' is busy: block device is in use by block job: backup"
+        assert _statuses(events, "j") == ["paused", "running", "paused", "running"]
+        del events[:]
+        assert run2("blockdev-snapshot-sync", device="ide0-hd0",
+                    snapshot_file=str(tmp / "ov.qcow2")) == {"return": {}}
+        assert _statuses(events, "j") == ["paused", "running"]
+        assert run2("query-block")["return"][0]["inserted"]["file"] == str(tmp / "ov.qcow2")
+    finally:
+        m.jobs.cancel_all()
