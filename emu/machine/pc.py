@@ -442,7 +442,16 @@ class Machine:
 
     # -------------------------------------------------------------- teardown
     def close(self) -> None:
-        """Stop the vCPU and close every block backend (flushing images)."""
+        """Cancel the block jobs, stop the vCPU and close every block backend (flushing
+        images)."""
+        # a job still copying would write through backends about to close (QEMU's
+        # bdrv_close_all cancels jobs first); outside the lock: job threads may need it
+        jobs = getattr(self, "jobs", None)
+        if jobs is not None:
+            try:
+                jobs.cancel_all()
+            except Exception:   # noqa: BLE001 - teardown must go on
+                pass
         with self._lock:
             if self._vcpu is not None and self._vcpu_started:
                 try:

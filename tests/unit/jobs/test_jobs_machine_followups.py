@@ -146,3 +146,20 @@ def test_standalone_snapshots_drain_jobs_as_qemu_does(pc) -> None:
         assert run2("query-block")["return"][0]["inserted"]["file"] == str(tmp / "ov.qcow2")
     finally:
         m.jobs.cancel_all()
+
+
+def test_close_cancels_running_jobs_before_closing_backends(pc) -> None:
+    m, run, tmp, events = pc
+    assert run("drive-backup", device="drv2", sync="full", target=str(tmp / "bk.qcow2"),
+               speed=65536, job_id="c") == {"return": {}}
+    job = m.jobs.find("c")
+    assert job is not None and _statuses(events, "c")[-1] == "running"
+    m.close()
+    assert m.jobs.find("c") is None and m.jobs.jobs() == []
+    assert _statuses(events, "c")[-3:] == ["aborting", "concluded", "null"]
+    assert [n for n, d in events if n == "BLOCK_JOB_CANCELLED"] == ["BLOCK_JOB_CANCELLED"]
+    # the images were closed cleanly: qemu-img may open them read-write again
+    for name in ("none.qcow2", "bk.qcow2"):
+        r = subprocess.run(["qemu-img", "check", str(tmp / name)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
