@@ -70,6 +70,10 @@ class PhysMem:
 
     def read(self, gpa: int, n: int) -> bytes:
         """Read ``n`` bytes at ``gpa``; unbacked bytes read as 0xFF."""
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa and gpa + n <= end:
+                at = offset + gpa - start
+                return bytes(self._ram[at:at + n])
         hit = self._lookup(gpa)
         if hit is not None and hit[2] >= n:       # the common case: all in one buffer
             return bytes(hit[0][hit[1]:hit[1] + n])
@@ -90,6 +94,11 @@ class PhysMem:
 
     def write(self, gpa: int, data: bytes) -> None:
         """Write ``data`` at ``gpa``; writes to ROM or to nothing are dropped, as on a PC."""
+        for start, end, offset in self._ram_ranges:
+            if start <= gpa and gpa + len(data) <= end:
+                at = offset + gpa - start
+                self._ram[at:at + len(data)] = data
+                return
         pos = 0
         while pos < len(data):
             hit = self._lookup(gpa)
@@ -289,6 +298,15 @@ class LinearMem:
         :returns: the new stack pointer.
         """
         mask = (1 << (8 * size)) - 1
+        total = size * len(values)
+        low = (sp - total) & sp_mask
+        if low + total == sp and (base + low) & ~0xFFF == (base + sp - 1) & ~0xFFF:
+            # The whole frame in one page without a wrap (the usual case): one translation
+            # (of the first push, so a fault reports its address in CR2), one write; the
+            # lowest address holds the last push, so the bytes go in reverse.
+            pa = self.translate(base + ((sp - size) & sp_mask), True, user) - (total - size)
+            self.phys.write(pa, b"".join((v & mask).to_bytes(size, "little") for v in reversed(values)))
+            return low
         writes = []
         for value in values:
             sp = (sp - size) & sp_mask
