@@ -259,7 +259,8 @@ class Machine:
             self.resume()
 
     def pause(self) -> None:
-        """``stop``: running -> paused with a STOP event; otherwise nothing (QEMU)."""
+        """``stop``: running -> paused with a STOP event, then every block device drained and
+        written back (a cut with command ``stop``); otherwise nothing (QEMU)."""
         with self._lock:
             if not self.is_running():
                 return
@@ -268,6 +269,16 @@ class Machine:
             self._set_state(RunState.PAUSED)
             self._stop_vm_clock()
             self.emit("STOP")
+            # QEMU's vm_stop then drains all I/O (bdrv_drain_all: jobs show paused/running)
+            # and flushes, so a paused machine's image files hold every completed write
+            jobs = getattr(self, "jobs", None)
+            token = jobs.drain_begin(None) if jobs is not None else None
+            try:
+                with self.quiesce(reason="stop"):
+                    pass
+            finally:
+                if token is not None:
+                    jobs.drain_end(token)
 
     def resume(self) -> None:
         """``cont``: RESUME event, then running; nothing if already running.
@@ -403,7 +414,8 @@ class Machine:
 
     # -------------------------------------------------------------- quiesce
     @contextmanager
-    def quiesce(self, backends: list[Any] | None = None) -> Iterator[None]:
+    def quiesce(self, backends: list[Any] | None = None,
+                reason: str | None = None) -> Iterator[None]:
         """QEMU's drained section around a transaction.
 
         Stops admitting guest requests and waits until nothing is in flight on each
@@ -412,6 +424,8 @@ class Machine:
         the vCPU continue.  Nested uses are cheap (only the outermost drains).
 
         :param backends: the BlockBackends affected; ``None`` means all of them.
+        :param reason: what runs inside (the QMP command name: ``transaction``, ``stop``,
+            ...), recorded in the cut report (:mod:`emu.oracle.cuts`).
         """
         with self._lock:
             self._quiesce_depth += 1
@@ -430,7 +444,7 @@ class Machine:
                     for blk in backends:
                         _write_back(blk)
                     # drained, parked, written back: the instant the images are taken
-                    self.cuts.record(self, backends)
+                    self.cuts.record(self, backends, reason)
                 yield
             finally:
                 if outer:

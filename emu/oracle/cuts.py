@@ -6,7 +6,8 @@ guest), the vCPU is parked and metadata is written back — i.e. at the instant 
 transaction's images are taken.  A :class:`Cut` holds, per device, the BlockBackend's
 counters as ``query-blockstats`` names them (QEMU's ``wr_operations`` counts *completed*
 writes; failed ones go to ``failed_wr_operations``), a monotonically increasing id, and the
-command that ran inside (``transaction``, ``blockdev-snapshot-internal-sync``, ...).
+command that ran inside (``transaction``, ``blockdev-snapshot-internal-sync``, ``stop``, ...),
+which the caller names: ``Machine.quiesce(reason=…)``.
 
 QMP clients read them with ``x-emu-query-cuts`` (:mod:`emu.qmp.commands.oracle`): an
 ``x-`` query rather than an event, because an event QEMU never sends would break clients that
@@ -18,8 +19,6 @@ This module imports nothing of the machine; the machine imports it.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -30,6 +29,8 @@ __all__ = ["Cut", "DeviceCut", "CutLog", "backend_counters", "COUNTER_KEYS"]
 
 #: The counters a cut records, named as query-blockstats names them.
 COUNTER_KEYS = ("wr_operations", "failed_wr_operations", "flush_operations", "wr_bytes")
+#: The command of a cut whose quiesce() was given no reason.
+UNKNOWN_COMMAND = "unknown"
 #: Cuts kept for ``x-emu-query-cuts`` (older ones are dropped; ids keep counting).
 DEFAULT_KEEP = 256
 
@@ -115,8 +116,8 @@ class CutLog:
 
         :param machine: the ``Machine`` (device names, vm clock).
         :param backends: the drained BlockBackends.
-        :param command: what runs in the drained section; by default the QMP command handler
-            (or job/transaction entry point) that called ``quiesce()``.
+        :param command: what runs in the drained section (``quiesce(reason=…)``: the QMP
+            command name); ``unknown`` when the caller gave none.
         """
         names = {id(d.backend): d for d in getattr(machine, "block_devices", [])
                  if getattr(d, "backend", None) is not None}
@@ -132,7 +133,7 @@ class CutLog:
         clock = getattr(machine, "vm_clock_ns", None)
         now = time.time()
         with self._lock:
-            cut = Cut(self._next, command or _caller_command(), int(now), int(now % 1 * 1e6),
+            cut = Cut(self._next, command or UNKNOWN_COMMAND, int(now), int(now % 1 * 1e6),
                       int(clock()) if callable(clock) else 0, tuple(devices))
             self._next += 1
             self._cuts.append(cut)
@@ -147,36 +148,3 @@ class CutLog:
     def last(self) -> Cut | None:
         with self._lock:
             return self._cuts[-1] if self._cuts else None
-
-
-_SKIP = (os.sep + "contextlib.py", os.path.join("emu", "machine", "pc.py"),
-         os.path.join("emu", "oracle", "cuts.py"))
-
-
-def _caller_command() -> str:
-    """What entered the drained section.
-
-    Inside a QMP command this is the command's name, read from the dispatcher's frame (the
-    ``Command`` being invoked: ``transaction``, not the helper that quiesces for it).  Outside
-    QMP (HMP, jobs, tests) it is the nearest caller: handlers are named after their command
-    (``blockdev_snapshot_internal_sync``), delegated entry points ``qmp_<command>``."""
-    f = sys._getframe(1)
-    nearest = None
-    while f is not None:
-        if nearest is None and not f.f_code.co_filename.endswith(_SKIP):
-            nearest = f
-        if _QMP_DIR in f.f_code.co_filename:
-            cmd = f.f_locals.get("cmd")
-            name = getattr(cmd, "name", None)
-            if isinstance(name, str) and callable(getattr(cmd, "fn", None)):
-                return name
-        f = f.f_back
-    if nearest is None:
-        return "unknown"
-    name = nearest.f_code.co_name
-    if name.startswith("qmp_"):
-        name = name[4:]
-    return name.strip("_").replace("_", "-")
-
-
-_QMP_DIR = os.path.join("emu", "qmp") + os.sep

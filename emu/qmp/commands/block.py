@@ -402,7 +402,7 @@ def _as_transaction(ctx: CommandContext, action: str, data: dict) -> dict:
     transaction (every job drains around it: ``paused``/``running`` before the reply)."""
     from emu.qmp.commands.jobs import run_actions     # jobs imports this module
 
-    run_actions(ctx, [(action, data)])
+    run_actions(ctx, [(action, data)], reason=action)
     return {}
 
 
@@ -450,7 +450,7 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, device: str,
         raise QmpError(f"Snapshot with id '{id if id is not None else 'null'}' and name "
                        f"'{name if name is not None else 'null'}' does not exist on device "
                        f"'{devname}'")
-    with ctx.machine.quiesce():
+    with ctx.machine.quiesce(reason="blockdev-snapshot-delete-internal-sync"):
         try:
             return bs.snapshot_delete(match["id"], match["name"])
         except BlockError as e:
@@ -618,7 +618,7 @@ def blockdev_snapshot(ctx: CommandContext, node: str, overlay: str) -> dict:
     jobs = getattr(ctx.machine, "jobs", None)
     token = jobs.drain_begin([old]) if jobs is not None else None
     try:
-        with ctx.machine.quiesce(_backend_of(ctx, old)):
+        with ctx.machine.quiesce(_backend_of(ctx, old), reason="blockdev-snapshot"):
             if not old.read_only:
                 old.flush()
             external_snapshot_commit(ctx, old, new)

@@ -41,13 +41,18 @@ def job_registry(machine: Any) -> JobRegistry:
     return reg
 
 
-def run_actions(ctx: CommandContext, actions: list[tuple[str, dict]], grouped: bool = False) -> None:
+def run_actions(ctx: CommandContext, actions: list[tuple[str, dict]], grouped: bool = False,
+                reason: str = "transaction") -> None:
     """Run transaction actions inside one quiesce of the machine (QEMU's qmp_transaction:
-    drain everything first, then prepare / commit or abort / clean)."""
+    drain everything first, then prepare / commit or abort / clean).
+
+    :param reason: the QMP command, for the cut report (``drive-backup`` for a standalone
+        backup, which QEMU runs as a one-action transaction).
+    """
     from emu.block.transaction import run_transaction
 
     reg = job_registry(ctx.machine)
-    with ctx.machine.quiesce():
+    with ctx.machine.quiesce(reason=reason):
         reg.drain_all()
         try:
             run_transaction(actions, ctx, grouped=grouped)
@@ -248,13 +253,13 @@ def blockdev_backup_prepare(st: ActionState) -> None:
 
 @command("drive-backup", args=DRIVE_BACKUP, features=("deprecated",), boxed=True)
 def drive_backup(ctx: CommandContext, args: dict) -> dict:
-    run_actions(ctx, [("drive-backup", dict(args))])
+    run_actions(ctx, [("drive-backup", dict(args))], reason="drive-backup")
     return {}
 
 
 @command("blockdev-backup", args=BLOCKDEV_BACKUP, boxed=True)
 def blockdev_backup(ctx: CommandContext, args: dict) -> dict:
-    run_actions(ctx, [("blockdev-backup", dict(args))])
+    run_actions(ctx, [("blockdev-backup", dict(args))], reason="blockdev-backup")
     return {}
 
 

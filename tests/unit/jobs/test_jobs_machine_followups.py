@@ -5,6 +5,7 @@ qcow2 drives: dirty bitmaps in BlockDeviceInfo, drained jobs around snapshots,
 from __future__ import annotations
 
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -163,3 +164,54 @@ def test_close_cancels_running_jobs_before_closing_backends(pc) -> None:
         r = subprocess.run(["qemu-img", "check", str(tmp / name)], capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cuts_name_the_qmp_command_given_as_reason(pc) -> None:
+    m, run, tmp, events = pc
+
+    def commands(since: int) -> list[str]:
+        return [c["command"] for c in run("x-emu-query-cuts", since=since)["return"]]
+
+    assert run("blockdev-snapshot-internal-sync", device="ide0-hd0", name="a") == {"return": {}}
+    assert run("blockdev-snapshot-delete-internal-sync", device="ide0-hd0",
+               name="a")["return"]["name"] == "a"
+    assert run("transaction", actions=[{"type": "blockdev-snapshot-internal-sync",
+                                        "data": {"device": "drv2", "name": "t"}}]) == \
+        {"return": {}}
+    assert run("drive-backup", device="ide0-hd0", sync="full",
+               target=str(tmp / "b.qcow2")) == {"return": {}}
+    end = time.monotonic() + 10
+    while run("query-jobs")["return"] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert run("blockdev-snapshot-sync", device="ide0-hd0",
+               snapshot_file=str(tmp / "o.qcow2")) == {"return": {}}
+    assert commands(0) == ["blockdev-snapshot-internal-sync",
+                           "blockdev-snapshot-delete-internal-sync", "transaction",
+                           "drive-backup", "blockdev-snapshot-sync"]
+
+    def qmp_made_up() -> None:      # the name of the caller is not read any more
+        with m.quiesce():
+            pass
+
+    qmp_made_up()
+    assert m.cuts.last().command == "unknown"
+
+
+def test_stop_drains_block_devices_and_jobs_and_records_a_cut(pc) -> None:
+    m, run, tmp, events = pc
+    assert run("drive-backup", device="drv2", sync="full", target=str(tmp / "bk.qcow2"),
+               speed=65536, job_id="s") == {"return": {}}
+    assert run("cont") == {"return": {}}
+    last = m.cuts.last().id
+    del events[:]
+    assert run("stop") == {"return": {}}
+    assert [n if n != "JOB_STATUS_CHANGE" else d["status"] for n, d in events] == \
+        ["STOP", "paused", "running"]          # QEMU 7.2's order (vm_stop, then drain_all)
+    cut = m.cuts.last()
+    assert cut.id == last + 1 and cut.command == "stop"
+    assert {d.device for d in cut.devices} == {d.name for d in m.block_devices}
+    assert all(d.in_flight == 0 for d in cut.devices)
+    # the cut is taken after drain_begin on every device (Machine.quiesce)
+    # a stopped machine is not drained again
+    assert run("stop") == {"return": {}} and m.cuts.last().id == cut.id
+    m.jobs.cancel_all()

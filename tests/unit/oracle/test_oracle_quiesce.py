@@ -90,7 +90,7 @@ class Guest:
 
 def snapshot_both(machine: Machine, name: str) -> None:
     """What a transaction of two blockdev-snapshot-internal-sync actions does: one drained section."""
-    with machine.quiesce():
+    with machine.quiesce(reason="snapshot-both"):
         for dev in machine.block_devices:
             dev.node.snapshot_create(name, vm_clock_ns=machine.vm_clock_ns())
 
@@ -172,7 +172,7 @@ def copy_both(machine: Machine, paths: dict[str, object], dest) -> None:
     cloud-hypervisor PR 8607: copies missing completed writes whose metadata was still cached)."""
     import shutil
 
-    with machine.quiesce():
+    with machine.quiesce(reason="copy-both"):
         for disk, p in paths.items():
             shutil.copy(p, dest / f"{disk}.qcow2")
 
