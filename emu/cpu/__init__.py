@@ -11,7 +11,8 @@ Which module owns what:
                 offsets in the pinned build, and the start-up check that refuses another build;
                 the uc_struct flag that keeps stops at instruction boundaries
 ``mmu``         guest physical memory access and the linear->physical page walk used
-                while delivering events (IDT/GDT/TSS reads, stack pushes, #PF on failure)
+                while delivering events (IDT/GDT/TSS reads, stack pushes, #PF on failure);
+                ``WalkCache`` keeps walks between events, each re-checked before use
 ``interrupts``  delivery of IRQs, INT n, exceptions (real-mode IVT, 32-bit IDT, 64-bit IDT,
                 TSS stack switch, IST, #DF / triple fault) and SYSCALL / SYSENTER
 ``features``    CPUID as we implement it, the MSRs we emulate, the virtual TSC
