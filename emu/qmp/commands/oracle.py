@@ -24,7 +24,7 @@ EMU_CUT = Struct("EmuCut", [("id", INT), ("command", STR), ("timestamp", EMU_CUT
 @command("x-emu-query-cuts", args=[("?since", INT), ("?limit", INT)], returns=List(EMU_CUT))
 def x_emu_query_cuts(ctx: CommandContext, since: int | None = None,
                      limit: int | None = None) -> list[dict[str, Any]]:
-    """The recent cuts, oldest first: every quiesce (transaction, snapshot, backup start)
+    """The recent cuts, oldest first: every quiesce (transaction, snapshot, backup start, stop)
     with per-device completed-write counters taken after the drain.
 
     :param since: only cuts with a larger id.
