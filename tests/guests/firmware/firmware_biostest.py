@@ -224,8 +224,10 @@ def run(platform: Platform, drives: list[str], memory: int | str = 64,
     cmd = platform.command(drives, memory, devices, extra)
     if until is None:
         try:
-            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=platform.timeout)
+            # No key is ever typed: stdin is an empty pipe closed at once, not /dev/null, whose
+            # emptiness is the host's (a /dev/null replaced by a regular file that collected
+            # shell output fed its text to COM1, and the guest saw a typed key).
+            p = subprocess.run(cmd, input=b"", capture_output=True, timeout=platform.timeout)
             return Report(p.returncode, p.stdout.decode("latin-1"), p.stderr.decode("latin-1"))
         except subprocess.TimeoutExpired as e:
             return Report(None, (e.stdout or b"").decode("latin-1"),
