@@ -566,8 +566,12 @@ def external_snapshot_commit(ctx: CommandContext, old: Any, new: Any) -> None:
         old.file.read_only = True
 
 
-def external_snapshot_abort(ctx: CommandContext, old: Any, new: Any) -> None:
-    """Undo :func:`external_snapshot_commit`: device back on ``old``, writable again."""
+def external_snapshot_abort(ctx: CommandContext, old: Any, new: Any, *, remove_new: bool = True) -> None:
+    """Undo :func:`external_snapshot_commit`: device back on ``old``, writable again.
+
+    :param remove_new: drop the overlay node from the graph (``blockdev-snapshot-sync`` created it);
+        ``blockdev-snapshot`` keeps it, because the client added it with ``blockdev-add``.
+    """
     for dev in ctx.machine.block_devices:
         if dev.node is new:
             dev.node = old
@@ -579,7 +583,8 @@ def external_snapshot_abort(ctx: CommandContext, old: Any, new: Any) -> None:
     old.read_only = False
     if old.file is not None:
         old.file.read_only = False
-    ctx.machine.block_graph.remove(new)
+    if remove_new:
+        ctx.machine.block_graph.remove(new)
 
 
 def _backend_of(ctx: CommandContext, bs: Any) -> list[Any]:

@@ -88,18 +88,8 @@ def blockdev_snapshot_prepare(st: ActionState) -> None:
     blockdev_snapshot(ctx, node=node, overlay=overlay)
 
     def undo() -> None:
-        for dev in ctx.machine.block_devices:
-            if dev.node is new:
-                dev.node = old
-                if dev.backend is not None and hasattr(dev.backend, "set_root"):
-                    dev.backend.set_root(old)
-        if new.backing is old:
-            new.backing = None
-            old.parents -= 1
+        external_snapshot_abort(ctx, old, new, remove_new=False)
         new.backing_file, new.backing_format = had_backing_file
-        old.read_only = False
-        if old.file is not None:
-            old.file.read_only = False
 
     st.on_abort(undo)
 
