@@ -267,6 +267,8 @@ class SerialLog:
     disks: dict[str, dict[str, str]] = field(default_factory=dict)  #: ``S disk`` fields by disk
     verify: list[dict[str, dict[str, int] | bool]] = field(default_factory=list)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)  #: last ``S stats`` per disk ('' = global)
+    #: ``B`` bench results in log order: disk, method, dir, pattern and the integer fields
+    bench: list[dict[str, str | int]] = field(default_factory=list)
     quit: bool = False
     fatal: str | None = None
 
@@ -322,6 +324,8 @@ _LINE_E = re.compile(rf"E {_DISK} {_NUM} {_HEX8}")
 _LINE_F = re.compile(rf"(F|FC) {_DISK} {_NUM}")
 _LINE_FE = re.compile(rf"FE {_DISK} {_NUM} {_HEX8}")
 _KV = re.compile(r"([a-z_]+)=(\S+)")
+# bench result (FORMAT.md "Bench"); "b" alone is a trace tick after each bench completion
+_LINE_B = re.compile(rf"B {_DISK} (pio|dma|vq) (read|write) (seq|rand)((?: \S+)*)")
 _LINE_S = re.compile(r"S ([a-z-]+)((?: \S+)*)")
 _LINE_V = re.compile(rf"V ({_DISK[1:-1]}|end|bad)((?: \S+)*)")
 _S_WORDS = {"hello", "disk", "nodisk", "polling", "irq-missing", "running", "paused", "rate", "mode",
@@ -414,6 +418,13 @@ def parse_log(text: str, strict: bool = True) -> SerialLog:
             _status_line(log, m.group(1), m.group(2).split(), n, line, strict)
         elif m := _LINE_V.fullmatch(line):
             _verify_line(log, m.group(1), m.group(2).split(), n, line)
+        elif m := _LINE_B.fullmatch(line):
+            fields: dict[str, str | int] = {"disk": m.group(1), "method": m.group(2),
+                                            "dir": m.group(3), "pattern": m.group(4)}
+            fields.update(_int_fields(_fields(m.group(5), n, line), n, line))
+            log.bench.append(fields)
+        elif line == "b":
+            pass  # bench trace: timed by the host, carries no data
         elif strict:
             raise LogError(n, line, "not a diskwriter protocol line")
     return log
