@@ -345,9 +345,8 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
     def on_exit(status: int) -> None:
         if hw is not None:
             hw.exit_status = status
-        # the OS keeps the low 8 bits of QEMU's exit(status)
-        _post(lambda: machine.request_shutdown(ShutdownCause.NONE, exit_code=status & 0xFF),
-              "emu-guest-exit")
+        # QEMU calls exit(status) right away: no SHUTDOWN event; the OS keeps the low 8 bits
+        _post(lambda: machine.request_exit(status & 0xFF), "emu-guest-exit")
 
     cpu_ref: list[Any] = []
 

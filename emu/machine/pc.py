@@ -10,8 +10,8 @@ synchronously, in the calling thread, *before* the caller returns, so a QMP repl
 follows the events its command caused — the order QEMU shows.
 
 Threads: QMP commands call the facade from the monitor's command thread; the vCPU and
-devices post *requests* (guest reset, guest shutdown) with :meth:`Machine.request_reset`
-/ :meth:`Machine.request_shutdown`, which :meth:`Machine.main_loop` (the process's main
+devices post *requests* (guest reset, guest shutdown, debug exit) with :meth:`Machine.request_reset`
+/ :meth:`Machine.request_shutdown` / :meth:`Machine.request_exit`, which :meth:`Machine.main_loop` (the process's main
 thread) carries out, because a reset parks the vCPU and the vCPU cannot park itself.
 
 Later layers attach without changes here or in QMP:
@@ -364,10 +364,21 @@ class Machine:
 
     def request_shutdown(self, cause: ShutdownCause = ShutdownCause.GUEST_SHUTDOWN,
                          exit_code: int = 0) -> None:
-        """Ask for a shutdown from any thread (guest power-off, debug-exit port)."""
+        """Ask for a shutdown from any thread (guest power-off); SHUTDOWN event, then exit."""
         with self._cond:
             self._exit_code = exit_code
             self._requests.append(("shutdown", cause))
+            self._cond.notify_all()
+
+    def request_exit(self, exit_code: int) -> None:
+        """Ask for the process to end with ``exit_code`` from any thread, with no SHUTDOWN
+        event and whatever ``-no-shutdown`` says: isa-debug-exit, where QEMU calls exit().
+
+        :param exit_code: the process exit status.
+        """
+        with self._cond:
+            self._exit_code = exit_code
+            self._requests.append(("exit", ShutdownCause.NONE))
             self._cond.notify_all()
 
     def main_loop(self, timeout: float | None = None) -> int | None:
@@ -390,6 +401,10 @@ class Machine:
                 self._cond.wait(wait)
 
     def _handle_request(self, kind: str, cause: ShutdownCause) -> None:
+        if kind == "exit":
+            if self._shutdown_cause is None:
+                self._shutdown_cause = cause    # ends main_loop; no event, as QEMU's exit()
+            return
         if kind == "reset":
             if self.config.no_reboot and cause.is_guest:
                 kind, cause = "shutdown", ShutdownCause.GUEST_RESET
