@@ -718,6 +718,14 @@ class VCPU:
     # ================================================================== hooks
     def _install_hooks(self) -> None:
         uc = self._uc
+        # RDTSC first of all UC_HOOK_INSN hooks.  libunicorn's RDTSC/RDTSCP/CPUID/SYSCALL/
+        # SYSENTER helpers walk the whole INSN hook list and leave it as soon as
+        # stop_request is set (any kick), even before reaching the matching hook; RDTSC
+        # then returns the *host* TSC (guest saw its TSC jump to ~1e13 and "go backwards").
+        # Only the first hook in the list is always called: it is RDTSC's, the instruction
+        # guests execute most.  The others keep that window (see _hook_rdtscp).
+        self._add_c_insn_hook(x86.UC_X86_INS_RDTSC, _INSN_CB(self._hook_rdtsc))
+        self._add_c_insn_hook(x86.UC_X86_INS_RDTSCP, _INSN_CB(self._hook_rdtscp))
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
@@ -732,14 +740,16 @@ class VCPU:
             uc.hook_add(uc_const.UC_HOOK_MEM_FETCH_UNMAPPED | uc_const.UC_HOOK_MEM_FETCH_PROT,
                         self._hook_bad_fetch, None, begin, end)
             uc.hook_add(uc_const.UC_HOOK_MEM_WRITE_PROT, self._hook_rom_write, None, begin, end)
-        # The Python binding does not offer RDTSC/RDTSCP hooks; the C API does.  IN/OUT go
-        # through the C API too, for speed (see _IN_CB).
-        for insn, fptr in ((x86.UC_X86_INS_IN, _IN_CB(self._hook_in)),
-                           (x86.UC_X86_INS_OUT, _OUT_CB(self._hook_out)),
-                           (x86.UC_X86_INS_RDTSC, _INSN_CB(self._hook_rdtsc)),
-                           (x86.UC_X86_INS_RDTSCP, _INSN_CB(self._hook_rdtscp))):
-            self._callbacks.append(fptr)
-            uc._Uc__do_hook_add(uc_const.UC_HOOK_INSN, fptr, 1, 0, ctypes.c_int(insn))
+        # IN/OUT go through the C API, for speed (see _IN_CB); their helpers call the
+        # matching hook whatever stop_request says, so their place in the list is free.
+        self._add_c_insn_hook(x86.UC_X86_INS_IN, _IN_CB(self._hook_in))
+        self._add_c_insn_hook(x86.UC_X86_INS_OUT, _OUT_CB(self._hook_out))
+
+    def _add_c_insn_hook(self, insn: int, fptr: object) -> None:
+        """Append a raw ctypes UC_HOOK_INSN callback (the Python binding offers no
+        RDTSC/RDTSCP hooks; the C API does) and keep it alive."""
+        self._callbacks.append(fptr)
+        self._uc._Uc__do_hook_add(uc_const.UC_HOOK_INSN, fptr, 1, 0, ctypes.c_int(insn))
 
     def _non_ram_ranges(self) -> list[tuple[int, int]]:
         """Inclusive ``(begin, end)`` ranges of guest-physical space that hold no RAM."""
@@ -851,6 +861,9 @@ class VCPU:
             return 0
 
     def _hook_rdtscp(self, _uch: int, _ud: int) -> int:
+        # Second in the hook list: a kick between the start of the RDTSCP's block and the
+        # instruction makes libunicorn skip this hook and return the host TSC.  CPUID no
+        # longer advertises RDTSCP (features.py), so only guests that ignore CPUID meet it.
         try:
             self._hook_rdtsc(_uch, _ud)
             self._uc.reg_write(x86.UC_X86_REG_RCX, self._uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF)
