@@ -149,3 +149,50 @@ irq_handler:
     prev, bad = struct.unpack_from("<QQ", cpu.ram, 0x500)
     assert board.exit_code == 0x2E, f"TSC read {bad:#x} after {prev:#x}"
     assert board.u32(0x510) > 0 and pauses[0] > 0
+
+
+# The same libunicorn hook walk serves CPUID, SYSCALL and SYSENTER: only one hook can be
+# first in the list, so these keep the window (found while fixing RDTSC; not fixed yet).
+_SAME_WINDOW = ("libunicorn 2.1.4 leaves its INSN hook walk on stop_request before reaching "
+                "this instruction's hook (RDTSC's is first): a kick in the same block skips "
+                "emu's emulation of it")
+
+
+@pytest.mark.xfail(strict=False, reason=_SAME_WINDOW)
+def test_cpuid_right_after_a_kick_is_still_filtered() -> None:
+    body = r"""
+    out 0x80, al
+    mov eax, 1
+    cpuid
+    mov [RES], edx
+    EXIT 0x2E
+"""
+    board = _kicking_board(body, long_mode=False)
+    assert board.run() == 0x2E
+    assert board.u32(0x500) & (1 << 9) == 0           # no local APIC even right after a kick
+
+
+@pytest.mark.xfail(strict=False, reason=_SAME_WINDOW)
+def test_syscall_right_after_a_kick_enters_the_kernel() -> None:
+    body = r"""
+    mov ecx, 0xC0000081                   ; STAR: kernel CS 0x28, SYSRET base 0x38
+    xor eax, eax
+    mov edx, 0x00380028
+    wrmsr
+    mov ecx, 0xC0000082                   ; LSTAR
+    mov rax, kernel_entry
+    mov rdx, rax
+    shr rdx, 32
+    wrmsr
+    mov r12, 0x1234
+    out 0x80, al
+    syscall
+    mov [RES], r12
+    EXIT 0x2E
+kernel_entry:
+    mov r12, 0x4321
+    o64 sysret
+"""
+    board = _kicking_board(body, long_mode=True)
+    assert board.run() == 0x2E
+    assert board.u64(0x500) == 0x4321                  # the SYSCALL was not skipped
