@@ -22,7 +22,7 @@ it for devices.  Host writes into RAM do not invalidate translated code in Unico
 
 Run loop (vCPU thread): park if a pause is requested; apply requests from other threads
 (reset, A20, code invalidation); deliver the event a hook recorded (exception, INT n,
-SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR); deliver a pending IRQ when IF=1 and no
+SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR/CPUID); deliver a pending IRQ when IF=1 and no
 interrupt shadow; if halted wait on an Event; else ``emu_start(rip, 0)`` with exits enabled
 and an empty exit set.  ``emu_start(timeout=)`` and ``count=`` are never used.
 
@@ -44,7 +44,7 @@ and read as all ones.  The vCPU thread never ends because of the guest.
 
 How HLT and the MSRs are caught: Unicorn has no hook for HLT, RDMSR or WRMSR, but its
 QEMU core still has AMD SVM's intercept checks.  We set hflags.HF_GUEST_MASK and the
-HLT/MSR/MONITOR/MWAIT intercept bits in the CPU state, with a hidden VMCB and MSR permission
+CPUID/HLT/MSR/MONITOR/MWAIT intercept bits in the CPU state, with a hidden VMCB and MSR permission
 map (above the guest's physical address width).  The instructions then end ``emu_start``
 through ``UC_HOOK_INTR`` with vector ``0x100 + exit code`` and RIP on the instruction,
 which the loop emulates.  HLT detection is therefore exact (no byte heuristic), and unknown
@@ -97,7 +97,7 @@ RESET_CS_BASE = 0xFFFF0000
 RESET_RIP = 0xFFF0
 
 _INTERCEPTS = sum(1 << (code - L.SVM_EXIT_INTR)
-                  for code in (L.SVM_EXIT_HLT, L.SVM_EXIT_MSR, L.SVM_EXIT_ICEBP,
+                  for code in (L.SVM_EXIT_CPUID, L.SVM_EXIT_HLT, L.SVM_EXIT_MSR, L.SVM_EXIT_ICEBP,
                                L.SVM_EXIT_MONITOR, L.SVM_EXIT_MWAIT))
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _INSN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
@@ -718,8 +718,8 @@ class VCPU:
     # ================================================================== hooks
     def _install_hooks(self) -> None:
         uc = self._uc
-        # RDTSC first of all UC_HOOK_INSN hooks.  libunicorn's RDTSC/RDTSCP/CPUID/SYSCALL/
-        # SYSENTER helpers walk the whole INSN hook list and leave it as soon as
+        # RDTSC first of all UC_HOOK_INSN hooks.  libunicorn's RDTSC/RDTSCP/SYSCALL/SYSENTER
+        # (and CPUID: we intercept that one instead, see _handle_intercept) helpers walk the whole INSN hook list and leave it as soon as
         # stop_request is set (any kick), even before reaching the matching hook; RDTSC
         # then returns the *host* TSC (guest saw its TSC jump to ~1e13 and "go backwards").
         # Only the first hook in the list is always called: it is RDTSC's, the instruction
@@ -728,7 +728,6 @@ class VCPU:
         self._add_c_insn_hook(x86.UC_X86_INS_RDTSCP, _INSN_CB(self._hook_rdtscp))
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
-        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_intr)
         uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid)
         # Any memory hook whose range covers a RAM page keeps that page on Unicorn's slow
@@ -831,21 +830,6 @@ class VCPU:
             if HIDDEN_GPA <= address < HIDDEN_GPA + 3 * PAGE:
                 self._hidden[PAGE:3 * PAGE] = msr_permission_map()
         return dirty
-
-    def _hook_cpuid(self, uc: "unicorn.Uc", _ud: object) -> int:
-        try:
-            leaf = uc.reg_read(x86.UC_X86_REG_RAX) & 0xFFFFFFFF
-            sub = uc.reg_read(x86.UC_X86_REG_RCX) & 0xFFFFFFFF
-            osxsave = bool(uc.reg_read(x86.UC_X86_REG_CR4) & L.CR4_OSXSAVE)
-            a, b, c, d = self._cpuid.lookup(leaf, sub, osxsave)
-            uc.reg_write(x86.UC_X86_REG_RAX, a)
-            uc.reg_write(x86.UC_X86_REG_RBX, b)
-            uc.reg_write(x86.UC_X86_REG_RCX, c)
-            uc.reg_write(x86.UC_X86_REG_RDX, d)
-            return 1
-        except Exception as err:
-            self._report("cpuid", "CPUID emulation failed: %s", err)
-            return 0
 
     def _tsc_ticks(self) -> int:
         return self.clock_ns() * self._tsc_hz // 1_000_000_000
@@ -1127,6 +1111,16 @@ class VCPU:
                 self._raise(fault.vector, Kind.EXCEPTION, fault.error_code)
                 return
             st.rip = st.rip + self._insn_length(b"\x0f\x30" if write else b"\x0f\x32")
+            st.store()
+        elif code == L.SVM_EXIT_CPUID:
+            # An intercept, not the INSN hook: libunicorn checks intercepts before its hook
+            # walk, which a kick can cut short (see _install_hooks).
+            a, b, c, d = self._cpuid.lookup(st.reg(L.R_EAX) & 0xFFFFFFFF,
+                                            st.reg(L.R_ECX) & 0xFFFFFFFF,
+                                            bool(st.cr(4) & L.CR4_OSXSAVE))
+            for index, value in ((L.R_EAX, a), (L.R_EBX, b), (L.R_ECX, c), (L.R_EDX, d)):
+                st.set_reg(index, value)
+            st.rip = st.rip + self._insn_length(b"\x0f\xa2")
             st.store()
         elif code == L.SVM_EXIT_ICEBP:
             # ICEBP (0xF1) is a #DB trap on hardware (kept in case a build reaches this
