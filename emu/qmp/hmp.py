@@ -304,9 +304,18 @@ def hmp_qemu_io(machine: Any, args: list[str]) -> str:
 
 
 def _qemu_io(target: Any, node: Any, verb: str, opts: list[str]) -> str:
+    # Accounting as QEMU 7.2's qemu-io: the synchronous read/write/discard/flush are not
+    # counted in query-blockstats; aio_read/aio_write (not with -z) and aio_flush are,
+    # -i counts an invalid request without I/O, and a request the BlockBackend refuses
+    # (past the end, read-only) counts as failed, not invalid.
+    acct = getattr(target, "acct", None)
+    # a BlockBackend takes account=; a node (qemu-io on a node-name) has no statistics
+    kw: dict[str, Any] = {"account": False} if acct is not None else {}
     if verb in ("write", "aio_write", "read", "aio_read"):
-        pattern = 0xCD if verb.endswith("write") else None
-        zero = False
+        is_aio = verb.startswith("aio_")
+        kind = "wr" if verb.endswith("write") else "rd"
+        pattern = 0xCD if kind == "wr" else None
+        zero = invalid = False
         pos: list[str] = []
         i = 0
         while i < len(opts):
@@ -317,27 +326,55 @@ def _qemu_io(target: Any, node: Any, verb: str, opts: list[str]) -> str:
                 continue
             if o == "-z":
                 zero = True
+            elif o == "-i" and is_aio:
+                invalid = True
             elif o.startswith("-"):
                 pass
             else:
                 pos.append(o)
             i += 1
-        off, length = _parse_num(pos[0]), _parse_num(pos[1])
-        if verb.endswith("write"):
-            if zero:
-                target.write_zeroes(off, length)
+        off = _parse_num(pos[0])
+        # aio_* take several lengths (an I/O vector); the request is their sum
+        length = sum(_parse_num(p) for p in pos[1:]) if is_aio else _parse_num(pos[1])
+        if not pos[1:]:
+            raise ValueError("missing length")
+        if invalid:
+            if acct is not None:
+                acct.invalid(kind)
+            return ""
+        cookie = acct.start(kind, length) if (is_aio and not zero and acct is not None) else None
+        try:
+            if kind == "wr":
+                if zero:
+                    target.write_zeroes(off, length, **kw)
+                else:
+                    target.write(off, bytes([pattern & 0xFF]) * length, **kw)
+                data = b""
             else:
-                target.write(off, bytes([pattern & 0xFF]) * length)
-        else:
-            data = target.read(off, length)
-            if pattern is not None and data != bytes([pattern & 0xFF]) * length:
-                return f"Pattern verification failed at offset {off}, {length} bytes\n"
+                data = target.read(off, length, **kw)
+        except Exception:
+            if cookie is not None:
+                acct.failed(cookie)
+            raise
+        if cookie is not None:
+            acct.done(cookie)
+        if kind == "rd" and pattern is not None and data != bytes([pattern & 0xFF]) * length:
+            return f"Pattern verification failed at offset {off}, {length} bytes\n"
         return ""
     if verb in ("discard", "aio_discard"):
-        target.discard(_parse_num(opts[0]), _parse_num(opts[1]))
+        # QEMU 7.2's qemu-io has no aio_discard; emu keeps it, unaccounted like discard
+        target.discard(_parse_num(opts[0]), _parse_num(opts[1]), **kw)
         return ""
     if verb in ("flush", "aio_flush"):
-        target.flush()
+        cookie = acct.start("flush") if (verb == "aio_flush" and acct is not None) else None
+        try:
+            target.flush(**kw)
+        except Exception:
+            if cookie is not None:
+                acct.failed(cookie)
+            raise
+        if cookie is not None:
+            acct.done(cookie)
         return ""
     blk = _blkdebug(node)
     if verb in ("break", "remove_break", "resume", "wait_break"):
