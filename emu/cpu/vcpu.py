@@ -196,8 +196,9 @@ class VCPU:
         self._external_clock = clock_ns
         self._tsc_hz = tsc_hz
         self._clock_base = time.monotonic_ns()
-        self._paused_ns = 0
-        self._paused_since: Optional[int] = None
+        # (ns paused before, start of the current pause or None): one tuple, replaced in one
+        # assignment, so clock_ns() on another thread never sees a pause counted twice.
+        self._pause_acct: tuple[int, Optional[int]] = (0, None)
 
         self._uc = uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         # Before anything is translated: a kick must never rewind a half-done instruction
@@ -269,10 +270,16 @@ class VCPU:
         """The virtual clock in ns (stands still while paused unless a clock was given)."""
         if self._external_clock is not None:
             return self._external_clock()
-        now = time.monotonic_ns()
-        paused = self._paused_ns
-        if self._paused_since is not None:
-            paused += now - self._paused_since
+        while True:
+            # Read the bookkeeping on both sides of the host clock: a pause that ended in
+            # between would be subtracted from a "now" taken before it ended (a step back).
+            acct = self._pause_acct
+            now = time.monotonic_ns()
+            if self._pause_acct is acct:
+                break
+        paused, since = acct
+        if since is not None:
+            paused += max(0, now - since)
         return now - self._clock_base - paused
 
     def dma_view(self, gpa: int, length: int) -> Optional[memoryview]:
@@ -927,12 +934,12 @@ class VCPU:
     def _park(self) -> None:
         """Called with _cond held: sit until resumed (or stopped)."""
         self._state = RunState.PAUSED
-        self._paused_since = time.monotonic_ns()
+        self._pause_acct = (self._pause_acct[0], time.monotonic_ns())
         self._cond.notify_all()
         while self._pause_req and not self._stop_req:
             self._cond.wait()
-        self._paused_ns += time.monotonic_ns() - self._paused_since
-        self._paused_since = None
+        paused, since = self._pause_acct
+        self._pause_acct = (paused + time.monotonic_ns() - since, None)
         self._state = RunState.RUNNING
 
     def _step(self) -> None:

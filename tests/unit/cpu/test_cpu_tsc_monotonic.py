@@ -196,3 +196,44 @@ kernel_entry:
     board = _kicking_board(body, long_mode=True)
     assert board.run() == 0x2E
     assert board.u64(0x500) == 0x4321                  # the SYSCALL was not skipped
+
+
+def test_default_clock_read_from_another_thread_never_goes_back_across_pause_resume() -> None:
+    # The vCPU's own clock (no machine clock given) is read by device threads; the pause
+    # bookkeeping is swapped in one assignment so a reader never counts a pause twice.
+    body = r"""
+.spin:
+    inc dword [RES]
+    jmp .spin
+"""
+    board = Board(guest(body))
+    cpu = board.cpu
+    stop = threading.Event()
+    errors: list[tuple[int, int]] = []
+    reads = [0]
+
+    def reader() -> None:
+        prev = cpu.clock_ns()
+        while not stop.is_set():
+            now = cpu.clock_ns()
+            if now < prev:
+                errors.append((prev, now))
+            prev = now
+            reads[0] += 1
+
+    cpu.start()
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(40):
+            assert cpu.pause(timeout=2)
+            before = cpu.clock_ns()
+            time.sleep(0.002)
+            assert cpu.clock_ns() == before          # stands still while paused
+            cpu.resume()
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        t.join()
+        cpu.stop()
+    assert reads[0] > 100 and errors == []
