@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import random
 import struct
@@ -156,6 +157,22 @@ class BlockDriver:
     def actual_size(self) -> int:
         return self.bs.file.impl.actual_size() if self.bs.file is not None else 0
 
+    @property
+    def cluster_size(self) -> int | None:
+        """QEMU's BlockDriverInfo.cluster_size, ``None`` when the driver has none.  ``raw``
+        answers with its file child's (QEMU's raw_co_get_info), e.g. an RBD object size."""
+        own = self.__dict__.get("_cluster_size")
+        if own is not None:
+            return own
+        if self.format_name == "raw" and self.bs.file is not None:
+            return getattr(self.bs.file.impl, "cluster_size", None)
+        return None
+
+    @cluster_size.setter
+    def cluster_size(self, value: int | None) -> None:
+        # Drivers that learn their cluster size at open time assign it.
+        self.__dict__["_cluster_size"] = value
+
     def info_specific(self) -> dict | None:
         return None
 
@@ -191,7 +208,8 @@ def register_driver(name: str, probe: Callable[[bytes, str], int] | None = None)
 
 def _load_drivers() -> None:
     # Importing registers them; done lazily to keep import order simple.
-    from emu.block.drivers import blkdebug, file, raw  # noqa: F401
+    # rbd is cheap to import: librbd/librados load only when an rbd node opens.
+    from emu.block.drivers import blkdebug, file, raw, rbd  # noqa: F401
     from emu.block.qcow2 import driver  # noqa: F401
 
 
@@ -415,22 +433,42 @@ class BlockDriverState:
         return self.impl.actual_size()
 
     # --- snapshots ---------------------------------------------------------------------
+    def snapshot_target(self) -> "BlockDriverState | None":
+        """The node whose driver takes this node's snapshot calls, or ``None``.
+
+        QEMU's bdrv_snapshot_fallback: a driver without snapshots hands them to its only
+        child (``file``), so ``raw`` on ``rbd`` snapshots the RBD image.  A node that also
+        has a backing child does not fall back (QEMU refuses when there are other children).
+        """
+        n: BlockDriverState | None = self
+        while n is not None:
+            if n.impl.supports_snapshots:
+                return n
+            if n.backing is not None:
+                return None
+            n = n.file
+        return None
+
     @property
     def supports_snapshots(self) -> bool:
-        return self.impl.supports_snapshots
+        """Whether internal snapshots work here, directly or through the fallback child
+        (QEMU's bdrv_can_snapshot)."""
+        return self.snapshot_target() is not None
 
     def _snap_impl(self):
-        if not self.impl.supports_snapshots:
+        target = self.snapshot_target()
+        if target is None:
             raise BlockError(f"Block format '{self.drv}' used by device '{self.node_name}' "
                              "does not support internal snapshots")
-        return self.impl
+        return target
 
     def snapshot_list(self) -> list[dict]:
         """Snapshots as QEMU's SnapshotInfo dicts (id, name, vm-state-size, date-*, vm-clock-*)."""
-        if not self.impl.supports_snapshots:
+        target = self.snapshot_target()
+        if target is None:
             return []
-        with self.lock:
-            return self.impl.snapshot_list()
+        with target.lock:
+            return target.impl.snapshot_list()
 
     def snapshot_create(self, name: str, vm_clock_ns: int = 0, date: float | None = None,
                         vm_state_size: int = 0, snapshot_id: str | None = None,
@@ -440,29 +478,31 @@ class BlockDriverState:
         :param snapshot_id: explicit id; default: the highest numeric id + 1, as QEMU.
         :param icount: ``None`` (QMP: no icount) or a value (``qemu-img snapshot -c`` stores 0).
         """
-        impl = self._snap_impl()
+        target = self._snap_impl()
         if self.read_only:
             raise BlockError(f"Block node '{self.node_name}' is read-only")
-        with self.lock:
-            return impl.snapshot_create(name, vm_clock_ns=vm_clock_ns, date=date,
+        with target.lock:
+            return target.impl.snapshot_create(name, vm_clock_ns=vm_clock_ns, date=date,
                                         vm_state_size=vm_state_size, snapshot_id=snapshot_id,
                                         icount=icount)
 
     def snapshot_delete(self, snapshot_id: str | None = None, name: str | None = None) -> dict:
         """Delete the snapshot matching id and/or name; returns the deleted SnapshotInfo."""
-        impl = self._snap_impl()
+        target = self._snap_impl()
         if self.read_only:
             raise BlockError(f"Block node '{self.node_name}' is read-only")
-        with self.lock:
-            return impl.snapshot_delete(snapshot_id, name)
+        with target.lock:
+            return target.impl.snapshot_delete(snapshot_id, name)
 
     def snapshot_goto(self, id_or_name: str) -> dict:
         """Revert the active image to a snapshot (by id first, then name)."""
-        impl = self._snap_impl()
+        target = self._snap_impl()
         if self.read_only:
             raise BlockError(f"Block node '{self.node_name}' is read-only")
-        with self.lock:
-            return impl.snapshot_goto(id_or_name)
+        if target is not self:
+            self.flush()   # nothing of ours may land on top of the rolled-back image
+        with target.lock:
+            return target.impl.snapshot_goto(id_or_name)
 
     # --- info ----------------------------------------------------------------------------
     def full_backing_filename(self) -> str | None:
@@ -482,11 +522,16 @@ class BlockDriverState:
                 info["snapshots"] = snaps
             info["virtual-size"] = self.size
             info["filename"] = self.filename
-            cs = getattr(self.impl, "cluster_size", None)
+            cs = self.impl.cluster_size
             if cs:
                 info["cluster-size"] = cs
             info["format"] = self.drv
-            info["actual-size"] = self.impl.actual_size()
+            leaf = self
+            while leaf.file is not None:
+                leaf = leaf.file
+            # rbd has no allocated-size query: QEMU gets -ENOTSUP and leaves actual-size out.
+            if leaf.drv != "rbd":
+                info["actual-size"] = self.impl.actual_size()
             specific = self.impl.info_specific()
             if specific is not None:
                 info["format-specific"] = specific
@@ -632,10 +677,15 @@ class BlockGraph:
     def open_protocol(self, filename: str, *, read_only: bool = False, force_share: bool = False,
                       node_name: str | None = None, cache: str | None = None,
                       driver: str = "file", extra: dict | None = None) -> BlockDriverState:
-        """Open a protocol node (``file`` or a ``blkdebug:`` filename)."""
+        """Open a protocol node (``file``, or a ``blkdebug:`` / ``rbd:`` filename).
+
+        An ``rbd`` node's filename becomes QEMU's ``json:`` form of its options.
+        """
         direct, no_flush = parse_cache_mode(cache)
         if filename.startswith("blkdebug:"):
             driver = "blkdebug"
+        elif filename.startswith("rbd:"):
+            driver = "rbd"
         bs = self._new_node(driver, node_name, filename=filename, read_only=read_only,
                             force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
         opts = {"filename": filename}
@@ -646,6 +696,7 @@ class BlockGraph:
         except BaseException:
             self._drop(bs)
             raise
+        _json_filename(bs)
         return bs
 
     def open_image(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
@@ -669,19 +720,27 @@ class BlockGraph:
             _load_drivers()
             if fmt not in DRIVERS or DRIVERS[fmt].cls.is_protocol:
                 raise BlockError(f"Unknown driver '{fmt}'")
-        key = os.path.realpath(filename) if not filename.startswith("blkdebug:") else filename
+        # Pseudo-protocol names (blkdebug:, rbd:) are not paths: compare them as given.
+        key = filename if filename.startswith(("blkdebug:", "rbd:")) else os.path.realpath(filename)
         if key in _seen:
             raise ImageFormatError(f"Backing file chain has a loop: '{filename}' is its own backing file")
         if len(_seen) >= MAX_BACKING_DEPTH:
             raise ImageFormatError(f"Backing chain of '{filename}' is too deep")
-        proto = self.open_protocol(filename, read_only=read_only, force_share=force_share, cache=cache)
+        proto_extra = None
+        if options and "auto-read-only" in options:
+            # QEMU's auto-read-only (-drive sets it): an rbd @snap then opens read-only.
+            options = dict(options)
+            proto_extra = {"auto-read-only": options.pop("auto-read-only")}
+        proto = self.open_protocol(filename, read_only=read_only, force_share=force_share, cache=cache,
+                                   extra=proto_extra)
+        read_only = read_only or proto.read_only
         try:
             if fmt is None:
                 head = proto.read(0, min(BLOCK_PROBE_BUF_SIZE, proto.size))
                 fmt = probe_format(head, filename)
-            bs = self._new_node(fmt, node_name, filename=filename, read_only=read_only,
-                                force_share=force_share, cache_direct=proto.cache_direct,
-                                cache_no_flush=proto.cache_no_flush)
+            bs = self._new_node(fmt, node_name, filename=_format_filename(fmt, proto, filename),
+                                read_only=read_only, force_share=force_share,
+                                cache_direct=proto.cache_direct, cache_no_flush=proto.cache_no_flush)
             bs.cache_writeback = cache_writeback(cache)
         except BaseException:
             self.remove(proto)
@@ -730,9 +789,12 @@ class BlockGraph:
         direct, no_flush = bool(cache.get("direct", False)), bool(cache.get("no-flush", False))
         entry = DRIVERS[drv]
         if entry.cls.is_protocol:
-            if "filename" not in opts:
+            if drv == "rbd":
+                opts = rbd_connect_options(opts)
+            # rbd names its image by pool/image/... options; the driver checks them.
+            if "filename" not in opts and drv != "rbd":
                 raise BlockError("Parameter 'filename' is missing")
-            bs = self._new_node(drv, node_name, filename=opts["filename"], read_only=read_only,
+            bs = self._new_node(drv, node_name, filename=opts.get("filename", ""), read_only=read_only,
                                 force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
             try:
                 bs.impl.open(opts)
@@ -740,6 +802,7 @@ class BlockGraph:
             except BaseException:
                 self._drop(bs)
                 raise
+            _json_filename(bs, set(opts))
             return bs
         child = opts.pop("file", None) if drv != "blkdebug" else opts.pop("image", opts.pop("file", None))
         if child is None:
@@ -757,7 +820,8 @@ class BlockGraph:
                 copts.setdefault("force-share", True)
             fnode = self.blockdev_add(copts)
             fnode.auto = True
-        bs = self._new_node(drv, node_name, filename=fnode.filename, read_only=read_only,
+        bs = self._new_node(drv, node_name, filename=_format_filename(drv, fnode, fnode.filename),
+                            read_only=read_only,
                             force_share=force_share, cache_direct=direct, cache_no_flush=no_flush)
         bs.file = fnode
         fnode.parents += 1
@@ -810,6 +874,61 @@ class BlockGraph:
                     first = first or err
         if first is not None:
             raise first
+
+
+def rbd_connect_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Turn blockdev-add's ``rbd`` members that are RADOS settings into the driver's
+    ``key-value-pairs``, as QEMU's qemu_rbd_connect does: ``server`` -> ``mon_host``
+    (``host:port`` joined by ``;``, IPv6 hosts in brackets), ``auth-client-required`` ->
+    ``auth_client_required`` (modes joined by ``;``).
+
+    :raises ImageOpenError: ``key-secret`` / ``encrypt`` name a secret object; emu has no
+        ``secret`` objects, so QEMU's lookup failure ``No secret with id '<id>'`` is the answer.
+    """
+    opts = dict(opts)
+    secret = opts.pop("key-secret", None)
+    if secret is not None:
+        raise ImageOpenError(f"No secret with id '{secret}'")
+    enc = opts.pop("encrypt", None)
+    if enc is not None:
+        raise ImageOpenError(f"No secret with id '{(enc or {}).get('key-secret', '')}'")
+    pairs = list(opts.pop("key-value-pairs", ()))
+    servers = opts.pop("server", None)
+    if servers:
+        hosts = []
+        for srv in servers:
+            host, port = str(srv["host"]), str(srv["port"])
+            hosts.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        pairs.append(("mon_host", ";".join(hosts)))
+    modes = opts.pop("auth-client-required", None)
+    if modes:
+        pairs.append(("auth_client_required", ";".join(modes)))
+    if pairs:
+        opts["key-value-pairs"] = pairs
+    return opts
+
+
+def _json_filename(bs: BlockDriverState, given: set[str] | None = None) -> None:
+    # A protocol node without a plain filename (rbd) shows QEMU's json: form of its options.
+    spec = getattr(bs.impl, "json_filename", None)
+    if spec is not None:
+        bs.filename = "json:" + json.dumps(_given_spec(spec(), given))
+
+
+def _given_spec(spec: dict[str, Any], given: set[str] | None) -> dict[str, Any]:
+    # QEMU's json: filename holds the options the node was opened with: a legacy rbd:
+    # name always sets namespace, blockdev-add only when the client gave one.
+    if given is not None and "namespace" not in given and not spec.get("namespace"):
+        spec = {k: v for k, v in spec.items() if k != "namespace"}
+    return spec
+
+
+def _format_filename(fmt: str, child: BlockDriverState, filename: str) -> str:
+    """A format node's filename: its child's, wrapped as QEMU's ``json:{"driver": fmt, "file": ...}``
+    when the child's own filename is a ``json:`` one (QEMU's bdrv_refresh_filename)."""
+    if getattr(child.impl, "json_filename", None) is None or not child.filename.startswith("json:"):
+        return filename
+    return "json:" + json.dumps({"driver": fmt, "file": json.loads(child.filename[5:])})
 
 
 def parse_cache_mode(cache: str | None) -> tuple[bool, bool]:

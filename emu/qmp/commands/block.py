@@ -134,6 +134,20 @@ _BRANCHES = {
         ("?max-discard", INT), ("?inject-error", List(ANY)), ("?set-state", List(ANY)),
         ("?take-child-perms", List(STR)), ("?unshare-child-perms", List(STR))]),
 }
+# QEMU 7.2's qapi/block-core.json BlockdevOptionsRbd (no "luks-any" and no "parent" in
+# the encryption options yet: those came in 8.0).
+_RBD_LUKS = Struct("RbdEncryptionOptionsLUKSBase", [("key-secret", STR)])
+RBD_ENCRYPTION_OPTIONS = Union(
+    "RbdEncryptionOptions",
+    Struct("q_obj_RbdEncryptionOptions-base",
+           [("format", Enum("RbdImageEncryptionFormat", ["luks", "luks2"]))]),
+    "format", {"luks": _RBD_LUKS, "luks2": _RBD_LUKS})
+INET_SOCKET_ADDRESS_BASE = Struct("InetSocketAddressBase", [("host", STR), ("port", STR)])
+_BRANCHES["rbd"] = Struct("BlockdevOptionsRbd", [
+    ("pool", STR), ("?namespace", STR), ("image", STR), ("?conf", STR), ("?snapshot", STR),
+    ("?encrypt", RBD_ENCRYPTION_OPTIONS), ("?user", STR),
+    ("?auth-client-required", List(Enum("RbdAuthMode", ["cephx", "none"]))),
+    ("?key-secret", STR), ("?server", List(INET_SOCKET_ADDRESS_BASE))])
 BLOCKDEV_OPTIONS = Union("BlockdevOptions", BLOCKDEV_BASE, "driver", _BRANCHES)
 BLOCKDEV_REF.choices = (BLOCKDEV_OPTIONS, STR)
 BLOCKDEV_REF_OR_NULL.choices = (BLOCKDEV_OPTIONS, STR, NULL)
@@ -642,6 +656,8 @@ def _check_references(ctx: CommandContext, opts: dict) -> None:
     """A child given by name must exist: QEMU looks it up as device *and* node name."""
     g = _graph(ctx)
     for key in _CHILD_KEYS:
+        if key == "image" and opts.get("driver") == "rbd":
+            continue   # rbd's "image" is the RBD image's name, not a child node
         ref = opts.get(key)
         if isinstance(ref, str):
             if g.lookup(ref) is None and ctx.machine.find_block_device(ref) is None:
