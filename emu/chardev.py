@@ -17,6 +17,7 @@ Backends register in one table (:func:`backend`).  Unix sockets are created owne
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import stat
@@ -25,6 +26,9 @@ import threading
 from typing import Any, Awaitable, Callable
 
 from emu.errors import ConfigError
+
+#: sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included
+_UNIX_PATH_MAX = 108
 
 __all__ = ["IOThread", "Chardev", "backend", "create_chardev", "BACKENDS",
            "SocketChardev", "StdioChardev", "FileChardev", "NullChardev"]
@@ -252,19 +256,37 @@ class SocketChardev(Chardev):
     def _listen(self) -> socket.socket:
         if self.path is not None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # The path appears only once it accepts: bound and listening under a private
+            # name, then renamed into place.  Bound at the path itself, a client polling for
+            # it (as QEMU users do) could connect between bind and listen and be refused.
+            staging = f"{self.path}.{os.getpid()}"
+            if len(os.fsencode(staging)) >= _UNIX_PATH_MAX:
+                staging = self.path         # no room for a longer name: bind in place
+            bound = False
             try:
                 # owner-only from the start: the socket inode's mode is applied at bind
                 os.fchmod(s.fileno(), 0o600)
-                try:
-                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                        os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                s.bind(self.path)
-                os.chmod(self.path, 0o600)
+                for name in {self.path, staging}:
+                    try:
+                        if stat.S_ISSOCK(os.lstat(name).st_mode):
+                            os.unlink(name)
+                        elif name == self.path:
+                            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+                    except FileNotFoundError:
+                        pass
+                s.bind(staging)
+                bound = True
+                os.chmod(staging, 0o600)
                 s.listen(1)
+                if staging != self.path:
+                    os.rename(staging, self.path)
             except OSError as e:
                 s.close()
+                if bound and staging != self.path:
+                    try:
+                        os.unlink(staging)
+                    except OSError:
+                        pass
                 raise ConfigError(f"Failed to bind socket to {self.path}: "
                                   f"{os.strerror(e.errno or 0)}") from e
             self._unlink_path = self.path

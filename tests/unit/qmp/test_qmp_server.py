@@ -253,3 +253,37 @@ def test_human_monitor_on_a_socket(tmp_path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_unix_socket_path_appears_only_once_listening(tmp_path) -> None:
+    """The socket is bound and listening under a private name and renamed into place, so the
+    first connect after the path appears is accepted (a client polling for the path, as the
+    qemu.qmp test above does, was refused between bind and listen on a loaded host); nothing
+    else is left in the directory, and a non-socket file at the path is refused, untouched."""
+    path = str(tmp_path / "q.sock")
+    for attempt in range(3):
+        p = launch("-qmp", f"unix:{path},server=on,wait=off")
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path):
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.001)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)                       # no retry: a listener is behind the path
+            c = Client(s)
+            assert "QMP" in c.msg()
+            assert os.listdir(tmp_path) == ["q.sock"]
+            assert (os.stat(path).st_mode & 0o777) == 0o600
+            c.cmd("qmp_capabilities")
+            finish(p, c)
+        finally:
+            p.kill()
+            p.wait()
+        assert not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write("keep")
+    p = launch("-qmp", f"unix:{path},server=on,wait=off")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert f"Failed to bind socket to {path}: Address already in use" in err.decode()
+    assert os.listdir(tmp_path) == ["q.sock"] and open(path).read() == "keep"
