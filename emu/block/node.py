@@ -312,29 +312,27 @@ class BlockDriverState:
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at guest ``offset``."""
         self._check_request(offset, len(data), True)
-        if not data:
-            return
-        with self.lock:
-            for fn in list(self.before_write):
-                fn(offset, len(data))
-            try:
-                self.impl.write(offset, bytes(data))
-            finally:
-                self._note_write(offset + len(data))
-            if not self.cache_writeback:
-                self.impl.flush()
+        if data:
+            self._write_locked(offset, len(data), lambda: self.impl.write(offset, bytes(data)))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (cheaply when the format can)."""
         self._check_request(offset, length, True)
         if length:
-            with self.lock:
-                for fn in list(self.before_write):
-                    fn(offset, length)
-                try:
-                    self.impl.write_zeroes(offset, length)
-                finally:
-                    self._note_write(offset + length)
+            self._write_locked(offset, length, lambda: self.impl.write_zeroes(offset, length))
+
+    def _write_locked(self, offset: int, length: int, op: Callable[[], None]) -> None:
+        """The one write path: copy-before-write hooks, the write, the highest offset, and
+        write-through (QEMU gives every write, zero writes included, FUA when the cache is off)."""
+        with self.lock:
+            for fn in list(self.before_write):
+                fn(offset, length)
+            try:
+                op()
+            finally:
+                self._note_write(offset + length)
+            if not self.cache_writeback:
+                self.impl.flush()
 
     def _note_write(self, end: int) -> None:
         if end > self.wr_highest_offset:
