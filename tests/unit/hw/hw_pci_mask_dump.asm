@@ -58,48 +58,4 @@ probe_fn:
     cmp si, 0x100
     jb .next
     ret
-
-putc:
-    push dx
-    push ax
-    mov dx, 0x3FD
-.w: in al, dx
-    test al, 0x20
-    jz .w
-    pop ax
-    mov dx, 0x3F8
-    out dx, al
-    pop dx
-    ret
-hex32:
-    push eax
-    shr eax, 16
-    call hex16n
-    pop eax
-    call hex16n
-    mov al, ' '
-    jmp putc
-hex16n:
-    push ax
-    mov al, ah
-    call hex8n
-    pop ax
-hex8n:
-    push ax
-    shr al, 4
-    call nib
-    pop ax
-    push ax
-    and al, 0x0F
-    call nib
-    pop ax
-    ret
-nib:
-    add al, '0'
-    cmp al, '9'
-    jbe .o
-    add al, 7
-.o: jmp putc
-times 0xFFF0 - ($ - $$) db 0
-    jmp 0xF000:start
-times 0x10000 - ($ - $$) db 0
+%include "hw_rom_io.inc"

@@ -9,25 +9,25 @@ org 0
 %endmacro
 %macro RD 1
     in al, %1
-    call hex8
+    call rec
 %endmacro
 %macro POLL 1               ; OCW3 poll on chip base %1, print the poll byte
     mov al, 0x0C
     out %1, al
     in al, %1
-    call hex8
+    call rec
 %endmacro
 %macro ISR 1
     mov al, 0x0B
     out %1, al
     in al, %1
-    call hex8
+    call rec
     mov al, 0x0A
     out %1, al
 %endmacro
 %macro SEP 0
     mov al, 0xEE
-    call hex8
+    call rec
 %endmacro
 start:
     cli
@@ -130,7 +130,7 @@ start:
     mov al, '|'
     call putc
     jmp .n
-.hx: call hexout
+.hx: call hex8
 .n: loop .p
     mov al, 10
     call putc
@@ -235,43 +235,11 @@ pic_init:                   ; AH = ICW4
     OUTB 0xA1, 0xFF
     ret
 
-putc:
-    push dx
-    push ax
-    mov dx, 0x3FD
-.w: in al, dx
-    test al, 0x20
-    jz .w
-    pop ax
-    mov dx, 0x3F8
-    out dx, al
-    pop dx
-    ret
-hex8:                       ; record AL for printing at the end
+rec:                        ; record AL for printing at the end
     push bx
     mov bx, [0x8FE]
     mov [0x900 + bx], al
     inc word [0x8FE]
     pop bx
     ret
-hexout:
-    push ax
-    shr al, 4
-    call nib
-    pop ax
-    push ax
-    and al, 0x0F
-    call nib
-    mov al, ' '
-    call putc
-    pop ax
-    ret
-nib:
-    add al, '0'
-    cmp al, '9'
-    jbe .o
-    add al, 7
-.o: jmp putc
-times 0xFFF0 - ($ - $$) db 0
-    jmp 0xF000:start
-times 0x10000 - ($ - $$) db 0
+%include "hw_rom_io.inc"

@@ -126,7 +126,7 @@ start:
     mov al, '|'
     call putc
     jmp .n
-.hx: call hexout
+.hx: call hex8
 .n: loop .p
     mov al, 10
     call putc
@@ -162,36 +162,4 @@ rec:
     inc word [0x8FE]
     pop bx
     ret
-putc:
-    push dx
-    push ax
-    mov dx, 0x3FD
-.w: in al, dx
-    test al, 0x20
-    jz .w
-    pop ax
-    mov dx, 0x3F8
-    out dx, al
-    pop dx
-    ret
-hexout:
-    push ax
-    shr al, 4
-    call nib
-    pop ax
-    push ax
-    and al, 0x0F
-    call nib
-    mov al, ' '
-    call putc
-    pop ax
-    ret
-nib:
-    add al, '0'
-    cmp al, '9'
-    jbe .o
-    add al, 7
-.o: jmp putc
-times 0xFFF0 - ($ - $$) db 0
-    jmp 0xF000:start
-times 0x10000 - ($ - $$) db 0
+%include "hw_rom_io.inc"

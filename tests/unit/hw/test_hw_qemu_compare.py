@@ -49,7 +49,9 @@ QEMU_7_2_IRQ = (
 )
 def _assemble(tmp_path_factory, source):
     out = tmp_path_factory.mktemp("rom") / (source.stem + ".bin")
-    subprocess.run(["nasm", "-f", "bin", "-o", str(out), str(source)], check=True)
+    # -i: the probes share hw_rom_io.inc (COM1 output, hex printing, reset vector)
+    subprocess.run(["nasm", "-f", "bin", "-i", f"{source.parent}/", "-o", str(out), str(source)],
+                   check=True)
     return out
 
 
