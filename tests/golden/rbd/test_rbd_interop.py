@@ -36,7 +36,9 @@ pytestmark = [requires_qemu_img, requires_qemu_io,
 
 
 def run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
+    # emu-img from this interpreter (the venv's bin need not be on PATH).
+    argv = [sys.executable, "-m", "emu.img", *cmd[1:]] if cmd[0] == "emu-img" else list(cmd)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if ok:
         assert r.returncode == 0, (cmd, r.stdout, r.stderr)
     return r
