@@ -55,9 +55,11 @@ class Session:
     def _open_rbd(self, filename: str, fmt: str | None, read_only: bool):
         """QEMU's ``rbd:pool/image[@snap][:opts]``: a raw node on an rbd node."""
         from emu.block.drivers import rbd
-        if fmt not in (None, "raw"):
+        if fmt not in (None, "raw", "rbd"):
             raise ImgError(f"Could not open '{filename}': Unknown driver '{fmt}'")
         try:
+            if fmt == "rbd":   # -f rbd: the protocol node is the image (QEMU allows it)
+                return rbd.open_protocol_node(self.graph, filename, read_only=read_only)
             bs = rbd.open_image(self.graph, filename, read_only=read_only, auto_read_only=False)
         except EmuError as err:
             raise ImgError(f"Could not open '{filename}': {err}") from None

@@ -57,6 +57,10 @@ def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
         try:
             options = dict(d.options)
             fmt = d.format or options.pop("driver", None)
+            if d.file.startswith("rbd:"):
+                # -drive opens with auto-read-only=on (QEMU's drive_new): an rbd @snap
+                # image then opens read-only instead of being refused.
+                options.setdefault("auto-read-only", True)
             node = graph.open_image(d.file, fmt, read_only=d.readonly,
                                     node_name=d.node_name, cache=d.cache,
                                     options=options or None)
@@ -64,6 +68,14 @@ def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
             raise ConfigError(str(e)) from e
         except OSError as e:
             raise ConfigError(f"Could not open '{d.file}': {e.strerror}") from e
+        if qdev and node.read_only and not d.readonly and d.file.startswith("rbd:"):
+            # auto-read-only made an rbd @snap read-only, but the guest's device wants to
+            # write: QEMU's permission check refuses it with this text.
+            graph.remove(node)
+            if d.interface == "virtio":   # created with the -drive option: its prefix
+                raise ConfigError("Block node is read-only")
+            from emu.cli import OptionError   # other devices realize later: no prefix
+            raise OptionError("Block node is read-only")
         dev.node = node
         dev.backend = _backend_for(node, d.id, d.readonly)
     machine.add_block_device(dev)
@@ -88,5 +100,7 @@ def open_drives(machine: Machine) -> None:
     for d in cfg.drives:
         try:
             open_drive(machine, d, paths.get(d.id, ""))
+        except OptionError:
+            raise
         except ConfigError as e:
             raise OptionError(str(e), f"-drive {d.spec}") from e

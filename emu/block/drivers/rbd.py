@@ -89,6 +89,9 @@ RBD_SNAP_ID_MAX = 128
 #: Object size QEMU reports as cluster-size when librbd gives none (RBD's default order 22).
 RBD_DEFAULT_OBJECT_SIZE = 1 << 22
 
+#: A LUKS header's magic; the version (0x0001 or 0x0002) follows (QEMU's rbd LUKS probe).
+_LUKS_MAGIC = b"LUKS\xba\xbe"
+
 _lib_lock = threading.Lock()
 _libs: tuple[Any, Any, Any] | None = None   # (ffi, librados, librbd)
 _callback = None
@@ -478,6 +481,18 @@ class RbdDriver(BlockDriver):
             return RBD_DEFAULT_OBJECT_SIZE
         return int(st.obj_size)
 
+    def info_specific(self) -> dict:
+        """QEMU 7.2's ImageInfoSpecificRbd: ``{"type": "rbd", "data": {}}``, with
+        ``encryption-format`` when the image starts with a LUKS/LUKS2 header (as QEMU probes)."""
+        data: dict[str, Any] = {}
+        if self.size >= len(_LUKS_MAGIC) + 2:
+            head = self.read(0, len(_LUKS_MAGIC) + 2)
+            if head.startswith(_LUKS_MAGIC):
+                fmt = {b"\x00\x01": "luks", b"\x00\x02": "luks2"}.get(head[len(_LUKS_MAGIC):])
+                if fmt:
+                    data["encryption-format"] = fmt
+        return {"type": "rbd", "data": data}
+
     # --- snapshots (QEMU: id = name, no dates, vm-state-size = image size) ---------------
     def _snaps(self) -> list[tuple[str, int]]:
         ffi, lib = self.conn.ffi, self.conn.rbd
@@ -574,6 +589,17 @@ def open_image(graph, filename: str, *, read_only: bool = False, node_name: str 
     proto.auto = True
     bs.filename = "json:" + json.dumps({"driver": "raw", "file": spec})
     return bs
+
+
+def open_protocol_node(graph, filename: str, *, read_only: bool = False,
+                       auto_read_only: bool = False, node_name: str | None = None):
+    """Open a legacy ``rbd:`` filename as an ``rbd`` node alone (``-f rbd``), named by
+    QEMU's ``json:`` form of its options."""
+    import json
+    proto = graph.open_protocol(filename, driver="rbd", read_only=read_only, node_name=node_name,
+                                extra={"auto-read-only": auto_read_only})
+    proto.filename = "json:" + json.dumps(proto.impl.json_filename())
+    return proto
 
 
 def snapshot_node(bs):

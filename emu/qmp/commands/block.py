@@ -235,7 +235,8 @@ def _fix_image_level(info: dict, bs: Any) -> None:
     a ``json:`` filename without backing-filename members when its backing was attached
     at run time (blockdev-snapshot onto a header without that backing file)."""
     if getattr(bs.impl, "is_protocol", False):     # protocol nodes have no clusters
-        info.pop("cluster-size", None)
+        if bs.drv != "rbd":      # ... but rbd's object size (QEMU's qemu_rbd_getinfo)
+            info.pop("cluster-size", None)
         # QEMU's bdrv_getlength() counts whole sectors: a file's length is rounded up
         size = info["virtual-size"]
         info["virtual-size"] = -(-size // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE

@@ -157,6 +157,9 @@ def shared_image(ceph_conf):
     ["info", "rbd:rbd/{name}@nosnap:conf={conf}"], ["info", "rbd:rbd/{name}@s1:conf={conf}"],
     ["resize", "-f", "raw", "{fn}", "8M"], ["resize", "-f", "raw", "rbd:rbd/{name}@s1:conf={conf}", "8M"],
     ["snapshot", "-d", "nosnap", "{fn}"],
+    # -f rbd: the protocol node is the image; QEMU 7.2's format-specific {"type": "rbd"}
+    ["info", "-f", "rbd", "{fn}"], ["info", "--output=json", "-f", "rbd", "{fn}"],
+    ["info", "-f", "rbd", "rbd:rbd/{name}@s1:conf={conf}"],
 ])
 def test_emu_img_output_matches_qemu_img(ceph_conf, shared_image, args):
     # One image with snapshot s1 for every case: each case runs qemu-img first, then emu-img
@@ -198,3 +201,16 @@ def test_namespace_user_and_conf_options_as_qemu(ceph_conf):
     bs = rbd.open_image(g, f"rbd:rbd/{ns}/{name}:conf={ceph_conf}:id=admin", read_only=True)
     assert bs.read(0, 4096) == b"\x42" * 4096
     g.close_all()
+
+
+def test_luks_header_reported_as_qemu_does(ceph_conf, tmp_path):
+    # QEMU probes an rbd image's first bytes for a LUKS/LUKS2 header (encryption-format).
+    for version, name in ((1, "lk1" + uuid.uuid4().hex[:6]), (2, "lk2" + uuid.uuid4().hex[:6])):
+        src = tmp_path / f"{name}.raw"
+        src.write_bytes(b"LUKS\xba\xbe" + version.to_bytes(2, "big") + bytes(65536 - 8))
+        run("rbd", "-c", ceph_conf, "import", str(src), f"rbd/{name}")
+        fn = f"rbd:rbd/{name}:conf={ceph_conf}"
+        for argv in (["info", "-f", "rbd", fn], ["info", "--output=json", "-f", "rbd", fn]):
+            q, e = run("qemu-img", *argv), run("emu-img", *argv)
+            assert _clean(e.stdout, "emu-img") == _clean(q.stdout, "qemu-img")
+        assert f'"encryption-format": "luks{"2" if version == 2 else ""}"' in e.stdout
