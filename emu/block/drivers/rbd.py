@@ -56,6 +56,7 @@ int  rbd_stat(rbd_image_t image, rbd_image_info_t *info, size_t infosize);
 int  rados_create(rados_t *cluster, const char * const id);
 int  rados_conf_read_file(rados_t cluster, const char *path);
 int  rados_conf_set(rados_t cluster, const char *option, const char *value);
+int  rados_conf_get(rados_t cluster, const char *option, char *buf, size_t len);
 int  rados_connect(rados_t cluster);
 void rados_shutdown(rados_t cluster);
 int  rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
@@ -89,6 +90,9 @@ RBD_SNAP_ID_MAX = 128
 #: Object size QEMU reports as cluster-size when librbd gives none (RBD's default order 22).
 RBD_DEFAULT_OBJECT_SIZE = 1 << 22
 
+#: librados's own client_mount_timeout (seconds), and the one emu uses when nothing set it.
+LIBRADOS_MOUNT_TIMEOUT = 300.0
+DEFAULT_MOUNT_TIMEOUT = 30
 #: A LUKS header's magic; the version (0x0001 or 0x0002) follows (QEMU's rbd LUKS probe).
 _LUKS_MAGIC = b"LUKS\xba\xbe"
 
@@ -250,6 +254,7 @@ class Connection:
                 r = rados.rados_conf_set(self.cluster, key.encode(), val.encode())
                 if r < 0:
                     raise ImageOpenError(f"invalid conf option {key}: {_strerror(r)}")
+            self._default_mount_timeout()
             r = rados.rados_connect(self.cluster)
             if r < 0:
                 raise ImageOpenError(f"error connecting: {_strerror(r)}")
@@ -263,6 +268,26 @@ class Connection:
         except BaseException:
             self.close()
             raise
+
+    def conf_get(self, key: str) -> str | None:
+        """A RADOS setting's current value (``None`` if librados does not know it)."""
+        buf = self.ffi.new("char[]", 256)
+        if self.rados.rados_conf_get(self.cluster, key.encode(), buf, 256) < 0:
+            return None
+        return self.ffi.string(buf).decode()
+
+    def _default_mount_timeout(self) -> None:
+        """librados waits ``client_mount_timeout`` (300 s by default) for an unreachable
+        cluster inside rados_connect, which runs on the monitor's command thread for
+        blockdev-add.  Unless the conf file or the options chose a value, emu uses
+        :data:`DEFAULT_MOUNT_TIMEOUT` as QEMU users commonly do with ``:client_mount_timeout=``."""
+        try:
+            current = float(self.conf_get("client_mount_timeout") or "nan")
+        except ValueError:
+            return
+        if current == LIBRADOS_MOUNT_TIMEOUT:
+            self.rados.rados_conf_set(self.cluster, b"client_mount_timeout",
+                                      str(DEFAULT_MOUNT_TIMEOUT).encode())
 
     def create_image(self, name: str, size: int) -> None:
         """Create an RBD image of ``size`` bytes (QEMU's qemu_rbd_do_create, default order)."""

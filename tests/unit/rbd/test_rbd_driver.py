@@ -177,3 +177,19 @@ def test_snapshots_qemu_semantics(ceph_conf):
         bs.snapshot_delete(None, "s1")
     assert ei.value.errno == 2
     g.close_all()
+
+
+def test_default_mount_timeout_unless_configured(ceph_conf, tmp_path):
+    # librados would wait 300 s for an unreachable cluster inside rados_connect; emu uses 30 s
+    # unless the conf file (the test cluster's says 15) or an option chose a value.
+    from emu.block.drivers.rbd import DEFAULT_MOUNT_TIMEOUT, Connection
+    mon = next(ln.split("=", 1)[1].strip() for ln in open(ceph_conf) if ln.startswith("mon host"))
+    bare = tmp_path / "bare.conf"
+    bare.write_text(f"[global]\nmon host = {mon}\n")
+    for opts, want in (({"conf": ceph_conf}, 15.0), ({"conf": str(bare)}, float(DEFAULT_MOUNT_TIMEOUT)),
+                       ({"conf": str(bare), "key-value-pairs": [("client_mount_timeout", "7")]}, 7.0)):
+        c = Connection({"pool": "rbd", **opts})
+        try:
+            assert float(c.conf_get("client_mount_timeout")) == want
+        finally:
+            c.close()
