@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 from emu.errors import BlockError, ImageFormatError, ImageOpenError
@@ -109,6 +110,9 @@ class BlockDriver:
     is_filter: ClassVar[bool] = False
     supports_backing: ClassVar[bool] = False
     supports_snapshots: ClassVar[bool] = False
+    #: ``write`` accepts any bytes-like object (a ``memoryview`` slice of the caller's buffer)
+    #: and is done with it on return; other drivers get ``bytes`` (a copy when needed).
+    takes_buffers: ClassVar[bool] = False
 
     def __init__(self, bs: "BlockDriverState") -> None:
         self.bs = bs
@@ -122,6 +126,11 @@ class BlockDriver:
 
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf`` (drivers that can fill a
+        caller's buffer without an intermediate copy override this)."""
+        buf[:] = self.read(offset, len(buf))
 
     def write(self, offset: int, data: bytes) -> None:
         raise BlockError(f"Driver '{self.format_name}' does not support writing")
@@ -226,6 +235,15 @@ def probe_format(buf: bytes, filename: str) -> str:
 
 
 # --- nodes --------------------------------------------------------------------------------
+@dataclass
+class SnapshotTicket:
+    """A snapshot between :meth:`BlockDriverState.snapshot_create_begin` and its finish."""
+
+    node: "BlockDriverState"    #: the node whose driver holds the snapshot
+    pending: Any                #: the driver's pending snapshot (``None``: made at begin)
+    info: dict | None           #: SnapshotInfo once made
+
+
 class BlockDriverState:
     """One node of the block graph.
 
@@ -295,7 +313,7 @@ class BlockDriverState:
             raise BlockError(f"Node '{self.node_name}' is closed")
         if offset < 0 or length < 0:
             raise BlockError(f"Invalid request: offset {offset} length {length}")
-        if offset + length > self.size and not self.impl.can_grow:
+        if not self.impl.can_grow and offset + length > self.size:
             raise BlockError(f"Request out of range: offset {offset} length {length} "
                              f"beyond the end of '{self.node_name}' ({self.size} bytes)")
         if write and self.read_only:
@@ -309,11 +327,22 @@ class BlockDriverState:
         with self.lock:
             return self.impl.read(offset, length)
 
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Read ``len(buf)`` bytes at guest ``offset`` into the writable buffer ``buf``
+        (bulk copies reuse one buffer instead of allocating each request's bytes)."""
+        length = len(buf)
+        self._check_request(offset, length, False)
+        if length:
+            with self.lock:
+                self.impl.read_into(offset, buf)
+
     def write(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at guest ``offset``."""
+        """Write ``data`` (any bytes-like object; not kept after return) at guest ``offset``."""
         self._check_request(offset, len(data), True)
         if data:
-            self._write_locked(offset, len(data), lambda: self.impl.write(offset, bytes(data)))
+            if not (self.impl.takes_buffers or type(data) is bytes):
+                data = bytes(data)
+            self._write_locked(offset, len(data), lambda: self.impl.write(offset, data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (cheaply when the format can)."""
@@ -483,6 +512,38 @@ class BlockDriverState:
             return target.impl.snapshot_create(name, vm_clock_ns=vm_clock_ns, date=date,
                                         vm_state_size=vm_state_size, snapshot_id=snapshot_id,
                                         icount=icount)
+
+    def snapshot_create_begin(self, name: str, vm_clock_ns: int = 0) -> "SnapshotTicket":
+        """First half of :meth:`snapshot_create` for a drained node: the cut, no waiting on
+        the disk (qcow2: O(L1), see :mod:`emu.block.qcow2.snapshot`).  Follow with
+        :meth:`snapshot_create_finish` (guest requests may run in between) or, before any
+        request ran, :meth:`snapshot_create_cancel`.  Drivers without the split create the
+        whole snapshot here."""
+        target = self._snap_impl()
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+        with target.lock:
+            begin = getattr(target.impl, "snapshot_create_begin", None)
+            if begin is None:
+                return SnapshotTicket(target, None, target.impl.snapshot_create(
+                    name, vm_clock_ns=vm_clock_ns))
+            return SnapshotTicket(target, begin(name, vm_clock_ns=vm_clock_ns), None)
+
+    def snapshot_create_finish(self, ticket: "SnapshotTicket") -> dict:
+        """Make a begun snapshot durable; returns its SnapshotInfo.  Takes the node lock
+        only between waits on the disk."""
+        if ticket.info is None:
+            ticket.info = ticket.node.impl.snapshot_create_finish(ticket.pending, ticket.node.lock)
+        return ticket.info
+
+    def snapshot_create_cancel(self, ticket: "SnapshotTicket") -> None:
+        """Undo a begun snapshot (drained, nothing ran since begin); a driver without the
+        split deletes the snapshot it made."""
+        with ticket.node.lock:
+            if ticket.pending is not None:
+                ticket.node.impl.snapshot_create_cancel(ticket.pending)
+            elif ticket.info is not None:
+                ticket.node.impl.snapshot_delete(ticket.info["id"], ticket.info["name"])
 
     def snapshot_delete(self, snapshot_id: str | None = None, name: str | None = None) -> dict:
         """Delete the snapshot matching id and/or name; returns the deleted SnapshotInfo."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 
-from emu.block.api import BlockBackend
 from emu.errors import EmuError
 from emu.img.cmd_image import Progress, block_status_above, create_image, parse_o, vsize
 from emu.img.imgopen import session
@@ -144,7 +144,11 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
 
 def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, gran: int, tick) -> None:
     size = src.size
-    zero = bytes(max(sparse, gran, SECTOR, COPY_BUF_SIZE))
+    step = max(sparse, SECTOR)
+    zstep = bytes(step)
+    # One buffer for the whole copy: each request reads into it and writes slices of it.
+    buf = bytearray(COPY_BUF_SIZE)
+    view = memoryview(buf)
     off = 0
     while off < size:
         ent, n = block_status_above(src, off, min(size - off, 1 << 30))
@@ -158,46 +162,66 @@ def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, 
         pos = off
         while pos < end:
             m = min(COPY_BUF_SIZE, end - pos)
-            buf = src.read(pos, m)
+            chunk = view[:m]
+            src.read_into(pos, chunk)
             if compress:
-                _write_compressed(dst, base + pos, buf, gran)
+                _write_compressed(dst, base + pos, chunk, gran)
             elif sparse == 0:
-                dst.write(base + pos, buf)
+                dst.write(base + pos, chunk)
             else:
-                _write_sparse(dst, base + pos, buf, max(sparse, SECTOR), zero, fresh)
+                for a, b, is_zero in _sparse_runs(buf, m, step, zstep):
+                    if not is_zero:
+                        dst.write(base + pos + a, chunk[a:b])
+                    elif not fresh:
+                        dst.write_zeroes(base + pos + a, b - a)
             tick(m)
             pos += m
         off = end
 
 
-def _write_sparse(dst, offset: int, buf: bytes, step: int, zero: bytes, fresh: bool) -> None:
-    """Write ``buf`` skipping ``step``-sized all-zero blocks (written as zeroes when not fresh).
+_NONZERO = re.compile(rb"[^\x00]")
 
-    Zero tests use ``bytes.startswith`` against a zero buffer: a memcmp without copies.
-    """
-    n = len(buf)
-    if len(zero) >= n and zero.startswith(buf):
-        if not fresh:
-            dst.write_zeroes(offset, n)
-        return
-    zstep = zero[:step]
+
+def _sparse_runs(buf: bytearray, n: int, step: int, zstep: bytes):
+    """Split ``buf[:n]`` into ``(start, end, is_zero)`` runs of ``step``-sized blocks (from the
+    buffer's start; the last may be short), a block being zero when every byte is (qemu-img's
+    ``-S``).  Only blocks whose first 8 bytes are zero can be zero, and those are picked in C
+    by a strided view of the buffer; a zero run's end is found by a regular expression
+    looking for the first non-zero byte."""
+    tail = n - n % step  # start of a short last block (n if none)
+    cand: list[int] = []
+    if tail:
+        words = memoryview(buf)[:tail].cast("Q")[::step // 8].tolist()
+        if 0 in words:
+            cand = [b * step for b, w in enumerate(words) if not w]
+    if tail < n:
+        cand.append(tail)
+    ci, nc = 0, len(cand)
     i = 0
     while i < n:
-        is_zero = buf.startswith(zstep, i) or (n - i < step and zero.startswith(buf[i:]))
-        j = i + step
-        while j < n and (buf.startswith(zstep, j) or (n - j < step and zero.startswith(buf[j:]))) == is_zero:
-            j += step
-        j = min(j, n)
-        if not is_zero:
-            dst.write(offset + i, buf if (i == 0 and j == n) else buf[i:j])
-        elif not fresh:
-            dst.write_zeroes(offset + i, j - i)
+        z = n
+        while ci < nc:
+            a = cand[ci]
+            ci += 1
+            if a < i:
+                continue
+            if buf.startswith(zstep, a) if a < tail else _NONZERO.search(buf, a, n) is None:
+                z = a
+                break
+        if z > i:
+            yield i, z, False
+            i = z
+            if i >= n:
+                break
+        k = _NONZERO.search(buf, i, n)
+        j = n if k is None else (k.start() // step) * step
+        yield i, j, True
         i = j
 
 
-def _write_compressed(dst, offset: int, buf: bytes, cluster: int) -> None:
+def _write_compressed(dst, offset: int, buf: memoryview, cluster: int) -> None:
     for i in range(0, len(buf), cluster):
-        piece = buf[i:i + cluster]
+        piece = bytes(buf[i:i + cluster])
         if piece.count(0) == len(piece):
             continue
         if len(piece) < cluster or (offset + i) % cluster:
@@ -386,6 +410,7 @@ def cmd_bench(opts: list[tuple[str, str]], args: list[str]) -> int:
                                              f" with flush interval {flush_interval}" if flush_interval
                                              else ""))
         sys.stdout.flush()
+        from emu.block.api import BlockBackend  # its logging import is start-up time convert does not need
         buf = bytes([pattern & 0xFF]) * size
         blk = BlockBackend(bs, "bench", workers=max(1, min(depth, 4)))
         slots = threading.Semaphore(max(1, depth))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from emu.block.qcow2 import check as qcheck
 from emu.errors import EmuError
 from emu.img.main import PROG, ImgError, UsageError, command, error_report
 from emu.img.output import to_json_pretty
@@ -12,6 +12,9 @@ from emu.img.util import output_format, probe_format, qprint
 
 # The other command modules register themselves on import.
 from emu.img import cmd_copy, cmd_image  # noqa: E402,F401  (after the shared imports)
+
+if TYPE_CHECKING:
+    from emu.block.qcow2 import check as qcheck
 
 # ---------------------------------------------------------------------------- check
 
@@ -79,6 +82,8 @@ def _open_backing_chain(filename: str) -> None:
 @command("check", "f:r:T:qU", ["format=", "repair=", "output=", "object=", "image-opts", "force-share"])
 def cmd_check(opts: list[tuple[str, str]], args: list[str]) -> int:
     """``check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename``; exit 0/1/2/3/63."""
+    # Imported here: the checker (dataclasses, inspect) would cost every other command's start-up.
+    from emu.block.qcow2 import check as qcheck
     fmt = None
     fix = 0
     quiet = share = False

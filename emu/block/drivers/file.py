@@ -9,7 +9,6 @@ buffers (``mmap`` memory is page aligned).  Host errors (EIO, ENOSPC, ...) becom
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -27,8 +26,23 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 #: Alignment used for O_DIRECT (covers 512-byte and 4 KiB logical-sector devices).
 DIRECT_ALIGN = 4096
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc_fallocate = None
+
+
+def _libc():
+    # Loaded on first use: ctypes.util.find_library runs ldconfig, which emu-img start-up
+    # would pay on every command.
+    global _libc_fallocate
+    if _libc_fallocate is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            from ctypes.util import find_library
+            lib = ctypes.CDLL(find_library("c"), use_errno=True)
+        fn = lib.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        _libc_fallocate = fn
+    return _libc_fallocate
 
 
 class HostIOError(BlockError):
@@ -55,7 +69,7 @@ def _bounce_buffer(size: int) -> mmap.mmap:
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    if _libc()(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
@@ -66,6 +80,7 @@ class FileDriver(BlockDriver):
 
     is_protocol = True
     can_grow = True
+    takes_buffers = True
 
     def __init__(self, bs) -> None:
         super().__init__(bs)
@@ -165,6 +180,31 @@ class FileDriver(BlockDriver):
         except OSError as err:
             raise self._err("Read", err) from err
 
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        try:
+            if self.direct:
+                start, alen = self._aligned(offset, length)
+                bounce = memoryview(_bounce_buffer(alen))[:alen]
+                try:
+                    got = os.preadv(self.fd, [bounce], start)
+                    head = offset - start
+                    have = max(0, min(length, got - head))
+                    buf[:have] = bounce[head:head + have]
+                finally:
+                    bounce.release()
+            else:
+                have = 0
+                while have < length:
+                    got = os.preadv(self.fd, [buf[have:]], offset + have)
+                    if not got:
+                        break
+                    have += got
+            if have < length:  # past EOF reads as zeroes, as in QEMU
+                buf[have:] = bytes(length - have)
+        except OSError as err:
+            raise self._err("Read", err) from err
+
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         start = offset & ~(DIRECT_ALIGN - 1)
         end = (offset + length + DIRECT_ALIGN - 1) & ~(DIRECT_ALIGN - 1)
@@ -204,11 +244,11 @@ class FileDriver(BlockDriver):
                     buf[got:alen] = bytes(alen - got)
             buf[offset - start:offset - start + len(data)] = data
             end = offset + len(data)
-            fsize = os.fstat(self.fd).st_size
+            # Alignment padding must not grow the file beyond what was written.
+            fsize = os.fstat(self.fd).st_size if start + alen > end else 0
             done = 0
             while done < alen:
                 done += os.pwritev(self.fd, [buf[done:]], start + done)
-            # Alignment padding must not grow the file beyond what was written.
             if start + alen > end and end > fsize:
                 os.ftruncate(self.fd, end)
         finally:

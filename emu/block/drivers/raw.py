@@ -42,8 +42,13 @@ class RawDriver(BlockDriver):
             return self.fixed_size
         return max(0, self.bs.file.size - self.offset)
 
+    takes_buffers = True
+
     def read(self, offset: int, length: int) -> bytes:
         return self.bs.file.read(self.offset + offset, length)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.bs.file.read_into(self.offset + offset, buf)
 
     def write(self, offset: int, data: bytes) -> None:
         self.bs.file.write(self.offset + offset, data)

@@ -150,8 +150,12 @@ class ClusterMixin:
             self.refs.defer_free(e & f.L2E_OFFSET_MASK, self.cluster_size)
 
     def _l2_for_write(self, l1i: int) -> tuple[int, bytearray]:
-        l1e = self.l1[l1i]
         old = self._l2_table_offset(l1i)
+        if old in self._owed:
+            # A snapshot begun at the last cut still owes this table its references: settle
+            # it (flags cleared) so the copy-on-write below keeps the snapshot's data.
+            self._settle_l2(old)
+        l1e = self.l1[l1i]
         if old and l1e & f.QCOW_OFLAG_COPIED:
             return old, self.l2cache.get(old)
         content = bytes(self.l2cache.get(old)) if old else bytes(self.cluster_size)
@@ -208,7 +212,10 @@ class ClusterMixin:
                     continue
                 # Allocation: a run of clusters that are not in-place writable.
                 j = i + 1
-                while ((pos & ~(cs - 1)) + (j - i) * cs) < seg_end:
+                jmax = i + (((seg_end - 1) >> cb) - (pos >> cb)) + 1
+                if l2.count(0, (i + 1) * 8, jmax * 8) == (jmax - i - 1) * 8:
+                    j = jmax  # all unallocated (a fresh image): no per-cluster look
+                while j < jmax:
                     e2 = self._entry(l2, j)
                     if e2 & f.QCOW_OFLAG_COPIED and self._classify(e2, l2off, j)[0] == NORMAL:
                         break
@@ -231,9 +238,11 @@ class ClusterMixin:
                     if len(parts) > 1 else parts[0]
                 self.file_write(new, buf)
                 l2 = self.l2cache.get(l2off)
-                for m in range(k):
-                    self._free_entry_later(self._entry(l2, i + m))
-                    self._set_entry(l2, i + m, (new + m * cs) | f.QCOW_OFLAG_COPIED)
+                if l2.count(0, i * 8, (i + k) * 8) != k * 8:
+                    for m in range(k):
+                        self._free_entry_later(self._entry(l2, i + m))
+                first = new | f.QCOW_OFLAG_COPIED
+                struct.pack_into(f">{k}Q", l2, i * 8, *range(first, first + k * cs, cs))
                 self.l2cache.mark_dirty(l2off)
                 pos = run_end
         if self.writethrough:

@@ -38,6 +38,7 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
 
     supports_backing = True
     supports_snapshots = True
+    takes_buffers = True
 
     # --- file access ----------------------------------------------------------------------
     def file_read(self, offset: int, length: int) -> bytes:

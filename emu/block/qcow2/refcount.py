@@ -101,6 +101,8 @@ class RefcountManager:
     def _update(self, offset: int, length: int, delta: int) -> None:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
+        if delta > 0 and last > first and self._raise_run(first, last, delta):
+            return
         done = first
         try:
             for c in range(first, last + 1):
@@ -125,6 +127,31 @@ class RefcountManager:
             if done > first and delta > 0:
                 self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta)
             raise
+
+    def _raise_run(self, first: int, last: int, delta: int) -> bool:
+        """Add ``delta > 0`` to clusters ``first..last`` a refcount block at a time (16-bit
+        refcounts, every block already there); ``False`` (nothing changed) otherwise."""
+        be = self.block_entries
+        if self.order != 4 or sys.byteorder != "little":
+            return False
+        tis = range(first // be, last // be + 1)
+        if tis[-1] >= len(self.table) or not all(self.table[ti] & f.REFT_OFFSET_MASK for ti in tis):
+            return False
+        staged = []
+        for ti in tis:
+            boff = self.table[ti] & f.REFT_OFFSET_MASK
+            lo, hi = max(first, ti * be) - ti * be, min(last + 1, (ti + 1) * be) - ti * be
+            vals = array("H", bytes(self.cache.get(boff)[lo * 2:hi * 2]))
+            vals.byteswap()
+            if max(vals) + delta > self.max_refcount:
+                return False  # the per-cluster path names the cluster
+            staged.append((boff, lo, hi, vals))
+        for boff, lo, hi, vals in staged:
+            new = array("H", map(delta.__add__, vals))
+            new.byteswap()
+            self.cache.get(boff)[lo * 2:hi * 2] = new.tobytes()
+            self.cache.mark_dirty(boff)
+        return True
 
     def update_clusters(self, counts: Mapping[int, int], delta: int, *,
                         end: int | None = None) -> dict[int, int]:
@@ -254,13 +281,36 @@ class RefcountManager:
         leaving the hint just past it."""
         while True:
             c = self._next_free(self.free_hint)
-            k = 1
-            while k < n and self.get(c + k) == 0:
-                k += 1
+            k = self._free_run(c + 1, n - 1) + 1 if n > 1 else 1
             if k == n:
                 self.free_hint = c + n
                 return c
             self.free_hint = c + k + 1  # c + k is in use: search again after it
+
+    def _free_run(self, c: int, n: int) -> int:
+        """How many of the ``n`` clusters from ``c`` on have refcount 0, in a row."""
+        be = self.block_entries
+        k = 0
+        while k < n:
+            ti, bi = divmod(c + k, be)
+            m = min(n - k, be - bi)
+            covered = ti < len(self.table) and self.table[ti] & f.REFT_OFFSET_MASK
+            if not covered:  # no block: all free
+                k += m
+                continue
+            if self.order == 4:
+                block = self.cache.get(self.table[ti] & f.REFT_OFFSET_MASK)
+                z = block.count(0, bi * 2, (bi + m) * 2)
+                if z != m * 2:  # a refcount in this stretch is not 0: find which
+                    while self.get(c + k) == 0:
+                        k += 1
+                    return k
+                k += m
+                continue
+            if self.get(c + k):
+                return k
+            k += 1
+        return k
 
     def _next_free(self, c: int) -> int:
         """The first cluster at or after ``c`` with refcount 0 (uncovered ones count as 0)."""
