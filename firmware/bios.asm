@@ -14,6 +14,7 @@
 ;   src/memory.inc     RAM size from CMOS -> E820 table; INT 12h, INT 15h E820/E801/88h
 ;   src/pci.inc        bus 0 enumeration, BAR sizing/assignment, IRQ lines, PIRQ, ELCR
 ;   src/ata.inc        ATA PIO: channel reset, IDENTIFY, sector read/write
+;   src/virtio.inc     virtio-blk-pci (modern interface) disks: set-up and requests
 ;   src/disk.inc       INT 13h for hard disks (CHS and EDD), drive geometry
 ;   src/services.inc   INT 08h/10h/11h/15h/16h/18h/19h/1Ah and the default handlers
 ;
@@ -59,20 +60,28 @@ TICKS_PER_DAY   equ     0x1800B0        ; 24 h of 65536/1193182 s ticks
 EBDA_SEG        equ     0x9FC0          ; 639 KiB: the top KiB of conventional memory
 EBDA_KB         equ     1
 EBDA_DRIVES     equ     0x010           ; MAX_DRIVES x DRIVE_SIZE, see src/ata.inc
-MAX_DRIVES      equ     4
+MAX_DRIVES      equ     8               ; up to 4 ATA disks, then virtio-blk disks
 DRIVE_SIZE      equ     32
-EBDA_E820_COUNT equ     0x090           ; word
-EBDA_RAM_TOP    equ     0x094           ; dword: end of RAM below 4 GiB
-EBDA_RAM_HIGH   equ     0x098           ; dword: RAM above 4 GiB in 64 KiB units
-EBDA_IO_LBA     equ     0x09C           ; qword: ata_rw's next LBA
-EBDA_IO_LEFT    equ     0x0A4           ; word: sectors still to transfer
-EBDA_IO_DONE    equ     0x0A6           ; word: sectors transferred
-EBDA_IO_WRITE   equ     0x0A8           ; byte: 1 = write
-EBDA_E820       equ     0x0B0           ; E820_MAX entries of 20 bytes
+EBDA_E820_COUNT equ     0x110           ; word
+EBDA_RAM_TOP    equ     0x114           ; dword: end of RAM below 4 GiB
+EBDA_RAM_HIGH   equ     0x118           ; dword: RAM above 4 GiB in 64 KiB units
+EBDA_IO_LBA     equ     0x11C           ; qword: the disk request's next LBA
+EBDA_IO_LEFT    equ     0x124           ; word: sectors still to transfer
+EBDA_IO_DONE    equ     0x126           ; word: sectors transferred
+EBDA_IO_WRITE   equ     0x128           ; byte: 1 = write
+EBDA_IDE_BDF    equ     0x12A           ; word: PCI address of the IDE controller (FFFF: none)
+EBDA_VIO_CAP    equ     0x12C           ; byte: virtio PCI configuration access capability
+EBDA_VIO_BAR    equ     0x12D           ; byte: BAR the access window points into
+EBDA_E820       equ     0x130           ; E820_MAX entries of 20 bytes
 E820_MAX        equ     8
-EBDA_IDE_BDF    equ     0x150           ; word: PCI address of the IDE controller (FFFF: none)
-EBDA_DPTE       equ     0x160           ; MAX_DRIVES x 16: EDD device parameter tables
-EBDA_END        equ     EBDA_DPTE + MAX_DRIVES * 16
+EBDA_VIO_HDR    equ     0x1D0           ; virtio-blk request header (16 bytes)
+EBDA_VIO_STATUS equ     0x1E0           ; byte: virtio-blk request status
+EBDA_DPTE       equ     0x200           ; ATA_MAX x 16: EDD device parameter tables
+ATA_MAX         equ     4
+EBDA_VRINGS     equ     0x240           ; VIO_MAX x VRING_SIZE: virtqueues, see src/virtio.inc
+VIO_MAX         equ     4
+VRING_SIZE      equ     112
+EBDA_END        equ     EBDA_VRINGS + VIO_MAX * VRING_SIZE
 
 ; ---- POST-only scratch in free conventional memory (below the boot sector) ---------------
 SCRATCH_SEG     equ     0x0100          ; 0x1000: 512-byte IDENTIFY buffer, PCI BAR list
@@ -193,6 +202,7 @@ post:
         call    pci_setup
         sti                             ; the tick runs from here on (disk timeouts use it)
         call    ata_setup
+        call    virtio_setup
         int     0x19                    ; bootstrap; does not return
 
 ; IVT: every vector to an IRET, hardware IRQs to handlers that acknowledge the PIC, then the
@@ -404,6 +414,7 @@ rtc_setup:
 %include "src/memory.inc"
 %include "src/pci.inc"
 %include "src/ata.inc"
+%include "src/virtio.inc"
 %include "src/disk.inc"
 %include "src/services.inc"
 
