@@ -20,7 +20,7 @@ DEVICE_NOT_FOUND = "DeviceNotFound"
 KVM_MISSING_CAP = "KVMMissingCap"
 
 __all__ = ["GENERIC_ERROR", "COMMAND_NOT_FOUND", "DEVICE_NOT_ACTIVE", "DEVICE_NOT_FOUND",
-           "KVM_MISSING_CAP", "error_response", "desc_of", "as_qmp_error", "QmpError"]
+           "KVM_MISSING_CAP", "unsupported", "error_response", "desc_of", "as_qmp_error", "QmpError"]
 
 
 def as_qmp_error(err: BaseException) -> QmpError:
@@ -41,3 +41,9 @@ def desc_of(err: BaseException) -> str:
 def error_response(err: QmpError) -> dict[str, Any]:
     """``{"error": {"class": …, "desc": …}}`` (the caller adds ``id``)."""
     return {"error": {"class": err.cls, "desc": err.desc}}
+
+
+def unsupported(command: str, what: str) -> QmpError:
+    """The GenericError for a command that needs a subsystem emu does not have (README's
+    "not supported" list): ``emu does not support <what> (<command>)``."""
+    return QmpError(f"emu does not support {what} ({command})", GENERIC_ERROR)

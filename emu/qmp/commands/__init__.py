@@ -8,7 +8,13 @@ texts) before it runs::
 
 Argument names reach the handler with ``-`` turned into ``_``; absent optional members
 are not passed.  Modules: :mod:`.core` (negotiation, run state, version, schema),
-:mod:`.hmp` (human-monitor-command), :mod:`.block` (block queries and snapshots).
+:mod:`.hmp` (human-monitor-command), :mod:`.block` (block queries and snapshots),
+:mod:`.machine` (machine, CPU, memory, PCI, display queries; memsave), :mod:`.misc` (fd sets,
+trace events, yank), :mod:`.chardev`, :mod:`.qom` (QOM tree, objects, devices),
+:mod:`.block_extra` (block commands beyond snapshots and backup), :mod:`.unsupported`
+(subsystems emu lacks: QEMU's own error where the machine lacks the feature, else an
+``emu does not support`` error).  Commands QEMU 7.2 has are declared with
+:func:`qemu_command`, which takes their types from QEMU's schema (:mod:`emu.qmp.qapi72`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from emu.qmp.schema import QType, Struct
 
-__all__ = ["command", "Command", "CommandContext", "COMMANDS", "load_all"]
+__all__ = ["command", "qemu_command", "Command", "CommandContext", "COMMANDS", "load_all"]
 
 
 @dataclass
@@ -81,7 +87,21 @@ def command(name: str, args: Sequence[tuple[str, QType]] | QType = (),
     return deco
 
 
-_MODULES = ("core", "hmp", "block", "oracle", "jobs", "transaction")
+def qemu_command(name: str, **kw: Any) -> Callable[[Callable], Callable]:
+    """Register QEMU 7.2's command ``name`` with QEMU's own argument and return types, OOB
+    flag and features (:mod:`emu.qmp.qapi72`), so its arguments are checked as QEMU checks
+    them and ``query-qmp-schema`` describes it as QEMU does."""
+    from emu.qmp import qapi72
+
+    kw.setdefault("args", qapi72.arg_type(name))
+    kw.setdefault("returns", qapi72.ret_type(name))
+    kw.setdefault("allow_oob", qapi72.allow_oob(name))
+    kw.setdefault("features", qapi72.features(name))
+    return command(name, **kw)
+
+
+_MODULES = ("core", "hmp", "block", "oracle", "jobs", "transaction", "machine", "misc",
+            "chardev", "qom", "block_extra", "unsupported")
 
 
 def load_all() -> dict[str, Command]:

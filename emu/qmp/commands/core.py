@@ -47,8 +47,12 @@ def query_version(ctx: CommandContext) -> dict:
 
 @command("query-commands", returns=List(COMMAND_INFO))
 def query_commands(ctx: CommandContext) -> list:
-    """Every command this emulator implements (QEMU lists newest registrations first)."""
-    return [{"name": n} for n in reversed(list(COMMANDS))]
+    """QEMU 7.2's commands in QEMU's order (emu answers every one of them).  emu's own
+    ``x-emu-*`` extensions are left out, so a client comparing with QEMU sees QEMU's list;
+    ``query-qmp-schema`` describes them."""
+    from emu.qmp.qapi72 import ORDER
+
+    return [{"name": n} for n in ORDER if n in COMMANDS]
 
 
 @command("query-name", returns=NAME_INFO, inline=True)
