@@ -171,6 +171,8 @@ class Machine:
         self._shutdown_cause: ShutdownCause | None = None
         self._exit_code = 0
         self._quiesce_depth = 0
+        #: work handed to after_quiesce() by the current outermost quiesce
+        self._after_quiesce: list[Callable[[], None]] | None = None
         #: one cut per outermost quiesce, for x-emu-query-cuts and the oracle
         self.cuts = CutLog()
         #: named block devices in creation order (query-block order)
@@ -436,38 +438,67 @@ class Machine:
         Stops admitting guest requests and waits until nothing is in flight on each
         BlockBackend (``backends``, default: every block device's), parks the vCPU,
         writes cached metadata back, runs the body, then re-admits requests and lets
-        the vCPU continue.  Nested uses are cheap (only the outermost drains).
+        the vCPU continue.  Nested uses are cheap (only the outermost drains).  Work the
+        body hands to :meth:`after_quiesce` runs once the guest runs again, before the
+        ``with`` statement ends (the monitor's reply waits for it).
 
         :param backends: the BlockBackends affected; ``None`` means all of them.
         :param reason: what runs inside (the QMP command name: ``transaction``, ``stop``,
             ...), recorded in the cut report (:mod:`emu.oracle.cuts`).
         """
+        after: list[Callable[[], None]] = []
+        ok = False
+        try:
+            with self._lock:
+                self._quiesce_depth += 1
+                outer = self._quiesce_depth == 1
+                if backends is None:
+                    backends = [d.backend for d in self.block_devices if d.backend is not None]
+                drained: list[Any] = []
+                vcpu = self._vcpu if (self._vcpu_started and self.is_running()) else None
+                try:
+                    if outer:
+                        self._after_quiesce = []
+                        for blk in backends:
+                            _drain_begin(blk)
+                            drained.append(blk)
+                        if vcpu is not None:
+                            vcpu.pause()
+                        for blk in backends:
+                            _write_back(blk)
+                        # drained, parked, written back: the instant the images are taken
+                        self.cuts.record(self, backends, reason)
+                    yield
+                finally:
+                    if outer:
+                        for blk in reversed(drained):
+                            _drain_end(blk)
+                        if vcpu is not None and self.is_running():
+                            vcpu.resume()
+                        after, self._after_quiesce = self._after_quiesce, None
+                    self._quiesce_depth -= 1
+            ok = True
+        finally:
+            # Outside the machine lock: this may wait on the disk while the guest runs.
+            errors = []
+            for fn in after or ():
+                try:
+                    fn()
+                except Exception as err:  # noqa: BLE001 - every callback runs; first error wins
+                    errors.append(err)
+            if ok and errors:
+                raise errors[0]
+
+    def after_quiesce(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the current outermost quiesce ends, after the guest was let go
+        (at once outside a quiesce).  An exception from ``fn`` leaves the ``with`` statement
+        of that quiesce."""
         with self._lock:
-            self._quiesce_depth += 1
-            outer = self._quiesce_depth == 1
-            if backends is None:
-                backends = [d.backend for d in self.block_devices if d.backend is not None]
-            drained: list[Any] = []
-            vcpu = self._vcpu if (self._vcpu_started and self.is_running()) else None
-            try:
-                if outer:
-                    for blk in backends:
-                        _drain_begin(blk)
-                        drained.append(blk)
-                    if vcpu is not None:
-                        vcpu.pause()
-                    for blk in backends:
-                        _write_back(blk)
-                    # drained, parked, written back: the instant the images are taken
-                    self.cuts.record(self, backends, reason)
-                yield
-            finally:
-                if outer:
-                    for blk in reversed(drained):
-                        _drain_end(blk)
-                    if vcpu is not None and self.is_running():
-                        vcpu.resume()
-                self._quiesce_depth -= 1
+            pending = self._after_quiesce if self._quiesce_depth else None
+            if pending is not None:
+                pending.append(fn)
+                return
+        fn()
 
     # -------------------------------------------------------------- teardown
     def close(self) -> None:

@@ -3,15 +3,40 @@
 Each step's ordering invariant is written next to its flush.  Refcounts are always raised
 before anything new points at clusters and lowered only after nothing does, so an
 interrupted operation leaves an image that ``qemu-img check`` finds clean or leaking.
+
+Creation has two halves so a running guest is held only for the first (the monitor's
+``transaction``):
+
+* :meth:`SnapshotMixin.snapshot_create_begin` (inside the drained section, O(L1), no I/O):
+  takes the active L1 table as the snapshot's, and records every L2 table it references as
+  *owed* its +1 (on the table and on each cluster it maps) and the loss of
+  QCOW_OFLAG_COPIED;
+* the guest then runs again.  The first write that needs an owed table settles it first
+  (:meth:`SnapshotMixin._settle_l2`, called from ``_l2_for_write``): refcounts raised, flags
+  cleared in the table and its L1 entries, so the ordinary copy-on-write path copies the
+  table and its clusters instead of changing the snapshot's;
+* :meth:`SnapshotMixin.snapshot_create_finish` (guest running; the caller's reply waits for
+  it) settles the remaining tables one per lock hold, writes the L1 copy, the raised
+  refcounts, the flags and the new snapshot table, makes them durable, then switches the
+  header and makes that durable (two fdatasyncs, taken without the node lock so guest I/O
+  continues).
+
+Every settle is written back at once with the refcounts first (the guest's copy-on-write
+flushes the refcounts and moves the L1 entry off the table; the finisher writes refcount
+blocks, L1 and L2 tables back to back), so the window where flags and refcounts differ on
+disk stays the few microseconds of one burst, as in the one-shot creation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from functools import reduce
 from operator import or_
+from typing import Any
 
 from emu.block.qcow2 import format as f
 from emu.errors import BlockError, ImageFormatError
@@ -21,6 +46,8 @@ from emu.errors import BlockError, ImageFormatError
 _CLEAR_COPIED = bytes(b & 0x7F for b in range(256))
 #: bytes.translate table keeping only bit 6 (QCOW_OFLAG_COMPRESSED in an entry's first byte).
 _ONLY_COMPRESSED = bytes(b & 0x40 for b in range(256))
+#: owed L2 tables a snapshot's finisher settles per hold of the node lock
+_SETTLE_BATCH = 8
 #: L2 tables whose walk result is remembered (content-checked) between snapshot operations.
 _WALK_MEMO_TABLES = 64
 
@@ -29,8 +56,30 @@ class SnapshotNotFound(BlockError):
     """No snapshot matches the given id/name."""
 
 
+@dataclass
+class PendingSnapshot:
+    """A snapshot between :meth:`SnapshotMixin.snapshot_create_begin` and its finish."""
+
+    sn: f.QCowSnapshot
+    #: the snapshot's L1 table (the active one at the cut, QCOW_OFLAG_COPIED cleared)
+    l1: list[int]
+    #: the active L1 at the cut, restored by a cancel inside the drained section
+    saved_l1: list[int]
+    #: L2 tables this snapshot owes a reference (each table once per L1 entry naming it)
+    tables: list[int] = field(default_factory=list)
+    #: set when settling failed: the snapshot is abandoned and finish raises this
+    failed: BaseException | None = None
+    done: bool = False
+
+
 class SnapshotMixin:
     """Snapshot logic of :class:`~emu.block.qcow2.driver.Qcow2Driver` (state lives there)."""
+
+    #: L2 table offset -> active L1 indices naming it, for tables a pending snapshot still
+    #: owes a reference (empty and shared until the first begin gives the image its own).
+    _owed: dict[int, list[int]] = {}
+    #: snapshots begun and not finished or cancelled, oldest first
+    _pending: list[PendingSnapshot] = []
 
     # --- helpers ------------------------------------------------------------------------
     def _flush_for_snapshot(self) -> None:
@@ -200,26 +249,115 @@ class SnapshotMixin:
 
     def _write_snapshot_table(self) -> None:
         """QEMU's qcow2_write_snapshots: new table, then header, then free the old one."""
-        h = self.header
+        new_off, old = self._stage_snapshot_table()
+        # The new table and its refcounts reach the disk before the header points to it.
+        self.barrier()
+        self._switch_snapshot_table(new_off)
+        # The header is durable before the old table may be freed (and reused).
+        self.barrier()
+        self._free_old_snapshot_table(old)
+
+    def _stage_snapshot_table(self) -> tuple[int, tuple[int, int]]:
+        """Write ``self.snapshots`` as a new table (and its refcount); the header still
+        names the old one.  Returns the new offset and the old table's (offset, size)."""
         data = f.serialize_snapshot_table(self.snapshots)
         if len(data) > f.QCOW_MAX_SNAPSHOTS_SIZE:
             raise BlockError("Snapshot table too large")
         new_off = self.refs.alloc(len(data)) if data else 0
         if data:
             self.file_write(new_off, data)
-        # The new table and its refcounts reach the disk before the header points to it.
         self.refs.flush()
-        self.barrier()
-        old_off, old_size = h.snapshots_offset, self.snapshots_size
+        self._staged_table_size = len(data)
+        return new_off, (self.header.snapshots_offset, self.snapshots_size)
+
+    def _switch_snapshot_table(self, new_off: int) -> None:
+        h = self.header
         h.nb_snapshots, h.snapshots_offset = len(self.snapshots), new_off
         self.file_write(60, struct.pack(">IQ", h.nb_snapshots, new_off))
-        self.barrier()
-        self.snapshots_size = len(data)
+        self.snapshots_size = self._staged_table_size
         self.invalidate_meta()
-        # Only now that the header no longer points at the old table may it be freed.
+
+    def _free_old_snapshot_table(self, old: tuple[int, int]) -> None:
+        # Only once the header no longer points at the old table may it be freed; its
+        # refcount block goes out with the next flush (a crash before that leaks it).
+        old_off, old_size = old
         if old_off and old_size:
             self.refs.update(old_off, old_size, -1)
             self.refs.flush()
+
+    def _barrier_unlocked(self) -> None:
+        """:meth:`barrier` for callers that released the node lock: a plain file's
+        fdatasync needs no lock, so guest requests on the image go on meanwhile."""
+        if self.bs.cache_no_flush:
+            return
+        file = self.bs.file
+        if file.drv == "file":
+            file.impl.flush()
+        else:
+            file.flush()
+
+    # --- pending snapshots ----------------------------------------------------------------
+    def _settle_l2(self, l2off: int) -> None:
+        """Give owed table ``l2off`` its snapshot references (caller holds the node lock).
+
+        If the refcounts cannot be raised (overflow, corrupt table) every pending snapshot
+        is abandoned: nothing of the failing table changed, so the image stays consistent
+        (tables settled before leak a reference) and the caller's write goes on.
+        """
+        try:
+            self._settle_tables([l2off])
+        except (BlockError, OSError) as err:
+            self._abandon_pending(err)
+
+    def _settle_tables(self, offs: list[int]) -> None:
+        """Give owed tables ``offs`` their snapshot references, all or nothing.
+
+        Raises each table's refcount and every refcount of what it maps by the number of
+        L1 entries that named it at the cut (summed over pending snapshots), clears
+        QCOW_OFLAG_COPIED in the table and in those L1 entries (everything is shared now),
+        so the next write copies on write.  The caller writes the result back before
+        releasing the lock.
+
+        :raises ImageFormatError: a refcount would overflow or a table is corrupt; then
+            nothing changed and the tables are still owed.
+        """
+        cb = self.cluster_bits
+        counts: Counter = Counter()
+        end = 0
+        owed = [(off, self._owed[off]) for off in dict.fromkeys(offs) if self._owed.get(off)]
+        for off, idx in owed:
+            clusters, extra, tend = self._walk_l2(off, bytes(self.l2cache.get(off)))
+            one = Counter(clusters)
+            if extra:
+                one.update(extra)
+            one[off >> cb] += 1
+            for _ in idx:
+                counts.update(one)
+            end = max(end, tend, off + self.cluster_size)
+        if not owed:
+            return
+        self.refs.update_clusters(counts, 1, end=end)
+        copied = f.QCOW_OFLAG_COPIED
+        for off, idx in owed:
+            del self._owed[off]
+            l2 = self.l2cache.get(off)
+            before = bytes(l2[0::8])
+            l2[0::8] = before.translate(_CLEAR_COPIED)
+            if l2[0::8] != before:
+                self.l2cache.mark_dirty(off)
+            for i in set(idx):
+                if self.l1[i] & f.L1E_OFFSET_MASK == off and self.l1[i] & copied:
+                    self.l1[i] &= ~copied
+                    self._l1_flags_dirty = True
+
+    def _abandon_pending(self, err: BaseException) -> None:
+        """Settling failed: drop every pending snapshot (finish raises ``err``)."""
+        for p in self._pending:
+            p.failed = p.failed or err
+        self._owed = {}
+
+    def _snapshot_names(self) -> list[f.QCowSnapshot]:
+        return self.snapshots + [p.sn for p in self._pending if not p.failed]
 
     def _find(self, snapshot_id: str | None, name: str | None) -> f.QCowSnapshot:
         for sn in self.snapshots:
@@ -238,19 +376,36 @@ class SnapshotMixin:
 
     # --- public ---------------------------------------------------------------------------
     def snapshot_list(self) -> list[dict]:
-        return [sn.info() for sn in self.snapshots]
+        return [sn.info() for sn in self._snapshot_names()]
 
     def snapshot_create(self, name: str, *, vm_clock_ns: int = 0, date: float | None = None,
                         vm_state_size: int = 0, snapshot_id: str | None = None,
                         icount: int | None = None) -> dict:
-        if any(sn.name == name for sn in self.snapshots):
+        """Create a snapshot in one go (begin and finish under the caller's node lock)."""
+        p = self.snapshot_create_begin(name, vm_clock_ns=vm_clock_ns, date=date,
+                                       vm_state_size=vm_state_size, snapshot_id=snapshot_id,
+                                       icount=icount)
+        return self.snapshot_create_finish(p)
+
+    def snapshot_create_begin(self, name: str, *, vm_clock_ns: int = 0, date: float | None = None,
+                              vm_state_size: int = 0, snapshot_id: str | None = None,
+                              icount: int | None = None) -> PendingSnapshot:
+        """The cut: the snapshot holds exactly the active tree as it is now.
+
+        Call with the node lock held and no request in flight (drained).  No I/O beyond
+        writing back cached metadata; the work is O(L1 entries).  Then
+        :meth:`snapshot_create_finish` (or :meth:`snapshot_create_cancel` before any
+        request ran) must follow.
+        """
+        names = self._snapshot_names()
+        if any(sn.name == name for sn in names):
             raise BlockError(f"Snapshot with name '{name}' already exists")
-        if len(self.snapshots) >= f.QCOW_MAX_SNAPSHOTS:
+        if len(names) >= f.QCOW_MAX_SNAPSHOTS:
             raise BlockError("Too many snapshots")
         if snapshot_id is None:
-            ids = [int(sn.id_str) for sn in self.snapshots if sn.id_str.isdigit()]
+            ids = [int(sn.id_str) for sn in names if sn.id_str.isdigit()]
             snapshot_id = str(max(ids, default=0) + 1)
-        elif any(sn.id_str == snapshot_id for sn in self.snapshots):
+        elif any(sn.id_str == snapshot_id for sn in names):
             raise BlockError(f"Snapshot with id '{snapshot_id}' already exists")
         now = time.time() if date is None else date
         sec = int(now)
@@ -258,38 +413,119 @@ class SnapshotMixin:
                             date_nsec=int((now - sec) * 1_000_000) * 1000, vm_clock_nsec=vm_clock_ns,
                             vm_state_size=vm_state_size, disk_size=self.size, icount=icount)
         self._flush_for_snapshot()
-        # 1. A copy of the active L1 table.
-        if self.l1:
-            sn.l1_table_offset = self.refs.alloc(len(self.l1) * 8)
-            # The copy carries no QCOW_OFLAG_COPIED: everything in it is shared from now on,
-            # and a later goto then never exposes stale flags.
-            self.file_write(sn.l1_table_offset,
-                            f.serialize_table([e & ~f.QCOW_OFLAG_COPIED for e in self.l1]))
-        # 2. Every cluster the snapshot shares gets one more reference; the active tree
-        #    loses QCOW_OFLAG_COPIED where clusters are now shared.
+        tables = [self._l2_table_offset(i) for i in range(len(self.l1))]  # validates entries
+        # The copy carries no QCOW_OFLAG_COPIED: everything in it is shared from now on,
+        # and a later goto then never exposes stale flags.
+        p = PendingSnapshot(sn, [e & ~f.QCOW_OFLAG_COPIED for e in self.l1], list(self.l1))
+        if "_pending" not in self.__dict__:     # the first begin on this image
+            self._owed = {}
+            self._pending = []
+        for i, off in enumerate(tables):
+            if off:
+                self._owed.setdefault(off, []).append(i)
+                p.tables.append(off)
+        self._pending.append(p)
+        return p
+
+    def snapshot_create_cancel(self, p: PendingSnapshot) -> None:
+        """Undo a begin while still drained (no request ran since): nothing was written."""
+        if p.done or p not in self._pending:
+            return
+        self._pending.remove(p)
+        p.done = True
+        if p.failed:
+            return
+        for off in p.tables:
+            idx = self._owed.get(off)
+            if idx:
+                idx.pop()
+                if not idx:
+                    del self._owed[off]
+        if not self._pending:
+            self._owed = {}
+
+    def snapshot_create_finish(self, p: PendingSnapshot, lock: Any = None) -> dict:
+        """Settle what the guest has not, write the snapshot, make it durable.
+
+        :param lock: the node lock; when given it is taken per step and released for the
+            fdatasyncs, so guest requests keep running.  Without it the caller holds it.
+        :raises BlockError: the snapshot could not be made (the image may leak clusters).
+        """
+        hold = lock if lock is not None else contextlib.nullcontext()
+        barrier = self._barrier_unlocked if lock is not None else self.barrier
+        # 1. Settle the remaining owed tables, a few per lock hold (a millisecond or two), each
+        #    batch written back in one burst (guest requests run between the batches).
+        #    Without a lock to release, all at once: all or nothing, as QEMU.
+        todo = list(p.tables)
+        while todo and not p.failed:
+            with hold:
+                cut = len(todo) if lock is None else _SETTLE_BATCH
+                batch, todo = todo[:cut], todo[cut:]
+                try:
+                    self._settle_tables(batch)
+                except (BlockError, OSError) as err:
+                    if lock is None:
+                        self.snapshot_create_cancel(p)
+                        raise
+                    self._abandon_pending(err)
+                self._write_tree_metadata()
+        with hold:
+            if p.failed:
+                self._drop_pending(p)
+                raise BlockError(f"Could not create snapshot '{p.sn.name}': {p.failed}")
+            sn = p.sn
+            try:
+                # 2. The L1 copy, then (with its refcount) the new snapshot table.
+                if p.l1:
+                    sn.l1_table_offset = self.refs.alloc(len(p.l1) * 8)
+                    self.file_write(sn.l1_table_offset, f.serialize_table(p.l1))
+                self._write_tree_metadata()
+                self._drop_pending(p)
+                self.snapshots.append(sn)
+                new_off, old = self._stage_snapshot_table()
+            except BaseException:
+                self._drop_pending(p)
+                if sn in self.snapshots:
+                    self.snapshots.remove(sn)
+                raise
         try:
-            changed = self._update_tree_refcounts(self.l1, +1)
+            # The L1 copy, every raised refcount and the new snapshot table reach the disk
+            # before the header points at the table (nothing on disk refers to them yet, so a
+            # crash up to here only leaks).
+            barrier()
+            with hold:
+                self._switch_snapshot_table(new_off)
+            # The header is durable (the snapshot exists; the caller may report it) before the
+            # old table is freed.
+            barrier()
         except BaseException:
-            if self.l1:
-                self.refs.update(sn.l1_table_offset, len(self.l1) * 8, -1)
+            with hold:
+                if sn in self.snapshots and self.header.snapshots_offset != new_off:
+                    self.snapshots.remove(sn)
             raise
-        self._fix_copied_flags(changed)
-        # Raised refcounts and the L1 copy reach the disk before the snapshot table that uses them.
-        self._write_tree_metadata()
-        self.barrier()
-        self.snapshots.append(sn)
-        try:
-            self._write_snapshot_table()
-        except BaseException:
-            self.snapshots.remove(sn)
-            raise
-        self.invalidate_meta()
+        with hold:
+            self._free_old_snapshot_table(old)
         return sn.info()
+
+    def _drop_pending(self, p: PendingSnapshot) -> None:
+        p.done = True
+        if p in self._pending:
+            self._pending.remove(p)
+        if not self._pending:
+            self._owed = {}
+
+    def _settle_all(self) -> None:
+        """Settle every owed table now (before anything that walks or rewrites the tree)."""
+        if self._owed:
+            for off in list(self._owed):
+                self._settle_l2(off)
+            self._write_tree_metadata()
 
     def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> dict:
         if snapshot_id is None and name is None:
             raise BlockError("One of the snapshot id or name must be given")
         sn = self._find(snapshot_id, name)
+        self._settle_all()
         self._flush_for_snapshot()
         l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
         # 1. Drop the snapshot from the table: after this nothing refers to its tree.
@@ -312,6 +548,7 @@ class SnapshotMixin:
 
     def snapshot_goto(self, id_or_name: str) -> dict:
         sn = self._find_id_or_name(id_or_name)
+        self._settle_all()
         self._flush_for_snapshot()
         # Entries of the new active table start without QCOW_OFLAG_COPIED (their refcount is
         # at least 2 until the old tree is released); _fix_copied_flags sets them afterwards.

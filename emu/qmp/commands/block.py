@@ -10,6 +10,7 @@ that take them are registered once, in :mod:`.jobs` (drive-backup, blockdev-back
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from emu.block.bitmaps import bitmap_info_list
@@ -429,6 +430,12 @@ def blockdev_snapshot_internal_sync(ctx: CommandContext, device: str, name: str)
 
 def internal_snapshot_create(ctx: CommandContext, bs: Any, devname: str, name: str) -> dict:
     """Create snapshot ``name`` on ``bs`` with QEMU's checks and texts."""
+    return internal_snapshot_finish(bs, internal_snapshot_begin(ctx, bs, devname, name))
+
+
+def internal_snapshot_begin(ctx: CommandContext, bs: Any, devname: str, name: str) -> Any:
+    """The cut of snapshot ``name`` on drained ``bs`` (QEMU's checks and texts); returns the
+    ticket for :func:`internal_snapshot_finish`, which may run once the guest runs again."""
     if not bs.supports_snapshots:
         raise QmpError(f"Block format '{bs.drv}' used by device '{devname}' does not "
                        "support internal snapshots")
@@ -441,9 +448,19 @@ def internal_snapshot_create(ctx: CommandContext, bs: Any, devname: str, name: s
     # QEMU keeps at most 255 bytes of the name (QEMUSnapshotInfo.name is char[256])
     stored = name.encode()[:255].decode("utf-8", "ignore")
     try:
-        return bs.snapshot_create(stored, vm_clock_ns=vm_clock)
+        return bs.snapshot_create_begin(stored, vm_clock_ns=vm_clock)
     except BlockError as e:
         raise QmpError(desc_of(e)) from e
+
+
+def internal_snapshot_finish(bs: Any, ticket: Any) -> dict:
+    """Make a begun snapshot durable; returns its SnapshotInfo."""
+    try:
+        return bs.snapshot_create_finish(ticket)
+    except BlockError as e:
+        raise QmpError(desc_of(e)) from e
+    except OSError as e:
+        raise QmpError(os.strerror(e.errno or 5)) from e
 
 
 @command("blockdev-snapshot-delete-internal-sync",

@@ -8,6 +8,7 @@ undo QEMU 7.2 performs on abort (snapshot deleted, overlay detached, bitmap rest
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from emu.block import bitmaps as bmlib
@@ -18,7 +19,7 @@ from emu.qmp.commands import jobs as jobcmds
 from emu.qmp.commands.block import (TRANSACTION_ACTION, TRANSACTION_PROPS, _active_layer,
                                     _lookup_bs, external_snapshot_abort,
                                     external_snapshot_commit, external_snapshot_prepare,
-                                    internal_snapshot_create)
+                                    internal_snapshot_begin, internal_snapshot_finish)
 from emu.qmp.schema import List
 
 __all__ = ["transaction"]
@@ -38,7 +39,9 @@ def transaction(ctx: CommandContext, args: dict) -> dict:
 
 @action("blockdev-snapshot-internal-sync")
 def internal_snapshot_prepare(st: ActionState) -> None:
-    """Snapshot taken in prepare; deleted again if the transaction fails."""
+    """The snapshot's cut is taken in prepare (cancelled again if the transaction fails);
+    the snapshots of one transaction are made durable together once the guest runs again,
+    before the reply (:func:`_finish_snapshots`)."""
     st.check_completion_mode()
     ctx: CommandContext = st.env
     device, name = st.data["device"], st.data["name"]
@@ -46,15 +49,51 @@ def internal_snapshot_prepare(st: ActionState) -> None:
     jobcmds._drain_for(st, [bs])
     if bs.read_only and bs.supports_snapshots:
         raise QmpError(f"Device '{device}' is read only")
-    info = internal_snapshot_create(ctx, bs, devname, name)
+    ticket = internal_snapshot_begin(ctx, bs, devname, name)
 
     def undo() -> None:
         try:
-            bs.snapshot_delete(info["id"], info["name"])
+            bs.snapshot_create_cancel(ticket)
         except EmuError:
             pass
 
     st.on_abort(undo)
+    batch = st.txn.get("internal snapshots")
+    if batch is None:
+        batch = st.txn["internal snapshots"] = []
+        st.on_commit(lambda: ctx.machine.after_quiesce(lambda: _finish_snapshots(batch)))
+    batch.append((bs, ticket))
+
+
+def _finish_snapshots(batch: list[tuple[Any, Any]]) -> None:
+    """Finish every snapshot of one transaction, each image on its own thread (their waits
+    on the disk overlap).  If one fails, the others are deleted again (all or nothing) and
+    the first error is the command's."""
+    results: list[Any] = [None] * len(batch)
+
+    def one(k: int) -> None:
+        try:
+            results[k] = internal_snapshot_finish(*batch[k])
+        except BaseException as err:    # noqa: BLE001 - reported below
+            results[k] = err
+
+    threads = [threading.Thread(target=one, args=(k,), name=f"snapshot-{k}")
+               for k in range(1, len(batch))]
+    for t in threads:
+        t.start()
+    one(0)
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if not errors:
+        return
+    for (bs, _), r in zip(batch, results):
+        if isinstance(r, dict):
+            try:
+                bs.snapshot_delete(r["id"], r["name"])
+            except EmuError:
+                pass
+    raise errors[0]
 
 
 @action("blockdev-snapshot-sync")
