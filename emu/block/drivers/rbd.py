@@ -224,7 +224,8 @@ def _check(r: int, what: str) -> int:
 class Connection:
     """One RADOS client connection and an I/O context on a pool (QEMU's qemu_rbd_connect).
 
-    :param options: ``pool``, ``namespace``, ``conf``, ``user``, ``key-value-pairs``.
+    :param options: ``pool``, ``namespace``, ``conf``, ``user``, ``key-value-pairs``, and
+        ``cache`` (bool: librbd's ``rbd_cache``; absent leaves librbd's setting).
     :raises ImageOpenError: with QEMU's text when the conf, cluster or pool is missing.
     """
 
@@ -254,6 +255,10 @@ class Connection:
                 r = rados.rados_conf_set(self.cluster, key.encode(), val.encode())
                 if r < 0:
                     raise ImageOpenError(f"invalid conf option {key}: {_strerror(r)}")
+            if "cache" in options:
+                # QEMU's qemu_rbd_connect: librbd's cache follows the cache mode (off for
+                # cache.direct, i.e. cache=none/directsync), after the user's settings.
+                rados.rados_conf_set(self.cluster, b"rbd_cache", b"true" if options["cache"] else b"false")
             self._default_mount_timeout()
             r = rados.rados_connect(self.cluster)
             if r < 0:
@@ -307,6 +312,17 @@ class Connection:
         if self.cluster is not None:
             self.rados.rados_shutdown(self.cluster)
             self.cluster = None
+
+
+_allocators: dict[int, Any] = {}
+
+
+def _raw_alloc(ffi: Any) -> Any:
+    """An allocator that skips zero-filling (read buffers are filled by librbd)."""
+    a = _allocators.get(id(ffi))
+    if a is None:
+        a = _allocators[id(ffi)] = ffi.new_allocator(should_clear_after_alloc=False)
+    return a
 
 
 class _Request:
@@ -373,7 +389,7 @@ class RbdDriver(BlockDriver):
             if opts.get("auto-read-only") not in (True, "on"):
                 raise ImageOpenError("rbd snapshots are read-only")
             self.bs.read_only = True
-        self.conn = Connection(opts)
+        self.conn = Connection({**opts, "cache": not self.bs.cache_direct})
         ffi, lib = self.conn.ffi, self.conn.rbd
         img = ffi.new("rbd_image_t *")
         name = str(opts["image"])
@@ -424,7 +440,7 @@ class RbdDriver(BlockDriver):
             raise BlockError(f"Node '{self.bs.node_name}' is closed")
         ffi, lib = self.conn.ffi, self.conn.rbd
         if op == "read":
-            cbuf = ffi.new("char[]", max(length, 1))
+            cbuf = _raw_alloc(ffi)("char[]", max(length, 1))   # librbd fills it
             req = _Request((ffi, cbuf), length, callback)
         elif op == "write":
             assert data is not None
@@ -474,7 +490,8 @@ class RbdDriver(BlockDriver):
         req = self._wait("read", offset, length)
         ffi, cbuf = req.buf
         n = max(req.result, 0)
-        return ffi.buffer(cbuf, length)[:n] + bytes(length - n)
+        data = ffi.buffer(cbuf, length)[:n]
+        return data if n == length else data + bytes(length - n)
 
     def write(self, offset: int, data: bytes) -> None:
         self._wait("write", offset, len(data), data)
