@@ -787,14 +787,30 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
         for m in cfg.monitors:
             server.add_monitor(chardevs[m.chardev], m.mode)
         machine.serial_chardevs = [chardevs[s] for s in cfg.serials]
+        plan = None
         if cfg.machine_type != "none":
+            from emu.machine.hardware import check_hardware
+
+            plan = check_hardware(machine)      # every configuration error, before greeting
+        # The monitors listen (and greet) while the hardware is built: QEMU greets once its
+        # machine exists and the configuration was accepted; a command that comes meanwhile
+        # waits for the machine (server.ready), it does not fail.  Other chardevs (serial
+        # ports) start once their device is there.
+        server.ready.clear()
+        server.executor.submit(server.ready.wait)   # HMP commands wait as well
+        early = {m.chardev for m in cfg.monitors} - set(cfg.serials)
+        for cid in early:
+            io.call(chardevs[cid].start(io.loop))
+        if plan is not None:
             from emu.machine.hardware import build_hardware
 
-            build_hardware(machine)     # vCPU, board, BIOS, disk controllers
-        for chardev in chardevs.values():
-            io.call(chardev.start(io.loop))
+            build_hardware(machine, plan=plan)  # vCPU, board, BIOS, disk controllers
+        for cid, chardev in chardevs.items():
+            if cid not in early:
+                io.call(chardev.start(io.loop))
 
         machine.start()
+        server.ready.set()
         if ready_fd is not None:
             os.write(ready_fd, b"0")
             os.close(ready_fd)
@@ -806,6 +822,9 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
         return code
     finally:
         if server is not None:
+            if not server.ready.is_set():
+                server.closing = True           # commands waiting for the machine: none run
+                server.ready.set()
             try:
                 io.call(server.shutdown(), timeout=10)
             except Exception:   # noqa: BLE001 - exit regardless

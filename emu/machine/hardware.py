@@ -35,7 +35,7 @@ from emu.errors import ConfigError
 from emu.machine.config import DeviceConfig
 from emu.machine.pc import BlockDevice, Machine, ShutdownCause
 
-__all__ = ["Hardware", "build_hardware", "default_bios", "load_bios", "VcpuRunner", "SerialLink",
+__all__ = ["Hardware", "HardwarePlan", "build_hardware", "check_hardware", "default_bios", "load_bios", "VcpuRunner", "SerialLink",
            "BIOS_NAME"]
 
 log = logging.getLogger("emu.machine")
@@ -255,18 +255,31 @@ def _pci_slot(addr: str) -> int:
     return slot
 
 
-def _attach_virtio_blk(machine: Machine, board: Any, cpu: Any) -> dict[str, Any]:
-    """Plug a virtio-blk-pci function for each such device, in command-line order, at its
-    ``addr=`` or the first free slot from 2 (QEMU's rule; emu has no VGA or NIC before them)."""
+@dataclass
+class _VirtioPlan:
+    """One virtio-blk-pci function to plug: its device, options, drive, slot and name."""
+
+    dev: DeviceConfig
+    options: dict[str, Any]
+    bdev: BlockDevice
+    slot: int
+    name: str
+
+
+def _virtio_plan(machine: Machine) -> list[_VirtioPlan]:
+    """Each virtio-blk-pci device, in command-line order, at its ``addr=`` or the first free
+    slot from 2 (QEMU's rule; emu has no VGA or NIC before them); checks every property.
+
+    :raises ConfigError: QEMU's text for a bad property, a missing or empty drive.
+    """
     devices = [d for d in machine.config.devices if d.driver in VIRTIO_BLK_MODELS]
     if not devices:
-        return {}
-    from emu.hw.virtio import GuestMemory, attach_virtio_blk, virtio_blk_pci_options
+        return []
+    from emu.hw.virtio import virtio_blk_pci_options
 
-    memory = GuestMemory.from_vcpu(cpu)
     used = {0, 1}                       # i440FX, PIIX3 (ISA + IDE)
     used |= {_pci_slot(d.props["addr"]) for d in devices if "addr" in d.props}
-    out: dict[str, Any] = {}
+    out: list[_VirtioPlan] = []
     for n, dev in enumerate(devices):
         where = f"-drive {dev.spec}" if dev.implicit else f"-device {dev.spec}"
         try:
@@ -284,14 +297,28 @@ def _attach_virtio_blk(machine: Machine, board: Any, cpu: Any) -> dict[str, Any]
             slot = next(s for s in range(2, 32) if s not in used)
             used.add(slot)
         options.setdefault("write_cache", _write_cache(bdev))
-        bdev.writeback = options["write_cache"]
         name = dev.id or (drive if dev.implicit else f"virtio-blk{n}")
+        out.append(_VirtioPlan(dev, options, bdev, slot, name))
+    return out
 
-        def on_write_cache(enabled: bool, bdev: BlockDevice = bdev) -> None:
+
+def _attach_virtio_blk(machine: Machine, board: Any, cpu: Any,
+                       plan: list[_VirtioPlan]) -> dict[str, Any]:
+    """Plug the planned virtio-blk-pci functions (:func:`_virtio_plan`)."""
+    if not plan:
+        return {}
+    from emu.hw.virtio import GuestMemory, attach_virtio_blk
+
+    memory = GuestMemory.from_vcpu(cpu)
+    out: dict[str, Any] = {}
+    for p in plan:
+        p.bdev.writeback = p.options["write_cache"]
+
+        def on_write_cache(enabled: bool, bdev: BlockDevice = p.bdev) -> None:
             bdev.writeback = enabled        # query-block's write cache follows the guest
 
-        out[name] = attach_virtio_blk(board, memory, bdev.backend, slot, name=name,
-                                      on_write_cache=on_write_cache, **options)
+        out[p.name] = attach_virtio_blk(board, memory, p.bdev.backend, p.slot, name=p.name,
+                                        on_write_cache=on_write_cache, **p.options)
     return out
 
 
@@ -310,26 +337,52 @@ def _ide_index(dev: DeviceConfig, taken: list[Any]) -> int:
     raise ConfigError(f"IDE unit already in use ({dev.spec})")
 
 
-def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hardware:
+@dataclass
+class HardwarePlan:
+    """What :func:`check_hardware` validated: the BIOS image and the virtio-blk functions."""
+
+    bios: bytes
+    virtio: list[_VirtioPlan]
+
+
+def check_hardware(machine: Machine) -> HardwarePlan:
+    """Every configuration error :func:`build_hardware` could meet, found without importing
+    or building the CPU and devices, so that the launcher can start the monitors (and greet)
+    while the hardware is being built, as QEMU has already refused a bad configuration by the
+    time it greets.
+
+    :raises ConfigError: a device emu lacks, a bad BIOS, a bad device property.
+    """
+    cfg = machine.config
+    if cfg.kernel is not None:
+        # the BIOS would boot the disk instead: say so rather than run something else
+        raise ConfigError("direct kernel boot (-kernel) is not implemented in emu yet")
+    bios = load_bios(cfg.bios)
+    _ide_backends(machine)
+    return HardwarePlan(bios, _virtio_plan(machine))
+
+
+def build_hardware(machine: Machine, *, start_time: float | None = None,
+                   plan: HardwarePlan | None = None) -> Hardware:
     """Build clock, board, vCPU, firmware and disk controllers for ``machine`` and attach them
     (vCPU, reset handler); call after the drives are opened and ``machine.serial_chardevs`` is
     set, before ``machine.start()``.
 
     :param machine: the machine (its config and block devices are read).
     :param start_time: RTC start (UTC epoch seconds); default host time.
+    :param plan: what :func:`check_hardware` returned (checked again when not given).
     :raises ConfigError: a device emu lacks, a bad BIOS, a bad device property.
     """
+    if plan is None:
+        plan = check_hardware(machine)
     from emu.cpu.vcpu import VCPU
     from emu.hw.clock import VirtualClock
     from emu.hw.pc.board import PcBoard
     from emu.hw.pc.debugexit import DebugExit
 
     cfg = machine.config
-    if cfg.kernel is not None:
-        # the BIOS would boot the disk instead: say so rather than run something else
-        raise ConfigError("direct kernel boot (-kernel) is not implemented in emu yet")
     ram_size = cfg.memory_mib << 20
-    bios = load_bios(cfg.bios)
+    bios = plan.bios
 
     clock = VirtualClock()
     clock.pause()                       # time starts when the guest first runs
@@ -365,7 +418,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
                on_reset_request=on_reset_request, clock_ns=clock.now)
     cpu_ref.append(cpu)
     cpu.load_rom(FOUR_GIB - len(bios), bios)
-    board.connect_cpu(cpu.kick)
+    board.connect_cpu(cpu.interrupt_raised)
 
     def map_region(base: int, size: int) -> None:
         cpu.map_mmio(base, size, lambda off, n: board.mmiobus.read(base + off, n),
@@ -388,7 +441,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None) -> Hard
             g = drive.geometry
             geometry[i] = (g.cylinders, g.heads, g.sectors, g.translation - 1)
     board.rtc.set_pc_config(ram_size, geometry)
-    virtio = _attach_virtio_blk(machine, board, cpu)
+    virtio = _attach_virtio_blk(machine, board, cpu, plan.virtio)
 
     _forget_probe_io(machine)
     runner = VcpuRunner(cpu, clock)

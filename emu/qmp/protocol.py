@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
+import threading
 import time
 from typing import Any
 
@@ -230,6 +231,10 @@ class QmpSession:
                 continue
             self.busy = True
             try:
+                if not self.server.ready.is_set():
+                    await loop.run_in_executor(None, self.server.ready.wait)
+                    if self.server.closing:
+                        return          # the machine could not be built: no answer
                 if self._is_inline(value):
                     rsp = self._dispatch(value)
                 else:
@@ -269,6 +274,10 @@ class QmpServer:
         self.chardevs: list[Chardev] = []
         self.closing = False
         self._idle: asyncio.Event | None = None
+        #: cleared by the launcher while it builds the machine after the monitors started:
+        #: commands wait for it (QEMU answers nothing before its machine exists)
+        self.ready = threading.Event()
+        self.ready.set()
         machine.add_event_listener(self._on_event)
 
     def add_monitor(self, chardev: Chardev, mode: str = "control") -> None:

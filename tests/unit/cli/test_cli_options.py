@@ -9,13 +9,16 @@ import sys
 import pytest
 
 from conftest import REPO, requires_qemu_img, requires_qemu_system
-from emu.cli import OptionError, parse_args, parse_keyval, parse_qemu_opts
+from emu.cli import OptionError, parse_args, parse_keyval, parse_qemu_opts, progname
 
 
 def fails(argv: list[str]) -> str:
+    """The error text with the program name (``emu`` under ``python -m pytest``, ``pytest``
+    under the pytest script) as ``PROG``."""
     with pytest.raises(OptionError) as ei:
         parse_args(argv)
-    return "\n".join("PROG: " + line[len("emu: "):] if line.startswith("emu: ") else line
+    prog = progname() + ": "
+    return "\n".join("PROG: " + line[len(prog):] if line.startswith(prog) else line
                      for line in ei.value.render().split("\n"))
 
 
