@@ -76,6 +76,7 @@ int  rbd_snap_list(rbd_image_t image, rbd_snap_info_t *snaps, int *max_snaps);
 void rbd_snap_list_end(rbd_snap_info_t *snaps);
 int  rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c);
 ssize_t rbd_aio_get_return_value(rbd_completion_t c);
+int  rbd_aio_wait_for_complete(rbd_completion_t c);
 void rbd_aio_release(rbd_completion_t c);
 int  rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf, rbd_completion_t c);
 int  rbd_aio_read(rbd_image_t image, uint64_t off, size_t len, char *buf, rbd_completion_t c);
@@ -453,30 +454,53 @@ class RbdDriver(BlockDriver):
         comp = ffi.new("rbd_completion_t *")
         _check(lib.rbd_aio_create_completion(req.handle, _callback, comp), "aio completion")
         _pending.add(req)
-        if op == "read":
-            r = lib.rbd_aio_read(self.image, offset, length, cbuf, comp[0])
-        elif op == "write":
-            r = lib.rbd_aio_write(self.image, offset, length, cbuf, comp[0])
-        elif op == "discard":
-            r = lib.rbd_aio_discard(self.image, offset, length, comp[0])
-        elif op == "write_zeroes":
-            r = lib.rbd_aio_write_zeroes(self.image, offset, length, comp[0], 0, 0)
-        elif op == "flush":
-            r = lib.rbd_aio_flush(self.image, comp[0])
-        else:
-            r = -errno.EINVAL
+        r = self._start(op, offset, length, cbuf if op in ("read", "write") else None, comp[0])
         if r < 0:
             _pending.discard(req)
             lib.rbd_aio_release(comp[0])
             raise RbdError(f"rbd aio {op} failed: {_strerror(r)}", -r)
         return req
 
-    def _wait(self, op: str, offset: int = 0, length: int = 0, data: bytes | None = None) -> _Request:
-        req = self.aio_submit(op, offset, length, data)
-        req.event.wait()
-        if req.result < 0:
-            raise RbdError(f"rbd {op} at {offset} failed: {_strerror(req.result)}", -req.result)
-        return req
+    def _start(self, op: str, offset: int, length: int, cbuf: Any, comp: Any) -> int:
+        lib = self.conn.rbd
+        if op == "read":
+            return lib.rbd_aio_read(self.image, offset, length, cbuf, comp)
+        if op == "write":
+            return lib.rbd_aio_write(self.image, offset, length, cbuf, comp)
+        if op == "discard":
+            return lib.rbd_aio_discard(self.image, offset, length, comp)
+        if op == "write_zeroes":
+            return lib.rbd_aio_write_zeroes(self.image, offset, length, comp, 0, 0)
+        if op == "flush":
+            return lib.rbd_aio_flush(self.image, comp)
+        return -errno.EINVAL
+
+    def _wait(self, op: str, offset: int = 0, length: int = 0, data: bytes | None = None,
+              cbuf: Any = None) -> int:
+        """Run ``op`` through librbd's aio and wait for it on this (worker) thread.
+
+        No completion callback: ``rbd_aio_wait_for_complete`` blocks with the GIL released,
+        so librbd's finisher thread never has to take the GIL for a synchronous request.
+        :returns: librbd's return value (bytes read for a read).
+        """
+        if self.image is None:
+            raise BlockError(f"Node '{self.bs.node_name}' is closed")
+        ffi, lib = self.conn.ffi, self.conn.rbd
+        if op == "write":
+            cbuf = ffi.from_buffer(data)
+            length = len(data)
+        comp = ffi.new("rbd_completion_t *")
+        _check(lib.rbd_aio_create_completion(ffi.NULL, ffi.NULL, comp), "aio completion")
+        try:
+            r = self._start(op, offset, length, cbuf, comp[0])
+            if r >= 0:
+                lib.rbd_aio_wait_for_complete(comp[0])
+                r = int(lib.rbd_aio_get_return_value(comp[0]))
+        finally:
+            lib.rbd_aio_release(comp[0])
+        if r < 0:
+            raise RbdError(f"rbd {op} at {offset} failed: {_strerror(r)}", -r)
+        return r
 
     # --- BlockDriver ---------------------------------------------------------------------
     @property
@@ -487,9 +511,9 @@ class RbdDriver(BlockDriver):
         return int(out[0])
 
     def read(self, offset: int, length: int) -> bytes:
-        req = self._wait("read", offset, length)
-        ffi, cbuf = req.buf
-        n = max(req.result, 0)
+        ffi = self.conn.ffi
+        cbuf = _raw_alloc(ffi)("char[]", max(length, 1))   # librbd fills it
+        n = self._wait("read", offset, length, cbuf=cbuf)
         data = ffi.buffer(cbuf, length)[:n]
         return data if n == length else data + bytes(length - n)
 
