@@ -104,24 +104,11 @@ class SnapshotMixin:
         counts: Counter = Counter()
         walked: dict[int, tuple[list[int], bool]] = {}
         end = 0
-        memo: dict[int, tuple[bytes, list[int], list[int], int]] = self.__dict__.setdefault("_walk_memo", {})
         for i in range(len(l1)):
             l2off = self._l2_table_offset(i, l1)
             if not l2off:
                 continue
-            raw = bytes(self.l2cache.get(l2off))
-            # The walk depends only on the table's bytes without QCOW_OFLAG_COPIED (which
-            # snapshots flip): reuse the last result for an unchanged table.
-            norm = bytearray(raw)
-            norm[0::8] = norm[0::8].translate(_CLEAR_COPIED)
-            hit = memo.get(l2off)
-            if hit is not None and hit[0] == norm:
-                _, clusters, extra, tend = hit
-            else:
-                clusters, extra, tend = self._walk_l2(l2off, raw)
-                if len(memo) >= _WALK_MEMO_TABLES:
-                    memo.clear()
-                memo[l2off] = (bytes(norm), clusters, extra, tend)
+            clusters, extra, tend = self._walk_l2_memo(l2off)
             counts.update(clusters)
             if extra:
                 counts.update(extra)
@@ -131,6 +118,23 @@ class SnapshotMixin:
         self._walked = walked
         self._walk_end = end
         return counts
+
+    def _walk_l2_memo(self, l2off: int) -> tuple[list[int], list[int], int]:
+        """:meth:`_walk_l2` of the cached table, remembered between snapshot operations."""
+        memo: dict[int, tuple[bytes, list[int], list[int], int]] = self.__dict__.setdefault("_walk_memo", {})
+        raw = bytes(self.l2cache.get(l2off))
+        # The walk depends only on the table's bytes without QCOW_OFLAG_COPIED (which
+        # snapshots flip): reuse the last result for an unchanged table.
+        norm = bytearray(raw)
+        norm[0::8] = norm[0::8].translate(_CLEAR_COPIED)
+        hit = memo.get(l2off)
+        if hit is not None and hit[0] == norm:
+            return hit[1], hit[2], hit[3]
+        clusters, extra, tend = self._walk_l2(l2off, raw)
+        if len(memo) >= _WALK_MEMO_TABLES:
+            memo.clear()
+        memo[l2off] = (bytes(norm), clusters, extra, tend)
+        return clusters, extra, tend
 
     def _walk_l2(self, l2off: int, raw: bytes) -> tuple[list[int], list[int], int]:
         """One L2 table: its data clusters (entry order), the host clusters its compressed
@@ -326,7 +330,7 @@ class SnapshotMixin:
         end = 0
         owed = [(off, self._owed[off]) for off in dict.fromkeys(offs) if self._owed.get(off)]
         for off, idx in owed:
-            clusters, extra, tend = self._walk_l2(off, bytes(self.l2cache.get(off)))
+            clusters, extra, tend = self._walk_l2_memo(off)
             one = Counter(clusters)
             if extra:
                 one.update(extra)
@@ -541,8 +545,9 @@ class SnapshotMixin:
             self.refs.update(sn.l1_table_offset, sn.l1_size * 8, -1)
         # 3. Active clusters that are no longer shared get QCOW_OFLAG_COPIED back.
         self._fix_copied_flags(changed)
+        # No fdatasync here (QEMU has none either): the header dropped the snapshot durably
+        # above; until these writes are durable a power cut only leaks what they free.
         self._write_tree_metadata()
-        self.barrier()
         self.invalidate_meta()
         return sn.info()
 
