@@ -181,6 +181,10 @@ class _Builder:
         #: ``(accelerator, option text)`` in command-line order (``-accel``, ``-machine
         #: accel=a:b``, ``-enable-kvm``); QEMU tries them in turn after creating chardevs
         self.accels: list[tuple[str, str]] = []
+        self.cpu: str | None = None
+        self.boot: dict[str, str] = {}
+        self.rtc: dict[str, str] = {}
+        self.list_data_dirs = False
 
     # -- chardev helpers
     def add_chardev(self, spec: str, backend: str, id: str, options: dict[str, str]) -> None:
@@ -389,6 +393,207 @@ def _opt_qtest(b: _Builder, arg: str) -> None:
     b.qtest = arg
 
 
+# ------------------------------------------------------- -cpu, -boot, -rtc, -L
+
+#: CPU models emu offers: its one CPU is QEMU's qemu64 (``max`` under TCG means "everything
+#: the accelerator has", which for emu is that same CPU)
+CPU_MODELS = {"qemu64": "QEMU Virtual CPU version 2.5+", "qemu64-v1": "QEMU Virtual CPU version 2.5+",
+              "max": "Enables all features supported by the accelerator in the current host"}
+#: QEMU 7.2's other x86 models (``-cpu help``): known to QEMU, not offered by emu
+QEMU_CPU_FAMILIES = ("486", "Broadwell", "Cascadelake-Server", "Conroe", "Cooperlake",
+                     "Denverton", "Dhyana", "EPYC", "EPYC-Milan", "EPYC-Rome", "Haswell",
+                     "Icelake-Server", "IvyBridge", "KnightsMill", "Nehalem", "Opteron_G1",
+                     "Opteron_G2", "Opteron_G3", "Opteron_G4", "Opteron_G5", "Penryn",
+                     "SandyBridge", "Skylake-Client", "Skylake-Server", "Snowridge", "Westmere",
+                     "athlon", "core2duo", "coreduo", "kvm32", "kvm64", "n270", "pentium",
+                     "pentium2", "pentium3", "phenom", "qemu32", "base")
+
+
+def _qemu_knows_cpu(name: str) -> bool:
+    """Whether ``name`` is one of QEMU 7.2's x86 models (a family, a ``-vN`` version, or
+    one of its ``-IBRS``/``-noTSX``/``-IBPB`` variants)."""
+    for fam in QEMU_CPU_FAMILIES:
+        if name == fam:
+            return True
+        if name.startswith(fam + "-"):
+            rest = name[len(fam) + 1:]
+            if (rest[:1] == "v" and rest[1:].isdigit()) or rest in (
+                    "IBRS", "noTSX", "noTSX-IBRS", "IBPB"):
+                return True
+    return False
+
+
+def _opt_cpu(b: _Builder, arg: str) -> None:
+    if arg == "":
+        raise _Unlocated("-cpu option cannot be empty")
+    b.cpu = arg
+
+
+def _check_cpu(b: _Builder) -> None:
+    """QEMU's parse_cpu_option at machine creation: the model, then its properties."""
+    if b.cpu is None:
+        return
+    model, _, features = b.cpu.partition(",")
+    if model == "host":
+        raise OptionError("CPU model 'host' requires KVM or HVF")
+    if model not in CPU_MODELS:
+        if _qemu_knows_cpu(model):
+            raise OptionError(f"CPU model '{model}' is not available in emu: its CPU is QEMU's "
+                              "qemu64 (-cpu qemu64 or -cpu max)", f"-cpu {b.cpu}")
+        raise OptionError(f"unable to find CPU model '{model}'")
+    if features:
+        raise OptionError("emu's CPUID is fixed (qemu64): CPU properties and feature flags "
+                          "cannot be set", f"-cpu {b.cpu}")
+    b.cfg.cpu_model = model
+
+
+def _print_cpu_help() -> None:
+    print("Available CPUs:")
+    for name, desc in sorted(CPU_MODELS.items()):
+        print(f"x86 {name:<22}  {desc}")
+
+
+#: -boot keys (QEMU 7.2's BootConfiguration) and their types
+BOOT_KEYS = {"order": "str", "once": "str", "menu": "bool", "splash": "str",
+             "splash-time": "int", "reboot-timeout": "int", "strict": "bool"}
+
+
+def _opt_boot(b: _Builder, arg: str) -> None:
+    # several -boot options merge, a later key replacing an earlier one (QEMU's "boot" opts)
+    for k, v in parse_qemu_opts(arg, "order"):
+        b.boot[k] = v
+
+
+def _validate_boot_devices(devices: str) -> None:
+    """QEMU's validate_bootdevices: letters a-p, each at most once."""
+    seen: set[str] = set()
+    for c in devices:
+        if not "a" <= c <= "p":
+            raise OptionError(f"Invalid boot device '{c}'")
+        if c in seen:
+            raise OptionError(f"Boot device '{c}' was given twice")
+        seen.add(c)
+
+
+def _check_boot(b: _Builder) -> None:
+    """-boot as QEMU 7.2 applies it to the pc machine (its 'boot' property): types, the
+    device letters, then the pc's own limits (a/b, c, d, n; at most three).  The order goes to
+    CMOS 0x3D/0x38 as QEMU writes it; menu, splash and strict are for SeaBIOS's fw_cfg, which
+    emu's BIOS has no use for (it boots the hard disks in order): checked, then ignored."""
+    for k, v in b.boot.items():
+        kind = BOOT_KEYS.get(k)
+        if kind is None:
+            raise OptionError(f"Parameter 'boot.{k}' is unexpected")
+        if kind == "bool" and v not in ("on", "off", "yes", "no", "true", "false", "y", "n"):
+            raise OptionError(f"Parameter 'boot.{k}' expects 'on' or 'off'")
+        if kind == "int":
+            try:
+                int(v, 0)
+            except ValueError:
+                raise OptionError(f"Parameter 'boot.{k}' expects integer") from None
+    order = b.boot.get("order")
+    once = b.boot.get("once")
+    for devices in (order, once):
+        if devices is not None:
+            _validate_boot_devices(devices)
+    for devices in (once, order):
+        if devices is not None:
+            _check_pc_boot(devices)
+    if "reboot-timeout" in b.boot and not -1 <= int(b.boot["reboot-timeout"], 0) <= 65535:
+        raise OptionError("reboot timeout is invalid,it should be a value between -1 and 65535")
+    if order is not None:
+        b.cfg.boot_order = order
+    b.cfg.boot_once = once
+
+
+def _check_pc_boot(devices: str) -> None:
+    """The pc machine's set_boot_dev limits."""
+    if len(devices) > 3:
+        raise OptionError("Too many boot devices for PC")
+    for c in devices:
+        if c not in "abcdn":
+            raise OptionError(f"Invalid boot device for PC: '{c}'")
+
+
+RTC_KEYS = ("base", "clock", "driftfix")
+
+
+def _opt_rtc(b: _Builder, arg: str) -> None:
+    for k, v in parse_qemu_opts(arg):
+        if k not in RTC_KEYS:
+            raise OptionError(f"Invalid parameter '{k}'")
+        b.rtc[k] = v
+
+
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of year/month/day, out-of-range months and days carried over
+    as QEMU's mktimegm does (March-based year)."""
+    if m < 3:
+        m += 12
+        y -= 1
+    return d + (153 * m - 457) // 5 + 365 * y + y // 4 - y // 100 + y // 400 - 719469
+
+
+_C_INT = r"\s*[-+]?\d+"
+
+
+def _parse_rtc_date(text: str) -> int:
+    """QEMU's configure_rtc_base_datetime: ``Y-M-DTh:m:s`` or ``Y-M-D`` as sscanf reads them
+    (leading blanks and signs allowed, trailing text ignored) -> UTC epoch seconds."""
+    import re
+
+    n = _C_INT
+    m = re.match(rf"({n})-({n})-({n})T({n}):({n}):({n})", text)
+    if m:
+        y, mo, d, hh, mm, ss = (int(x) for x in m.groups())
+    else:
+        m = re.match(rf"({n})-({n})-({n})", text)
+        if not m:
+            raise OptionError("invalid datetime format\nvalid formats: "
+                              "'2006-06-17T16:01:21' or '2006-06-17'")
+        y, mo, d = (int(x) for x in m.groups())
+        hh = mm = ss = 0
+    return 86400 * _days_from_civil(y, mo, d) + 3600 * hh + 60 * mm + ss
+
+
+def _check_rtc(b: _Builder) -> None:
+    """QEMU's configure_rtc: base, then clock, then driftfix."""
+    base = b.rtc.get("base")
+    if base is not None:
+        b.cfg.rtc_base = base if base in ("utc", "localtime") else _parse_rtc_date(base)
+    clock = b.rtc.get("clock")
+    if clock is not None:
+        if clock not in ("host", "rt", "vm"):
+            raise OptionError(f"invalid option value '{clock}'")
+        b.cfg.rtc_clock = clock
+    drift = b.rtc.get("driftfix")
+    if drift is not None and drift not in ("slew", "none"):
+        raise OptionError(f"invalid option value '{drift}'")
+
+
+def _opt_firmware_dir(b: _Builder, arg: str) -> None:
+    if arg == "help":
+        b.list_data_dirs = True
+    else:
+        b.cfg.firmware_dirs.append(arg)
+
+
+def find_firmware(cfg: MachineConfig, name: str) -> str | None:
+    """QEMU's qemu_find_file for firmware: ``name`` itself when readable, else the ``-L``
+    directories in order; None when not found there (the caller falls back to emu's own)."""
+    if os.access(name, os.R_OK):
+        return name
+    for d in cfg.firmware_dirs:
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.R_OK):
+            return candidate
+    return None
+
+
+class _Unlocated(OptionError):
+    """An option error QEMU prints without the option as location."""
+
+
 def _opt_smp(b: _Builder, arg: str) -> None:
     opts = dict(parse_qemu_opts(arg, "cpus"))
     if opts.get("cpus", "1") not in ("1",):
@@ -427,11 +632,11 @@ OPTIONS: dict[str, _Opt] = {o.name: o for o in [
     _Opt("add-fd", True, _opt_add_fd),
     _Opt("qtest", True, _opt_qtest),
     _Opt("smp", True, _opt_smp),
-    _Opt("cpu", True, _ignore),
-    _Opt("boot", True, _ignore),
-    _Opt("rtc", True, _ignore),
-    _Opt("L", True, _ignore),
-    _Opt("no-user-config", False, _ignore),
+    _Opt("cpu", True, _opt_cpu),
+    _Opt("boot", True, _opt_boot),
+    _Opt("rtc", True, _opt_rtc),
+    _Opt("L", True, _opt_firmware_dir),
+    _Opt("no-user-config", False, _ignore),     # emu reads no configuration files
     _Opt("version", False, _flag("version")),
     _Opt("h", False, _flag("help")),
     _Opt("help", False, _flag("help")),
@@ -470,10 +675,16 @@ def parse_args(argv: list[str]) -> tuple[MachineConfig, _Builder]:
             assert opt.handler is not None
             opt.handler(b, arg)
         except OptionError as e:
-            if e.loc == "" and opt.handler not in (_opt_machine, _opt_vga):
+            if e.loc == "" and opt.handler not in (_opt_machine, _opt_vga) \
+                    and not isinstance(e, _Unlocated):
                 raise OptionError(str(e), f"{a} {arg}" if opt.has_arg else a) from None
             raise
-    if not (b.version or b.help):
+    if not (b.version or b.help or b.cpu == "help" or b.list_data_dirs):
+        # QEMU's order once the options are read: the RTC, the machine's boot devices, the
+        # CPU model, then the drives and devices
+        _check_rtc(b)
+        _check_boot(b)
+        _check_cpu(b)
         _resolve(b)
     return b.cfg, b
 
@@ -647,8 +858,33 @@ def _check_files(cfg: MachineConfig) -> None:
         raise _PlainExit(f"qemu: could not open kernel file '{cfg.kernel}': {err}")
     if cfg.initrd is not None and not os.path.isfile(cfg.initrd):
         raise _PlainExit(f"qemu: could not load initial ram disk '{cfg.initrd}'")
-    if cfg.bios is not None and not os.path.isfile(cfg.bios):
-        raise _PlainExit(f"qemu: could not load PC BIOS '{cfg.bios}'")
+    if cfg.bios is not None:
+        found = find_firmware(cfg, cfg.bios)
+        if found is None:
+            found = os.path.join(os.path.dirname(_default_bios_path()), cfg.bios)
+        if not os.path.isfile(found):
+            raise _PlainExit(f"qemu: could not load PC BIOS '{cfg.bios}'")
+        cfg.bios = found
+    else:
+        # the default firmware is looked up in the -L directories first, then emu's own
+        for d in cfg.firmware_dirs:
+            if os.access(os.path.join(d, BIOS_NAME), os.R_OK):
+                cfg.bios = os.path.join(d, BIOS_NAME)
+                break
+
+
+#: the default firmware's file name, looked up in the -L directories before emu's own
+BIOS_NAME = "bios.bin"
+
+
+def _default_bios_path() -> str:
+    """emu's own BIOS (emu.machine.hardware.default_bios, without importing the machine)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "machine", BIOS_NAME),
+                      os.path.join(os.path.dirname(here), "firmware", BIOS_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    return os.path.join(here, "machine", BIOS_NAME)
 
 
 class _PlainExit(Exception):
@@ -681,6 +917,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if b.help:
         _print_help()
+        return 0
+    if b.cpu == "help":
+        _print_cpu_help()
+        return 0
+    if b.list_data_dirs:
+        for d in cfg.firmware_dirs:
+            print(d)
+        print(os.path.dirname(_default_bios_path()))
         return 0
     try:
         _check_files(cfg)

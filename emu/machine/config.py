@@ -115,6 +115,17 @@ class MachineConfig:
     no_reboot: bool = False
     display: str | None = None
     vga: str | None = None
+    #: ``-cpu``: the model (emu has one CPU, QEMU's qemu64; ``max`` names the same)
+    cpu_model: str = "qemu64"
+    #: ``-boot order=`` / ``once=`` letters (QEMU's pc default: floppy, disk, CD-ROM)
+    boot_order: str = "cad"
+    boot_once: str | None = None
+    #: ``-rtc base=``: ``"utc"``, ``"localtime"`` or the start as UTC epoch seconds
+    rtc_base: str | int = "utc"
+    #: ``-rtc clock=``: ``host``, ``rt`` or ``vm`` (emu's RTC follows VM time in every case)
+    rtc_clock: str = "host"
+    #: ``-L``: directories searched for firmware (``-bios`` names, emu's default BIOS)
+    firmware_dirs: list[str] = field(default_factory=list)
 
 
 def drive_default_id(interface: str, bus: int, unit: int, media: str) -> str:

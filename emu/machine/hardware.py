@@ -362,6 +362,22 @@ def check_hardware(machine: Machine) -> HardwarePlan:
     return HardwarePlan(bios, _virtio_plan(machine))
 
 
+def rtc_start_time(cfg: Any) -> float | None:
+    """The RTC's start for ``-rtc base=`` (as "UTC" epoch seconds, the RTC shows their UTC
+    time of day): None (host time) for ``utc``, the host's local time for ``localtime``, the
+    given date for a date.  The RTC then follows VM time whatever ``clock=`` says (emu's
+    departure: QEMU's default clock=host keeps host time while the VM is paused)."""
+    base = cfg.rtc_base
+    if base == "utc":
+        return None
+    if base == "localtime":
+        import time
+
+        now = time.time()
+        return now + time.localtime(now).tm_gmtoff
+    return float(base)
+
+
 def build_hardware(machine: Machine, *, start_time: float | None = None,
                    plan: HardwarePlan | None = None) -> Hardware:
     """Build clock, board, vCPU, firmware and disk controllers for ``machine`` and attach them
@@ -384,6 +400,8 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     ram_size = cfg.memory_mib << 20
     bios = plan.bios
 
+    if start_time is None:
+        start_time = rtc_start_time(cfg)
     clock = VirtualClock()
     clock.pause()                       # time starts when the guest first runs
     hw: Hardware | None = None
@@ -440,13 +458,23 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
         if drive.present:
             g = drive.geometry
             geometry[i] = (g.cylinders, g.heads, g.sectors, g.translation - 1)
-    board.rtc.set_pc_config(ram_size, geometry)
+    # -boot once= is the order of the first boot only; QEMU restores order= at the next reset
+    board.rtc.set_pc_config(ram_size, geometry, boot_order=cfg.boot_once or cfg.boot_order)
     virtio = _attach_virtio_blk(machine, board, cpu, plan.virtio)
 
     _forget_probe_io(machine)
     runner = VcpuRunner(cpu, clock)
     hw = Hardware(clock, board, cpu, runner, ide, virtio=virtio)
     machine.add_reset_handler(board.reset)
+    if cfg.boot_once is not None:
+        once_pending = [True]
+
+        def restore_boot_order() -> None:
+            if once_pending:
+                once_pending.clear()
+                board.rtc.set_boot_order(cfg.boot_order)
+
+        machine.add_reset_handler(restore_boot_order)
     machine.attach_vcpu(runner)
     machine.hardware = hw          # type: ignore[attr-defined]
     return hw

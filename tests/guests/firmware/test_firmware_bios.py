@@ -309,6 +309,22 @@ def test_firmware_rtc_time_and_date(platform, tmp_path_factory):
     assert min(diff, 86400 - diff) <= 120
 
 
+# -rtc base=DATE, -boot once=/order=, -cpu max and -no-user-config: the guest's RTC starts at the
+# date (the BIOS reads it from CMOS), and it still boots from the hard disk.
+RTC_BASE = Scenario("rtcbase", 64, [("hd0.img", 16 * MiB, True, "if=ide", None, 0)],
+                    extra=("-rtc", "base=2006-06-17T16:01:21,clock=vm", "-boot", "once=d,order=c",
+                           "-cpu", "max", "-no-user-config"))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_firmware_rtc_base_date(platform, tmp_path_factory):
+    rep, _ = boot(RTC_BASE, platform, tmp_path_factory)
+    assert_passed(rep)
+    assert rep.values("DATE") == ["2006-06-17"]
+    h, m, s = (int(x) for x in rep.values("TIME")[0].split(":"))
+    assert 0 <= (h * 3600 + m * 60 + s) - (16 * 3600 + 1 * 60 + 21) <= 120
+
+
 # ---- no bootable disk -----------------------------------------------------------------------------
 
 @requires_qemu_system

@@ -138,10 +138,24 @@ def test_exit_status_and_stderr_of_the_process() -> None:
         k.stderr == "qemu: could not open kernel file '/nonexistent/k': No such file or directory\n"
 
 
+#: -cpu, -boot, -rtc refusals (QEMU 7.2 checks them after reading every option: the RTC
+#: base, then the boot devices, then the CPU model, whatever their order on the line)
+CPU_BOOT_RTC_ERRORS = [
+    ["-cpu", "foo"], ["-cpu", "host"], ["-cpu", ""],
+    ["-boot", "order=x"], ["-boot", "order=cc"], ["-boot", "once=cc"], ["-boot", "order=e"],
+    ["-boot", "order=abcdnp"], ["-boot", "menu=foo"], ["-boot", "strict=foo"],
+    ["-boot", "foo=bar"], ["-boot", "splash-time=abc"], ["-boot", "reboot-timeout=-5"],
+    ["-rtc", "base=foo"], ["-rtc", "clock=foo"], ["-rtc", "driftfix=foo"], ["-rtc", "foo=bar"],
+    ["-cpu", "foo", "-boot", "order=x"], ["-cpu", "foo", "-rtc", "base=bar"],
+    ["-rtc", "base=bar", "-boot", "order=x"], ["-boot", "order=x", "-rtc", "clock=bad"],
+]
+
+
 @requires_qemu_system
 @pytest.mark.parametrize("args", [["-foo"], ["-m"], ["-drive", "if=bogus,file=x"],
                                   ["-accel", "qtest"], ["-chardev", "null"],
-                                  ["-device", "nonexist"]])
+                                  ["-device", "nonexist"]] + CPU_BOOT_RTC_ERRORS,
+                         ids=lambda a: " ".join(a) or "empty")
 def test_same_message_as_qemu_system(args: list[str]) -> None:
     q = subprocess.run(["qemu-system-x86_64", "-nodefaults", "-display", "none", *args],
                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
@@ -201,3 +215,113 @@ def test_pidfile_is_locked_against_a_second_instance(tmp_path) -> None:
         first.terminate()
         first.wait(20)
     assert not pid.exists()
+
+
+# ---- -cpu, -boot, -rtc, -L, -no-user-config ----------------------------------------------
+
+@pytest.mark.parametrize("args", CPU_BOOT_RTC_ERRORS, ids=lambda a: " ".join(a) or "empty")
+def test_cpu_boot_rtc_refusals_are_qemus(args: list[str]) -> None:
+    """The texts qemu-system-x86_64 7.2 prints (compared live by test_same_message_as_qemu_system)."""
+    expected = {
+        ("-cpu", "foo"): "PROG: unable to find CPU model 'foo'",
+        ("-cpu", "host"): "PROG: CPU model 'host' requires KVM or HVF",
+        ("-cpu", ""): "PROG: -cpu option cannot be empty",
+        ("-boot", "order=x"): "PROG: Invalid boot device 'x'",
+        ("-boot", "order=cc"): "PROG: Boot device 'c' was given twice",
+        ("-boot", "once=cc"): "PROG: Boot device 'c' was given twice",
+        ("-boot", "order=e"): "PROG: Invalid boot device for PC: 'e'",
+        ("-boot", "order=abcdnp"): "PROG: Too many boot devices for PC",
+        ("-boot", "menu=foo"): "PROG: Parameter 'boot.menu' expects 'on' or 'off'",
+        ("-boot", "strict=foo"): "PROG: Parameter 'boot.strict' expects 'on' or 'off'",
+        ("-boot", "foo=bar"): "PROG: Parameter 'boot.foo' is unexpected",
+        ("-boot", "splash-time=abc"): "PROG: Parameter 'boot.splash-time' expects integer",
+        ("-boot", "reboot-timeout=-5"):
+            "PROG: reboot timeout is invalid,it should be a value between -1 and 65535",
+        ("-rtc", "base=foo"): "PROG: invalid datetime format\n"
+                              "valid formats: '2006-06-17T16:01:21' or '2006-06-17'",
+        ("-rtc", "clock=foo"): "PROG: invalid option value 'foo'",
+        ("-rtc", "driftfix=foo"): "PROG: invalid option value 'foo'",
+        ("-rtc", "foo=bar"): "PROG: -rtc foo=bar: Invalid parameter 'foo'",
+        ("-cpu", "foo", "-boot", "order=x"): "PROG: Invalid boot device 'x'",
+        ("-cpu", "foo", "-rtc", "base=bar"): "PROG: invalid datetime format\n"
+                                              "valid formats: '2006-06-17T16:01:21' or '2006-06-17'",
+        ("-rtc", "base=bar", "-boot", "order=x"): "PROG: invalid datetime format\n"
+                                                  "valid formats: '2006-06-17T16:01:21' or "
+                                                  "'2006-06-17'",
+        ("-boot", "order=x", "-rtc", "clock=bad"): "PROG: invalid option value 'bad'",
+    }
+    assert fails(args) == expected[tuple(args)]
+
+
+def test_cpu_boot_rtc_accepted() -> None:
+    cfg, _ = parse_args(["-cpu", "max", "-boot", "order=dc,menu=on,strict=on,splash-time=0",
+                         "-boot", "once=n", "-rtc", "base=2006-06-17T16:01:21,clock=vm",
+                         "-rtc", "driftfix=slew", "-no-user-config"])
+    assert cfg.cpu_model == "max"
+    assert (cfg.boot_order, cfg.boot_once) == ("dc", "n")
+    assert cfg.rtc_base == 1150560081 and cfg.rtc_clock == "vm"     # date -u -d ... +%s
+    cfg, _ = parse_args(["-rtc", "base=localtime", "-boot", "c", "-cpu", "qemu64"])
+    assert (cfg.rtc_base, cfg.boot_order, cfg.cpu_model) == ("localtime", "c", "qemu64")
+    # sscanf's reading: a date alone is midnight; months past 12 carry into the next year
+    assert parse_args(["-rtc", "base=2006-06-17"])[0].rtc_base == 1150502400
+    assert parse_args(["-rtc", "base=2020-13-01T00:00:00"])[0].rtc_base == 1609459200
+    # emu has one CPU: other QEMU models are refused with what to use instead
+    assert "not available in emu" in fails(["-cpu", "Haswell-v4"])
+    assert "cannot be set" in fails(["-cpu", "qemu64,+lm"])
+
+
+def test_cpu_help_lists_emus_models() -> None:
+    r = _emu("-cpu", "help")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == "Available CPUs:"
+    assert sorted(ln.split()[1] for ln in lines[1:]) == ["max", "qemu64", "qemu64-v1"]
+
+
+def test_firmware_lookup_with_L(tmp_path, monkeypatch) -> None:
+    """-L DIR: -bios NAME and the default BIOS are looked up there first (QEMU's
+    qemu_find_file); a -bios name found nowhere else is emu's own firmware directory's."""
+    from emu import cli
+
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    (fw / "bios.bin").write_bytes(b"\xf4" * 65536)
+    (fw / "other.bin").write_bytes(b"\xf4" * 65536)
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = parse_args(["-L", str(fw)])
+    cli._check_files(cfg)
+    assert cfg.bios == str(fw / "bios.bin")
+    cfg, _ = parse_args(["-L", str(fw), "-bios", "other.bin"])
+    cli._check_files(cfg)
+    assert cfg.bios == str(fw / "other.bin")
+    cfg, _ = parse_args(["-bios", "bios.bin"])        # not in the cwd: emu's own
+    cli._check_files(cfg)
+    assert os.path.samefile(cfg.bios, REPO / "firmware" / "bios.bin")
+    cfg, _ = parse_args([])
+    cli._check_files(cfg)
+    assert cfg.bios is None                           # emu's default
+    r = _emu("-L", str(fw), "-bios", "missing.bin", stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stderr) == (1, "qemu: could not load PC BIOS 'missing.bin'\n")
+
+
+def test_boot_once_then_order_in_cmos() -> None:
+    """CMOS 0x3D/0x38 hold -boot once= for the first boot and order= after a reset, as QEMU's
+    pc machine writes them (a/b 1, c 2, d 3, n 4)."""
+    from emu.machine.drives import open_drives
+    from emu.machine.hardware import build_hardware
+    from emu.machine.pc import Machine
+
+    cfg, _ = parse_args(["-boot", "order=cn,once=dca"])
+    machine = Machine(cfg)
+    try:
+        open_drives(machine)
+        machine.serial_chardevs = []
+        hw = build_hardware(machine)
+        rtc = hw.board.rtc
+        assert (rtc.read_cmos(0x3D), rtc.read_cmos(0x38) >> 4) == (0x23, 0x1)
+        machine.reset()
+        assert (rtc.read_cmos(0x3D), rtc.read_cmos(0x38) >> 4) == (0x42, 0x0)
+        machine.reset()
+        assert (rtc.read_cmos(0x3D), rtc.read_cmos(0x38) >> 4) == (0x42, 0x0)
+    finally:
+        machine.close()
