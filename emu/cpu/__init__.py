@@ -29,7 +29,7 @@ Use from the machine::
                on_reset_request=..., clock_ns=clock.now)
     cpu.load_rom(0x100000000 - len(bios), bios)      # + alias below 1 MiB
     cpu.map_mmio(base, size, read, write)            # BARs; unmap_mmio() to move them
-    board.connect_cpu(cpu.kick)                      # an IRQ line rose: look now
+    board.connect_cpu(cpu.interrupt_raised)          # INTR rose: take it (natively)
     cpu.start(); cpu.pause(); cpu.resume(); cpu.reset(); cpu.stop()
     view = cpu.dma_view(gpa, n); ...; cpu.invalidate_code(gpa, n)   # device DMA
 

@@ -258,7 +258,54 @@ if PATCHED:
     _emu_invalidate_phys.restype = ctypes.c_int
     _emu_invalidate_phys.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64]
 
+#: ``int ack(void *opaque)``: the INTA cycle libunicorn calls when it takes an external interrupt
+#: (patch 0003): the vector, or -1 when nothing is to be delivered after all.
+IRQ_ACK_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+#: True when the loaded library takes external interrupts itself (patch 0003, "native-irq"):
+#: :func:`irq_raise` and an ack callback instead of stopping the CPU for every IRQ.
+NATIVE_IRQ: bool = PATCHED and "native-irq" in _LIBRARY.patches
+
+if NATIVE_IRQ:
+    # Through a PyDLL handle of the same library: these calls are a few stores, so they keep the
+    # GIL (a CDLL call releases and re-takes it, which costs more than the call).
+    _pylib = ctypes.PyDLL(_LIBRARY.path)
+    _emu_raise_irq = _pylib.emu_uc_raise_irq
+    _emu_raise_irq.restype = None
+    _emu_raise_irq.argtypes = [ctypes.c_void_p]
+    _emu_clear_irq = _pylib.emu_uc_clear_irq
+    _emu_clear_irq.restype = None
+    _emu_clear_irq.argtypes = [ctypes.c_void_p]
+    _emu_set_irq_ack = _pylib.emu_uc_set_irq_ack
+    _emu_set_irq_ack.restype = ctypes.c_int
+    _emu_set_irq_ack.argtypes = [ctypes.c_void_p, IRQ_ACK_CB, ctypes.c_void_p]
+
+
+def irq_set_ack(uc: "unicorn.Uc", ack: object) -> None:
+    """Install ``ack`` (an :data:`IRQ_ACK_CB`; the caller keeps it alive) as *uc*'s INTA cycle.
+
+    :raises CpuError: when the library has no native interrupts (:data:`NATIVE_IRQ` is False)
+    """
+    if not NATIVE_IRQ:
+        raise CpuError("this libunicorn cannot take external interrupts itself")
+    err = _emu_set_irq_ack(uc._uch, ack, None)
+    if err != unicorn.UC_ERR_OK:
+        raise unicorn.UcError(err)
+
+
+def irq_raise(uc: "unicorn.Uc") -> None:
+    """INTR rose: *uc* takes the interrupt at the next block boundary with IF=1 and no shadow,
+    calling the ack callback for the vector.  Any thread; also while ``emu_start`` runs."""
+    _emu_raise_irq(uc._uch)
+
+
+def irq_clear(uc: "unicorn.Uc") -> None:
+    """Drop a request made by :func:`irq_raise` that has not been taken."""
+    _emu_clear_irq(uc._uch)
+
+
 __all__ = [
+    "IRQ_ACK_CB", "NATIVE_IRQ", "irq_set_ack", "irq_raise", "irq_clear",
     "unicorn", "PATCHED", "UNICORN_VERSION", "SlowUnicornWarning", "UnicornLibrary",
     "library_info", "which_library", "invalidate_code", "patch_hash", "patched_dir",
     "patched_build_available",

@@ -26,6 +26,14 @@ SYSCALL/SYSENTER, intercepted HLT/RDMSR/WRMSR/CPUID); deliver a pending IRQ when
 interrupt shadow; if halted wait on an Event; else ``emu_start(rip, 0)`` with exits enabled
 and an empty exit set.  ``emu_start(timeout=)`` and ``count=`` are never used.
 
+With the patched library's native interrupts (patches/unicorn/0003, the default when present;
+``EMU_NATIVE_IRQ=0`` turns it off) the loop does not deliver IRQs itself: :meth:`VCPU.
+interrupt_raised` (the PIC's notify) raises libunicorn's INTR request from any thread, QEMU's
+code takes it at the first block boundary with IF=1 and no interrupt shadow (exact, unlike the
+stopper's 0.5 ms polling below) and calls :meth:`VCPU._inta` for the vector; a running guest
+takes a timer tick without leaving ``emu_start``.  No interrupt is taken in a run after a hook
+recorded an event (the event is completed on the state it was raised in).
+
 Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which takes effect at the next
 translation-block boundary, never inside an instruction (stock Unicorn rewinds an instruction
 stopped after its port/MMIO callback ran, so the access happened twice; ``layout.py`` has the
@@ -58,6 +66,7 @@ import enum
 import functools
 import logging
 import mmap
+import os
 import struct
 import threading
 import time
@@ -178,13 +187,16 @@ class VCPU:
     :param clock_ns: the machine's virtual clock in ns (drives the TSC); by default a
         monotonic clock that stands still while the vCPU is paused (:meth:`clock_ns`).
     :param tsc_hz: TSC ticks per second of that clock.
+    :param native_irq: let libunicorn take external interrupts itself (patch 0003) instead of
+        stopping the CPU and delivering them in Python; default: when the library can.
     """
 
     def __init__(self, ram_size: int, port_read: PortRead, port_write: PortWrite,
                  intc: InterruptController, *,
                  on_reset_request: Optional[Callable[[str], None]] = None,
                  clock_ns: Optional[Callable[[], int]] = None,
-                 tsc_hz: int = TSC_HZ_DEFAULT) -> None:
+                 tsc_hz: int = TSC_HZ_DEFAULT,
+                 native_irq: Optional[bool] = None) -> None:
         if ram_size < 0x100000 or ram_size % PAGE:
             raise CpuError(f"RAM size {ram_size:#x} must be a multiple of 4 KiB and at least 1 MiB")
         L.verify_layout()
@@ -220,6 +232,12 @@ class VCPU:
         self._callbacks: list[object] = []   # ctypes callbacks that must stay alive
         self._reports: dict[object, int] = {}
         self._install_hooks()
+        if native_irq is None:   # EMU_NATIVE_IRQ=0: the Python delivery path (comparisons, debugging)
+            native_irq = uclib.NATIVE_IRQ and os.environ.get("EMU_NATIVE_IRQ", "1") != "0"
+        self._native_irq = bool(native_irq)
+        if self._native_irq:
+            self._ack_cb = uclib.IRQ_ACK_CB(self._inta)
+            uclib.irq_set_ack(uc, self._ack_cb)
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self._reset_bytes = self._make_reset_state()
@@ -322,6 +340,19 @@ class VCPU:
         if self._in_emu:
             with self._cond:
                 self._cond.notify_all()
+
+    def interrupt_raised(self) -> None:
+        """The interrupt controller's INTR output rose (its ``notify``); safe from any thread.
+
+        With native interrupts (patch 0003) the running CPU takes the interrupt at its next
+        block boundary where IF=1 and no shadow is in force, without leaving ``emu_start``;
+        a halted one is woken.  Otherwise this is :meth:`kick`.
+        """
+        if self._native_irq:
+            uclib.irq_raise(self._uc)
+            self._wake.set()
+        else:
+            self.kick()
 
     def pause(self, timeout: Optional[float] = None) -> bool:
         """Park the vCPU; returns when it is parked (other threads) or at once (vCPU thread).
@@ -782,6 +813,25 @@ class VCPU:
         except Exception as err:
             self._report(("port", port), "OUT to port %#x failed: %s", port, err)
 
+    def _inta(self, _opaque: object) -> int:
+        """libunicorn takes an external interrupt (patch 0003): the INTA cycle, on the vCPU
+        thread inside ``emu_start``.  -1 tells it the request went away."""
+        try:
+            if self._event is not None:
+                # A hook recorded an event (HLT intercept, exception, INT n) and stopped the
+                # run: the loop completes it on the state it was raised in, then re-raises.
+                return -1
+            intc = self._intc
+            if not intc.has_interrupt():
+                return -1
+            vector = intc.acknowledge() & 0xFF
+            if intc.has_interrupt():
+                uclib.irq_raise(self._uc)    # another one waits behind this one
+            return vector
+        except Exception as err:
+            self._report("inta", "interrupt acknowledge failed: %s", err)
+            return -1
+
     def _record(self, event: tuple) -> None:
         if self._event is None:
             self._event = event
@@ -954,7 +1004,14 @@ class VCPU:
             self._handle_event(event)      # leaves the blob equal to the live CPU
             if self._shutdown:
                 return
-        if self._intc.has_interrupt():
+        if self._native_irq:
+            if self._intc.has_interrupt():
+                # libunicorn takes it at the first block boundary where IF=1 and no
+                # shadow is in force (exact, as QEMU); _inta gives the vector then.
+                uclib.irq_raise(uc)
+                if self._halted and self._delivery.can_take_interrupt():
+                    self._halted = False
+        elif self._intc.has_interrupt():
             if self._delivery.can_take_interrupt():
                 vector = self._intc.acknowledge() & 0xFF
                 self._halted = False

@@ -133,7 +133,7 @@ class PcBoard:
         return device
 
     def connect_cpu(self, kick: Callable[[], None]) -> None:
-        """Wire the PIC's INTR output to the vCPU (``vcpu.kick``) once the vCPU exists."""
+        """Wire the PIC's INTR output to the vCPU (``vcpu.interrupt_raised``) once the vCPU exists."""
         self.pic.notify = kick
         if self.pic.has_interrupt():
             kick()

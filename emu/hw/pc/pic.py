@@ -229,7 +229,7 @@ class PicPair:
     """Master + slave 8259A with ELCR, as wired on a PC.
 
     :param notify: called (outside the lock) each time INTR rises, and when a device raises a
-        request while INTR is already up; the machine passes ``vcpu.kick``.
+        request while INTR is already up; the machine passes ``vcpu.interrupt_raised``.
     """
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:

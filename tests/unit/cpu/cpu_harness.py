@@ -221,7 +221,7 @@ class Board:
     def raise_irq(self, vector: int) -> None:
         with self.lock:
             self.pending.append(vector)
-        self.cpu.kick()
+        self.cpu.interrupt_raised()
 
     # the port bus
     def _port_read(self, port: int, size: int) -> int:

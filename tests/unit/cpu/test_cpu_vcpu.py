@@ -9,6 +9,8 @@ from conftest import requires_nasm
 
 from cpu_harness import Board, guest, nasm
 
+RES_ADDR = 0x500   # cpu_harness PRELUDE: RES
+
 pytestmark = requires_nasm
 
 
@@ -1307,3 +1309,48 @@ def test_registers_of_a_running_vcpu() -> None:
         assert board.wait_for(lambda: board.u32(0x500) > count + 100)
     finally:
         board.cpu.stop()
+
+
+
+def test_irqs_racing_a_hlt_with_if1_are_each_handled_once_from_the_handlers_first_byte() -> None:
+    # HLT with IF=1 and no shadow (not "sti; hlt"): an IRQ raised by another thread while
+    # libunicorn reports the HLT intercept could be taken before emu_start returns; the loop
+    # must not then complete the HLT on the handler's RIP (entering it a byte late, halted).
+    import threading
+
+    body = r"""
+    GATE32 0x20, irq_handler, 0x8E00
+    sti
+    nop
+.idle:
+    hlt
+    inc dword [RES + 4]                   ; HLTs completed
+    cmp dword [RES], 2000
+    jb .idle
+    EXIT 0x2F
+irq_handler:
+    add dword [RES], 1                    ; entered a byte late, this is "add eax, imm32"
+    iretd
+"""
+    import time
+
+    board = Board(guest(body))
+    stop = threading.Event()
+    raised = [0]
+
+    def raiser() -> None:
+        while not stop.is_set() and board.exit_code is None:
+            if not board.pending:
+                raised[0] += 1
+                board.raise_irq(0x20)
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=raiser, daemon=True)
+    t.start()
+    try:
+        assert board.run(timeout=30) == 0x2F
+    finally:
+        stop.set()
+        t.join(5)
+    # Every IRQ taken ran the whole handler (one may still be waiting at the exit).
+    assert raised[0] - 1 <= board.u32(RES_ADDR) <= raised[0]

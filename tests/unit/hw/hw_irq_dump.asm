@@ -94,6 +94,7 @@ start:
     jb .b
     cli
     OUTB 0x21, 0xFF
+    OUTB 0x43, 0x30          ; stop: otherwise a tick while pic_init's ICW1 unmasks IRQ 0 shows in C
     OUTB 0x20, 0x0B
     in al, 0x20
     REC
