@@ -545,8 +545,9 @@ class SnapshotMixin:
             self.refs.update(sn.l1_table_offset, sn.l1_size * 8, -1)
         # 3. Active clusters that are no longer shared get QCOW_OFLAG_COPIED back.
         self._fix_copied_flags(changed)
-        # No fdatasync here (QEMU has none either): the header dropped the snapshot durably
-        # above; until these writes are durable a power cut only leaks what they free.
+        # No fdatasync here: the header dropped the snapshot durably above; until these
+        # writes are durable a power cut leaks what they free (or, if only part of the burst
+        # lands, leaves the refcount/QCOW_OFLAG_COPIED window check -r all repairs).
         self._write_tree_metadata()
         self.invalidate_meta()
         return sn.info()
