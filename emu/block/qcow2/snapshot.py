@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -455,6 +456,12 @@ class SnapshotMixin:
             fdatasyncs, so guest requests keep running.  Without it the caller holds it.
         :raises BlockError: the snapshot could not be made (the image may leak clusters).
         """
+        # Finishes of one image take turns (a transaction may snapshot a device twice):
+        # each stages a snapshot table and switches the header to it.
+        with self.__dict__.setdefault("_finish_lock", threading.Lock()):
+            return self._snapshot_create_finish(p, lock)
+
+    def _snapshot_create_finish(self, p: PendingSnapshot, lock: Any) -> dict:
         hold = lock if lock is not None else contextlib.nullcontext()
         barrier = self._barrier_unlocked if lock is not None else self.barrier
         # 1. Settle the remaining owed tables, a few per lock hold (a millisecond or two), each

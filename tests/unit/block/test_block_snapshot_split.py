@@ -151,6 +151,26 @@ def test_two_snapshots_of_one_cut(tmp_path):
 
 
 @requires_qemu_img
+def test_two_snapshots_of_one_image_finished_on_two_threads(tmp_path):
+    """A transaction may name a device twice: its finishes run on two threads at once."""
+    p, g, bs = _image(tmp_path, seed=8)
+    cut = bs.read(0, SIZE)
+    tickets = [bs.snapshot_create_begin(n) for n in ("a", "b")]
+    bs.write(5000, b"q" * 30000)
+    threads = [threading.Thread(target=bs.snapshot_create_finish, args=(t,)) for t in tickets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s["name"] for s in bs.snapshot_list()) == ["a", "b"]
+    g.close_all()
+    res = _check(p)
+    assert not res.get("corruptions") and not res.get("leaks"), res
+    for n in ("a", "b"):
+        assert _qemu_read_snapshot(p, n, str(tmp_path / f"{n}.raw")) == cut
+
+
+@requires_qemu_img
 def test_crash_after_every_write_of_a_split_create(tmp_path):
     """A kill -9 after any single write from the cut to the end of the finish (guest writes
     included) leaves an image qemu-img check finds clean or leaking (or inside the

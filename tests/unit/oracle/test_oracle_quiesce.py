@@ -89,10 +89,12 @@ class Guest:
 
 
 def snapshot_both(machine: Machine, name: str) -> None:
-    """What a transaction of two blockdev-snapshot-internal-sync actions does: one drained section."""
+    """What a transaction of two blockdev-snapshot-internal-sync actions does: the cuts in one
+    drained section, the snapshots finished once the guest's writers run again."""
     with machine.quiesce(reason="snapshot-both"):
-        for dev in machine.block_devices:
-            dev.node.snapshot_create(name, vm_clock_ns=machine.vm_clock_ns())
+        tickets = [(dev.node, dev.node.snapshot_create_begin(name, vm_clock_ns=machine.vm_clock_ns()))
+                   for dev in machine.block_devices]
+        machine.after_quiesce(lambda: [node.snapshot_create_finish(t) for node, t in tickets])
 
 
 @requires_qemu_img
