@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import json
 import os
-import random
 import struct
 import threading
 from dataclasses import dataclass
@@ -215,16 +215,28 @@ def register_driver(name: str, probe: Callable[[bytes, str], int] | None = None)
     return deco
 
 
-def _load_drivers() -> None:
-    # Importing registers them; done lazily to keep import order simple.
-    # rbd is cheap to import: librbd/librados load only when an rbd node opens.
-    from emu.block.drivers import blkdebug, file, raw, rbd  # noqa: F401
+#: Drivers imported only when asked for by name or when the whole table is wanted: their
+#: modules (configparser, logging) would cost every emu-img command's start-up.
+_OPTIONAL_DRIVERS = {"blkdebug": "emu.block.drivers.blkdebug", "rbd": "emu.block.drivers.rbd"}
+
+
+def _load_drivers(name: str | None = None) -> None:
+    """Import (so register) the drivers: the core ones always, the optional ones all when
+    ``name`` is ``None``, else only ``name`` if it is one."""
+    # Done lazily to keep import order simple.  rbd is cheap to import: librbd/librados
+    # load only when an rbd node opens.
+    from emu.block.drivers import file, raw  # noqa: F401
     from emu.block.qcow2 import driver  # noqa: F401
+    if name is None:
+        for mod in _OPTIONAL_DRIVERS.values():
+            importlib.import_module(mod)
+    elif name in _OPTIONAL_DRIVERS and name not in DRIVERS:
+        importlib.import_module(_OPTIONAL_DRIVERS[name])
 
 
 def probe_format(buf: bytes, filename: str) -> str:
     """The best format for ``buf`` (QEMU's bdrv_probe_all): ``raw`` if nothing else claims it."""
-    _load_drivers()
+    _load_drivers("")  # the optional drivers do not probe
     best, score = "raw", 0
     for entry in DRIVERS.values():
         if entry.probe is not None:
@@ -671,6 +683,7 @@ class BlockGraph:
     def _auto_name(self) -> str:
         # QEMU's id_generate(): "#block" + counter (from 0) + two random digits.
         while True:
+            import random  # only auto-named nodes need it
             name = f"#block{self._counter}{random.randrange(100):02d}"
             self._counter += 1
             if self.lookup(name) is None:
@@ -715,7 +728,7 @@ class BlockGraph:
         return list(reversed(self._nodes))
 
     def _new_node(self, drv: str, node_name: str | None, **kw: Any) -> BlockDriverState:
-        _load_drivers()
+        _load_drivers(drv)
         if drv not in DRIVERS:
             raise BlockError(f"Unknown driver '{drv}'")
         with self._lock:
@@ -776,7 +789,7 @@ class BlockGraph:
         if force_share and not read_only:
             raise BlockError("force-share=on can only be used with read-only images")
         if fmt is not None:
-            _load_drivers()
+            _load_drivers(fmt)
             if fmt not in DRIVERS or DRIVERS[fmt].cls.is_protocol:
                 raise BlockError(f"Unknown driver '{fmt}'")
         # Pseudo-protocol names (blkdebug:, rbd:) are not paths: compare them as given.
@@ -838,7 +851,7 @@ class BlockGraph:
         drv = opts.pop("driver", None)
         if drv is None:
             raise BlockError("Parameter 'driver' is missing")
-        _load_drivers()
+        _load_drivers(drv)
         if drv not in DRIVERS:
             raise BlockError(f"Parameter 'driver' does not accept value '{drv}'")
         node_name = opts.pop("node-name", None)

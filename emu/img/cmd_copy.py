@@ -13,10 +13,11 @@ from emu.img.imgopen import session
 from emu.img.main import ImgError, UsageError, command
 from emu.img.util import parse_size, qprint
 
-#: Bytes per request: qemu-img's IO_BUF_SIZE is 2 MiB; emu-img copies in bigger requests because
-#: each one costs interpreter time, and compares in 2 MiB chunks as qemu-img does.
+#: Bytes per request: qemu-img's IO_BUF_SIZE is 2 MiB, for compare and convert alike (convert reads
+#: each chunk into one reused buffer; bigger chunks measured no faster and fall out of the CPU cache
+#: between the read and the write).
 IO_BUF_SIZE = 2 << 20
-COPY_BUF_SIZE = 8 << 20
+COPY_BUF_SIZE = 2 << 20
 SECTOR = 512
 
 
@@ -143,40 +144,59 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
 
 
 def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, gran: int, tick) -> None:
-    size = src.size
     step = max(sparse, SECTOR)
     zstep = bytes(step)
-    # One buffer for the whole copy: each request reads into it and writes slices of it.
-    buf = bytearray(COPY_BUF_SIZE)
-    view = memoryview(buf)
-    off = 0
-    while off < size:
-        ent, n = block_status_above(src, off, min(size - off, 1 << 30))
-        if not ent["data"]:
-            if not fresh:
-                dst.write_zeroes(base + off, n)
-            tick(n)
-            off += n
-            continue
-        end = off + n
-        pos = off
-        while pos < end:
-            m = min(COPY_BUF_SIZE, end - pos)
-            chunk = view[:m]
-            src.read_into(pos, chunk)
+    buf = bytearray(max(COPY_BUF_SIZE, step))  # every chunk is read into this one buffer
+    zeros = memoryview(bytes(COPY_BUF_SIZE)) if sparse == 0 and not compress else None
+    for pos, n in _source_chunks(src, buf):
+        if n < 0:  # the source reads as zeroes here
+            n = -n
+            if zeros is not None:
+                # -S 0 allocates everything, holes included, as qemu-img does.
+                for o in range(0, n, COPY_BUF_SIZE):
+                    dst.write(base + pos + o, zeros[:min(COPY_BUF_SIZE, n - o)])
+            elif not fresh:
+                dst.write_zeroes(base + pos, n)
+        else:
+            chunk = memoryview(buf)[:n]
             if compress:
                 _write_compressed(dst, base + pos, chunk, gran)
             elif sparse == 0:
                 dst.write(base + pos, chunk)
             else:
-                for a, b, is_zero in _sparse_runs(buf, m, step, zstep):
+                for a, b, is_zero in _sparse_runs(buf, n, step, zstep):
                     if not is_zero:
                         dst.write(base + pos + a, chunk[a:b])
                     elif not fresh:
                         dst.write_zeroes(base + pos + a, b - a)
-            tick(m)
-            pos += m
-        off = end
+            chunk.release()
+        tick(n)
+
+
+def _source_chunks(src, buf: bytearray):
+    """Walk ``src`` by block status: yields ``(offset, -length)`` for a range that reads as
+    zeroes (no data anywhere in the chain) and ``(offset, length)`` for data just read into
+    ``buf`` (at most ``len(buf)`` bytes; the caller is done with it before the next step).
+    (A reader thread running ahead was tried: on a loaded 2-core host the GIL hand-offs cost
+    more than the overlap gained.)"""
+    size = src.size
+    off = 0
+    while off < size:
+        ent, n = block_status_above(src, off, min(size - off, 1 << 30))
+        if not ent["data"]:
+            yield off, -n
+            off += n
+            continue
+        end = off + n
+        while off < end:
+            m = min(len(buf), end - off)
+            view = memoryview(buf)[:m]
+            try:
+                src.read_into(off, view)
+            finally:
+                view.release()
+            yield off, m
+            off += m
 
 
 _NONZERO = re.compile(rb"[^\x00]")
