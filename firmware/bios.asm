@@ -76,6 +76,11 @@ EBDA_E820       equ     0x130           ; E820_MAX entries of 20 bytes
 E820_MAX        equ     8
 EBDA_VIO_HDR    equ     0x1D0           ; virtio-blk request header (16 bytes)
 EBDA_VIO_STATUS equ     0x1E0           ; byte: virtio-blk request status
+EBDA_VIO_RING   equ     0x1E2           ; words: the request's queue: segment, descriptors,
+EBDA_VIO_DESC   equ     0x1E4           ;   available and used ring offsets, size - 1
+EBDA_VIO_AVAILP equ     0x1E6
+EBDA_VIO_USEDP  equ     0x1E8
+EBDA_VIO_MASK   equ     0x1EA
 EBDA_DPTE       equ     0x200           ; ATA_MAX x 16: EDD device parameter tables
 ATA_MAX         equ     4
 EBDA_VRINGS     equ     0x240           ; VIO_MAX x VRING_SIZE: virtqueues, see src/virtio.inc
