@@ -34,7 +34,6 @@ import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from functools import reduce
 from operator import or_
 from typing import Any
@@ -57,20 +56,21 @@ class SnapshotNotFound(BlockError):
     """No snapshot matches the given id/name."""
 
 
-@dataclass
 class PendingSnapshot:
-    """A snapshot between :meth:`SnapshotMixin.snapshot_create_begin` and its finish."""
+    """A snapshot between :meth:`SnapshotMixin.snapshot_create_begin` and its finish.
+    (A plain class: importing dataclasses would cost every emu-img start-up ~15 ms.)"""
 
-    sn: f.QCowSnapshot
-    #: the snapshot's L1 table (the active one at the cut, QCOW_OFLAG_COPIED cleared)
-    l1: list[int]
-    #: the active L1 at the cut, restored by a cancel inside the drained section
-    saved_l1: list[int]
-    #: L2 tables this snapshot owes a reference (each table once per L1 entry naming it)
-    tables: list[int] = field(default_factory=list)
-    #: set when settling failed: the snapshot is abandoned and finish raises this
-    failed: BaseException | None = None
-    done: bool = False
+    def __init__(self, sn: f.QCowSnapshot, l1: list[int], saved_l1: list[int]) -> None:
+        self.sn = sn
+        #: the snapshot's L1 table (the active one at the cut, QCOW_OFLAG_COPIED cleared)
+        self.l1 = l1
+        #: the active L1 at the cut, restored by a cancel inside the drained section
+        self.saved_l1 = saved_l1
+        #: L2 tables this snapshot owes a reference (each table once per L1 entry naming it)
+        self.tables: list[int] = []
+        #: set when settling failed: the snapshot is abandoned and finish raises this
+        self.failed: BaseException | None = None
+        self.done = False
 
 
 class SnapshotMixin:
@@ -144,7 +144,10 @@ class SnapshotMixin:
         cs = self.cluster_size
         mask = f.L2E_OFFSET_MASK
         comp = f.QCOW_OFLAG_COMPRESSED
-        entries = struct.unpack(f">{self.l2_size}Q", raw)
+        # Unallocated entries are 0: a table only partly used (a small disk, the image's
+        # last table) is unpacked only up to its last nonzero entry.
+        n = (len(raw.rstrip(b"\0")) + 7) >> 3
+        entries = struct.unpack_from(f">{n}Q", raw)
         # Bit 62 (compressed) lives in each entry's first byte: count them in C.
         has_comp = raw[0::8].translate(_ONLY_COMPRESSED).count(0x40) > 0
         if has_comp:

@@ -8,6 +8,7 @@ undo QEMU 7.2 performs on abort (snapshot deleted, overlay detached, bitmap rest
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -70,6 +71,29 @@ def _finish_snapshots(batch: list[tuple[Any, Any]]) -> None:
     on the disk overlap).  If one fails, the others are deleted again (all or nothing) and
     the first error is the command's."""
     results: list[Any] = [None] * len(batch)
+    # The guest runs again meanwhile: while these threads compete with the vCPU and the block
+    # workers for the GIL, let a waiting thread in after 0.5 ms instead of Python's 5 ms, so
+    # the guest's requests are not held behind the finishers' CPU work.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        _finish_all(batch, results)
+    finally:
+        sys.setswitchinterval(interval)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if not errors:
+        return
+    for (bs, _), r in zip(batch, results):
+        if isinstance(r, dict):
+            try:
+                bs.snapshot_delete(r["id"], r["name"])
+            except EmuError:
+                pass
+    raise errors[0]
+
+
+def _finish_all(batch: list[tuple[Any, Any]], results: list[Any]) -> None:
+    """One thread per image; ``results[k]`` gets the SnapshotInfo or the exception."""
 
     def one(k: int) -> None:
         try:
@@ -84,16 +108,6 @@ def _finish_snapshots(batch: list[tuple[Any, Any]]) -> None:
     one(0)
     for t in threads:
         t.join()
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if not errors:
-        return
-    for (bs, _), r in zip(batch, results):
-        if isinstance(r, dict):
-            try:
-                bs.snapshot_delete(r["id"], r["name"])
-            except EmuError:
-                pass
-    raise errors[0]
 
 
 @action("blockdev-snapshot-sync")
