@@ -236,3 +236,69 @@ def test_cephx_blockdev_add_fails_cleanly_other_disks_work(cephx_conf, cephx_ima
                                       "conf": cephx_conf}) == {"return": {}}
     finally:
         m.close()
+
+
+# --- an unreachable cluster and the monitor ----------------------------------------------------
+def test_unreachable_cluster_does_not_stop_other_monitor_clients(tmp_path):
+    """blockdev-add of an rbd node whose cluster never answers blocks in rados_connect on the
+    command thread; meanwhile a client of another QMP monitor still gets its greeting and
+    inline answers (QEMU's main loop would stall every monitor), and the command ends with
+    QEMU's text after client_mount_timeout.  (One monitor serves one client at a time, as a
+    QEMU socket chardev does, so the second client uses a second -qmp.)"""
+    import json
+    import socket
+    import sys
+    import time
+    reason = rbd_ceph_cluster.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))          # a port nobody listens on (bound, never listening)
+    conf = tmp_path / "dead.conf"
+    conf.write_text(f"[global]\nmon host = 127.0.0.1:{dead.getsockname()[1]}\nclient mount timeout = 4\n"
+                    "auth client required = none\n")
+    socks = [tmp_path / "qmp1.sock", tmp_path / "qmp2.sock"]
+    p = subprocess.Popen([sys.executable, "-m", "emu", "-S", "-nodefaults", "-display", "none",
+                          "-qmp", f"unix:{socks[0]},server=on,wait=off",
+                          "-qmp", f"unix:{socks[1]},server=on,wait=off"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(sock):
+        end = time.monotonic() + 60
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(sock))
+                break
+            except OSError:
+                s.close()
+                assert p.poll() is None and time.monotonic() < end
+                time.sleep(0.05)
+        f = s.makefile("rw")
+        assert "QMP" in json.loads(f.readline())
+        f.write('{"execute": "qmp_capabilities"}\n')
+        f.flush()
+        assert json.loads(f.readline()) == {"return": {}}
+        return s, f
+
+    try:
+        a_sock, a = client(socks[0])
+        a.write(json.dumps({"execute": "blockdev-add", "arguments": {
+            "driver": "rbd", "node-name": "r0", "pool": "rbd", "image": "x", "conf": str(conf)}}) + "\n")
+        a.flush()
+        time.sleep(0.5)                    # A is now inside rados_connect
+        b_sock, b = client(socks[1])       # B: greeting and negotiation while A waits
+        b.write('{"execute": "query-status"}\n')
+        b.flush()
+        assert json.loads(b.readline())["return"]["status"] == "prelaunch"
+        rsp = json.loads(a.readline())     # A: QEMU's text once the mount timeout ran out
+        assert rsp["error"]["desc"] == "error connecting: Connection timed out", rsp
+        b.write('{"execute": "query-named-block-nodes"}\n')
+        b.flush()
+        assert json.loads(b.readline()) == {"return": []}
+        a_sock.close()
+        b_sock.close()
+    finally:
+        p.kill()
+        p.wait(10)
+        dead.close()
