@@ -159,6 +159,7 @@ def cephx_conf():
         pytest.skip(reason)
     base = tempfile.mkdtemp(prefix="emu-cephx-")
     d = str(Path(base) / "cluster")
+    watchdog = rbd_ceph_cluster._watchdog(d)    # stops it if pytest is killed outright
     try:
         r = subprocess.run([str(SCRIPT), "start", d], capture_output=True, text=True, timeout=180,
                            env=dict(os.environ, AUTH="cephx"))
@@ -167,6 +168,8 @@ def cephx_conf():
     finally:
         subprocess.run([str(SCRIPT), "stop", d], timeout=60, check=False)   # stops by pid
         shutil.rmtree(base, ignore_errors=True)
+        watchdog.kill()
+        watchdog.wait()
 
 
 @pytest.fixture(scope="module")
