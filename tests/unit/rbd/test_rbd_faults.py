@@ -277,6 +277,7 @@ def test_unreachable_cluster_does_not_stop_other_monitor_clients(tmp_path):
                 s.close()
                 assert p.poll() is None and time.monotonic() < end
                 time.sleep(0.05)
+        s.settimeout(60)                   # a regression fails instead of hanging the run
         f = s.makefile("rw")
         assert "QMP" in json.loads(f.readline())
         f.write('{"execute": "qmp_capabilities"}\n')
