@@ -125,15 +125,21 @@ class PIIX3(PciFunction):
             self._update_irqs_locked()
 
     def _update_irqs_locked(self) -> None:
-        want = [False] * 16
+        # On every INTx edge of every PCI device (twice per disk request): kept to a few
+        # byte reads, and the PIC is told only about ISA lines whose level changed.
+        config, sources, driven = self.config, self._pirq_sources, self._driven
+        want = 0
         for pirq in range(PIIX_NUM_PIRQS):
-            irq = self.route(pirq)
-            if irq is not None and self._pirq_sources[pirq]:
-                want[irq] = True
+            if sources[pirq]:
+                reg = config[PIIX_PIRQCA + pirq]
+                irq = reg & PIRQ_IRQ_MASK
+                if not reg & PIRQ_DISABLE and irq not in PIIX_RESERVED_IRQS:
+                    want |= 1 << irq
         for irq in range(16):
-            if want[irq] != self._driven[irq]:
-                self._driven[irq] = want[irq]
-                self.pic.set_irq(irq, want[irq])
+            level = bool(want >> irq & 1)
+            if level != driven[irq]:
+                driven[irq] = level
+                self.pic.set_irq(irq, level)
 
     def config_written(self, offset: int, size: int, value: int) -> None:
         """Re-route INTx when a PIRQ route register changes."""

@@ -320,6 +320,8 @@ class PciFunction:
             self._set_status_interrupt(level)
             return
         with host.intx_lock:
+            if level == self.irq_level:
+                return      # no edge: the status bit and the router already say so
             self._set_status_interrupt(level)
             self._push_intx()
 

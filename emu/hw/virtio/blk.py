@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_STATUS_BYTES = [bytes([i]) for i in range(256)]
+
 VIRTIO_ID_BLOCK = 2
 
 # Feature bits (§5.2.3).
@@ -223,6 +225,8 @@ class VirtioBlk(VirtioDevice):
                 self.virtio_error(str(err))
 
     def _gather(self, sg: list[tuple[int, int]], skip: int = 0, limit: int | None = None) -> bytes:
+        if len(sg) == 1 and not skip and limit is None:
+            return self.memory.read(*sg[0])    # one buffer: one copy
         out = bytearray()
         for addr, n in sg:
             if skip >= n:
@@ -270,8 +274,12 @@ class VirtioBlk(VirtioDevice):
             log.warning("virtio-blk: request fails: %s", elem.fault)
             self._complete(vq, elem, gen, VIRTIO_BLK_S_IOERR, 1, status_addr)  # only the status written
             return
-        rtype, _ioprio, sector = _OUTHDR.unpack(self._gather(elem.out_sg, 0, _OUTHDR.size))
-        out_data = [(a, n) for a, n in self._skip(elem.out_sg, _OUTHDR.size)]
+        first_addr, first_len = elem.out_sg[0]
+        if first_len >= _OUTHDR.size:     # the usual layout: the header is a buffer of its own
+            rtype, _ioprio, sector = _OUTHDR.unpack(self.memory.read(first_addr, _OUTHDR.size))
+        else:
+            rtype, _ioprio, sector = _OUTHDR.unpack(self._gather(elem.out_sg, 0, _OUTHDR.size))
+        out_data = self._skip(elem.out_sg, _OUTHDR.size)
         out_data_len = elem.out_len - _OUTHDR.size
         kind = rtype & ~(VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_BARRIER)
 
@@ -394,7 +402,7 @@ class VirtioBlk(VirtioDevice):
             if gen != self.generation:
                 return  # the device was reset meanwhile: the driver forgot this request
             try:
-                self.memory.write(status_addr, bytes([status]), invalidate=False)
+                self.memory.write(status_addr, _STATUS_BYTES[status], invalidate=False)
                 vq.push(elem, in_len)
             except VirtQueueError as err:
                 self.virtio_error(str(err))

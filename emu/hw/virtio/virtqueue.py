@@ -26,7 +26,6 @@ trip to the vCPU.  Data the device writes (read requests, GET_ID) is invalidated
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from emu.errors import EmuError
@@ -84,6 +83,10 @@ class GuestMemory:
         """Memory of a :class:`emu.cpu.vcpu.VCPU` (its ``dma_view`` and ``invalidate_code``)."""
         return cls(view=vcpu.dma_view, invalidate=vcpu.invalidate_code)
 
+    def view(self, gpa: int, length: int) -> Optional[memoryview]:
+        """The RAM behind ``[gpa, gpa + length)`` (a live view), or None if any of it is not RAM."""
+        return self._view(gpa, length)
+
     def valid(self, gpa: int, length: int) -> bool:
         """True when ``[gpa, gpa + length)`` is all RAM."""
         return self._view(gpa, length) is not None
@@ -127,7 +130,6 @@ class GuestMemory:
         self.write(gpa, _U16.pack(value & 0xFFFF), invalidate=False)
 
 
-@dataclass
 class Element:
     """One popped chain: its head index and the guest buffers in chain order.
 
@@ -137,19 +139,21 @@ class Element:
     :param fault: set when a buffer lies outside RAM (the chain itself is well formed).
     """
 
-    index: int
-    out_sg: list[tuple[int, int]] = field(default_factory=list)
-    in_sg: list[tuple[int, int]] = field(default_factory=list)
-    #: why a buffer of the chain cannot be used (outside RAM), or None
-    fault: str | None = None
+    __slots__ = ("index", "out_sg", "in_sg", "fault", "out_len", "in_len")
 
-    @property
-    def out_len(self) -> int:
-        return sum(n for _, n in self.out_sg)
+    def __init__(self, index: int, out_sg: list[tuple[int, int]] | None = None,
+                 in_sg: list[tuple[int, int]] | None = None, fault: str | None = None) -> None:
+        self.index = index
+        self.out_sg: list[tuple[int, int]] = out_sg if out_sg is not None else []
+        self.in_sg: list[tuple[int, int]] = in_sg if in_sg is not None else []
+        #: why a buffer of the chain cannot be used (outside RAM), or None
+        self.fault = fault
+        #: total bytes of the device-readable / device-writable buffers
+        self.out_len = sum(n for _, n in self.out_sg)
+        self.in_len = sum(n for _, n in self.in_sg)
 
-    @property
-    def in_len(self) -> int:
-        return sum(n for _, n in self.in_sg)
+    def __repr__(self) -> str:
+        return f"Element({self.index}, out={self.out_sg}, in={self.in_sg}, fault={self.fault!r})"
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
@@ -184,6 +188,26 @@ class VirtQueue:
         self.signalled_used_valid = False
         self.event_idx = False  # VIRTIO_RING_F_EVENT_IDX negotiated
         self.in_use = 0  # popped and not yet pushed
+        self._rings_key: tuple[int, int, int, int] | None = None
+        self._rings_views: tuple[memoryview, memoryview, memoryview] | None = None
+
+    def _rings(self) -> tuple[memoryview, memoryview, memoryview]:
+        """Live views of the descriptor table, available and used rings, made once per
+        ring layout (the RAM map never changes), so ring accesses are plain struct calls.
+
+        :raises VirtQueueError: if an area is not all RAM.
+        """
+        key = (self.desc, self.avail, self.used, self.size)
+        if key != self._rings_key:
+            n = self.size
+            m = self.memory
+            d, a, u = m.view(self.desc, 16 * n), m.view(self.avail, 6 + 2 * n), m.view(self.used, 6 + 8 * n)
+            self._rings_views = None if d is None or a is None or u is None else (d, a, u)
+            self._rings_key = key
+        if self._rings_views is None:
+            raise VirtQueueError(f"queue rings at 0x{self.desc:x}/0x{self.avail:x}/0x{self.used:x} "
+                                 f"(size {self.size}) are outside RAM")
+        return self._rings_views
 
     # ---- set-up -------------------------------------------------------------------------
     def set_legacy_pfn(self, pfn: int) -> None:
@@ -204,29 +228,31 @@ class VirtQueue:
 
     def rings_valid(self) -> bool:
         """True when all three areas lie in RAM."""
-        n = self.size
-        m = self.memory
-        return (m.valid(self.desc, 16 * n) and m.valid(self.avail, 6 + 2 * n)
-                and m.valid(self.used, 6 + 8 * n))
+        try:
+            self._rings()
+        except VirtQueueError:
+            return False
+        return True
 
     # ---- driver -> device ---------------------------------------------------------------
     def avail_idx(self) -> int:
-        return self.memory.read_u16(self.avail + 2)
+        return _U16.unpack_from(self._rings()[1], 2)[0]
 
     def avail_flags(self) -> int:
-        return self.memory.read_u16(self.avail)
+        return _U16.unpack_from(self._rings()[1], 0)[0]
 
     def used_event(self) -> int:
-        return self.memory.read_u16(self.avail + 4 + 2 * self.size)
+        return _U16.unpack_from(self._rings()[1], 4 + 2 * self.size)[0]
 
     def pending(self) -> int:
         """How many chains the driver has made available and we have not popped.
 
         :raises VirtQueueError: if the driver moved its index by more than the queue size.
         """
-        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        avail_idx = _U16.unpack_from(self._rings()[1], 2)[0]
+        n = (avail_idx - self.last_avail_idx) & 0xFFFF
         if n > self.size:
-            raise VirtQueueError(f"Guest moved used index from {self.last_avail_idx} to {self.avail_idx()}")
+            raise VirtQueueError(f"Guest moved used index from {self.last_avail_idx} to {avail_idx}")
         return n
 
     def pop(self) -> Element | None:
@@ -236,23 +262,27 @@ class VirtQueue:
         """
         if not self.pending():
             return None
-        head = self.memory.read_u16(self.avail + 4 + 2 * (self.last_avail_idx % self.size))
+        desc, avail, _used = self._rings()
+        head = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.size:
             raise VirtQueueError(f"Guest says index {head} is available (queue size {self.size})")
         elem = Element(head)
-        self._walk(elem, self.desc, self.size, head, indirect_ok=True)
+        self._walk(elem, desc, self.size, head, indirect_ok=True)
         self.in_use += 1
         return elem
 
-    def _walk(self, elem: Element, table: int, count: int, i: int, indirect_ok: bool) -> None:
+    def _walk(self, elem: Element, table: memoryview, count: int, i: int, indirect_ok: bool) -> None:
+        """Follow the chain from entry ``i`` of ``table`` (a view of ``count`` descriptors)."""
         mem = self.memory
+        unpack = _DESC.unpack_from
         seen = 0
+        out_sg, in_sg = elem.out_sg, elem.in_sg
         while True:
             if seen >= count:
                 raise VirtQueueError("Looped descriptor")  # longer than the table: it loops
             seen += 1
-            addr, length, flags, nxt = _DESC.unpack(mem.read(table + 16 * i, 16))
+            addr, length, flags, nxt = unpack(table, 16 * i)
             if flags & VRING_DESC_F_INDIRECT:
                 if not indirect_ok:
                     raise VirtQueueError("Nested indirect descriptor")
@@ -262,25 +292,29 @@ class VirtQueue:
                     raise VirtQueueError(f"Invalid size for indirect buffer table: {length}")
                 if length // 16 > VIRTQUEUE_MAX_SIZE:
                     raise VirtQueueError("Indirect buffer table is too big")
-                if not mem.valid(addr, length):
+                indirect = mem.view(addr, length)
+                if indirect is None:
                     raise VirtQueueError(f"Indirect table at 0x{addr:x} is outside RAM")
-                if elem.out_sg or elem.in_sg:
+                if out_sg or in_sg:
                     # QEMU only follows an indirect descriptor as the head of a chain
                     raise VirtQueueError("Indirect descriptor inside a chain")
-                self._walk(elem, addr, length // 16, 0, indirect_ok=False)
+                # a copy: the driver may rewrite its table while the device walks it
+                self._walk(elem, memoryview(bytes(indirect)), length // 16, 0, indirect_ok=False)
                 return
             if not length:
                 raise VirtQueueError("zero sized buffers are not allowed")
-            if not mem.valid(addr, length) and elem.fault is None:
+            if elem.fault is None and mem.view(addr, length) is None:
                 # the chain is still well formed: the device can fail the request with a
                 # status byte if that one is in RAM
                 elem.fault = f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
             if flags & VRING_DESC_F_WRITE:
-                elem.in_sg.append((addr, length))
+                in_sg.append((addr, length))
+                elem.in_len += length
             else:
-                if elem.in_sg:
+                if in_sg:
                     raise VirtQueueError("Incorrect order for descriptors")
-                elem.out_sg.append((addr, length))
+                out_sg.append((addr, length))
+                elem.out_len += length
             if not flags & VRING_DESC_F_NEXT:
                 return
             if nxt >= count:
@@ -293,18 +327,18 @@ class VirtQueue:
 
         :raises VirtQueueError: if the used ring is no longer in RAM.
         """
-        slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(elem.index, min(written, 0xFFFFFFFF)), invalidate=False)
+        used = self._rings()[2]
+        _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), elem.index, min(written, 0xFFFFFFFF))
         # the element is visible before the index that publishes it (§2.7.8.2)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.write_u16(self.used + 2, self.used_idx)
+        _U16.pack_into(used, 2, self.used_idx)
         self.in_use = max(0, self.in_use - 1)
 
     def set_avail_event(self) -> None:
         """Ask for a notification at the next available entry (event-idx) — written after
         each batch the device has taken."""
         if self.event_idx:
-            self.memory.write_u16(self.used + 4 + 8 * self.size, self.last_avail_idx)
+            _U16.pack_into(self._rings()[2], 4 + 8 * self.size, self.last_avail_idx)
 
     def should_notify(self, notify_on_empty: bool = False) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
