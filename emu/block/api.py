@@ -2,7 +2,9 @@
 
 A backend wraps the root node of a graph.  Requests run synchronously on the caller's
 thread (``read``/``write``/...) or on the backend's worker threads (``aio_*``, completion
-via ``callback(result_or_exception)``).  Every request counts in :attr:`BlockBackend.in_flight`
+via ``callback(result_or_exception)``).  An ``aio_*`` request of a backend on local files
+may instead run on an idle vCPU (:func:`run_idle_request`, the vCPU's idle hook while its
+guest halts) when one claims it within :data:`IDLE_GRACE`.  Every request counts in :attr:`BlockBackend.in_flight`
 from admission to completion.
 
 :meth:`drain` is QEMU's drained section: stop admitting new requests (they wait, or for
@@ -29,7 +31,9 @@ Guest-side errors (offset past the end, negative length, read-only) raise
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -194,8 +198,109 @@ class BlockAcctStats:
             return d
 
 
+class _Job:
+    """One submitted ``aio_*`` request, run exactly once by whichever thread claims it first:
+    a worker, or an idle vCPU (:func:`run_idle_request`)."""
+
+    __slots__ = ("backend", "fn", "callback", "pool", "due", "_token")
+
+    def __init__(self, backend: "BlockBackend", fn: Callable[[], Any], callback: Callback | None,
+                 pool: "_WorkerPool") -> None:
+        self.backend = backend
+        self.fn: Callable[[], Any] | None = fn
+        self.callback = callback
+        self.pool = pool
+        self.due = 0.0          # idle path: when the workers take it if no vCPU did
+        self._token = [True]    # list.pop() is atomic: the claim
+
+    @property
+    def claimed(self) -> bool:
+        return not self._token
+
+    def run(self) -> bool:
+        """Run the request unless another thread claimed it; True if this call ran it."""
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        fn, callback = self.fn, self.callback
+        self.fn = self.callback = None      # a claimed job left in a queue holds no data
+        assert fn is not None
+        self.backend._worker(fn, callback)
+        return True
+
+
+#: How long a request waits for an idle vCPU before the workers take it (seconds): more
+#: than a guest needs from its notify to its HLT, little next to a disk's latency.
+IDLE_GRACE = 0.0003
+
+#: Requests an idle vCPU may run, oldest first.  Bounded: each is also held by the
+#: dispatcher, so one pushed out of here still reaches a worker.
+_IDLE_JOBS: "collections.deque[_Job]" = collections.deque(maxlen=64)
+_idle_lock = threading.Lock()
+_idle_dispatcher: "_IdleDispatcher | None" = None
+
+
+class _IdleDispatcher:
+    """One thread that hands idle-path requests to their workers once their grace has
+    passed and no vCPU claimed them (a guest that polls instead of halting, a paused
+    vCPU).  It runs at a lower priority (nice +5 where the OS allows it), so waking it at
+    each submission does not push the submitting vCPU off its core."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="blk-idle-dispatch", daemon=True).start()
+
+    def put(self, job: _Job) -> None:
+        self._q.put(job)
+
+    def _loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
+        except (AttributeError, OSError):     # not Linux, or not allowed: normal priority
+            pass
+        while True:
+            job = self._q.get()
+            while not job.claimed:
+                wait = job.due - time.monotonic()
+                if wait <= 0:
+                    job.pool.submit(job)
+                    break
+                time.sleep(min(wait, 0.005))     # a long grace (tests) still sees claims
+
+
+def idle_hook() -> Callable[[], bool]:
+    """Turn on the idle path and return the hook a vCPU calls when its guest halts
+    (:func:`run_idle_request`).  The machine calls this once per vCPU it builds."""
+    global _idle_dispatcher
+    with _idle_lock:
+        if _idle_dispatcher is None:
+            _idle_dispatcher = _IdleDispatcher()
+    return run_idle_request
+
+
+def run_idle_request() -> bool:
+    """Run one waiting idle-path request on the calling thread; True if one ran.
+
+    A guest waiting in HLT for its disk leaves the vCPU thread with nothing to do: running
+    the request there saves the two thread wake-ups of the worker path (a worker for the
+    I/O, then the vCPU for the interrupt), which are most of a request's cost on a busy
+    host.  The guest still runs during host I/O: a request no vCPU claims within
+    :data:`IDLE_GRACE` goes to the workers.  Only backends whose graph is local files come
+    here (:meth:`BlockBackend.idle_safe`): nothing here waits for a network, a throttle or
+    a blkdebug breakpoint.
+    """
+    while True:
+        try:
+            job = _IDLE_JOBS.popleft()
+        except IndexError:
+            return False
+        if job.run():
+            return True
+
+
 class _WorkerPool:
-    """A few daemon threads running submitted calls (daemon: a request held forever at a
+    """A few daemon threads running submitted jobs (daemon: a request held forever at a
     blkdebug breakpoint must not keep the process from exiting)."""
 
     def __init__(self, n: int, name: str) -> None:
@@ -207,14 +312,13 @@ class _WorkerPool:
 
     def _loop(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
+            job = self._q.get()
+            if job is None:
                 return
-            fn, args = item
-            fn(*args)
+            job.run()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._q.put((fn, args))
+    def submit(self, job: _Job) -> None:
+        self._q.put(job)
 
     def shutdown(self) -> None:
         for _ in self._threads:
@@ -222,6 +326,20 @@ class _WorkerPool:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
+
+
+#: Drivers whose requests only touch local files (no network, no breakpoints).
+_IDLE_SAFE_DRIVERS = frozenset({"file", "raw", "qcow2"})
+
+
+def _local_graph(node: BlockDriverState | None) -> bool:
+    while node is not None:
+        if node.drv not in _IDLE_SAFE_DRIVERS or node.before_write or node.closed:
+            return False
+        if node.file is not None and not _local_graph(node.file):
+            return False
+        node = node.backing
+    return True
 
 
 class BlockBackend:
@@ -396,6 +514,12 @@ class BlockBackend:
         self._run(self._accounted(ACCT_FLUSH, 0, node.flush, account))
 
     # --- asynchronous I/O -------------------------------------------------------------------
+    def idle_safe(self) -> bool:
+        """True when a request may run on an idle vCPU (:func:`run_idle_request`): not
+        throttled, and every node of the graph is an open local file, raw or qcow2 node
+        with no copy-before-write hook (a backup job's target could be anything)."""
+        return self._throttle is None and self._root is not None and _local_graph(self._root)
+
     def _submit(self, fn: Callable[[], Any], callback: Callback | None) -> None:
         with self._cond:
             if self._quiesce and self._drain_owner != threading.get_ident():
@@ -405,7 +529,14 @@ class BlockBackend:
             if self._pool is None:
                 self._pool = _WorkerPool(self._workers, f"blk-{self.name}")
             pool = self._pool
-        pool.submit(self._worker, fn, callback)
+        job = _Job(self, fn, callback, pool)
+        dispatcher = _idle_dispatcher
+        if dispatcher is not None and self.idle_safe():
+            job.due = time.monotonic() + IDLE_GRACE
+            _IDLE_JOBS.append(job)
+            dispatcher.put(job)
+        else:
+            pool.submit(job)
 
     def _worker(self, fn: Callable[[], Any], callback: Callback | None) -> None:
         try:

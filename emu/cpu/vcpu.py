@@ -266,6 +266,10 @@ class VCPU:
         self._single_step = False
         self._rom_dirty: list[tuple[int, int]] = []
         self.a20_enabled = True
+        #: Called on the vCPU thread while the guest halts, before waiting; True when it did
+        #: some work (the loop then looks at interrupts again instead of waiting).  The
+        #: machine sets the block layer's: a request the guest waits for runs here.
+        self.idle_hook: Optional[Callable[[], bool]] = None
         self._do_reset()
 
     # ================================================================== public API
@@ -1028,7 +1032,9 @@ class VCPU:
                     # the run every 0.5 ms while an interrupt waits.
                     self._kick_pending = True
         if self._halted:
-            self._wake.wait(0.05)
+            hook = self.idle_hook
+            if hook is None or not hook():
+                self._wake.wait(0.05)
             return
         stepping = self._single_step
         if stepping:

@@ -391,6 +391,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     """
     if plan is None:
         plan = check_hardware(machine)
+    from emu.block.api import idle_hook
     from emu.cpu.vcpu import VCPU
     from emu.hw.clock import VirtualClock
     from emu.hw.pc.board import PcBoard
@@ -437,6 +438,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     cpu_ref.append(cpu)
     cpu.load_rom(FOUR_GIB - len(bios), bios)
     board.connect_cpu(cpu.interrupt_raised)
+    cpu.idle_hook = idle_hook()     # block requests run on the vCPU while its guest halts
 
     def map_region(base: int, size: int) -> None:
         cpu.map_mmio(base, size, lambda off, n: board.mmiobus.read(base + off, n),

@@ -48,8 +48,12 @@ def _check_image(image: str, pattern: int) -> None:
 
 @requires_nasm
 @requires_qemu_io
+@pytest.mark.parametrize("idle", [False, True], ids=["workers", "idle-vcpu"])
 @pytest.mark.parametrize("kind", list(GUESTS))
-def test_guest_drives_virtio_blk_on_emu(tmp_path, kind):
+def test_guest_drives_virtio_blk_on_emu(tmp_path, kind, idle, monkeypatch):
+    """``idle``: the machine's set-up (the vCPU's idle hook is the block layer's), with a
+    grace long enough that every request is run by the vCPU while the guest halts."""
+    from emu.block import api
     from emu.cpu.vcpu import VCPU
 
     rom, image = _build(tmp_path, kind)
@@ -73,10 +77,23 @@ def test_guest_drives_virtio_blk_on_emu(tmp_path, kind):
                                             lambda off, n, v: mmio.write(base + off, n, v)),
             lambda base, size: cpu.unmap_mmio(base, size))
         fn = attach_virtio_blk(board, GuestMemory.from_vcpu(cpu), blk, 2)
+        ran_idle = []
+        if idle:
+            monkeypatch.setattr(api, "IDLE_GRACE", 30.0)
+            hook = api.idle_hook()
+
+            def counting_hook() -> bool:
+                ran = hook()
+                if ran:
+                    ran_idle.append(threading.current_thread().name)
+                return ran
+            cpu.idle_hook = counting_hook
         cpu.start()
-        assert exited.wait(30), "the guest did not finish"
+        assert exited.wait(60), "the guest did not finish"
         assert status == [SUCCESS], f"guest failed with 0x{(status[0] >> 1):x}"
         assert fn.device.completed == (3 if kind == "legacy" else 2)
+        if idle:
+            assert ran_idle == ["vcpu0"] * fn.device.completed
     finally:
         cpu.stop()
         blk.close()
