@@ -202,7 +202,7 @@ class _Job:
     """One submitted ``aio_*`` request, run exactly once by whichever thread claims it first:
     a worker, or an idle vCPU (:func:`run_idle_request`)."""
 
-    __slots__ = ("backend", "fn", "callback", "pool", "due", "_token")
+    __slots__ = ("backend", "fn", "callback", "pool", "due", "handed", "_token")
 
     def __init__(self, backend: "BlockBackend", fn: Callable[[], Any], callback: Callback | None,
                  pool: "_WorkerPool") -> None:
@@ -211,11 +211,18 @@ class _Job:
         self.callback = callback
         self.pool = pool
         self.due = 0.0          # idle path: when the workers take it if no vCPU did
+        self.handed = False     # idle path: given to the workers (a vCPU may still win it)
         self._token = [True]    # list.pop() is atomic: the claim
 
     @property
     def claimed(self) -> bool:
         return not self._token
+
+    def hand_to_workers(self) -> None:
+        """Give an idle-path request to its backend's workers (once; harmless if claimed)."""
+        if not self.handed and not self.claimed:
+            self.handed = True
+            self.pool.submit(self)
 
     def run(self) -> bool:
         """Run the request unless another thread claimed it; True if this call ran it."""
@@ -230,43 +237,84 @@ class _Job:
         return True
 
 
-#: How long a request waits for an idle vCPU before the workers take it (seconds): more
-#: than a guest needs from its notify to its HLT, little next to a disk's latency.
+#: How long a request waits for an idle vCPU before the workers may take it (seconds):
+#: more than a guest needs from its notify to its HLT, little next to a disk's latency.
 IDLE_GRACE = 0.0003
+#: How often the dispatcher looks for requests past their grace while requests come in,
+#: and how long it keeps looking after the last one before it sleeps until woken.
+IDLE_POLL = 0.001
+IDLE_LINGER = 0.05
 
-#: Requests an idle vCPU may run, oldest first.  Bounded: each is also held by the
-#: dispatcher, so one pushed out of here still reaches a worker.
-_IDLE_JOBS: "collections.deque[_Job]" = collections.deque(maxlen=64)
+#: Idle-path requests, oldest first (claimed ones are dropped by whoever meets them).
+_IDLE_JOBS: "collections.deque[_Job]" = collections.deque()
 _idle_lock = threading.Lock()
 _idle_dispatcher: "_IdleDispatcher | None" = None
 
 
 class _IdleDispatcher:
-    """One thread that hands idle-path requests to their workers once their grace has
-    passed and no vCPU claimed them (a guest that polls instead of halting, a paused
-    vCPU).  It runs at a lower priority (nice +5 where the OS allows it), so waking it at
-    each submission does not push the submitting vCPU off its core."""
+    """The safety net of the idle path: one thread that gives the workers every request
+    no vCPU claimed within :data:`IDLE_GRACE` (a guest that polls instead of halting, a
+    paused vCPU).
+
+    Waking a thread per request is what the idle path saves, so this one is not woken per
+    request: while requests come in it looks every :data:`IDLE_POLL` seconds, and only
+    once :data:`IDLE_LINGER` passed without a new one does it sleep until the next
+    submission wakes it.  A request is thus handed over between its grace and its grace
+    plus one poll.  It runs at a lower priority (nice +5 where the OS allows it) so its
+    polls do not push a vCPU off its core.
+    """
 
     def __init__(self) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self.parked = False
+        self.submitted = 0      # requests seen since the start (tells the poller to linger)
         threading.Thread(target=self._loop, name="blk-idle-dispatch", daemon=True).start()
 
-    def put(self, job: _Job) -> None:
-        self._q.put(job)
+    def submit(self, job: _Job) -> None:
+        """A new idle-path request is in :data:`_IDLE_JOBS` (submitting thread)."""
+        self.submitted += 1
+        if self.parked:
+            self._wake.set()
+
+    def _scan(self, now: float) -> bool:
+        """Hand over due requests, drop claimed ones; True if some are still waiting."""
+        waiting = False
+        for job in list(_IDLE_JOBS):
+            if job.claimed:
+                try:
+                    _IDLE_JOBS.remove(job)
+                except ValueError:      # a vCPU took it off meanwhile
+                    pass
+            elif job.due <= now:
+                job.hand_to_workers()
+            else:
+                waiting = True
+        return waiting
 
     def _loop(self) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
         except (AttributeError, OSError):     # not Linux, or not allowed: normal priority
             pass
+        seen, last_new = self.submitted, time.monotonic()
         while True:
-            job = self._q.get()
-            while not job.claimed:
-                wait = job.due - time.monotonic()
-                if wait <= 0:
-                    job.pool.submit(job)
-                    break
-                time.sleep(min(wait, 0.005))     # a long grace (tests) still sees claims
+            now = time.monotonic()
+            waiting = self._scan(now)
+            if self.submitted != seen:
+                seen, last_new = self.submitted, now
+            if waiting or now - last_new < IDLE_LINGER:
+                time.sleep(IDLE_POLL)
+                continue
+            # Park.  A submitter reads ``parked`` after appending its request: either it
+            # sees True and wakes us, or our scan below (after parked = True) sees it.
+            self.parked = True
+            if self._scan(time.monotonic()) or any(not j.claimed for j in list(_IDLE_JOBS)):
+                self.parked = False
+                continue
+            self._wake.wait()
+            self._wake.clear()
+            self.parked = False
+            seen, last_new = self.submitted, time.monotonic()
 
 
 def idle_hook() -> Callable[[], bool]:
@@ -534,9 +582,17 @@ class BlockBackend:
         if dispatcher is not None and self.idle_safe():
             job.due = time.monotonic() + IDLE_GRACE
             _IDLE_JOBS.append(job)
-            dispatcher.put(job)
+            dispatcher.submit(job)
         else:
             pool.submit(job)
+
+    def idle_handoff(self) -> None:
+        """The guest polls this device instead of halting: give its idle-path requests to
+        the workers now rather than after their grace (a device calls this from a status
+        register read while it has a request in flight)."""
+        for job in list(_IDLE_JOBS):
+            if job.backend is self:
+                job.hand_to_workers()
 
     def _worker(self, fn: Callable[[], Any], callback: Callback | None) -> None:
         try:

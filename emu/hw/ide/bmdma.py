@@ -261,6 +261,7 @@ class BmDma:
                 with ch.lock:
                     finish(result)
 
+            ch.submitted(blk)
             blk.aio_read(sector << SECTOR_BITS, limit, read_done)
             return
 
@@ -271,6 +272,7 @@ class BmDma:
                 finish(result)
 
         if kind == IDE_DMA_WRITE:
+            ch.submitted(blk)
             blk.aio_write(sector << SECTOR_BITS, data, locked_finish)
             return
         if kind == IDE_DMA_TRIM:
@@ -329,6 +331,8 @@ class BmDmaBar:
         if reg == 0:
             return bm.cmd
         if reg == 2:
+            if bm.ch.poll_handoff is not None:
+                bm.ch.polled()
             with bm.ch.lock:  # INT and ACTIVE change together at completion
                 return bm.status
         return 0xFF

@@ -282,6 +282,10 @@ class IdeChannel:
         #: A DMA command waiting for the bus master: (drive, kind), or None.
         self.dma_pending: tuple[IdeDrive, str] | None = None
         self.dma_running = False
+        #: The backend of the last request this channel submitted, until the guest next
+        #: reads a status register: a guest polling status rather than halting gets its
+        #: request from the block workers at once instead of waiting for an idle vCPU.
+        self.poll_handoff: "BlockBackend | None" = None
         self.data_port = _DataPort(self)
         self.cmd_block = _CommandBlock(self)
         self.ctrl_block = _ControlBlock(self)
@@ -297,6 +301,17 @@ class IdeChannel:
     def _hidden(self, d: IdeDrive) -> bool:
         """Registers of a channel without disks, or of an absent slave, read as 0."""
         return self._empty() or (d is not self.drives[0] and d.blk is None)
+
+    def submitted(self, blk: "BlockBackend") -> None:
+        """A request of this channel went to ``blk`` (see :attr:`poll_handoff`)."""
+        self.poll_handoff = blk
+
+    def polled(self) -> None:
+        """The guest read a status register: it is running, maybe polling for us."""
+        blk = self.poll_handoff
+        if blk is not None:
+            self.poll_handoff = None
+            blk.idle_handoff()
 
     def set_irq(self) -> None:
         """Assert the channel interrupt unless nIEN (the bus master sees it as BM INT)."""
@@ -323,7 +338,10 @@ class IdeChannel:
         if reg == ATA_REG_STATUS:
             with self.lock:
                 ret = 0 if self._hidden(d) else d.status
-                self.irq.lower()
+                if self.irq.level:      # a guest reads status a few times per command
+                    self.irq.lower()
+            if self.poll_handoff is not None:
+                self.polled()
             return ret
         if reg == ATA_REG_DATA:
             return 0xFF
@@ -346,6 +364,8 @@ class IdeChannel:
 
     def read_alt_status(self) -> int:
         d = self.drives[self.unit]
+        if self.poll_handoff is not None:
+            self.polled()
         return 0 if self._hidden(d) else d.status
 
     # ---- register writes --------------------------------------------------------------
@@ -376,7 +396,8 @@ class IdeChannel:
                 a.select = b.select = val | ATA_DEV_ALWAYS_ON
                 self.unit = 1 if val & ATA_DEV_SELECT else 0
             elif reg == ATA_REG_STATUS:
-                self.irq.lower()
+                if self.irq.level:
+                    self.irq.lower()
                 self.exec_cmd(val)
 
     def write_ctrl(self, val: int) -> None:
@@ -547,6 +568,7 @@ class IdeChannel:
                                     d.status & ~BUSY_STAT)
                 self.set_irq()
 
+        self.submitted(d.blk)
         d.blk.aio_read(sector << SECTOR_BITS, n * SECTOR_SIZE, done)
 
     # PIO write: the guest fills the buffer, then one aio write per block.
@@ -582,6 +604,7 @@ class IdeChannel:
                     self.start_write_block(d, d.status & ~BUSY_STAT)
                 self.set_irq()
 
+        self.submitted(d.blk)
         d.blk.aio_write(sector << SECTOR_BITS, data, done)
 
     def flush(self, d: IdeDrive) -> None:
@@ -603,6 +626,7 @@ class IdeChannel:
                 d.status = READY_STAT | SEEK_STAT
                 self.set_irq()
 
+        self.submitted(d.blk)
         d.blk.aio_flush(done)
 
     # ---- DMA (the bus master does the moving, see bmdma.py) -------------------------------

@@ -427,3 +427,30 @@ def test_ide_dma_memory_follows_the_pc_memory_map():
     assert mem.read(0xA0000, 16) is None and not mem.valid(0xBFFF0, 32)
     assert mem.write(0xC0000, b"\x33" * 16) and bytes(cpu.ram[0xC0000:0xC0010]) == b"\x33" * 16
     assert not mem.valid((16 << 20) - 8, 16) and mem.read(0xFFFFF000, 8) is None
+
+
+@pytest.mark.parametrize("method", ["pio", "dma"])
+def test_ide_polling_guest_gets_idle_path_requests_from_the_workers(tmp_path, rig_factory, monkeypatch,
+                                                                    method):
+    """With the machine's idle path on and a grace no guest would wait out, a guest that polls
+    status instead of halting still gets its request: its first status read hands it over."""
+    from emu.block import api
+
+    monkeypatch.setattr(api, "IDLE_GRACE", 3600.0)
+    api.idle_hook()
+    path = make_image(tmp_path, "d", 4 * MiB, "qcow2")
+    r = rig_factory([(path, "qcow2")])
+    assert r.backends[0].idle_safe()
+    if method == "pio":
+        select_lba28(r, 7, 1)
+        r.outb(P + 7, 0x20)
+        assert wait_not_busy(r, timeout=60) & 0x08       # DRQ: the sector is there
+        assert pio_read_block(r, 512) == sector_pattern(7)
+    else:
+        write_prd(r, 0x1000, [(0x20000, 1024)])
+        select_lba28(r, 9, 2)
+        r.outb(P + 7, 0xC8)
+        start_dma(r, 0x1000, to_memory=True)
+        assert wait_bm_done(r, timeout=60) == 0x04
+        assert r.memread(0x20000, 1024) == sector_pattern(9) + sector_pattern(10)
+    assert r.inb(P + 7) & 0x01 == 0 and r.backends[0].in_flight == 0
