@@ -18,11 +18,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import importlib
-import json
 import os
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 from emu.errors import BlockError, ImageFormatError, ImageOpenError
@@ -247,13 +245,14 @@ def probe_format(buf: bytes, filename: str) -> str:
 
 
 # --- nodes --------------------------------------------------------------------------------
-@dataclass
 class SnapshotTicket:
-    """A snapshot between :meth:`BlockDriverState.snapshot_create_begin` and its finish."""
+    """A snapshot between :meth:`BlockDriverState.snapshot_create_begin` and its finish.
+    (A plain class: importing dataclasses would cost every emu-img start-up ~15 ms.)"""
 
-    node: "BlockDriverState"    #: the node whose driver holds the snapshot
-    pending: Any                #: the driver's pending snapshot (``None``: made at begin)
-    info: dict | None           #: SnapshotInfo once made
+    def __init__(self, node: "BlockDriverState", pending: Any, info: dict | None) -> None:
+        self.node = node            #: the node whose driver holds the snapshot
+        self.pending = pending      #: the driver's pending snapshot (``None``: made at begin)
+        self.info = info            #: SnapshotInfo once made
 
 
 class BlockDriverState:
@@ -683,8 +682,8 @@ class BlockGraph:
     def _auto_name(self) -> str:
         # QEMU's id_generate(): "#block" + counter (from 0) + two random digits.
         while True:
-            import random  # only auto-named nodes need it
-            name = f"#block{self._counter}{random.randrange(100):02d}"
+            # (os.urandom, not the random module: importing that costs every emu-img ~3 ms)
+            name = f"#block{self._counter}{int.from_bytes(os.urandom(2), 'little') % 100:02d}"
             self._counter += 1
             if self.lookup(name) is None:
                 return name
@@ -984,6 +983,7 @@ def _json_filename(bs: BlockDriverState, given: set[str] | None = None) -> None:
     # A protocol node without a plain filename (rbd) shows QEMU's json: form of its options.
     spec = getattr(bs.impl, "json_filename", None)
     if spec is not None:
+        import json  # only rbd nodes get here: json costs every emu-img start-up ~5 ms
         bs.filename = "json:" + json.dumps(_given_spec(spec(), given))
 
 
@@ -1000,6 +1000,7 @@ def _format_filename(fmt: str, child: BlockDriverState, filename: str) -> str:
     when the child's own filename is a ``json:`` one (QEMU's bdrv_refresh_filename)."""
     if getattr(child.impl, "json_filename", None) is None or not child.filename.startswith("json:"):
         return filename
+    import json
     return "json:" + json.dumps({"driver": fmt, "file": json.loads(child.filename[5:])})
 
 

@@ -8,7 +8,6 @@ Python dict, so ``--output=json`` prints members exactly where qemu-img does.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
@@ -44,6 +43,7 @@ def _scalar(v: Any) -> str:
         return repr(v)
     if isinstance(v, int):
         return str(v)
+    import json  # here: json costs every emu-img start-up ~5 ms and few commands print it
     return json.dumps(v, ensure_ascii=False)
 
 
@@ -58,6 +58,7 @@ def to_json_pretty(obj: Any, indent: int = 0) -> str:
     if isinstance(obj, dict):
         if not obj:
             return "{\n" + end + "}"
+        import json
         items = [f'{pad}{json.dumps(k)}: {to_json_pretty(obj[k], indent + 1)}' for k in qdict_order(obj)]
         return "{\n" + ",\n".join(items) + "\n" + end + "}"
     if isinstance(obj, (list, tuple)):

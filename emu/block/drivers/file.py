@@ -8,7 +8,6 @@ buffers (``mmap`` memory is page aligned).  Host errors (EIO, ENOSPC, ...) becom
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -30,10 +29,11 @@ _libc_fallocate = None
 
 
 def _libc():
-    # Loaded on first use: ctypes.util.find_library runs ldconfig, which emu-img start-up
-    # would pay on every command.
+    # Loaded on first use: ctypes (and ctypes.util.find_library, which runs ldconfig) would
+    # cost every emu-img start-up.
     global _libc_fallocate
     if _libc_fallocate is None:
+        import ctypes
         try:
             lib = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:
@@ -70,6 +70,7 @@ def _bounce_buffer(size: int) -> mmap.mmap:
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc()(fd, mode, offset, length) != 0:
+        import ctypes
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 

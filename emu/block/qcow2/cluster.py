@@ -11,7 +11,6 @@ L2 table is on disk (deferred frees), so they are never reused while still refer
 from __future__ import annotations
 
 import struct
-import zlib
 
 from emu.block.qcow2 import format as f
 from emu.errors import BlockError, ImageFormatError
@@ -94,6 +93,7 @@ class ClusterMixin:
             raise ImageFormatError(f"Compressed cluster at {off:#x} is beyond the end of the image file")
         size = min(size, fsize - off)
         raw = self.file_read(off, size)
+        import zlib  # here: loading it costs every emu-img start-up ~5 ms
         d = zlib.decompressobj(-15)
         try:
             out = d.decompress(raw, self.cluster_size)
@@ -255,6 +255,7 @@ class ClusterMixin:
         if offset & (cs - 1) or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
             raise BlockError("Compressed writes must cover exactly one cluster")
         data = bytes(data) + bytes(cs - len(data))
+        import zlib
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
         comp = c.compress(data) + c.flush()
         if len(comp) >= cs - 512:

@@ -1,6 +1,6 @@
 """On-disk layout of qcow2 (QEMU docs/interop/qcow2.txt): constants, structs, parse/serialise.
 
-Everything here is pure: bytes in, dataclasses out (and back).  Names follow the
+Everything here is pure: bytes in, record objects out (and back).  Names follow the
 spec and QEMU's ``qcow2.h`` so a reader can grep either.  Every parse function
 validates what it can check locally and raises :class:`~emu.errors.ImageFormatError`
 with a one-line message (QEMU's text where QEMU has one); checks that need the
@@ -10,9 +10,26 @@ file size (offsets past EOF, overlaps) live in the driver.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from emu.errors import ImageFormatError
+
+
+class _Record:
+    """Field-wise ``==`` and ``repr`` for the plain record classes below: what ``@dataclass``
+    gave them, without importing dataclasses (and inspect) on every emu-img start-up."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a non-frozen dataclass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields) + ")"
 
 # --- header ----------------------------------------------------------------------------
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
@@ -129,18 +146,23 @@ QCOW2_COMPRESSED_SECTOR_MASK = ~(QCOW2_COMPRESSED_SECTOR_SIZE - 1)
 ENTRY = struct.Struct(">Q")
 
 
-@dataclass(frozen=True)
-class CompressedLayout:
+class CompressedLayout(_Record):
     """Bit layout of a compressed-cluster L2 descriptor for one cluster size.
 
     Per the spec, with ``x = 62 - (cluster_bits - 8)``: bits ``0..x-1`` are the host
     offset, bits ``x..61`` the number of additional 512-byte sectors.
     """
 
-    cluster_bits: int
-    csize_shift: int
-    csize_mask: int
-    offset_mask: int
+    __slots__ = _fields = ("cluster_bits", "csize_shift", "csize_mask", "offset_mask")
+
+    def __hash__(self) -> int:  # immutable by use, as the frozen dataclass it was
+        return hash((self.cluster_bits, self.csize_shift, self.csize_mask, self.offset_mask))
+
+    def __init__(self, cluster_bits: int, csize_shift: int, csize_mask: int, offset_mask: int) -> None:
+        self.cluster_bits = cluster_bits
+        self.csize_shift = csize_shift
+        self.csize_mask = csize_mask
+        self.offset_mask = offset_mask
 
     @classmethod
     def for_cluster_bits(cls, cluster_bits: int) -> "CompressedLayout":
@@ -213,44 +235,44 @@ SNAPSHOT_EXTRA_DISK_SIZE_END = 16
 SNAPSHOT_EXTRA_ICOUNT_END = 24
 
 
-@dataclass
-class HeaderExtension:
+class HeaderExtension(_Record):
     """One header extension as found in the file (unknown ones are kept verbatim)."""
 
-    magic: int
-    data: bytes
+    _fields = ("magic", "data")
+
+    def __init__(self, magic: int, data: bytes) -> None:
+        self.magic = magic
+        self.data = data
 
 
-@dataclass
-class QCowHeader:
-    """The qcow2 header, v2 or v3, plus its extensions."""
+class QCowHeader(_Record):
+    """The qcow2 header, v2 or v3, plus its extensions (fields by keyword, defaults below)."""
 
-    version: int = 3
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    cluster_bits: int = DEFAULT_CLUSTER_BITS
-    size: int = 0
-    crypt_method: int = QCOW_CRYPT_NONE
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = QCOW2_V3_HEADER_LENGTH
-    compression_type: int = QCOW2_COMPRESSION_TYPE_ZLIB
-    #: Bytes between the fixed fields we know and header_length (kept for round trips).
-    header_tail: bytes = b""
-    backing_file: str | None = None
-    backing_format: str | None = None
-    feature_table: list[tuple[int, int, str]] = field(default_factory=list)
-    #: Extensions emu does not interpret, preserved on rewrite.
-    unknown_extensions: list[HeaderExtension] = field(default_factory=list)
-    has_data_file_ext: bool = False
+    _defaults: dict = {
+        "version": 3, "backing_file_offset": 0, "backing_file_size": 0,
+        "cluster_bits": DEFAULT_CLUSTER_BITS, "size": 0, "crypt_method": QCOW_CRYPT_NONE,
+        "l1_size": 0, "l1_table_offset": 0, "refcount_table_offset": 0, "refcount_table_clusters": 0,
+        "nb_snapshots": 0, "snapshots_offset": 0, "incompatible_features": 0, "compatible_features": 0,
+        "autoclear_features": 0, "refcount_order": 4, "header_length": QCOW2_V3_HEADER_LENGTH,
+        "compression_type": QCOW2_COMPRESSION_TYPE_ZLIB,
+        # Bytes between the fixed fields we know and header_length (kept for round trips).
+        "header_tail": b"", "backing_file": None, "backing_format": None,
+        "feature_table": None,        # list[tuple[int, int, str]], [] by default
+        "unknown_extensions": None,   # list[HeaderExtension] emu does not interpret, kept on rewrite
+        "has_data_file_ext": False,
+    }
+    _fields = tuple(_defaults)
+
+    def __init__(self, **fields) -> None:
+        bad = set(fields) - set(self._defaults)
+        if bad:
+            raise TypeError(f"QCowHeader has no field {sorted(bad)[0]!r}")
+        self.__dict__.update(self._defaults)
+        self.__dict__.update(fields)
+        if self.feature_table is None:
+            self.feature_table = []
+        if self.unknown_extensions is None:
+            self.unknown_extensions = []
 
     @property
     def cluster_size(self) -> int:
@@ -438,23 +460,29 @@ def serialize_header(h: QCowHeader, cluster_size: int | None = None) -> bytes:
     return bytes(out)
 
 
-@dataclass
-class QCowSnapshot:
+class QCowSnapshot(_Record):
     """One snapshot table entry (QEMU's QCowSnapshot)."""
 
-    l1_table_offset: int
-    l1_size: int
-    id_str: str
-    name: str
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int | None = None
-    #: Extra data beyond what emu knows, preserved verbatim.
-    unknown_extra: bytes = b""
-    extra_data_size: int = SNAPSHOT_EXTRA.size
+    _fields = ("l1_table_offset", "l1_size", "id_str", "name", "date_sec", "date_nsec", "vm_clock_nsec",
+               "vm_state_size", "disk_size", "icount", "unknown_extra", "extra_data_size")
+
+    def __init__(self, l1_table_offset: int, l1_size: int, id_str: str, name: str, date_sec: int = 0,
+                 date_nsec: int = 0, vm_clock_nsec: int = 0, vm_state_size: int = 0,
+                 disk_size: int | None = None, icount: int | None = None, unknown_extra: bytes = b"",
+                 extra_data_size: int = SNAPSHOT_EXTRA.size) -> None:
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id_str = id_str
+        self.name = name
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size
+        self.icount = icount
+        #: Extra data beyond what emu knows, preserved verbatim.
+        self.unknown_extra = unknown_extra
+        self.extra_data_size = extra_data_size
 
     def info(self) -> dict:
         """QEMU's SnapshotInfo members in QEMU's order."""
