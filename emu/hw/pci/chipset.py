@@ -110,12 +110,15 @@ class PIIX3(PciFunction):
 
     def route_intx(self, devfn: int, pin: int, level: bool) -> None:
         """Router entry point (called by :class:`~emu.hw.pci.host.PciHost`)."""
-        sources = self._pirq_sources[self.pirq_of(devfn, pin)]
+        pirq = (pin + (devfn >> 3) - 1) & 3     # pirq_of, inline: twice per disk request
+        sources = self._pirq_sources[pirq]
+        was = bool(sources)
         if level:
             sources.add((devfn, pin))
         else:
             sources.discard((devfn, pin))
-        self._update_irqs()  # callers hold the host's intx_lock
+        if bool(sources) != was:    # the PIRQ wire changed: its ISA line may have
+            self._update_irqs()     # callers hold the host's intx_lock
 
     def _update_irqs(self) -> None:
         if self.host is not None:

@@ -346,5 +346,5 @@ class PciFunction:
         if host is None or not 1 <= pin <= 4:
             return
         with host.intx_lock:
-            effective = self.irq_level and not self.command & PCI_COMMAND_INTX_DISABLE
+            effective = self.irq_level and not self.config[PCI_COMMAND + 1] & (PCI_COMMAND_INTX_DISABLE >> 8)
             host.set_intx(self.devfn, pin - 1, effective)
