@@ -7,7 +7,6 @@ commands give QEMU's text as a *successful* reply: ``unknown command: 'foo'``.
 from __future__ import annotations
 
 import shlex
-import sys
 from typing import Any, Callable
 
 __all__ = ["run_hmp", "HMP_COMMANDS", "INFO_COMMANDS", "hmp"]
@@ -21,10 +20,13 @@ INFO_COMMANDS: dict[str, HmpFn] = {}
 NO_ARGS = frozenset({"status", "version", "name", "snapshots"})
 
 
-def hmp(name: str, info: bool = False) -> Callable[[HmpFn], HmpFn]:
-    """Register an HMP command (``info=True``: an ``info`` sub-command)."""
+def hmp(name: str, info: bool = False, raw: bool = False) -> Callable[[Any], Any]:
+    """Register an HMP command (``info=True``: an ``info`` sub-command; ``raw=True``: the
+    function parses the text after the name itself, as QEMU's argument types need)."""
 
-    def deco(fn: HmpFn) -> HmpFn:
+    def deco(fn: Any) -> Any:
+        if raw:
+            fn.hmp_raw = True
         (INFO_COMMANDS if info else HMP_COMMANDS)[name] = fn
         return fn
 
@@ -58,6 +60,8 @@ def run_hmp(machine: Any, line: str) -> str:
         fn = HMP_COMMANDS.get(name)
         if fn is None:
             out = f"unknown command: '{name}'\n"
+        elif getattr(fn, "hmp_raw", False):
+            out = fn(machine, rest)
         else:
             out = fn(machine, _split(rest))
     return out.replace("\n", "\r\n")
@@ -267,137 +271,134 @@ def _parse_num(text: str) -> int:
     return int(float(t) * mult) if "." in t else int(t, 0) * mult
 
 
-@hmp("qemu-io")
-def hmp_qemu_io(machine: Any, args: list[str]) -> str:
-    """``qemu-io <device> "<command>"``: read/write/zero/discard/flush and blkdebug
-    breakpoints on a device's BlockBackend (or a node)."""
-    if len(args) < 2:
-        return "Error: qemu-io: missing arguments\n"
-    name, cmdline = args[0], " ".join(args[1:])
-    dev = machine.find_block_device(name)
+def hmp_get_str(text: str, pos: int) -> tuple[str | None, int, str | None]:
+    """QEMU's HMP get_str: a double-quoted string (escapes \\n \\r \\\\ \\' \\") or one
+    word.  Returns ``(value, new_pos, error)``; value ``None`` when nothing is there."""
+    n = len(text)
+    while pos < n and text[pos].isspace():
+        pos += 1
+    if pos >= n:
+        return None, pos, None
+    if text[pos] != '"':
+        end = pos
+        while end < n and not text[end].isspace():
+            end += 1
+        return text[pos:end], end, None
+    out = []
+    pos += 1
+    while pos < n and text[pos] != '"':
+        c = text[pos]
+        if c == "\\":
+            pos += 1
+            if pos >= n:
+                return None, pos, "unterminated string"
+            c = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}.get(text[pos], "")
+            if not c:
+                return None, pos, f"unsupported escape code: '\\{text[pos]}'"
+        out.append(c)
+        pos += 1
+    if pos >= n:
+        return None, pos, "unterminated string"
+    return "".join(out), pos + 1, None
+
+
+def _hmp_usage_error(cmd: str, msg: str) -> str:
+    return f"{cmd}: {msg}\nTry \"help {cmd}\" for more information\n"
+
+
+@hmp("qemu-io", raw=True)
+def hmp_qemu_io(machine: Any, rest: str) -> str:
+    """``qemu-io [-d] <device> "<command>"``: QEMU's qemu-io on a device's BlockBackend
+    (``-d``: the device named by its qdev id) or a node (:mod:`emu.qmp.qemu_io`: the
+    command's own output goes to the emulator's stdout, as QEMU 7.2's does)."""
+    from emu.qmp import qemu_io
+
+    text = rest
+    pos = 0
+    by_qdev = False
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if text.startswith("-d", pos) and (pos + 2 == len(text) or text[pos + 2].isspace()):
+            by_qdev = True
+            pos += 2
+            continue
+        break
+    name, pos, err = hmp_get_str(text, pos)
+    if err or name is None:
+        return _hmp_usage_error("qemu-io", err or "block device name expected")
+    cmdline, pos, err = hmp_get_str(text, pos)
+    if err or cmdline is None:
+        return _hmp_usage_error("qemu-io", err or "string expected")
+    if text[pos:].strip():
+        return _hmp_usage_error("qemu-io", "extraneous characters at the end of line")
     target: Any = None
     node: Any = None
+    dev: Any = None
+    if by_qdev:
+        # QEMU's blk_by_qdev_id (the lookup of block_extra._find_device)
+        for d in machine.block_devices:
+            if d.qdev and d.qdev.split("/")[-1] == name:
+                dev = d
+        if dev is None:
+            if any(getattr(c, "id", None) == name for c in machine.config.devices):
+                return "Error: Device does not have a block device backend\n"
+            return f"Error: Device '{name}' not found\n"
+    else:
+        dev = machine.find_block_device(name)
     if dev is not None:
         target, node = (dev.backend or dev.node), dev.node
+        if dev.node is None:
+            return f"Error: Device '{name}' has no medium\n"
     elif machine.block_graph is not None:
         node = machine.block_graph.lookup(name)
         target = node
     if target is None:
-        if dev is not None:
-            return f"Error: Device '{name}' has no medium\n"
         return f"Error: Cannot find device='' nor node-name='{name}'\n"
-    words = _split(cmdline)
-    if not words:
-        return ""
-    verb, opts = words[0], words[1:]
+
+    def resize(size: int) -> None:
+        from emu.qmp.commands.block_extra import resize_node
+
+        resize_node(machine, node, size)
+
+    return qemu_io.run(target, node, cmdline, resize=resize)
+
+
+@hmp("block_resize", raw=True)
+def hmp_block_resize(machine: Any, rest: str) -> str:
+    """``block_resize <device> <size>`` (size with QEMU's k/M/G/T suffixes)."""
+    from emu.errors import QmpError
+    from emu.qmp.commands.block import _lookup_bs
+    from emu.qmp.commands.block_extra import resize_node
+
+    name, pos, err = hmp_get_str(rest, 0)
+    if err or name is None:
+        return _hmp_usage_error("block_resize", err or "block device name expected")
+    word, pos, _ = hmp_get_str(rest, pos)
+    size = _hmp_size(word) if word is not None and not word.startswith('"') else None
+    if size is None:        # QEMU's 'o' argument error has no command prefix
+        return 'invalid size\nTry "help block_resize" for more information\n'
+    if rest[pos:].strip():
+        return _hmp_usage_error("block_resize", "extraneous characters at the end of line")
+
+    class _Ctx:
+        pass
+
+    ctx = _Ctx()
+    ctx.machine = machine  # type: ignore[attr-defined]
     try:
-        msg = _qemu_io(target, node, verb, opts)
-    except (ValueError, IndexError):
-        msg = f"{verb}: invalid arguments\n"
-    except Exception as e:  # noqa: BLE001 - qemu-io prints errors as text
-        msg = f"{verb} failed: {e}\n"
-    # like QEMU, qemu-io's own output goes to the emulator's stdout, not the monitor
-    if msg:
-        sys.stdout.write(msg)
-        sys.stdout.flush()
+        resize_node(machine, _lookup_bs(ctx, name, None), size)  # type: ignore[arg-type]
+    except QmpError as e:
+        return f"Error: {e.desc}\n"
     return ""
 
 
-def _qemu_io(target: Any, node: Any, verb: str, opts: list[str]) -> str:
-    # Accounting as QEMU 7.2's qemu-io: the synchronous read/write/discard/flush are not
-    # counted in query-blockstats; aio_read/aio_write (not with -z) and aio_flush are,
-    # -i counts an invalid request without I/O, and a request the BlockBackend refuses
-    # (past the end, read-only) counts as failed, not invalid.
-    acct = getattr(target, "acct", None)
-    # a BlockBackend takes account=; a node (qemu-io on a node-name) has no statistics
-    kw: dict[str, Any] = {"account": False} if acct is not None else {}
-    if verb in ("write", "aio_write", "read", "aio_read"):
-        is_aio = verb.startswith("aio_")
-        kind = "wr" if verb.endswith("write") else "rd"
-        pattern = 0xCD if kind == "wr" else None
-        zero = invalid = False
-        pos: list[str] = []
-        i = 0
-        while i < len(opts):
-            o = opts[i]
-            if o == "-P":
-                pattern = int(opts[i + 1], 0)
-                i += 2
-                continue
-            if o == "-z":
-                zero = True
-            elif o == "-i" and is_aio:
-                invalid = True
-            elif o.startswith("-"):
-                pass
-            else:
-                pos.append(o)
-            i += 1
-        off = _parse_num(pos[0])
-        # aio_* take several lengths (an I/O vector); the request is their sum
-        length = sum(_parse_num(p) for p in pos[1:]) if is_aio else _parse_num(pos[1])
-        if not pos[1:]:
-            raise ValueError("missing length")
-        if invalid:
-            if acct is not None:
-                acct.invalid(kind)
-            return ""
-        cookie = acct.start(kind, length) if (is_aio and not zero and acct is not None) else None
-        try:
-            if kind == "wr":
-                if zero:
-                    target.write_zeroes(off, length, **kw)
-                else:
-                    target.write(off, bytes([pattern & 0xFF]) * length, **kw)
-                data = b""
-            else:
-                data = target.read(off, length, **kw)
-        except Exception:
-            if cookie is not None:
-                acct.failed(cookie)
-            raise
-        if cookie is not None:
-            acct.done(cookie)
-        if kind == "rd" and pattern is not None and data != bytes([pattern & 0xFF]) * length:
-            return f"Pattern verification failed at offset {off}, {length} bytes\n"
-        return ""
-    if verb in ("discard", "aio_discard"):
-        # QEMU 7.2's qemu-io has no aio_discard; emu keeps it, unaccounted like discard
-        target.discard(_parse_num(opts[0]), _parse_num(opts[1]), **kw)
-        return ""
-    if verb in ("flush", "aio_flush"):
-        cookie = acct.start("flush") if (verb == "aio_flush" and acct is not None) else None
-        try:
-            target.flush(**kw)
-        except Exception:
-            if cookie is not None:
-                acct.failed(cookie)
-            raise
-        if cookie is not None:
-            acct.done(cookie)
-        return ""
-    blk = _blkdebug(node)
-    if verb in ("break", "remove_break", "resume", "wait_break"):
-        if blk is None:
-            return "blkdebug is not the protocol of this device\n"
-        if verb == "break":
-            blk.break_on(opts[0], opts[1])
-        elif verb == "remove_break":
-            blk.remove_break(opts[0])
-        elif verb == "resume":
-            blk.resume(opts[0])
-        else:
-            blk.wait_break(opts[0])
-        return ""
-    return f"command \"{verb}\" not found\n"
+def _hmp_size(word: str) -> int | None:
+    """HMP's 'o' argument: a size with an optional k/M/G/T suffix (bytes by default)."""
+    from emu.qmp.qemu_io import cvtnum
 
-
-def _blkdebug(node: Any) -> Any:
-    while node is not None:
-        if getattr(node, "drv", None) == "blkdebug":
-            return node.impl
-        node = getattr(node, "file", None)
-    return None
+    v = cvtnum(word)
+    return v if v >= 0 else None
 
 
 # ------------------------------------------------------- the readline monitor

@@ -1,11 +1,13 @@
 """Block commands beyond queries, snapshots, bitmaps and backup: NBD/exports, throttling,
-removable media, and the block jobs and graph changes emu's block layer does not offer
-yet (stream, mirror, commit, create, amend, reopen: ``emu does not support`` errors after
-QEMU's argument checks).
+removable media, ``block_resize`` (:func:`resize_node`, shared with HMP ``qemu-io
+truncate``), and the block jobs and graph changes emu's block layer does not offer yet
+(mirror, create, amend, reopen: ``emu does not support`` errors after QEMU's argument
+checks).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from emu.errors import QmpError
@@ -101,7 +103,6 @@ def set_action(ctx: CommandContext, args: dict) -> dict:
 
 
 _UNSUPPORTED = {
-    "block_resize": "resizing images at run time",
     "block-commit": "the commit block job",
     "block-stream": "the stream block job",
     "drive-mirror": "the mirror block job",
@@ -129,9 +130,7 @@ def _lookups(ctx: CommandContext, name: str, args: dict) -> None:
     error rather than ours."""
     from emu.qmp.commands.block import _lookup_bs
 
-    if name == "block_resize":
-        _lookup_bs(ctx, args.get("device"), args.get("node-name"))
-    elif name == "block-set-write-threshold":
+    if name == "block-set-write-threshold":
         g = ctx.machine.block_graph
         if g is None or g.lookup(args["node-name"]) is None:
             raise QmpError(f"Device '{args['node-name']}' not found")
@@ -151,3 +150,71 @@ def _unsupported_handler(name: str, what: str) -> Any:
 
 for _n, _w in _UNSUPPORTED.items():
     qemu_command(_n, boxed=True)(_unsupported_handler(_n, _w))
+
+
+# ----------------------------------------------------------------- block_resize
+
+#: BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB
+MAX_IMAGE_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
+
+def resize_node(machine: Any, bs: Any, size: int) -> None:
+    """QEMU 7.2's block_resize on node ``bs`` (also HMP ``qemu-io … "truncate N"``).
+
+    Checks in QEMU's order (permission of a protocol node under a format node, maximum
+    length, read-only, qcow2's 512-byte multiple), then the resize inside a drained
+    section of the devices on ``bs``; after it, each virtio-blk device on ``bs`` raises
+    its configuration-change interrupt (QEMU's virtio_blk_resize).  IDE is not told
+    (QEMU's IDE only refreshes its IDENTIFY data, without an interrupt).
+
+    :raises QmpError: with QEMU's texts.
+    """
+    from emu.errors import EmuError
+    from emu.qmp.errors import desc_of
+
+    g = machine.block_graph
+    for parent in (g.nodes() if g is not None else []):
+        if parent.file is bs:
+            raise QmpError(
+                f"Permission conflict on node '{bs.node_name}': permissions 'resize' are "
+                "both required by an unnamed block device (uses node "
+                f"'{bs.node_name}' as 'root' child) and unshared by node "
+                f"'{parent.node_name}' (uses node '{bs.node_name}' as 'file' child).")
+    if size > MAX_IMAGE_LENGTH:
+        raise QmpError(f"offset({size}) exceeds maximum({MAX_IMAGE_LENGTH})")
+    if bs.read_only:
+        raise QmpError("Image is read-only")
+    if bs.drv == "qcow2" and size % 512:
+        raise QmpError("The new size must be a multiple of 512")
+    devices = [d for d in machine.block_devices if d.node is bs]
+    backends = [d.backend for d in devices if d.backend is not None]
+    try:
+        with machine.quiesce(backends, reason="block_resize"):
+            bs.truncate(size)
+    except QmpError:
+        raise
+    except EmuError as e:
+        code = getattr(e, "errno", None)
+        if isinstance(code, int) and code > 0 and str(e).startswith("Truncate of "):
+            # the file protocol's ftruncate failed: QEMU's raw_co_truncate text
+            raise QmpError(f"Could not resize file: {os.strerror(code)}") from e
+        raise QmpError(desc_of(e)) from e
+    except OSError as e:
+        raise QmpError(f"Could not resize file: {os.strerror(e.errno or 5)}") from e
+    hw = getattr(machine, "hardware", None)
+    for fn in (getattr(hw, "virtio", None) or {}).values():
+        dev = getattr(fn, "device", None)
+        if dev is not None and any(getattr(dev, "blk", None) is b for b in backends):
+            dev.config_changed()
+
+
+@qemu_command("block_resize")
+def block_resize(ctx: CommandContext, size: int, device: str | None = None,
+                 node_name: str | None = None) -> dict:
+    from emu.qmp.commands.block import _lookup_bs
+
+    bs = _lookup_bs(ctx, device or None, node_name)
+    if size < 0:
+        raise QmpError("Parameter 'size' expects a >0 size")
+    resize_node(ctx.machine, bs, size)
+    return {}

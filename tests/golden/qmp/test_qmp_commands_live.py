@@ -277,8 +277,9 @@ def test_block_extras(vms) -> None:
                ("watchdog-set-action", {"action": "pause"}), ("set-action",)])
     emu_unsupported(vms, [("block-stream", {"device": "virtio0"}),
                           ("drive-mirror", {"device": "virtio0", "target": "m.qcow2",
-                                            "sync": "full"}),
-                          ("block_resize", {"node-name": "fmt2", "size": 8388608})])
+                                            "sync": "full"})])
+    same(vms, [("block_resize", {"node-name": "fmt2", "size": 8388608}),
+               ("block_resize", {"node-name": "fmt2", "size": -512})])
 
 
 def test_argument_checking_follows_qemus_schema(vms) -> None:
