@@ -16,35 +16,44 @@ Backends register in one table (:func:`backend`).  Unix sockets are created owne
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import socket
 import stat
 import sys
 import threading
-from typing import Any, Awaitable, Callable
 
 from emu.errors import ConfigError
+
+# asyncio is imported where it is used: the launcher creates the chardevs (bind, listen) and
+# greets QMP clients (EarlyGreeter) before the I/O loop exists, without paying for asyncio.
+TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Any, Awaitable, Callable
+
+    Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 #: sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included
 _UNIX_PATH_MAX = 108
 
-__all__ = ["IOThread", "Chardev", "backend", "create_chardev", "BACKENDS",
+__all__ = ["IOThread", "Chardev", "backend", "create_chardev", "BACKENDS", "EarlyGreeter",
            "SocketChardev", "StdioChardev", "FileChardev", "NullChardev"]
-
-Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class IOThread:
     """The single asyncio loop thread serving every chardev and monitor."""
 
     def __init__(self) -> None:
+        import asyncio
+
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="emu-io", daemon=True)
         self._started = False
 
     def _run(self) -> None:
+        import asyncio
+
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
@@ -55,9 +64,13 @@ class IOThread:
 
     def call(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
         """Run ``coro`` on the loop from another thread and wait for its result."""
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _cancel_all(self) -> None:
+        import asyncio
+
         me = asyncio.current_task()
         tasks = [t for t in asyncio.all_tasks() if t is not me]
         for t in tasks:
@@ -119,11 +132,18 @@ class Chardev:
         self._slot: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task] = set()
         self.daemonized = False
+        #: bytes every connection gets first (the QMP greeting), before the session runs
+        self.greeting: bytes | None = None
+        #: the connection the greeting already went to (EarlyGreeter), served first
+        self._greeted_conn: socket.socket | None = None
 
     # -- frontends
-    def set_frontend(self, session: Session) -> None:
-        """Serve every connection with ``session`` (a QMP monitor does this)."""
+    def set_frontend(self, session: Session, greeting: bytes | None = None) -> None:
+        """Serve every connection with ``session`` (a QMP monitor does this); each connection
+        first gets ``greeting``, which the launcher may send before the I/O loop runs
+        (:class:`EarlyGreeter`)."""
         self._session = session
+        self.greeting = greeting
 
     def set_receiver(self, fn: Callable[[bytes], None]) -> None:
         """Deliver input bytes to ``fn`` (called in the I/O thread)."""
@@ -151,12 +171,16 @@ class Chardev:
                 self._receiver(data)
 
     async def _serve_connection(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+                                writer: asyncio.StreamWriter, greeted: bool = False) -> None:
+        import asyncio
+
         assert self._slot is not None
         try:
             async with self._slot:          # one connection at a time, as QEMU
                 self._writer = writer
                 try:
+                    if self.greeting is not None and not greeted:
+                        writer.write(self.greeting)
                     await (self._session or self._byte_session)(reader, writer)
                 finally:
                     self._writer = None
@@ -174,10 +198,26 @@ class Chardev:
     def prepare(self) -> None:
         """Synchronous set-up at start-up (bind, connect); raises ConfigError."""
 
+    def greet_early(self) -> socket.socket | None:
+        """Before the loop runs: send :attr:`greeting` to a peer already there (a connected
+        socket, stdout) and return None, or return the listening socket whose first client
+        should get it (:class:`EarlyGreeter`); by default nothing happens early."""
+        return None
+
+    def take_early_client(self, conn: socket.socket) -> None:
+        """EarlyGreeter accepted ``conn`` on the listener and greeted it: serve it first."""
+        self._greeted_conn = conn
+
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin serving on ``loop``."""
+        import asyncio
+
         self.loop = loop
         self._slot = asyncio.Lock()
+
+    def discard(self) -> None:
+        """Release what :meth:`prepare` took, for a chardev that never started (start-up
+        failed first): sockets closed, a unix socket's path removed."""
 
     async def close(self) -> None:
         """Stop serving and close every connection."""
@@ -189,6 +229,8 @@ class Chardev:
 
 
 async def _close_writer(w: asyncio.StreamWriter) -> None:
+    import asyncio
+
     try:
         if not w.is_closing():
             try:
@@ -326,13 +368,29 @@ class SocketChardev(Chardev):
             raise ConfigError(f"Failed to connect to '{self.host}:{self.port}': "
                               f"{getattr(e, 'strerror', None) or e}") from e
 
-    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        await super().start(loop)
+    def greet_early(self) -> socket.socket | None:
+        if self.greeting is None:
+            return None
         if self._conn is not None:
-            conn = self._conn
+            try:
+                self._conn.sendall(self.greeting)
+            except OSError:
+                pass                        # the peer left: the session sees it at once
+            self._greeted_conn, self._conn = self._conn, None
+            return None
+        return self._listener
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
+        await super().start(loop)
+        for conn, greeted in ((self._greeted_conn, True), (self._conn, False)):
+            if conn is None:
+                continue
             conn.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
-            self._spawn(self._serve_connection(reader, writer))
+            self._spawn(self._serve_connection(reader, writer, greeted))
+        self._greeted_conn = self._conn = None
         if self._listener is not None:
             lst = self._listener
             lst.setblocking(False)
@@ -343,19 +401,30 @@ class SocketChardev(Chardev):
                 self._aserver = await asyncio.start_server(
                     self._serve_connection, sock=lst, limit=1 << 20)
 
+    def discard(self) -> None:
+        for s in (self._greeted_conn, self._conn, self._listener):
+            if s is not None:
+                s.close()
+        self._greeted_conn = self._conn = self._listener = None
+        if self._unlink_path is not None:
+            try:
+                os.unlink(self._unlink_path)
+            except OSError:
+                pass
+            self._unlink_path = None
+
     async def close(self) -> None:
         if self._aserver is not None:
             self._aserver.close()
+        if self._greeted_conn is not None:     # greeted, never served (start-up failed)
+            self._greeted_conn.close()
+            self._greeted_conn = None
         await super().close()
         if self._unlink_path is not None:
             try:
                 os.unlink(self._unlink_path)
             except OSError:
                 pass
-
-
-class _NullWriterProtocol(asyncio.BaseProtocol):
-    pass
 
 
 @backend("stdio")
@@ -366,11 +435,22 @@ class StdioChardev(Chardev):
     small thread, output written synchronously.
     """
 
+    #: the greeting went out before the loop ran (greet_early)
+    _greeted = False
+
     def prepare(self) -> None:
         if self.daemonized:
             raise ConfigError("cannot use stdio with -daemonize")
 
+    def greet_early(self) -> socket.socket | None:
+        if self.greeting is not None:
+            _FdSink(1).write(self.greeting)
+            self._greeted = True
+        return None
+
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
         await super().start(loop)
         reader = asyncio.StreamReader(limit=1 << 20)
 
@@ -390,7 +470,8 @@ class StdioChardev(Chardev):
                     return
 
         threading.Thread(target=pump, name="emu-stdin", daemon=True).start()
-        self._spawn(self._serve_connection(reader, _FdSink(1)))  # type: ignore[arg-type]
+        self._spawn(self._serve_connection(reader, _FdSink(1),  # type: ignore[arg-type]
+                                           self._greeted))
 
 
 class _FileSink:
@@ -463,6 +544,8 @@ class FileChardev(Chardev):
                               f"{os.strerror(e.errno or 0)}") from e
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
         await super().start(loop)
         reader = asyncio.StreamReader()     # never fed: a file has no input
         self._spawn(self._serve_connection(reader, _FileSink(self._f)))  # type: ignore[arg-type]
@@ -473,9 +556,95 @@ class NullChardev(Chardev):
     """``-chardev null``: discards output, never has input."""
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
         await super().start(loop)
         reader = asyncio.StreamReader()
         self._spawn(self._serve_connection(reader, _FileSink(None)))  # type: ignore[arg-type]
+
+
+class EarlyGreeter:
+    """Greets QMP clients before the I/O loop exists.
+
+    What a QMP client waits for first is the greeting (QEMU sends it ~30 ms after exec), and
+    it never changes, so the launcher sends it from this minimal path while asyncio, the
+    command table and QEMU's type table are still being imported.  :meth:`start` has each
+    chardev send its :attr:`Chardev.greeting` to a peer already there (a connected socket:
+    ``wait=on``, ``fd=``, client mode; stdout) and a small thread accept the *first* client
+    of each listening socket and greet it at once (later clients wait in the kernel's queue,
+    as they wait for the first one to leave anyway).  The thread never reads: what a client
+    sends stays in its socket until the session runs.  :meth:`stop`, called before the
+    chardevs start on the loop, ends the thread; each greeted client is then the first
+    connection its chardev serves.
+
+    Python hands the GIL to a waiting thread only every switch interval (5 ms), which the
+    launcher's imports would make the greeting's latency: the interval is 0.1 ms while the
+    thread runs.
+
+    :param chardevs: the QMP monitors' chardevs (their ``greeting`` set, not started).
+    """
+
+    SWITCH_INTERVAL = 0.0001
+
+    def __init__(self, chardevs: list[Chardev]) -> None:
+        self.chardevs = list(chardevs)
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
+        self._switch = 0.0
+
+    def start(self) -> None:
+        listeners: dict[int, tuple[Chardev, socket.socket]] = {}
+        for c in self.chardevs:
+            lst = c.greet_early()
+            if lst is not None:
+                lst.setblocking(False)
+                listeners[lst.fileno()] = (c, lst)
+        if not listeners:
+            return
+        self._wake = os.pipe()
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(self.SWITCH_INTERVAL)
+        self._thread = threading.Thread(target=self._run, args=(listeners,),
+                                        name="emu-greeter", daemon=True)
+        self._thread.start()
+
+    def _run(self, listeners: dict[int, tuple[Chardev, socket.socket]]) -> None:
+        import select
+
+        assert self._wake is not None
+        poll = select.poll()
+        for fd in (self._wake[0], *listeners):
+            poll.register(fd, select.POLLIN)
+        while listeners:
+            for fd, _ in poll.poll():
+                if fd == self._wake[0]:
+                    return
+                chardev, lst = listeners[fd]
+                try:
+                    conn, _ = lst.accept()
+                except OSError:         # nothing after all, or a client that left: go on
+                    continue
+                conn.setblocking(True)
+                try:
+                    conn.sendall(chardev.greeting or b"")
+                except OSError:
+                    pass                # the client left: its session sees EOF at once
+                chardev.take_early_client(conn)
+                poll.unregister(fd)
+                del listeners[fd]
+
+    def stop(self) -> None:
+        """End the thread (idempotent); afterwards the chardevs may start."""
+        if self._thread is None:
+            return
+        assert self._wake is not None
+        os.write(self._wake[1], b"x")
+        self._thread.join()
+        self._thread = None
+        for fd in self._wake:
+            os.close(fd)
+        self._wake = None
+        sys.setswitchinterval(self._switch)
 
 
 def create_chardev(backend_name: str, id: str, options: dict[str, str]) -> Chardev:

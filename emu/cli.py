@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable
+
+TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing before the greeting
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 from emu.errors import ConfigError, EmuError
 from emu.machine.config import (IF_MAX_DEVS, PC_IDE_BUSES, BlockdevConfig, ChardevConfig,
@@ -157,11 +159,14 @@ def parse_mem_size(text: str) -> int:
 
 # ----------------------------------------------------------------- the option table
 
-@dataclass
 class _Opt:
-    name: str
-    has_arg: bool
-    handler: Callable[["_Builder", str], None] | None
+    __slots__ = ("name", "has_arg", "handler")
+
+    def __init__(self, name: str, has_arg: bool,
+                 handler: Callable[[_Builder, str], None] | None) -> None:
+        self.name = name
+        self.has_arg = has_arg
+        self.handler = handler
 
 
 class _Builder:
@@ -991,32 +996,73 @@ def _write_pidfile(path: str) -> None:
     _PIDFILE_FD.append(fd)      # the lock lives as long as the process
 
 
+def _bios_looks_loadable(cfg: MachineConfig) -> bool:
+    """True when ``check_hardware`` cannot fail for ``cfg`` (no -kernel, no device to check,
+    a BIOS file of a size the pc machine loads), judged without importing the machine; False
+    when it might, and then the launcher runs the real check before greeting (it has the
+    error texts).  The check is light on purpose: it decides only what happens before the
+    greeting, and the real check still runs (after it) before the hardware is built."""
+    if cfg.kernel is not None or cfg.devices:
+        return False
+    path = cfg.bios if cfg.bios is not None else _default_bios_path()
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return False
+    # hardware.load_bios: not empty, a multiple of 64 KiB, at most 16 MiB, readable
+    return 0 < size <= 16 << 20 and size % (64 << 10) == 0 and os.access(path, os.R_OK) \
+        and not os.path.isdir(path)
+
+
 def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
-    from emu.chardev import IOThread, create_chardev
-    from emu.machine.pc import Machine, ShutdownCause
-    from emu.qmp.protocol import QmpServer
+    """Start the machine and serve until it quits.
+
+    Order, as QEMU's: every configuration error is found before any monitor greets (drives,
+    chardevs, accelerator, hardware properties).  The greeting itself goes out from a minimal
+    path (emu.chardev.EarlyGreeter) before the monitor's own code, asyncio and the machine
+    are imported: a configuration without drives or devices costs no block-layer or machine
+    import before it.  Commands that arrive meanwhile wait for the machine (server.ready).
+    """
+    from emu.chardev import EarlyGreeter, create_chardev
+    from emu.qmp.greeting import GREETING_LINE
 
     if b.qtest is not None:
         raise OptionError("qtest is not supported by emu", f"-qtest {b.qtest}")
     pidfile = cfg.pidfile
     if pidfile is not None:
         _write_pidfile(pidfile)
-    machine = Machine(cfg)
+    machine: Any = None
+    signalled: list[int] = []
 
     # before any monitor accepts a client: a signal then always ends in a clean SHUTDOWN
+    # (one that comes before the machine exists is handed to it once it does)
     def on_signal(signum: int, frame: Any) -> None:
         print(f"{progname()}: terminating on signal {signum}", file=sys.stderr, flush=True)
-        machine.quit(ShutdownCause.HOST_SIGNAL)
+        if machine is None:
+            signalled.append(signum)
+        else:
+            from emu.machine.pc import ShutdownCause
+
+            machine.quit(ShutdownCause.HOST_SIGNAL)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    io = IOThread()
-    server: QmpServer | None = None
-    chardevs = {}
-    try:
-        from emu.machine.drives import open_drives
 
-        open_drives(machine)
+    def new_machine() -> Any:
+        from emu.machine.drives import open_drives
+        from emu.machine.pc import Machine
+
+        m = Machine(cfg)
+        open_drives(m)
+        return m
+
+    io: Any = None
+    server: Any = None
+    greeter: EarlyGreeter | None = None
+    chardevs: dict[str, Any] = {}
+    try:
+        if cfg.drives or cfg.blockdevs:
+            machine = new_machine()     # image errors come before any greeting
         for c in cfg.chardevs:
             try:
                 chardev = create_chardev(c.backend, c.id, c.options)
@@ -1026,28 +1072,52 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
                 raise OptionError(str(e), c.spec) from None
             chardevs[c.id] = chardev
         _configure_accel(cfg, b)
+        plan = None
+        hardware = cfg.machine_type != "none"
+        if hardware and not _bios_looks_loadable(cfg):
+            from emu.machine.hardware import check_hardware
+
+            if machine is None:
+                machine = new_machine()
+            plan = check_hardware(machine)      # every configuration error, before greeting
+
+        # Greet now.  The monitors' chardevs start on the I/O loop (and greet later
+        # clients) once the server exists; other chardevs (serial ports) once their
+        # device is there.
+        early = {m.chardev for m in cfg.monitors} - set(cfg.serials)
+        qmp = [chardevs[m.chardev] for m in cfg.monitors
+               if m.mode == "control" and m.chardev in early]
+        for chardev in qmp:
+            chardev.greeting = GREETING_LINE
+        greeter = EarlyGreeter(qmp)
+        greeter.start()
+
+        from emu.chardev import IOThread
+        from emu.machine.pc import ShutdownCause
+        from emu.qmp.protocol import QmpServer
+
+        if machine is None:
+            machine = new_machine()
+        if signalled:
+            machine.quit(ShutdownCause.HOST_SIGNAL)
+        io = IOThread()
         io.start()
         server = QmpServer(machine, io.loop)
         for m in cfg.monitors:
             server.add_monitor(chardevs[m.chardev], m.mode)
         machine.serial_chardevs = [chardevs[s] for s in cfg.serials]
-        plan = None
-        if cfg.machine_type != "none":
-            from emu.machine.hardware import check_hardware
-
-            plan = check_hardware(machine)      # every configuration error, before greeting
-        # The monitors listen (and greet) while the hardware is built: QEMU greets once its
-        # machine exists and the configuration was accepted; a command that comes meanwhile
-        # waits for the machine (server.ready), it does not fail.  Other chardevs (serial
-        # ports) start once their device is there.
+        # a command that comes before the machine is built waits for it (QEMU answers
+        # nothing before its machine exists)
         server.ready.clear()
         server.executor.submit(server.ready.wait)   # HMP commands wait as well
-        early = {m.chardev for m in cfg.monitors} - set(cfg.serials)
+        greeter.stop()
         for cid in early:
             io.call(chardevs[cid].start(io.loop))
-        if plan is not None:
-            from emu.machine.hardware import build_hardware
+        if hardware:
+            from emu.machine.hardware import build_hardware, check_hardware
 
+            if plan is None:
+                plan = check_hardware(machine)
             build_hardware(machine, plan=plan)  # vCPU, board, BIOS, disk controllers
         for cid, chardev in chardevs.items():
             if cid not in early:
@@ -1065,6 +1135,8 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
             code = machine.main_loop(timeout=0.5)
         return code
     finally:
+        if greeter is not None:
+            greeter.stop()
         if server is not None:
             if not server.ready.is_set():
                 server.closing = True           # commands waiting for the machine: none run
@@ -1073,15 +1145,18 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
                 io.call(server.shutdown(), timeout=10)
             except Exception:   # noqa: BLE001 - exit regardless
                 pass
-        else:
-            for chardev in chardevs.values():
-                if chardev.loop is not None:
-                    try:
-                        io.call(chardev.close(), timeout=5)
-                    except Exception:   # noqa: BLE001
-                        pass
-        machine.close()
-        io.stop()
+        for chardev in chardevs.values():
+            if chardev.loop is None:
+                chardev.discard()
+            elif server is None:
+                try:
+                    io.call(chardev.close(), timeout=5)
+                except Exception:   # noqa: BLE001
+                    pass
+        if machine is not None:
+            machine.close()
+        if io is not None:
+            io.stop()
         if pidfile is not None:
             try:
                 os.unlink(pidfile)

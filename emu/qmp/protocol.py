@@ -2,7 +2,9 @@
 
 Modelled on QEMU 7.2's ``monitor/qmp.c`` + ``qapi/qmp-dispatch.c``:
 
-* on connect the greeting ``{"QMP": {"version": …, "capabilities": ["oob"]}}``;
+* on connect the greeting ``{"QMP": {"version": …, "capabilities": ["oob"]}}``
+  (:mod:`emu.qmp.greeting`; the chardev sends it, possibly before this module is imported:
+  :class:`emu.chardev.EarlyGreeter`);
 * before ``qmp_capabilities`` only that command exists, and every ``CommandNotFound`` is
   reworded ``Expecting capabilities negotiation with 'qmp_capabilities'``;
 * each input message is checked as QEMU's ``qmp_dispatch_check_obj`` does (walking the
@@ -32,6 +34,7 @@ from emu.chardev import Chardev
 from emu.errors import QmpError
 from emu.qmp.commands import COMMANDS, Command, CommandContext, load_all
 from emu.qmp.errors import COMMAND_NOT_FOUND, GENERIC_ERROR, as_qmp_error, error_response
+from emu.qmp.greeting import GREETING_LINE, PACKAGE, QEMU_VERSION, greeting, version_info
 from emu.qmp.json import JsonMessageParser, iter_ordered, to_json
 
 __all__ = ["QEMU_VERSION", "PACKAGE", "greeting", "dispatch", "QmpServer", "QmpSession"]
@@ -39,24 +42,8 @@ __all__ = ["QEMU_VERSION", "PACKAGE", "greeting", "dispatch", "QmpServer", "QmpS
 # Deep nesting (up to QEMU's limit of 1024) recurses in the parser and writer.
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 
-#: The version QMP clients see: QEMU 7.2's, so they enable 7.2 behaviour.
-QEMU_VERSION = {"micro": 22, "minor": 2, "major": 7}
-#: The ``package`` string names the emulator actually answering.
-PACKAGE = "emu 0.1.0"
-
 #: requests a client may have queued before emu stops reading its socket (QEMU: 8)
 QMP_REQ_QUEUE_LEN_MAX = 8
-
-
-def version_info() -> dict[str, Any]:
-    """``VersionInfo``: ``{"qemu": {"major", "minor", "micro"}, "package"}``."""
-    return {"qemu": {"major": QEMU_VERSION["major"], "minor": QEMU_VERSION["minor"],
-                     "micro": QEMU_VERSION["micro"]}, "package": PACKAGE}
-
-
-def greeting() -> dict[str, Any]:
-    """The unsolicited first message of every QMP connection."""
-    return {"QMP": {"version": version_info(), "capabilities": ["oob"]}}
 
 
 def _check_obj(d: dict, allow_oob: bool) -> str:
@@ -168,7 +155,7 @@ class QmpSession:
             self.closed = True
 
     async def run(self) -> None:
-        self.send(greeting())
+        # the greeting went out already: the chardev sends it first (GREETING_LINE)
         consumer = asyncio.get_running_loop().create_task(self._consume())
         self.server.sessions.add(self)
         try:
@@ -292,7 +279,7 @@ class QmpServer:
 
             chardev.set_frontend(human)
         else:
-            chardev.set_frontend(self._session)
+            chardev.set_frontend(self._session, GREETING_LINE)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await QmpSession(self, reader, writer).run()
