@@ -222,6 +222,7 @@ class _Job:
         """Give an idle-path request to its backend's workers (once; harmless if claimed)."""
         if not self.handed and not self.claimed:
             self.handed = True
+            self.backend._idle_misses += 1
             self.pool.submit(self)
 
     def run(self) -> bool:
@@ -244,6 +245,10 @@ IDLE_GRACE = 0.0003
 #: and how long it keeps looking after the last one before it sleeps until woken.
 IDLE_POLL = 0.001
 IDLE_LINGER = 0.05
+#: After this many requests in a row that no vCPU claimed, a backend's requests go
+#: straight to the workers, except one in :data:`IDLE_PROBE` (the guest may start halting).
+IDLE_MISSES = 2
+IDLE_PROBE = 32
 
 #: Idle-path requests, oldest first (claimed ones are dropped by whoever meets them).
 _IDLE_JOBS: "collections.deque[_Job]" = collections.deque()
@@ -338,13 +343,15 @@ def run_idle_request() -> bool:
     here (:meth:`BlockBackend.idle_safe`): nothing here waits for a network, a throttle or
     a blkdebug breakpoint.
     """
-    while True:
+    while _IDLE_JOBS:       # (called at every wake-up of a halted vCPU: cheap when empty)
         try:
             job = _IDLE_JOBS.popleft()
         except IndexError:
             return False
         if job.run():
+            job.backend._idle_misses = 0
             return True
+    return False
 
 
 class _WorkerPool:
@@ -409,6 +416,8 @@ class BlockBackend:
         self._workers = workers
         self._pool: _WorkerPool | None = None
         self._throttle: Throttle | None = None
+        self._idle_misses = 0     # idle-path requests in a row that no vCPU claimed
+        self._idle_probe = 0
         #: I/O accounting for query-blockstats (see :class:`BlockAcctStats`).
         self.acct = BlockAcctStats()
 
@@ -580,6 +589,13 @@ class BlockBackend:
         job = _Job(self, fn, callback, pool)
         dispatcher = _idle_dispatcher
         if dispatcher is not None and self.idle_safe():
+            if self._idle_misses >= IDLE_MISSES:
+                # The guest polls rather than halts (a BIOS): straight to the workers,
+                # trying the idle path again now and then (the guest may change).
+                self._idle_probe += 1
+                if self._idle_probe % IDLE_PROBE:
+                    pool.submit(job)
+                    return
             job.due = time.monotonic() + IDLE_GRACE
             _IDLE_JOBS.append(job)
             dispatcher.submit(job)

@@ -127,3 +127,30 @@ def test_drain_completes_idle_path_requests(backend, monkeypatch):
         assert results == [None] * 8 and backend.in_flight == 0
     finally:
         backend.resume()
+
+
+def test_a_polling_guest_goes_straight_to_the_workers_until_a_probe_is_claimed(backend, monkeypatch):
+    """Requests no vCPU claims (a BIOS polling the used ring) make the backend skip the idle
+    path; one request in IDLE_PROBE still tries it, and a claim brings the idle path back."""
+    monkeypatch.setattr(api, "IDLE_PROBE", 4)
+    hook = idle_hook()
+
+    def write_and_wait(i):
+        done = threading.Event()
+        backend.aio_write(i * 512, bytes([i]) * 512, lambda r: done.set())
+        return done
+
+    monkeypatch.setattr(api, "IDLE_GRACE", 0.0)
+    for i in range(api.IDLE_MISSES):        # unclaimed: the dispatcher hands them over
+        assert write_and_wait(i).wait(30)
+    assert backend._idle_misses >= api.IDLE_MISSES
+    monkeypatch.setattr(api, "IDLE_GRACE", 3600.0)
+    for i in range(3):                      # straight to the workers: no grace to wait out
+        assert write_and_wait(10 + i).wait(30)
+    probe = write_and_wait(20)              # the 4th: offered to an idle vCPU again
+    assert not probe.is_set()
+    assert hook() is True and probe.is_set()
+    assert backend._idle_misses == 0
+    again = write_and_wait(21)              # the idle path is back
+    assert hook() is True and again.is_set()
+    assert all(backend.read(i * 512, 512) == bytes([i]) * 512 for i in (0, 1, 10, 11, 12, 20, 21))
