@@ -16,20 +16,24 @@ Backends register in one table (:func:`backend`).  Unix sockets are created owne
 
 from __future__ import annotations
 
+import _socket
+import _thread
 import errno
 import os
-import socket
 import stat
 import sys
-import threading
 
 from emu.errors import ConfigError
 
-# asyncio is imported where it is used: the launcher creates the chardevs (bind, listen) and
-# greets QMP clients (EarlyGreeter) before the I/O loop exists, without paying for asyncio.
+# The launcher creates the chardevs (bind, listen, connect) and greets QMP clients
+# (EarlyGreeter) before the I/O loop exists, on C modules only: asyncio, socket (whose enums
+# cost ~10 ms of CPU with enum itself), threading and typing are imported where they are
+# used, once the greeting is out.  Sockets are _socket.socket objects until their chardev
+# starts on the loop (_wrap: the socket module's class, which asyncio needs).
 TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     import asyncio
+    import socket
     from typing import Any, Awaitable, Callable
 
     Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -46,6 +50,7 @@ class IOThread:
 
     def __init__(self) -> None:
         import asyncio
+        import threading
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="emu-io", daemon=True)
@@ -135,7 +140,7 @@ class Chardev:
         #: bytes every connection gets first (the QMP greeting), before the session runs
         self.greeting: bytes | None = None
         #: the connection the greeting already went to (EarlyGreeter), served first
-        self._greeted_conn: socket.socket | None = None
+        self._greeted_conn: _socket.socket | None = None
 
     # -- frontends
     def set_frontend(self, session: Session, greeting: bytes | None = None) -> None:
@@ -198,13 +203,13 @@ class Chardev:
     def prepare(self) -> None:
         """Synchronous set-up at start-up (bind, connect); raises ConfigError."""
 
-    def greet_early(self) -> socket.socket | None:
+    def greet_early(self) -> _socket.socket | None:
         """Before the loop runs: send :attr:`greeting` to a peer already there (a connected
         socket, stdout) and return None, or return the listening socket whose first client
         should get it (:class:`EarlyGreeter`); by default nothing happens early."""
         return None
 
-    def take_early_client(self, conn: socket.socket) -> None:
+    def take_early_client(self, conn: _socket.socket) -> None:
         """EarlyGreeter accepted ``conn`` on the listener and greeted it: serve it first."""
         self._greeted_conn = conn
 
@@ -257,8 +262,8 @@ class SocketChardev(Chardev):
         self.host = options.get("host")
         self.port = options.get("port")
         self.fd = options.get("fd")
-        self._listener: socket.socket | None = None
-        self._conn: socket.socket | None = None
+        self._listener: _socket.socket | None = None
+        self._conn: _socket.socket | None = None
         self._aserver: asyncio.AbstractServer | None = None
         self._unlink_path: str | None = None
         if self.fd is None and self.path is None and self.port is None:
@@ -276,10 +281,10 @@ class SocketChardev(Chardev):
         if self.fd is not None:
             try:
                 fd = int(self.fd)
-                s = socket.socket(fileno=fd)
+                s = _socket.socket(fileno=fd)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"Unable to parse FD number {self.fd}") from e
-            accepting = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            accepting = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
             if accepting:
                 self._listener = s
             else:
@@ -290,14 +295,14 @@ class SocketChardev(Chardev):
             if self.wait:
                 print(f"{_progname()}: -chardev socket,id={self.id}: info: QEMU waiting for "
                       f"connection on: {self.describe()}", file=sys.stderr, flush=True)
-                conn, _ = self._listener.accept()
-                self._conn = conn
+                fd, _ = self._listener._accept()
+                self._conn = _socket.socket(fileno=fd)
             return
         self._conn = self._connect()
 
-    def _listen(self) -> socket.socket:
+    def _listen(self) -> _socket.socket:
         if self.path is not None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             # The path appears only once it accepts: bound and listening under a private
             # name, then renamed into place.  Bound at the path itself, a client polling for
             # it (as QEMU users do) could connect between bind and listen and be refused.
@@ -334,16 +339,16 @@ class SocketChardev(Chardev):
             self._unlink_path = self.path
             return s
         try:
-            infos = socket.getaddrinfo(self.host or None, int(self.port or 0),
-                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            infos = _socket.getaddrinfo(self.host or None, int(self.port or 0),
+                                        type=_socket.SOCK_STREAM, flags=_socket.AI_PASSIVE)
         except (OSError, ValueError) as e:
             raise ConfigError(f"address resolution failed for {self.host}:{self.port}: "
                               f"{e}") from e
         last: OSError | None = None
         for fam, typ, proto, _, addr in infos:
-            s = socket.socket(fam, typ, proto)
+            s = _socket.socket(fam, typ, proto)
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
                 s.bind(addr)
                 s.listen(1)
                 return s
@@ -352,9 +357,9 @@ class SocketChardev(Chardev):
                 s.close()
         raise ConfigError(f"Failed to bind socket: {os.strerror(last.errno or 0) if last else ''}")
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _socket.socket:
         if self.path is not None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             try:
                 s.connect(self.path)
             except OSError as e:
@@ -362,13 +367,15 @@ class SocketChardev(Chardev):
                 raise ConfigError(f"Failed to connect to '{self.path}': "
                                   f"{os.strerror(e.errno or 0)}") from e
             return s
+        import socket
+
         try:
             return socket.create_connection((self.host or "localhost", int(self.port or 0)))
         except (OSError, ValueError) as e:
             raise ConfigError(f"Failed to connect to '{self.host}:{self.port}': "
                               f"{getattr(e, 'strerror', None) or e}") from e
 
-    def greet_early(self) -> socket.socket | None:
+    def greet_early(self) -> _socket.socket | None:
         if self.greeting is None:
             return None
         if self._conn is not None:
@@ -384,17 +391,18 @@ class SocketChardev(Chardev):
         import asyncio
 
         await super().start(loop)
-        for conn, greeted in ((self._greeted_conn, True), (self._conn, False)):
-            if conn is None:
+        for raw, greeted in ((self._greeted_conn, True), (self._conn, False)):
+            if raw is None:
                 continue
+            conn = _wrap(raw)
             conn.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=conn, limit=1 << 20)
             self._spawn(self._serve_connection(reader, writer, greeted))
         self._greeted_conn = self._conn = None
         if self._listener is not None:
-            lst = self._listener
+            lst = self._listener = _wrap(self._listener)
             lst.setblocking(False)
-            if lst.family == socket.AF_UNIX:
+            if lst.family == _socket.AF_UNIX:
                 self._aserver = await asyncio.start_unix_server(
                     self._serve_connection, sock=lst, limit=1 << 20)
             else:
@@ -442,7 +450,7 @@ class StdioChardev(Chardev):
         if self.daemonized:
             raise ConfigError("cannot use stdio with -daemonize")
 
-    def greet_early(self) -> socket.socket | None:
+    def greet_early(self) -> _socket.socket | None:
         if self.greeting is not None:
             _FdSink(1).write(self.greeting)
             self._greeted = True
@@ -468,6 +476,8 @@ class StdioChardev(Chardev):
                         return
                 except RuntimeError:        # loop closed at exit
                     return
+
+        import threading
 
         threading.Thread(target=pump, name="emu-stdin", daemon=True).start()
         self._spawn(self._serve_connection(reader, _FdSink(1),  # type: ignore[arg-type]
@@ -588,12 +598,12 @@ class EarlyGreeter:
 
     def __init__(self, chardevs: list[Chardev]) -> None:
         self.chardevs = list(chardevs)
-        self._thread: threading.Thread | None = None
+        self._running: _thread.LockType | None = None
         self._wake: tuple[int, int] | None = None
         self._switch = 0.0
 
     def start(self) -> None:
-        listeners: dict[int, tuple[Chardev, socket.socket]] = {}
+        listeners: dict[int, tuple[Chardev, _socket.socket]] = {}
         for c in self.chardevs:
             lst = c.greet_early()
             if lst is not None:
@@ -604,47 +614,61 @@ class EarlyGreeter:
         self._wake = os.pipe()
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(self.SWITCH_INTERVAL)
-        self._thread = threading.Thread(target=self._run, args=(listeners,),
-                                        name="emu-greeter", daemon=True)
-        self._thread.start()
+        self._running = _thread.allocate_lock()
+        self._running.acquire()         # held by the thread until it ends
+        _thread.start_new_thread(self._run, (listeners, self._running))
 
-    def _run(self, listeners: dict[int, tuple[Chardev, socket.socket]]) -> None:
+    def _run(self, listeners: dict[int, tuple[Chardev, _socket.socket]],
+             running: _thread.LockType) -> None:
         import select
 
-        assert self._wake is not None
-        poll = select.poll()
-        for fd in (self._wake[0], *listeners):
-            poll.register(fd, select.POLLIN)
-        while listeners:
-            for fd, _ in poll.poll():
-                if fd == self._wake[0]:
-                    return
-                chardev, lst = listeners[fd]
-                try:
-                    conn, _ = lst.accept()
-                except OSError:         # nothing after all, or a client that left: go on
-                    continue
-                conn.setblocking(True)
-                try:
-                    conn.sendall(chardev.greeting or b"")
-                except OSError:
-                    pass                # the client left: its session sees EOF at once
-                chardev.take_early_client(conn)
-                poll.unregister(fd)
-                del listeners[fd]
+        try:
+            assert self._wake is not None
+            wake = self._wake[0]
+            poll = select.poll()
+            for fd in (wake, *listeners):
+                poll.register(fd, select.POLLIN)
+            while listeners:
+                for fd, _ in poll.poll():
+                    if fd == wake:
+                        return
+                    chardev, lst = listeners[fd]
+                    try:
+                        conn = _socket.socket(fileno=lst._accept()[0])
+                    except OSError:     # nothing after all, or a client that left: go on
+                        continue
+                    try:
+                        conn.sendall(chardev.greeting or b"")
+                    except OSError:
+                        pass            # the client left: its session sees EOF at once
+                    chardev.take_early_client(conn)
+                    poll.unregister(fd)
+                    del listeners[fd]
+        finally:
+            running.release()
 
     def stop(self) -> None:
         """End the thread (idempotent); afterwards the chardevs may start."""
-        if self._thread is None:
+        if self._running is None:
             return
         assert self._wake is not None
         os.write(self._wake[1], b"x")
-        self._thread.join()
-        self._thread = None
+        with self._running:             # the thread has ended
+            pass
+        self._running = None
         for fd in self._wake:
             os.close(fd)
         self._wake = None
         sys.setswitchinterval(self._switch)
+
+
+def _wrap(raw: _socket.socket) -> socket.socket:
+    """The socket module's object for ``raw`` (what asyncio needs), same descriptor."""
+    import socket
+
+    if isinstance(raw, socket.socket):
+        return raw
+    return socket.socket(fileno=raw.detach())
 
 
 def create_chardev(backend_name: str, id: str, options: dict[str, str]) -> Chardev:

@@ -14,8 +14,8 @@ drives, ``/machine/peripheral/<id>`` for devices with an id).
 
 from __future__ import annotations
 
+import _signal   # signal's enums would cost enum's import before the greeting
 import os
-import signal
 import sys
 
 TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing before the greeting
@@ -1045,8 +1045,8 @@ def _run(cfg: MachineConfig, b: _Builder, ready_fd: int | None) -> int:
 
             machine.quit(ShutdownCause.HOST_SIGNAL)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        _signal.signal(sig, on_signal)
 
     def new_machine() -> Any:
         from emu.machine.drives import open_drives

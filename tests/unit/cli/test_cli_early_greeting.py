@@ -63,8 +63,9 @@ def test_greeting_line_is_what_the_json_writer_gives() -> None:
 
 def test_nothing_heavy_is_imported_before_the_greeting(tmp_path) -> None:
     """What the process has imported when the greeter starts (no drives, no devices):
-    neither asyncio nor dataclasses/typing, nor the monitor, the machine, the block layer or
-    Unicorn.  The launch is the real one; the greeter's start is only observed."""
+    neither asyncio nor dataclasses/typing, nor the socket/signal/threading wrappers (their
+    enums), nor the monitor, the machine, the block layer or Unicorn.  The launch is the
+    real one; the greeter's start is only observed."""
     path = str(tmp_path / "q.sock")
     probe = (
         "import sys\n"
@@ -94,7 +95,7 @@ def test_nothing_heavy_is_imported_before_the_greeting(tmp_path) -> None:
     modules = set(line.split()[1:])
     assert "emu.cli" in modules and "emu.chardev" in modules
     heavy = {"asyncio", "concurrent.futures", "dataclasses", "typing", "logging", "json",
-             "emu.qmp.protocol", "emu.qmp.commands", "emu.qmp.qapi72_table",
+             "socket", "selectors", "signal", "threading", "emu.qmp.protocol", "emu.qmp.commands", "emu.qmp.qapi72_table",
              "emu.machine.pc", "emu.machine.hardware", "emu.block.node", "unicorn"}
     assert modules & heavy == set()
 
@@ -209,3 +210,42 @@ def test_bad_bios_after_the_light_check_still_fails_before_the_greeting(tmp_path
     assert f"could not load PC BIOS '{bad}'" in err.decode()
     assert got == b""
     assert not path.exists()
+
+
+def test_tcp_and_inherited_listening_sockets_greet_once(tmp_path) -> None:
+    """A tcp server socket and an inherited listening socket (``fd=``) are greeted from the
+    minimal path as a unix one is: one greeting, then answers."""
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(tmp_path / "inherited.sock"))
+    lst.listen(1)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    p = _launch("-chardev", f"socket,id=inh,fd={lst.fileno()}", "-mon", "chardev=inh,mode=control",
+                "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off", pass_fds=[lst.fileno()])
+    try:
+        c1 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c1.connect(str(tmp_path / "inherited.sock"))
+        c1.settimeout(30)
+        lst.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c2 = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except OSError:
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+        for c in (c1, c2):
+            c.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+            buf = bytearray()
+            lines = _lines(c, 3, buf)
+            assert lines[0] == GREETING_LINE.rstrip(b"\r\n")
+            assert json.loads(lines[1]) == {"return": {}}
+            assert json.loads(lines[2])["return"]["status"] == "prelaunch"
+        c2.sendall(b'{"execute": "quit"}\n')
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        p.wait()
