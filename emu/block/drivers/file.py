@@ -1,7 +1,7 @@
 """The ``file`` protocol driver: a POSIX file or block device.
 
-preadv/pwritev on the file descriptor, fdatasync on flush (none with ``cache.no-flush``),
-discard by punching holes, and ``O_DIRECT`` for ``cache=none`` with page-aligned bounce
+preadv/pwritev on the file descriptor, fdatasync on flush (none with ``cache.no-flush``, and
+none when nothing was written since the last one: QEMU's write_gen/flushed_gen), discard by punching holes, and ``O_DIRECT`` for ``cache=none`` with page-aligned bounce
 buffers (``mmap`` memory is page aligned).  Host errors (EIO, ENOSPC, ...) become
 :class:`~emu.errors.BlockError` carrying ``errno``; nothing is silently dropped.
 """
@@ -9,6 +9,7 @@ buffers (``mmap`` memory is page aligned).  Host errors (EIO, ENOSPC, ...) becom
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import stat
@@ -89,6 +90,17 @@ class FileDriver(BlockDriver):
         self.direct = False
         self.options: dict[str, Any] = {}
         self._discard_nb_ok = self._discard_nb_failed = self._discard_bytes_ok = 0
+        # Write generations (QEMU's bs->write_gen / bs->flushed_gen): every completed write,
+        # zero write, discard or truncate stores a fresh number from the counter (next() is
+        # atomic under the GIL; a late store of an older number only costs a redundant sync);
+        # a flush that finds the number it synced last skips the fdatasync.  Flushes run one
+        # at a time so they complete in generation order.
+        self._gens = itertools.count(1)
+        self._write_gen = 0
+        self._flushed_gen = 0
+        self._flush_lock = threading.Lock()
+        #: fdatasync calls made (tests and benchmarks read it).
+        self.syncs = 0
 
     def open(self, options: dict[str, Any]) -> None:
         path = options["filename"]
@@ -233,6 +245,8 @@ class FileDriver(BlockDriver):
                 done += os.pwritev(self.fd, [view[done:]], offset + done)
         except OSError as err:
             raise self._err("Write", err) from err
+        finally:
+            self._write_gen = next(self._gens)
 
     def _write_direct(self, offset: int, data: bytes) -> None:
         start, alen = self._aligned(offset, len(data))
@@ -255,13 +269,23 @@ class FileDriver(BlockDriver):
         finally:
             buf.release()
 
+    def note_written(self) -> None:
+        """Record that the file changed (callers writing to :attr:`fd` behind the driver)."""
+        self._write_gen = next(self._gens)
+
     def flush(self) -> None:
         if self.bs.cache_no_flush:
             return
-        try:
-            os.fdatasync(self.fd)
-        except OSError as err:
-            raise self._err("Flush", err) from err
+        with self._flush_lock:
+            gen = self._write_gen
+            if gen == self._flushed_gen:
+                return   # nothing written since the last fdatasync (QEMU's bdrv_co_flush)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as err:
+                raise self._err("Flush", err) from err
+            self.syncs += 1
+            self._flushed_gen = gen
 
     def drain_metadata(self) -> None:
         pass  # nothing cached here: pwrite()s are already visible to other processes
@@ -271,10 +295,12 @@ class FileDriver(BlockDriver):
         try:
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as err:
+            self._write_gen = next(self._gens)
             self._discard_nb_failed += 1
             if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise self._err("Discard", err) from err
             return
+        self._write_gen = next(self._gens)
         self._discard_nb_ok += 1
         self._discard_bytes_ok += length
 
@@ -290,6 +316,7 @@ class FileDriver(BlockDriver):
             return
         try:
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, min(length, size - offset))
+            self._write_gen = next(self._gens)
             if offset + length > size:
                 self.truncate(offset + length)
         except OSError:
@@ -303,6 +330,8 @@ class FileDriver(BlockDriver):
             os.ftruncate(self.fd, size)
         except OSError as err:
             raise self._err("Truncate", err) from err
+        finally:
+            self._write_gen = next(self._gens)
 
     def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
         try:
