@@ -463,11 +463,21 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
             if action == "-c":
                 if not bs.supports_snapshots:
                     raise ImgError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
-                bs.snapshot_create(name, date=time.time())
+                if bs.drv == "qcow2":
+                    # qemu-img lets a name repeat (only ids are unique) and stores icount 0.
+                    with bs.lock:
+                        bs.impl.snapshot_create(name, date=time.time(), icount=0, unique_name=False)
+                else:
+                    bs.snapshot_create(name, date=time.time(), icount=0)
             elif action == "-d":
                 if not bs.supports_snapshots:
                     raise ImgError(f"Could not delete snapshot '{name}': snapshot not found")
-                bs.snapshot_delete(_by_id(bs, name), None if _by_id(bs, name) else name)
+                # qemu-img's bdrv_snapshot_find: the first snapshot with that *name* (never an
+                # id), then deleted by its id and name.
+                sn = next((sn for sn in bs.snapshot_list() if sn["name"] == name), None)
+                if sn is None:
+                    raise ImgError(f"Could not delete snapshot '{name}': snapshot not found")
+                bs.snapshot_delete(sn["id"], name)
             else:
                 if not bs.supports_snapshots:
                     raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
@@ -487,14 +497,6 @@ def cmd_snapshot(opts: list[tuple[str, str]], args: list[str]) -> int:
                 msg = "Failed to load snapshot: No such file or directory"
             raise ImgError(f"Could not {verb} snapshot '{name}': {msg}") from None
     return 0
-
-
-def _by_id(bs, name: str) -> str | None:
-    """qemu-img snapshot -d looks the argument up as an id first, then as a name."""
-    for sn in bs.snapshot_list():
-        if sn["id"] == name:
-            return name
-    return None
 
 
 # ---------------------------------------------------------------------------- map

@@ -388,17 +388,20 @@ class SnapshotMixin:
 
     def snapshot_create(self, name: str, *, vm_clock_ns: int = 0, date: float | None = None,
                         vm_state_size: int = 0, snapshot_id: str | None = None,
-                        icount: int | None = None) -> dict:
+                        icount: int | None = None, unique_name: bool = True) -> dict:
         """Create a snapshot in one go (begin and finish under the caller's node lock)."""
         p = self.snapshot_create_begin(name, vm_clock_ns=vm_clock_ns, date=date,
                                        vm_state_size=vm_state_size, snapshot_id=snapshot_id,
-                                       icount=icount)
+                                       icount=icount, unique_name=unique_name)
         return self.snapshot_create_finish(p)
 
     def snapshot_create_begin(self, name: str, *, vm_clock_ns: int = 0, date: float | None = None,
                               vm_state_size: int = 0, snapshot_id: str | None = None,
-                              icount: int | None = None) -> PendingSnapshot:
+                              icount: int | None = None, unique_name: bool = True) -> PendingSnapshot:
         """The cut: the snapshot holds exactly the active tree as it is now.
+
+        ``unique_name=False`` lets a name repeat, as ``qemu-img snapshot -c`` does (QEMU's
+        qcow2 driver only keeps ids unique; the QMP commands refuse a duplicate name).
 
         Call with the node lock held and no request in flight (drained).  No I/O beyond
         writing back cached metadata; the work is O(L1 entries).  Then
@@ -406,7 +409,7 @@ class SnapshotMixin:
         request ran) must follow.
         """
         names = self._snapshot_names()
-        if any(sn.name == name for sn in names):
+        if unique_name and any(sn.name == name for sn in names):
             raise BlockError(f"Snapshot with name '{name}' already exists")
         if len(names) >= f.QCOW_MAX_SNAPSHOTS:
             raise BlockError("Too many snapshots")

@@ -94,7 +94,7 @@ def test_snapshots_created_and_deleted(source: Path) -> None:
         subprocess.run(["qemu-io", "-c", f"write -P 0x{len(name):02x} {len(name)}M 64k", img], cwd=d,
                        check=True, capture_output=True)
     emu("snapshot", "-d", "two", img, cwd=d)
-    emu("snapshot", "-d", "1", img, cwd=d)  # by id
+    emu("snapshot", "-d", "one", img, cwd=d)  # -d takes a name (qemu-img 7.2: never an id)
     clean_check(img, d)
     ours = emu("snapshot", "-l", img, cwd=d).stdout
     theirs = qemu("snapshot", "-l", img, cwd=d).stdout
