@@ -580,8 +580,9 @@ class EarlyGreeter:
     it never changes, so the launcher sends it from this minimal path while asyncio, the
     command table and QEMU's type table are still being imported.  :meth:`start` has each
     chardev send its :attr:`Chardev.greeting` to a peer already there (a connected socket:
-    ``wait=on``, ``fd=``, client mode; stdout) and a small thread accept the *first* client
-    of each listening socket and greet it at once (later clients wait in the kernel's queue,
+    ``wait=on``, ``fd=``, client mode; stdout) and greets the *first* client of each
+    listening socket, at once if one is waiting, else from a small thread as soon as it
+    comes (later clients wait in the kernel's queue,
     as they wait for the first one to leave anyway).  The thread never reads: what a client
     sends stays in its socket until the session runs.  :meth:`stop`, called before the
     chardevs start on the loop, ends the thread; each greeted client is then the first
@@ -608,7 +609,8 @@ class EarlyGreeter:
             lst = c.greet_early()
             if lst is not None:
                 lst.setblocking(False)
-                listeners[lst.fileno()] = (c, lst)
+                if not self._greet_first(c, lst):   # nobody yet: the thread waits for one
+                    listeners[lst.fileno()] = (c, lst)
         if not listeners:
             return
         self._wake = os.pipe()
@@ -617,6 +619,20 @@ class EarlyGreeter:
         self._running = _thread.allocate_lock()
         self._running.acquire()         # held by the thread until it ends
         _thread.start_new_thread(self._run, (listeners, self._running))
+
+    @staticmethod
+    def _greet_first(chardev: Chardev, lst: _socket.socket) -> bool:
+        """Accept a client waiting on ``lst`` and greet it; False if none is waiting."""
+        try:
+            conn = _socket.socket(fileno=lst._accept()[0])
+        except OSError:                 # none waiting, or a client that left
+            return False
+        try:
+            conn.sendall(chardev.greeting or b"")
+        except OSError:
+            pass                        # the client left: its session sees EOF at once
+        chardev.take_early_client(conn)
+        return True
 
     def _run(self, listeners: dict[int, tuple[Chardev, _socket.socket]],
              running: _thread.LockType) -> None:
@@ -633,15 +649,8 @@ class EarlyGreeter:
                     if fd == wake:
                         return
                     chardev, lst = listeners[fd]
-                    try:
-                        conn = _socket.socket(fileno=lst._accept()[0])
-                    except OSError:     # nothing after all, or a client that left: go on
+                    if not self._greet_first(chardev, lst):
                         continue
-                    try:
-                        conn.sendall(chardev.greeting or b"")
-                    except OSError:
-                        pass            # the client left: its session sees EOF at once
-                    chardev.take_early_client(conn)
                     poll.unregister(fd)
                     del listeners[fd]
         finally:
