@@ -304,8 +304,35 @@ def irq_clear(uc: "unicorn.Uc") -> None:
     _emu_clear_irq(uc._uch)
 
 
+#: ``int halt(void *opaque)``: called by libunicorn (patch 0004) on the emulating thread when the
+#: guest executes HLT with IF=1, RIP already past it; > 0: an interrupt is pending, take it now
+#: without leaving ``emu_start``; 0: the HLT goes on as without the callback.
+HALT_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+#: True when the loaded library lets a halted guest wait inside ``emu_start`` (patch 0004).
+NATIVE_HALT: bool = NATIVE_IRQ and "native-halt" in _LIBRARY.patches
+
+if NATIVE_HALT:
+    _emu_set_halt_cb = _pylib.emu_uc_set_halt_cb
+    _emu_set_halt_cb.restype = ctypes.c_int
+    _emu_set_halt_cb.argtypes = [ctypes.c_void_p, HALT_CB, ctypes.c_void_p]
+
+
+def halt_set_callback(uc: "unicorn.Uc", cb: object) -> None:
+    """Install ``cb`` (a :data:`HALT_CB`; the caller keeps it alive) as *uc*'s HLT wait.
+
+    :raises CpuError: when the library has no such hook (:data:`NATIVE_HALT` is False)
+    """
+    if not NATIVE_HALT:
+        raise CpuError("this libunicorn cannot wait in HLT itself")
+    err = _emu_set_halt_cb(uc._uch, cb, None)
+    if err != unicorn.UC_ERR_OK:
+        raise unicorn.UcError(err)
+
+
 __all__ = [
     "IRQ_ACK_CB", "NATIVE_IRQ", "irq_set_ack", "irq_raise", "irq_clear",
+    "HALT_CB", "NATIVE_HALT", "halt_set_callback",
     "unicorn", "PATCHED", "UNICORN_VERSION", "SlowUnicornWarning", "UnicornLibrary",
     "library_info", "which_library", "invalidate_code", "patch_hash", "patched_dir",
     "patched_build_available",

@@ -32,7 +32,10 @@ interrupt_raised` (the PIC's notify) raises libunicorn's INTR request from any t
 code takes it at the first block boundary with IF=1 and no interrupt shadow (exact, unlike the
 stopper's 0.5 ms polling below) and calls :meth:`VCPU._inta` for the vector; a running guest
 takes a timer tick without leaving ``emu_start``.  No interrupt is taken in a run after a hook
-recorded an event (the event is completed on the state it was raised in).
+recorded an event (the event is completed on the state it was raised in).  With patch 0004 a HLT
+with IF=1 does not end the run either: :meth:`VCPU._hlt_wait` waits inside ``emu_start`` (idle
+hook, then the device timers' ``idle_wait``, which fires due timers on this thread) until an
+interrupt is pending; a kick or request makes the HLT end the run as before.
 
 Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which takes effect at the next
 translation-block boundary, never inside an instruction (stock Unicorn rewinds an instruction
@@ -129,6 +132,13 @@ class InterruptController(Protocol):
         """INTA: the vector of the interrupt the CPU takes now."""
 
 
+class TimerSource(Protocol):
+    """What the vCPU needs from the device timers (:class:`emu.hw.clock.VirtualClock`)."""
+
+    def idle_wait(self, wake: threading.Event, limit: float = 0.05) -> None:
+        """Wait until ``wake`` is set or a timer is due, then fire the due timers here."""
+
+
 PortRead = Callable[[int, int], int]
 PortWrite = Callable[[int, int, int], None]
 MmioRead = Callable[[int, int], int]
@@ -189,6 +199,8 @@ class VCPU:
     :param tsc_hz: TSC ticks per second of that clock.
     :param native_irq: let libunicorn take external interrupts itself (patch 0003) instead of
         stopping the CPU and delivering them in Python; default: when the library can.
+    :param native_halt: with native interrupts, let a HLT with IF=1 wait inside ``emu_start``
+        (patch 0004, :meth:`_hlt_wait`) instead of ending the run; default: when the library can.
     """
 
     def __init__(self, ram_size: int, port_read: PortRead, port_write: PortWrite,
@@ -196,7 +208,8 @@ class VCPU:
                  on_reset_request: Optional[Callable[[str], None]] = None,
                  clock_ns: Optional[Callable[[], int]] = None,
                  tsc_hz: int = TSC_HZ_DEFAULT,
-                 native_irq: Optional[bool] = None) -> None:
+                 native_irq: Optional[bool] = None,
+                 native_halt: Optional[bool] = None) -> None:
         if ram_size < 0x100000 or ram_size % PAGE:
             raise CpuError(f"RAM size {ram_size:#x} must be a multiple of 4 KiB and at least 1 MiB")
         L.verify_layout()
@@ -238,6 +251,12 @@ class VCPU:
         if self._native_irq:
             self._ack_cb = uclib.IRQ_ACK_CB(self._inta)
             uclib.irq_set_ack(uc, self._ack_cb)
+        if native_halt is None:  # EMU_NATIVE_HALT=0: every HLT leaves emu_start (comparisons)
+            native_halt = uclib.NATIVE_HALT and os.environ.get("EMU_NATIVE_HALT", "1") != "0"
+        self._native_halt = bool(native_halt) and self._native_irq
+        if self._native_halt:
+            self._halt_cb = uclib.HALT_CB(self._hlt_wait)
+            uclib.halt_set_callback(uc, self._halt_cb)
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self._reset_bytes = self._make_reset_state()
@@ -245,7 +264,7 @@ class VCPU:
         # Requests from other threads (all guarded by _lock / _cond).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = _Waker()
         self._state = RunState.CREATED
         self._pause_req = False
         self._stop_req = False
@@ -270,6 +289,10 @@ class VCPU:
         #: some work (the loop then looks at interrupts again instead of waiting).  The
         #: machine sets the block layer's: a request the guest waits for runs here.
         self.idle_hook: Optional[Callable[[], bool]] = None
+        #: The machine's device timers (:class:`emu.hw.clock.VirtualClock`): while the guest
+        #: halts the vCPU sleeps until their next deadline and fires them itself
+        #: (``idle_wait``), so an idle guest's timer tick wakes this thread only.
+        self.timers: Optional[TimerSource] = None
         self._do_reset()
 
     # ================================================================== public API
@@ -836,6 +859,41 @@ class VCPU:
             self._report("inta", "interrupt acknowledge failed: %s", err)
             return -1
 
+    def _hlt_wait(self, _opaque: object) -> int:
+        """libunicorn's HLT with IF=1 (patch 0004), on the vCPU thread inside ``emu_start``, RIP
+        past the HLT: the loop's halted wait (idle hook, device timers, wake-ups) done here, so
+        an idle guest's timer tick never leaves ``emu_start``.  1: an interrupt is pending
+        (raised again, the CPU takes it now); 0: a kick or request came, the HLT ends the run
+        as it does without this callback and the loop sees it."""
+        try:
+            if self._event is not None or self._inval or self._rom_dirty:
+                return 0
+            intc, wake = self._intc, self._wake
+            self._halted = True
+            while True:
+                wake.clear()
+                if self._kick_pending or self._inval or self._rom_dirty:
+                    self._halted = False
+                    return 0
+                if intc.has_interrupt():
+                    # If the request is gone by the INTA cycle (_inta gives -1), the guest
+                    # leaves HLT without an interrupt: a spurious wake-up, which guests loop on.
+                    uclib.irq_raise(self._uc)
+                    self._halted = False
+                    return 1
+                hook = self.idle_hook
+                if hook is not None and hook():
+                    continue
+                timers = self.timers
+                if timers is None:
+                    wake.wait(0.05)
+                else:
+                    timers.idle_wait(wake)
+        except Exception as err:
+            self._report("halt", "halted wait failed: %s", err)
+            self._halted = False
+            return 0
+
     def _record(self, event: tuple) -> None:
         if self._event is None:
             self._event = event
@@ -1034,7 +1092,11 @@ class VCPU:
         if self._halted:
             hook = self.idle_hook
             if hook is None or not hook():
-                self._wake.wait(0.05)
+                timers = self.timers
+                if timers is None:
+                    self._wake.wait(0.05)
+                else:
+                    timers.idle_wait(self._wake)
             return
         stepping = self._single_step
         if stepping:
@@ -1246,6 +1308,40 @@ class VCPU:
                 st.restore_bytes(saved)
                 st.store()
                 self._flush_tlb()
+
+
+class _Waker:
+    """:class:`threading.Event`'s ``set``/``clear``/``wait`` on one bare lock (held = clear):
+    the vCPU waits and is woken about twice per timer tick of an idle guest, and an Event's
+    condition variable costs ~20 Python calls per round.  One waiter (the vCPU thread);
+    ``set`` from any thread."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:   # already set
+            pass
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._lock.acquire(True, -1 if timeout is None else timeout):
+            try:
+                self._lock.release()      # stay set, as an Event
+            except RuntimeError:          # a set() in between released it already
+                pass
+            return True
+        return False
 
 
 def _addr(buf: mmap.mmap, keep: list) -> int:

@@ -8,8 +8,12 @@ periodic interrupts and UART timeouts all count in it).
 Two ways to drive it:
 
 * ``VirtualClock()`` follows the host; :meth:`VirtualClock.start` spawns the one
-  *timer thread* that fires expired :class:`Timer` callbacks (this is the thread
-  that raises IRQ 0; the interrupt controller's notify callback kicks the vCPU).
+  *timer thread* that fires expired :class:`Timer` callbacks while the guest runs (it
+  raises IRQ 0; the interrupt controller's notify callback reaches the vCPU).  It sleeps
+  on a timerfd set to the next deadline, so arming a timer never wakes it.  A halted vCPU
+  takes the timers over in :meth:`VirtualClock.idle_wait`: it sleeps until the next
+  deadline itself and fires what is due on its own thread, the timer thread's alarm
+  disarmed meanwhile, so a timer tick of an idle guest wakes one thread, not two.
 * ``VirtualClock(manual=True)`` moves only when :meth:`VirtualClock.advance` is
   called (QEMU's qtest ``clock_step``): timers fire in deadline order in the
   caller's thread with ``now()`` equal to each deadline.  Tests use it to get
@@ -23,8 +27,10 @@ stale and should return (the new arming will call it).
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import itertools
+import os
 import threading
 import time
 from typing import Callable
@@ -71,7 +77,6 @@ class VirtualClock:
     def __init__(self, manual: bool = False) -> None:
         self.manual = manual
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._heap: list[tuple[int, int, int, Timer]] = []
         self._seq = itertools.count()
         # Host mode: now = monotonic - offset while running; frozen at _paused_at while paused.
@@ -80,6 +85,13 @@ class VirtualClock:
         self._manual_now = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # The timer thread sleeps on _host until _armed (host monotonic ns, or None: disarmed).
+        self._host: _TimerFd | _CondAlarm | None = None
+        self._armed: int | None = None
+        # A thread firing the timers itself while it waits (idle_wait): its wake-up event and
+        # the deadline it waits for; the timer thread's alarm is disarmed meanwhile.
+        self._holder: threading.Event | None = None
+        self._hold_deadline: int | None = None
 
     # ---- time ---------------------------------------------------------------------------------
 
@@ -102,6 +114,7 @@ class VirtualClock:
         with self._lock:
             if self._paused_at is None:
                 self._paused_at = self._manual_now if self.manual else time.monotonic_ns() - self._offset
+                self._rearm()
 
     def resume(self) -> None:
         """Let virtual time run again from where it stopped."""
@@ -110,7 +123,7 @@ class VirtualClock:
                 if not self.manual:
                     self._offset = time.monotonic_ns() - self._paused_at
                 self._paused_at = None
-                self._cond.notify_all()
+                self._rearm()
 
     def advance(self, ns: int) -> None:
         """Manual clocks only: move time forward by ``ns``, firing due timers in order.
@@ -144,7 +157,16 @@ class VirtualClock:
             timer._gen += 1
             timer.deadline = deadline
             heapq.heappush(self._heap, (deadline, next(self._seq), timer._gen, timer))
-            self._cond.notify_all()
+            holder = self._holder
+            if holder is not None:
+                if self._hold_deadline is None or deadline < self._hold_deadline:
+                    self._hold_deadline = deadline
+                    holder.set()           # the waiter in idle_wait fires it
+            elif self._host is not None and self._paused_at is None:
+                host_ns = deadline + self._offset
+                if self._armed is None or host_ns < self._armed:
+                    self._host.arm(host_ns)
+                    self._armed = host_ns
 
     def _disarm(self, timer: Timer) -> None:
         with self._lock:
@@ -169,17 +191,19 @@ class VirtualClock:
     def next_deadline(self) -> int | None:
         """Deadline of the earliest armed timer, or None."""
         with self._lock:
-            while self._heap and self._heap[0][2] != self._heap[0][3]._gen:
-                heapq.heappop(self._heap)
-            return self._heap[0][0] if self._heap else None
+            return self._next_locked()
 
-    # ---- the timer thread ---------------------------------------------------------------------
+    # ---- who fires the timers --------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the timer thread (host-driven clocks; a no-op for manual ones)."""
         if self.manual or self._thread is not None:
             return
         self._stopping = False
+        self._host = _host_timer()
+        self._armed = None
+        with self._lock:
+            self._rearm()
         self._thread = threading.Thread(target=self._run, name="emu-timer", daemon=True)
         self._thread.start()
 
@@ -190,31 +214,201 @@ class VirtualClock:
             return
         with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._host.poke()
+            holder = self._holder
+        if holder is not None:
+            holder.set()
         thread.join()
-        self._thread = None
+        with self._lock:
+            self._thread = None
+            host, self._host, self._armed = self._host, None, None
+        if host is not None:
+            host.close()
 
-    def _run(self) -> None:
+    def idle_wait(self, wake: threading.Event, limit: float = 0.05) -> None:
+        """Wait on the caller's thread until ``wake`` is set or the next timer is due, then fire
+        the due timers on it: a halted vCPU's wait (QEMU's vCPU sleeping in its halted state).
+
+        While it waits, the timer thread is left asleep (its host timer disarmed), so a timer
+        tick costs one thread wake-up, the waiter's own, instead of two (the timer thread's,
+        then the vCPU's from the IRQ it raised).  A timer armed meanwhile with an earlier
+        deadline sets ``wake``.  Without a timer thread (manual clock, not started) this is
+        ``wake.wait(limit)``.
+
+        :param wake: the caller's wake-up event (an IRQ, a kick, a request).
+        :param limit: the longest wait in seconds.
+        """
+        deadline = None
+        with self._lock:
+            if self._thread is None or self._stopping or self._paused_at is not None:
+                held = False
+            else:
+                held = True
+                deadline = self._next_locked()
+                self._holder = wake
+                self._hold_deadline = deadline
+                if self._armed is not None:
+                    self._host.disarm()
+                    self._armed = None
+                now = time.monotonic_ns() - self._offset
+        if not held:
+            wake.wait(limit)
+            return
+        try:
+            timeout = limit if deadline is None else min(limit, (deadline - now) / NS_PER_SEC)
+            if timeout > 0:
+                wake.wait(timeout)
+            self._fire_due()
+        finally:
+            with self._lock:
+                self._holder = None
+                self._rearm()
+
+    def _next_locked(self) -> int | None:
+        heap = self._heap
+        while heap and heap[0][2] != heap[0][3]._gen:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _rearm(self) -> None:
+        """Point the timer thread's host timer at the next deadline (lock held): disarmed while
+        paused, stopped or while a waiter fires the timers (:meth:`idle_wait`)."""
+        host = self._host
+        if host is None:
+            return
+        if self._stopping:
+            host.poke()
+            return
+        target = None
+        if self._paused_at is None and self._holder is None:
+            deadline = self._next_locked()
+            if deadline is not None:
+                target = deadline + self._offset
+        if target != self._armed:
+            if target is None:
+                host.disarm()
+            else:
+                host.arm(target)
+            self._armed = target
+
+    def _fire_due(self) -> None:
+        """Fire every due timer on the calling thread, in deadline order (no lock held)."""
         while True:
             with self._lock:
-                while True:
-                    if self._stopping:
-                        return
-                    if self._paused_at is not None:
-                        self._cond.wait()
-                        continue
-                    now = time.monotonic_ns() - self._offset
-                    due = self._pop_due(now)
-                    if due is not None:
-                        break
-                    # Find the next live deadline (stale heads were dropped by _pop_due).
-                    wait = None
-                    if self._heap:
-                        wait = max(self._heap[0][0] - now, 0) / NS_PER_SEC
-                    self._cond.wait(wait)
+                if self._paused_at is not None:
+                    return
+                due = self._pop_due(time.monotonic_ns() - self._offset)
+            if due is None:
+                return
             try:
                 due[1]()
-            except Exception:  # a device bug must not kill the timer thread
+            except Exception:  # a device bug must not kill the thread that fires timers
                 import logging
 
                 logging.getLogger(__name__).exception("timer callback failed")
+
+    def _run(self) -> None:
+        host = self._host
+        while True:
+            host.wait()
+            with self._lock:
+                if self._stopping:
+                    return
+                self._armed = None          # the host timer is one-shot: it fired
+            self._fire_due()
+            with self._lock:
+                self._rearm()
+
+
+class _TimerFd:
+    """The timer thread's alarm: a Linux timerfd on CLOCK_MONOTONIC (``time.monotonic_ns``'s
+    clock).  Arming, re-arming and disarming it are one system call each and never wake the
+    thread blocked in :meth:`wait`, which a condition variable's ``wait(timeout)`` cannot do
+    (a new deadline means waking the waiter to sleep again)."""
+
+    _CLOCK_MONOTONIC = 1
+    _TFD_CLOEXEC = 0o2000000
+    _TFD_TIMER_ABSTIME = 1
+
+    class _Spec(ctypes.Structure):
+        _fields_ = [("i_sec", ctypes.c_long), ("i_nsec", ctypes.c_long),
+                    ("v_sec", ctypes.c_long), ("v_nsec", ctypes.c_long)]
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self._settime = libc.timerfd_settime
+        self._settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        self._settime.restype = ctypes.c_int
+        create = libc.timerfd_create
+        create.argtypes = (ctypes.c_int, ctypes.c_int)
+        create.restype = ctypes.c_int
+        fd = create(self._CLOCK_MONOTONIC, self._TFD_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd = fd
+        self._spec = self._Spec()
+        self._ref = ctypes.byref(self._spec)
+
+    def arm(self, host_ns: int) -> None:
+        """Fire at host monotonic time ``host_ns`` (at once if that has passed)."""
+        spec = self._spec
+        spec.v_sec, spec.v_nsec = divmod(max(host_ns, 1), NS_PER_SEC)
+        self._settime(self.fd, self._TFD_TIMER_ABSTIME, self._ref, None)
+
+    def disarm(self) -> None:
+        spec = self._spec
+        spec.v_sec = spec.v_nsec = 0
+        self._settime(self.fd, self._TFD_TIMER_ABSTIME, self._ref, None)
+
+    def poke(self) -> None:
+        """Wake the waiter now."""
+        self.arm(1)
+
+    def wait(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except InterruptedError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _CondAlarm:
+    """The same alarm on a condition variable, for hosts without timerfd (each new deadline
+    wakes the waiter once)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._target: int | None = None
+
+    def arm(self, host_ns: int) -> None:
+        with self._cond:
+            self._target = host_ns
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._target = None
+            self._cond.notify()
+
+    def poke(self) -> None:
+        self.arm(0)
+
+    def wait(self) -> None:
+        with self._cond:
+            while True:
+                target = self._target
+                if target is not None and target <= time.monotonic_ns():
+                    self._target = None
+                    return
+                self._cond.wait(None if target is None else (target - time.monotonic_ns()) / NS_PER_SEC)
+
+    def close(self) -> None:
+        pass
+
+
+def _host_timer() -> "_TimerFd | _CondAlarm":
+    try:
+        return _TimerFd(ctypes.CDLL(None, use_errno=True))
+    except (OSError, AttributeError):
+        return _CondAlarm()

@@ -52,9 +52,18 @@ class IrqLine:
         self.set(False)
 
     def pulse(self) -> None:
-        """A rising edge followed by a falling edge (the line ends low)."""
-        self.set(True)
-        self.set(False)
+        """A rising edge followed by a falling edge (the line ends low); one call into a
+        controller that has ``pulse_irq(irq)``."""
+        sink = self.sink
+        self.level = False
+        if sink is None:
+            return
+        pulse = getattr(sink, "pulse_irq", None)
+        if pulse is not None:
+            pulse(self.irq)
+        else:
+            sink.set_irq(self.irq, True)
+            sink.set_irq(self.irq, False)
 
     def __repr__(self) -> str:
         return f"IrqLine({type(self.sink).__name__}, {self.irq}, level={int(self.level)})"

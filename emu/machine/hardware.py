@@ -439,6 +439,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     cpu.load_rom(FOUR_GIB - len(bios), bios)
     board.connect_cpu(cpu.interrupt_raised)
     cpu.idle_hook = idle_hook()     # block requests run on the vCPU while its guest halts
+    cpu.timers = clock              # ... and so do device timers (one wake-up per tick)
 
     def map_region(base: int, size: int) -> None:
         cpu.map_mmio(base, size, lambda off, n: board.mmiobus.read(base + off, n),

@@ -353,8 +353,12 @@ class Pit:
             # miss a one-tick pulse.  Missed periods beyond this one merge, as in the 8259's IRR.
             level = ch.out_at(d)
             if level and ch.mode in (2, 4, 5):
-                self._set_irq0(True)  # one tick high: deliver the edge, skip the falling event
-                self._set_irq0(False)
+                # one tick high: deliver the edge, skip the falling event
+                if not self._irq_level and self.irq0 is not None:
+                    self.irq0.pulse()
+                else:
+                    self._set_irq0(True)
+                    self._set_irq0(False)
                 d += 1
             else:
                 self._set_irq0(level)

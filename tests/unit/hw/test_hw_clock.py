@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from emu.hw.clock import VirtualClock
+from emu.hw.clock import NS_PER_SEC, VirtualClock
 
 MS = 1_000_000
 
@@ -100,3 +100,62 @@ def test_pending_is_false_inside_own_callback_and_true_after_rearm():
     assert seen == [False]
     t.mod(20)
     assert t.pending and t.deadline == 20
+
+
+def test_idle_wait_fires_due_timers_on_the_waiting_thread_and_wakes_for_earlier_ones():
+    # A halted vCPU's wait: the timers due during it fire on the waiter's thread (the timer
+    # thread's alarm is off meanwhile), and a timer armed from elsewhere with an earlier
+    # deadline ends the wait at once.
+    clock = VirtualClock()
+    clock.start()
+    try:
+        me = threading.current_thread()
+        ran = []
+        t = clock.timer(lambda: ran.append(threading.current_thread()))
+        t.mod(clock.now() + 2 * MS)
+        wake = threading.Event()
+        while not ran:
+            clock.idle_wait(wake, limit=1.0)
+        assert ran == [me] and not t.pending
+        # a far deadline, then another thread arms a near one: the waiter fires it
+        far = clock.timer(lambda: ran.append("far"))
+        far.mod(clock.now() + 10 * NS_PER_SEC)
+        near = clock.timer(lambda: ran.append(threading.current_thread()))
+        arm = threading.Timer(0.01, lambda: near.mod(clock.now() + 50 * MS))
+        arm.start()
+        t0 = time.monotonic()
+        while len(ran) < 2 and time.monotonic() - t0 < 5:
+            wake.clear()                        # as the vCPU does before it waits again
+            clock.idle_wait(wake, limit=1.0)
+        arm.join()
+        assert ran == [me, me] and far.pending
+        # nobody waiting: the timer thread fires them again
+        other = threading.Event()
+        u = clock.timer(other.set)
+        u.mod(clock.now() + MS)
+        assert other.wait(5)
+    finally:
+        clock.stop()
+
+
+def test_idle_wait_without_a_running_clock_just_waits():
+    clock = VirtualClock()          # not started: nothing to take over
+    fired = []
+    t = clock.timer(lambda: fired.append(1))
+    t.mod(0)
+    wake = threading.Event()
+    wake.set()
+    clock.idle_wait(wake, limit=0.01)
+    assert fired == [] and t.pending
+    clock.pause()
+    clock.start()
+    try:
+        wake.clear()
+        clock.idle_wait(wake, limit=0.01)   # paused: virtual time stands, nothing fires
+        assert fired == []
+        clock.resume()
+        while not fired:
+            clock.idle_wait(wake, limit=0.01)
+        assert fired == [1]
+    finally:
+        clock.stop()
