@@ -54,5 +54,7 @@ event("BLOCK_JOB_ERROR", Struct("q_obj_BLOCK_JOB_ERROR-arg",
                                 [("device", STR), ("operation", IO_OP),
                                  ("action", ERROR_ACTION)]))
 event("BLOCK_JOB_READY", Struct("q_obj_BLOCK_JOB_READY-arg", _JOB_INFO[:5]))
+event("BLOCK_JOB_PENDING", Struct("q_obj_BLOCK_JOB_PENDING-arg",
+                                  [("type", JOB_TYPE), ("id", STR)]))
 event("JOB_STATUS_CHANGE", Struct("q_obj_JOB_STATUS_CHANGE-arg",
                                   [("id", STR), ("status", JOB_STATUS)]))

@@ -8,6 +8,8 @@ Map:
   :class:`JobRegistry` (the jobs of one machine: ``find``, ``query-block-jobs``,
   ``query-jobs``, drains).
 - :mod:`emu.block.jobs.backup` -- the backup job with copy-before-write.
+- :mod:`emu.block.jobs.stream` -- the stream job (and the copy loop stream and commit share).
+- :mod:`emu.block.jobs.commit` -- the commit job of a layer below the active one.
 
 Threads: each started job runs its :meth:`Job.run` on its own worker thread.  All job
 state of a registry is guarded by one lock (QEMU's ``job_mutex``).  Status changes emit
@@ -394,6 +396,8 @@ class Job:
         for j in list(txn.jobs):        # newest first, as QEMU's job_txn_apply
             if j.status is JobStatus.WAITING:
                 j._transition(JobStatus.PENDING)
+                if not j.auto_finalize:     # QEMU's job_event_pending
+                    self.registry.emit("BLOCK_JOB_PENDING", {"type": j.job_type, "id": j.id})
         if all(j.auto_finalize for j in txn.jobs):
             self._do_finalize()
 

@@ -103,8 +103,6 @@ def set_action(ctx: CommandContext, args: dict) -> dict:
 
 
 _UNSUPPORTED = {
-    "block-commit": "the commit block job",
-    "block-stream": "the stream block job",
     "drive-mirror": "the mirror block job",
     "blockdev-mirror": "the mirror block job",
     "change-backing-file": "changing a backing file name at run time",
@@ -136,7 +134,7 @@ def _lookups(ctx: CommandContext, name: str, args: dict) -> None:
             raise QmpError(f"Device '{args['node-name']}' not found")
     elif name == "block-latency-histogram-set":
         _find_device(ctx, None, args["id"])
-    elif name in ("block-commit", "block-stream", "drive-mirror"):
+    elif name == "drive-mirror":
         _lookup_bs(ctx, args["device"], args["device"])
 
 

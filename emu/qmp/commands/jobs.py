@@ -18,14 +18,14 @@ import sys
 from typing import Any
 
 from emu.block import bitmaps as bmlib
-from emu.block.jobs import JobRegistry, JobTxn
+from emu.block.jobs import SYNC_TIMEOUT, JobRegistry, JobTxn
 from emu.block.jobs.backup import BackupJob, busy_error
 from emu.block.transaction import ActionState, action
 from emu.errors import EmuError, QmpError
-from emu.qmp.commands import CommandContext, command
+from emu.qmp.commands import CommandContext, command, qemu_command
 from emu.qmp.commands.block import (BITMAP, BITMAP_ADD, BITMAP_MERGE, BLOCKDEV_BACKUP,
                                     DRIVE_BACKUP, _lookup_bs)
-from emu.qmp.errors import desc_of
+from emu.qmp.errors import DEVICE_NOT_FOUND, desc_of, unsupported
 
 __all__ = ["job_registry", "run_actions", "bitmap_node", "lookup_bitmap"]
 
@@ -362,4 +362,199 @@ def block_dirty_bitmap_merge(ctx: CommandContext, node: str, target: str,
     _check(dst)
     for src in merge_sources(ctx, bs, bitmaps):
         dst.merge_from(src)
+    return {}
+
+
+# ----------------------------------------------------------------- stream and commit
+
+def _keep_fn(ctx: CommandContext) -> Any:
+    """Nodes a finished stream/commit must not close: blockdev-add'ed or on a device."""
+    owned = ctx.machine.__dict__.setdefault("monitor_owned_nodes", set())
+
+    def keep(node: Any) -> bool:
+        return node.node_name in owned or any(d.node is node for d in ctx.machine.block_devices)
+    return keep
+
+
+def _find_backing_image(bs: Any, name: str) -> Any | None:
+    """QEMU's bdrv_find_backing_image: a node below ``bs`` by file name (as recorded in its
+    overlay's header, as opened, or resolved against the overlay's directory)."""
+    from emu.block.node import resolve_backing_path
+
+    parent, node = bs, bs.backing
+    while node is not None:
+        if name in (node.filename, parent.backing_file):
+            return node
+        try:
+            want = os.path.realpath(resolve_backing_path(parent.filename, name))
+            if want == os.path.realpath(node.filename):
+                return node
+        except (OSError, ValueError, TypeError):
+            pass
+        parent, node = node, node.backing
+    return None
+
+
+def _job_busy(ctx: CommandContext, nodes: list[Any]) -> None:
+    """QEMU's op blockers: a node already used by a stream/commit/backup job."""
+    reg = job_registry(ctx.machine)
+    for n in nodes:
+        for j in reg.jobs_on([n]):
+            if not j.is_completed():
+                label = _device_of(ctx, n) or n.node_name
+                raise QmpError(f"Node '{label}' is busy: block device is in use by block "
+                               f"job: {j.job_type}")
+
+
+def _start_and_wait(job: Any) -> None:
+    """Start ``job`` and wait for its first I/O or its end: a job with nothing to copy
+    reports all its events before the reply, as QEMU's does."""
+    job.start()
+    job.yielded.wait(SYNC_TIMEOUT)
+
+
+def _job_kwargs(args: dict) -> dict:
+    return {"speed": args.get("speed", 0), "on_error": args.get("on-error", "report"),
+            "auto_finalize": args.get("auto-finalize", True),
+            "auto_dismiss": args.get("auto-dismiss", True)}
+
+
+def _create(ctx: CommandContext, make: Any, speed: int) -> Any:
+    try:
+        job = make()
+    except EmuError as e:
+        raise QmpError(desc_of(e)) from e
+    if speed < 0:
+        job.early_fail()
+        job.clean()
+        raise QmpError("Parameter 'speed' expects a non-negative value")
+    return job
+
+
+@qemu_command("block-stream", boxed=True)
+def block_stream(ctx: CommandContext, args: dict) -> dict:
+    """QEMU 7.2's qmp_block_stream: checks and texts in QEMU's order, then the job."""
+    from emu.block.jobs.stream import StreamJob
+
+    base, base_node, bottom = args.get("base"), args.get("base-node"), args.get("bottom")
+    if base is not None and base_node is not None:
+        raise QmpError("'base' and 'base-node' cannot be specified at the same time")
+    if base is not None and bottom is not None:
+        raise QmpError("'base' and 'bottom' cannot be specified at the same time")
+    if bottom is not None and base_node is not None:
+        raise QmpError("'bottom' and 'base-node' cannot be specified at the same time")
+    device = args["device"]
+    bs = _lookup_bs(ctx, device, device)
+    base_bs = None
+    base_name = None
+    if base is not None:
+        base_bs = _find_backing_image(bs, base)
+        if base_bs is None:
+            raise QmpError(f"Can't find '{base}' in the backing chain")
+        base_name = base
+    if base_node is not None:
+        base_bs = _lookup_bs(ctx, None, base_node)
+        if base_bs not in bs.backing_chain()[1:]:
+            raise QmpError(f"Node '{base_node}' is not a backing image of '{device}'")
+        base_name = base_bs.filename
+    if bottom is not None:
+        bottom_bs = _lookup_bs(ctx, None, bottom)
+        if bottom_bs not in bs.backing_chain():
+            raise QmpError(f"Node '{bottom}' is not in a chain starting from '{device}'")
+        base_bs = bottom_bs.backing
+        base_name = base_bs.filename if base_bs is not None else None
+    chain = []
+    n = bs
+    while n is not None and n is not base_bs:
+        chain.append(n)
+        n = n.backing
+    _job_busy(ctx, chain)
+    backing_file = args.get("backing-file")
+    if base_bs is None and backing_file is not None:
+        raise QmpError("backing file specified, but streaming the entire chain")
+    if "filter-node-name" in args:
+        raise unsupported("block-stream", "a named copy-on-read filter (filter-node-name)")
+    job_id = args.get("job-id")
+    if job_id is None:
+        job_id = _device_of(ctx, bs) or ""
+    kw = _job_kwargs(args)
+    job = _create(ctx, lambda: StreamJob.new(
+        job_registry(ctx.machine), job_id, bs, base_bs,
+        backing_file=backing_file if backing_file is not None else base_name,
+        keep=_keep_fn(ctx), **kw), kw["speed"])
+    _start_and_wait(job)
+    return {}
+
+
+def _root_bs(ctx: CommandContext, device: str) -> Any:
+    """QEMU's qmp_get_root_bs, with block-commit's ``Device '…' not found``."""
+    dev = ctx.machine.find_block_device(device)
+    if dev is not None and dev.node is not None:
+        return dev.node
+    g = ctx.machine.block_graph
+    bs = g.lookup(device) if g is not None else None
+    if bs is None:
+        if dev is not None:
+            raise QmpError("Device has no medium")
+        raise QmpError(f"Device '{device}' not found", DEVICE_NOT_FOUND)
+    if bs.parents > 0:
+        raise QmpError("Need a root block node")
+    return bs
+
+
+@qemu_command("block-commit", boxed=True)
+def block_commit(ctx: CommandContext, args: dict) -> dict:
+    """QEMU 7.2's qmp_block_commit for a layer below the active one; committing the active
+    layer (QEMU's mirror job) is refused."""
+    from emu.block.jobs.commit import CommitJob
+
+    device = args["device"]
+    bs = _root_bs(ctx, device)
+    _job_busy(ctx, [bs])
+    top, top_node = args.get("top"), args.get("top-node")
+    if top is not None and top_node is not None:
+        raise QmpError("'top-node' and 'top' are mutually exclusive")
+    if top_node is not None:
+        top_bs = _lookup_bs(ctx, None, top_node)
+        if top_bs not in bs.backing_chain():
+            raise QmpError(f"'{top_node}' is not in this backing file chain")
+    elif top is not None:
+        top_bs = bs if bs.filename == top else _find_backing_image(bs, top)
+    else:
+        top_bs = bs
+    if top_bs is None:
+        raise QmpError(f"Top image file {top} not found")
+    base, base_node = args.get("base"), args.get("base-node")
+    if base is not None and base_node is not None:
+        raise QmpError("'base-node' and 'base' are mutually exclusive")
+    if base_node is not None:
+        base_bs = _lookup_bs(ctx, None, base_node)
+        if base_bs not in top_bs.backing_chain():
+            raise QmpError(f"'{base_node}' is not in this backing file chain")
+    elif base is not None:
+        base_bs = _find_backing_image(top_bs, base)
+        if base_bs is None:
+            raise QmpError(f"Can't find '{base}' in the backing chain")
+    else:
+        base_bs = top_bs.backing_chain()[-1]
+    _job_busy(ctx, [n for n in top_bs.backing_chain()[1:]
+                    if base_bs in n.backing_chain()])
+    if top_bs is base_bs:
+        raise QmpError("cannot commit an image into itself")
+    if top_bs is bs:
+        if args.get("backing-file") is not None:
+            raise QmpError("'backing-file' specified, but 'top' is the active layer")
+        raise unsupported("block-commit", "committing the active layer (the mirror job)")
+    overlay = next(n for n in bs.backing_chain() if n.backing is top_bs)
+    _job_busy(ctx, [overlay])
+    if "filter-node-name" in args:
+        raise unsupported("block-commit", "a named commit filter (filter-node-name)")
+    job_id = args.get("job-id")
+    if job_id is None:
+        job_id = _device_of(ctx, bs) or ""
+    kw = _job_kwargs(args)
+    job = _create(ctx, lambda: CommitJob.new(
+        job_registry(ctx.machine), job_id, overlay, top_bs, base_bs,
+        backing_file=args.get("backing-file"), keep=_keep_fn(ctx), **kw), kw["speed"])
+    _start_and_wait(job)
     return {}

@@ -275,8 +275,7 @@ def test_block_extras(vms) -> None:
                ("block-latency-histogram-set", {"id": "nope"}),
                ("block-set-write-threshold", {"node-name": "nope", "write-threshold": 1}),
                ("watchdog-set-action", {"action": "pause"}), ("set-action",)])
-    emu_unsupported(vms, [("block-stream", {"device": "virtio0"}),
-                          ("drive-mirror", {"device": "virtio0", "target": "m.qcow2",
+    emu_unsupported(vms, [("drive-mirror", {"device": "virtio0", "target": "m.qcow2",
                                             "sync": "full"})])
     same(vms, [("block_resize", {"node-name": "fmt2", "size": 8388608}),
                ("block_resize", {"node-name": "fmt2", "size": -512})])
