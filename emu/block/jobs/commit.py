@@ -56,12 +56,17 @@ class CommitJob(ChainCopyJob):
                            f"'{base.node_name}' is not in this backing file chain")
         registry.check_new_id(job_id)
         job = cls(registry, job_id, overlay, top, base, **kw)
+        job.create()
+        # QEMU's commit_start reopens base after creating the job: a failure drops it
+        # again (created, null) with bdrv_reopen's text
         try:
             job.make_writable(base)
         except BlockError as err:
+            job.early_fail()
             job.clean()
+            if base.force_share:
+                raise JobError("Cannot change the option 'force-share'") from err
             raise JobError(str(err)) from err
-        job.create()
         return job
 
     def nodes(self) -> list[Any]:

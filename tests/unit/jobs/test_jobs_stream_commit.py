@@ -276,9 +276,10 @@ def test_commit_creation_checks(chain) -> None:
 def test_read_only_base_that_cannot_be_reopened(chain) -> None:
     g, (base, mid, top, active), paths, reg, ev = chain
     base.force_share = True             # force-share nodes never become writable
-    with pytest.raises(JobError, match="force-share=on"):
+    with pytest.raises(JobError, match="^Cannot change the option 'force-share'$"):
         CommitJob.new(reg, "ro", active, top, base)
-    assert reg.jobs() == [] and ev.items == []
+    assert reg.jobs() == [] and ev.statuses("ro") == ["created", "null"]
+    assert base.read_only
 
 
 def test_manual_finalize_emits_pending_event(chain) -> None:
