@@ -3,8 +3,8 @@
 A backend wraps the root node of a graph.  Requests run synchronously on the caller's
 thread (``read``/``write``/...) or on the backend's worker threads (``aio_*``, completion
 via ``callback(result_or_exception)``).  An ``aio_*`` request of a backend on local files
-may instead run on an idle vCPU (:func:`run_idle_request`, the vCPU's idle hook while its
-guest halts) when one claims it within :data:`IDLE_GRACE`.  Every request counts in :attr:`BlockBackend.in_flight`
+may instead run on an idle vCPU of its machine (:class:`IdleQueue`, the vCPU's idle hook while
+its guest halts) when one claims it within :data:`IDLE_GRACE`.  Every request counts in :attr:`BlockBackend.in_flight`
 from admission to completion.
 
 :meth:`drain` is QEMU's drained section: stop admitting new requests (they wait, or for
@@ -200,7 +200,7 @@ class BlockAcctStats:
 
 class _Job:
     """One submitted ``aio_*`` request, run exactly once by whichever thread claims it first:
-    a worker, or an idle vCPU (:func:`run_idle_request`)."""
+    a worker, or an idle vCPU (:meth:`IdleQueue.run_one`)."""
 
     __slots__ = ("backend", "fn", "callback", "pool", "due", "handed", "_token")
 
@@ -250,16 +250,10 @@ IDLE_LINGER = 0.05
 IDLE_MISSES = 2
 IDLE_PROBE = 32
 
-#: Idle-path requests, oldest first (claimed ones are dropped by whoever meets them).
-_IDLE_JOBS: "collections.deque[_Job]" = collections.deque()
-_idle_lock = threading.Lock()
-_idle_dispatcher: "_IdleDispatcher | None" = None
-
-
 class _IdleDispatcher:
-    """The safety net of the idle path: one thread that gives the workers every request
-    no vCPU claimed within :data:`IDLE_GRACE` (a guest that polls instead of halting, a
-    paused vCPU).
+    """The safety net of one :class:`IdleQueue`: a thread that gives the workers every
+    request no vCPU claimed within :data:`IDLE_GRACE` (a guest that polls instead of
+    halting, a paused vCPU).
 
     Waking a thread per request is what the idle path saves, so this one is not woken per
     request: while requests come in it looks every :data:`IDLE_POLL` seconds, and only
@@ -269,28 +263,35 @@ class _IdleDispatcher:
     polls do not push a vCPU off its core.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, jobs: "collections.deque[_Job]", name: str) -> None:
+        self._jobs = jobs
         self._wake = threading.Event()
         self.parked = False
+        self.closed = False
         self.submitted = 0      # requests seen since the start (tells the poller to linger)
-        threading.Thread(target=self._loop, name="blk-idle-dispatch", daemon=True).start()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def submit(self, job: _Job) -> None:
-        """A new idle-path request is in :data:`_IDLE_JOBS` (submitting thread)."""
+        """A new idle-path request is in the queue (submitting thread)."""
         self.submitted += 1
         if self.parked:
             self._wake.set()
 
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
     def _scan(self, now: float) -> bool:
         """Hand over due requests, drop claimed ones; True if some are still waiting."""
+        jobs = self._jobs
         waiting = False
-        for job in list(_IDLE_JOBS):
+        for job in list(jobs):
             if job.claimed:
                 try:
-                    _IDLE_JOBS.remove(job)
+                    jobs.remove(job)
                 except ValueError:      # a vCPU took it off meanwhile
                     pass
-            elif job.due <= now:
+            elif job.due <= now or self.closed:
                 job.hand_to_workers()
             else:
                 waiting = True
@@ -302,7 +303,7 @@ class _IdleDispatcher:
         except (AttributeError, OSError):     # not Linux, or not allowed: normal priority
             pass
         seen, last_new = self.submitted, time.monotonic()
-        while True:
+        while not self.closed:
             now = time.monotonic()
             waiting = self._scan(now)
             if self.submitted != seen:
@@ -313,45 +314,95 @@ class _IdleDispatcher:
             # Park.  A submitter reads ``parked`` after appending its request: either it
             # sees True and wakes us, or our scan below (after parked = True) sees it.
             self.parked = True
-            if self._scan(time.monotonic()) or any(not j.claimed for j in list(_IDLE_JOBS)):
+            if self._scan(time.monotonic()) or any(not j.claimed for j in list(self._jobs)):
                 self.parked = False
                 continue
             self._wake.wait()
             self._wake.clear()
             self.parked = False
             seen, last_new = self.submitted, time.monotonic()
+        self._scan(time.monotonic())        # closed: whatever is left goes to the workers
 
 
-def idle_hook() -> Callable[[], bool]:
-    """Turn on the idle path and return the hook a vCPU calls when its guest halts
-    (:func:`run_idle_request`).  The machine calls this once per vCPU it builds."""
-    global _idle_dispatcher
-    with _idle_lock:
-        if _idle_dispatcher is None:
-            _idle_dispatcher = _IdleDispatcher()
-    return run_idle_request
-
-
-def run_idle_request() -> bool:
-    """Run one waiting idle-path request on the calling thread; True if one ran.
+class IdleQueue:
+    """The idle path of one machine: requests of the backends attached to it
+    (:attr:`BlockBackend.idle_queue`), run by that machine's halted vCPUs (:meth:`run_one`,
+    the vCPU's ``idle_hook``) or, past :data:`IDLE_GRACE`, by the backends' workers.
 
     A guest waiting in HLT for its disk leaves the vCPU thread with nothing to do: running
     the request there saves the two thread wake-ups of the worker path (a worker for the
     I/O, then the vCPU for the interrupt), which are most of a request's cost on a busy
-    host.  The guest still runs during host I/O: a request no vCPU claims within
-    :data:`IDLE_GRACE` goes to the workers.  Only backends whose graph is local files come
-    here (:meth:`BlockBackend.idle_safe`): nothing here waits for a network, a throttle or
-    a blkdebug breakpoint.
+    host.  The guest still runs during host I/O: a request no vCPU claims within the grace
+    goes to the workers.  Only backends whose graph is local files come here
+    (:meth:`BlockBackend.idle_safe`): nothing here waits for a network, a throttle or a
+    blkdebug breakpoint.  One queue per machine: a vCPU never runs another machine's
+    request (several machines may share a process: tests, in-process fixtures).
     """
-    while _IDLE_JOBS:       # (called at every wake-up of a halted vCPU: cheap when empty)
-        try:
-            job = _IDLE_JOBS.popleft()
-        except IndexError:
-            return False
-        if job.run():
-            job.backend._idle_misses = 0
-            return True
-    return False
+
+    def __init__(self, name: str = "blk-idle-dispatch") -> None:
+        self.jobs: "collections.deque[_Job]" = collections.deque()
+        self._name = name
+        self._lock = threading.Lock()
+        self._dispatcher: _IdleDispatcher | None = None
+
+    def _submit(self, job: _Job) -> None:
+        d = self._dispatcher
+        if d is None:
+            with self._lock:
+                d = self._dispatcher
+                if d is None:
+                    d = self._dispatcher = _IdleDispatcher(self.jobs, self._name)
+        self.jobs.append(job)
+        d.submit(job)
+
+    def run_one(self) -> bool:
+        """Run one waiting request of this queue on the calling thread; True if one ran
+        (called at every wake-up of a halted vCPU: cheap when empty)."""
+        jobs = self.jobs
+        while jobs:
+            try:
+                job = jobs.popleft()
+            except IndexError:
+                return False
+            if job.run():
+                job.backend._idle_misses = 0
+                return True
+        return False
+
+    def handoff(self, backend: "BlockBackend") -> None:
+        """Give ``backend``'s waiting requests to its workers now."""
+        for job in list(self.jobs):
+            if job.backend is backend:
+                job.hand_to_workers()
+
+    def close(self) -> None:
+        """Stop the dispatcher thread; waiting requests go to the workers."""
+        d = self._dispatcher
+        if d is not None:
+            d.close()
+
+
+#: The queue of :func:`idle_hook` (backends with no queue of their own use it once it exists).
+_default_idle: IdleQueue | None = None
+_idle_lock = threading.Lock()
+
+
+def idle_hook() -> Callable[[], bool]:
+    """The process-wide default idle queue's hook (:meth:`IdleQueue.run_one`), created on
+    the first call; backends without a queue of their own (:attr:`BlockBackend.idle_queue`)
+    use it from then on.  Machines do not use it: each builds its own :class:`IdleQueue`
+    and attaches its backends (:func:`emu.machine.hardware.build_hardware`)."""
+    global _default_idle
+    with _idle_lock:
+        if _default_idle is None:
+            _default_idle = IdleQueue()
+    return _default_idle.run_one
+
+
+def run_idle_request() -> bool:
+    """Run one request of the default idle queue (:func:`idle_hook`); True if one ran."""
+    q = _default_idle
+    return q.run_one() if q is not None else False
 
 
 class _WorkerPool:
@@ -418,6 +469,9 @@ class BlockBackend:
         self._throttle: Throttle | None = None
         self._idle_misses = 0     # idle-path requests in a row that no vCPU claimed
         self._idle_probe = 0
+        #: The machine's idle path (:class:`IdleQueue`); None: the default queue of
+        #: :func:`idle_hook` if one was made, else workers only.
+        self.idle_queue: IdleQueue | None = None
         #: I/O accounting for query-blockstats (see :class:`BlockAcctStats`).
         self.acct = BlockAcctStats()
 
@@ -587,8 +641,8 @@ class BlockBackend:
                 self._pool = _WorkerPool(self._workers, f"blk-{self.name}")
             pool = self._pool
         job = _Job(self, fn, callback, pool)
-        dispatcher = _idle_dispatcher
-        if dispatcher is not None and self.idle_safe():
+        idleq = self.idle_queue or _default_idle
+        if idleq is not None and self.idle_safe():
             if self._idle_misses >= IDLE_MISSES:
                 # The guest polls rather than halts (a BIOS): straight to the workers,
                 # trying the idle path again now and then (the guest may change).
@@ -597,8 +651,7 @@ class BlockBackend:
                     pool.submit(job)
                     return
             job.due = time.monotonic() + IDLE_GRACE
-            _IDLE_JOBS.append(job)
-            dispatcher.submit(job)
+            idleq._submit(job)
         else:
             pool.submit(job)
 
@@ -606,9 +659,9 @@ class BlockBackend:
         """The guest polls this device instead of halting: give its idle-path requests to
         the workers now rather than after their grace (a device calls this from a status
         register read while it has a request in flight)."""
-        for job in list(_IDLE_JOBS):
-            if job.backend is self:
-                job.hand_to_workers()
+        idleq = self.idle_queue or _default_idle
+        if idleq is not None:
+            idleq.handoff(self)
 
     def _worker(self, fn: Callable[[], Any], callback: Callback | None) -> None:
         try:

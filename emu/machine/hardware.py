@@ -391,7 +391,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     """
     if plan is None:
         plan = check_hardware(machine)
-    from emu.block.api import idle_hook
+    from emu.block.api import IdleQueue
     from emu.cpu.vcpu import VCPU
     from emu.hw.clock import VirtualClock
     from emu.hw.pc.board import PcBoard
@@ -438,7 +438,11 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     cpu_ref.append(cpu)
     cpu.load_rom(FOUR_GIB - len(bios), bios)
     board.connect_cpu(cpu.interrupt_raised)
-    cpu.idle_hook = idle_hook()     # block requests run on the vCPU while its guest halts
+    idleq = IdleQueue()             # this machine's idle path: its block requests run on
+    cpu.idle_hook = idleq.run_one   # its vCPU while the guest halts, never on another's
+    for bdev in machine.block_devices:
+        if bdev.backend is not None:
+            bdev.backend.idle_queue = idleq
     cpu.timers = clock              # ... and so do device timers (one wake-up per tick)
 
     def map_region(base: int, size: int) -> None:
