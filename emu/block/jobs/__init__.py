@@ -87,7 +87,7 @@ JOB_VERB_TABLE: dict[JobVerb, frozenset[JobStatus]] = {
     JobVerb.PAUSE: _ACTIVE,
     JobVerb.RESUME: _ACTIVE,
     JobVerb.SET_SPEED: _ACTIVE,
-    JobVerb.COMPLETE: frozenset({_S.READY}),
+    JobVerb.COMPLETE: frozenset({_S.READY, _S.STANDBY}),   # QEMU 7.2 takes it in standby
     JobVerb.FINALIZE: frozenset({_S.PENDING}),
     JobVerb.DISMISS: frozenset({_S.CONCLUDED}),
     JobVerb.CHANGE: frozenset({_S.RUNNING, _S.PAUSED, _S.READY, _S.STANDBY}),

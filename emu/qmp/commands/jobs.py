@@ -502,6 +502,42 @@ def _root_bs(ctx: CommandContext, device: str) -> Any:
     return bs
 
 
+def _switch_root(ctx: CommandContext) -> Any:
+    """``switch(old, new, final_sync)`` for an active commit: the devices on ``old`` are
+    quiesced, ``final_sync`` copies the guest's last writes, then they use ``new``."""
+    m = ctx.machine
+
+    def switch(old: Any, new: Any, final_sync: Any) -> None:
+        devs = [d for d in m.block_devices if d.node is old]
+        backends = [d.backend for d in devs if d.backend is not None]
+        with m.quiesce(backends, reason="block-job-complete"):
+            final_sync()
+            for d in devs:
+                d.node = new
+                if d.backend is not None and hasattr(d.backend, "set_root"):
+                    d.backend.set_root(new)
+    return switch
+
+
+def _active_commit(ctx: CommandContext, args: dict, bs: Any, base_bs: Any) -> None:
+    """QEMU's commit_active_start: a mirror job of type ``commit``."""
+    from emu.block.jobs.commit import ActiveCommitJob
+
+    if "filter-node-name" in args:
+        raise unsupported("block-commit", "a named commit filter (filter-node-name)")
+    job_id = args.get("job-id")
+    if job_id is None:
+        job_id = _device_of(ctx, bs) or ""
+    kw = _job_kwargs(args)
+    reg = job_registry(ctx.machine)
+    speed = kw.pop("speed")
+    job = _create(ctx, lambda: ActiveCommitJob.new(
+        reg, job_id, bs, base_bs, switch_root=_switch_root(ctx), keep=_keep_fn(ctx),
+        speed=max(speed, 0), **kw), speed)
+    job.start()         # QEMU's mirror always yields first: the reply comes before 'ready'
+
+
+
 @qemu_command("block-commit", boxed=True)
 def block_commit(ctx: CommandContext, args: dict) -> dict:
     """QEMU 7.2's qmp_block_commit for a layer below the active one; committing the active
@@ -544,7 +580,8 @@ def block_commit(ctx: CommandContext, args: dict) -> dict:
     if top_bs is bs:
         if args.get("backing-file") is not None:
             raise QmpError("'backing-file' specified, but 'top' is the active layer")
-        raise unsupported("block-commit", "committing the active layer (the mirror job)")
+        _active_commit(ctx, args, bs, base_bs)
+        return {}
     overlay = next(n for n in bs.backing_chain() if n.backing is top_bs)
     _job_busy(ctx, [overlay])
     if "filter-node-name" in args:

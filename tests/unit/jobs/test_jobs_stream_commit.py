@@ -16,7 +16,7 @@ import pytest
 from conftest import requires_qemu_img
 from emu.block.api import BlockBackend
 from emu.block.jobs import JobError, JobRegistry, JobStatus
-from emu.block.jobs.commit import CommitJob
+from emu.block.jobs.commit import ActiveCommitJob, CommitJob
 from emu.block.jobs.stream import StreamJob
 from emu.block.node import BlockGraph
 from emu.block.qcow2.create import create_qcow2
@@ -327,3 +327,99 @@ def test_stream_read_error_policies(tmp_path: Path, policy: str) -> None:
     if policy == "stop":
         assert top.read(0, SIZE) == b"\x42" * SIZE
     g.close_all()
+
+
+# ----------------------------------------------------------------- active commit
+
+def _switch(blk: BlockBackend):
+    """What the QMP layer does at the switch: devices drained, last writes copied, new root."""
+    def switch(old, new, final_sync) -> None:
+        with blk.drained_section(timeout=10):
+            final_sync()
+            blk.set_root(new)
+    return switch
+
+
+@requires_qemu_img
+def test_active_commit_with_guest_writes_switches_to_base(chain) -> None:
+    g, (base, mid, top, active), paths, reg, ev = chain
+    blk = BlockBackend(active, "disk0")
+    model = bytearray(blk.read(0, SIZE))
+    job = ActiveCommitJob.new(reg, "a", active, base, switch_root=_switch(blk), speed=4 * MiB)
+    job.start()
+    rnd = random.Random(11)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    counts = {"running": 0, "ready": 0}
+
+    def writer() -> None:
+        try:
+            while not stop.is_set():
+                n = rnd.choice((512, 4096, CL + 512))
+                off = rnd.randrange(0, (SIZE - n) // 512) * 512
+                data = bytes([rnd.randrange(1, 256)]) * n
+                with lock:
+                    blk.write(off, data)
+                    model[off:off + n] = data
+                    st = job.status.value
+                    if st in counts:
+                        counts[st] += 1
+                time.sleep(0.03)     # dirtying slower than the copy: it converges
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        ev.wait_for("BLOCK_JOB_READY", "a", timeout=60)
+        while counts["ready"] < 10 and not errors:
+            time.sleep(0.01)
+        job.complete()
+        ev.wait_for("JOB_STATUS_CHANGE", "a", "null", timeout=60)
+        time.sleep(0.05)                # the writer keeps going on base
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and counts["running"] > 0 and counts["ready"] >= 10
+    assert ev.statuses("a")[:4] == ["created", "running", "ready", "BLOCK_JOB_READY"]
+    assert ev.statuses("a")[-5:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded",
+                                     "null"]
+    assert blk.read(0, SIZE) == bytes(model)
+    assert base.read(0, SIZE) == bytes(model) and not base.read_only
+    assert [n.node_name for n in g.nodes() if n.drv == "qcow2"] == ["base"]
+    blk.close()
+    _check(paths[0])
+
+
+def test_complete_before_ready_is_refused(chain) -> None:
+    g, (base, mid, top, active), paths, reg, ev = chain
+    job = ActiveCommitJob.new(reg, "r", active, base, speed=64 * 1024)
+    job.start()
+    ev.wait_for("JOB_STATUS_CHANGE", "r", "running")
+    with pytest.raises(JobError, match="^Job 'r' in state 'running' cannot accept command "
+                                       "verb 'complete'$"):
+        job.complete()
+    job.cancel()
+    _wait_gone(reg, "r")
+    assert "BLOCK_JOB_CANCELLED" in ev.statuses("r")
+    assert active.backing is top and base.read_only and not active.before_write
+
+
+def test_cancel_of_a_ready_active_commit_completes_without_switch(chain) -> None:
+    g, (base, mid, top, active), paths, reg, ev = chain
+    before = active.read(0, SIZE)
+    job = ActiveCommitJob.new(reg, "sc", active, base)
+    job.start()
+    ev.wait_for("BLOCK_JOB_READY", "sc")
+    # what mid and top hold above base: 1-2.5 MiB and 2-3 MiB
+    assert ev.data("BLOCK_JOB_READY") == [{"device": "sc", "len": 2 * MiB, "offset": 2 * MiB,
+                                          "speed": 0, "type": "commit"}]
+    job.pause()
+    assert job.status is JobStatus.STANDBY
+    job.resume()
+    job.cancel()
+    _wait_gone(reg, "sc")
+    assert ev.statuses("sc")[-5:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded",
+                                      "null"]
+    assert not job.pivoted and active.backing is top and base.read_only
+    assert active.read(0, SIZE) == before and not active.before_write

@@ -1,7 +1,7 @@
-"""Side by side with qemu-system-x86_64 7.2: block-stream and block-commit get the same
-replies (errors included), each job the same status events and BLOCK_JOB_COMPLETED data, and
-the chains end up the same (query-block, node names, images equal by qemu-img compare and
-clean by qemu-img check)."""
+"""Side by side with qemu-system-x86_64 7.2: block-stream and block-commit (of an
+intermediate and of the active layer) get the same replies (errors included), each job the
+same status events and BLOCK_JOB_COMPLETED/READY data, and the chains end up the same
+(query-block, node names, images equal by qemu-img compare and clean by qemu-img check)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ SCRIPT = [
     ("block-job-finalize", {"id": "s2"}),
     ("query-jobs", {}),
     ("block-job-dismiss", {"id": "s2"}),
+    _snap("act2"), _io("write -P 0x66 3M 64k"),
+    ("block-commit", {"device": "virtio0", "job-id": "a1"}),
+    ("WAIT", {"id": "a1", "status": "ready"}),
+    ("query-block-jobs", {}),
+    ("block-job-complete", {"device": "a1"}),
+    ("WAIT", {"id": "a1", "status": "null"}),
+    ("block-job-complete", {"device": "a1"}),
+    _io("write -P 0x77 3M 4k"),
     ("query-block", {}),
     ("query-named-block-nodes", {"flat": True}),
 ]
@@ -171,7 +179,7 @@ def test_stream_and_commit_match_qemu(tmp_path: Path) -> None:
         w = json.loads(json.dumps(w).replace(str(qdir), "$W"))
         g = json.loads(json.dumps(g).replace(str(edir), "$W"))
         assert g == w, name
-    assert [k for k, _ in want_jobs] == ["c1", "s0", "s00", "s1", "s2", "sp"]
+    assert [k for k, _ in want_jobs] == ["a1", "c1", "s0", "s00", "s1", "s2", "sp"]
     assert got_jobs == want_jobs
     for img in ("act", "mid", "base"):
         r = subprocess.run(["qemu-img", "compare", str(qdir / f"{img}.qcow2"),
