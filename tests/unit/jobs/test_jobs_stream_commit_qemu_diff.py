@@ -29,6 +29,19 @@ def _io(cmd: str) -> tuple:
 
 #: (command, arguments); ``$W`` is the work directory; WAIT waits for a job status event
 SCRIPT = [
+    # a read-only, force-share base that cannot be reopened read-write, under two
+    # blockdev-add'ed layers
+    ("blockdev-add", {"driver": "qcow2", "node-name": "b2", "read-only": True,
+                      "force-share": True,
+                      "file": {"driver": "file", "filename": "$W/b2.qcow2"}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "m2", "read-only": True, "backing": "b2",
+                      "file": {"driver": "file", "filename": "$W/m2.qcow2"}}),
+    ("blockdev-add", {"driver": "qcow2", "node-name": "t2", "backing": "m2",
+                      "file": {"driver": "file", "filename": "$W/t2.qcow2"}}),
+    ("block-commit", {"device": "t2", "top-node": "m2", "job-id": "ro1"}),
+    ("block-commit", {"device": "m2", "job-id": "ro2"}),
+    ("block-stream", {"device": "m2", "job-id": "s3"}),
+    ("WAIT", {"id": "s3", "status": "null"}),
     _snap("mid"), _io("write -P 0x22 512k 1M"),
     _snap("top"), _io("write -P 0x33 1M 512k"),
     ("block-stream", {"device": "virtio0", "base": "nonexist"}),
@@ -159,11 +172,19 @@ def _session(argv0: list[str], work: Path) -> tuple[list, list]:
     return out, sorted(jobs.items())
 
 
+def _img(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
 def _images(work: Path) -> None:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), "4M"],
-                   check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", str(work / "base.qcow2")],
-                   check=True, capture_output=True)
+    _img("qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), "4M")
+    _img("qemu-io", "-c", "write -P 0x11 0 1M", str(work / "base.qcow2"))
+    _img("qemu-img", "create", "-q", "-f", "qcow2", str(work / "b2.qcow2"), "4M")
+    _img("qemu-io", "-c", "write -P 0x12 0 2M", str(work / "b2.qcow2"))
+    for lower, upper in (("b2", "m2"), ("m2", "t2")):
+        _img("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(work / f"{lower}.qcow2"),
+             "-F", "qcow2", str(work / f"{upper}.qcow2"))
+    _img("qemu-io", "-c", "write -P 0x13 1M 2M", str(work / "m2.qcow2"))
 
 
 def test_stream_and_commit_match_qemu(tmp_path: Path) -> None:
@@ -179,9 +200,10 @@ def test_stream_and_commit_match_qemu(tmp_path: Path) -> None:
         w = json.loads(json.dumps(w).replace(str(qdir), "$W"))
         g = json.loads(json.dumps(g).replace(str(edir), "$W"))
         assert g == w, name
-    assert [k for k, _ in want_jobs] == ["a1", "c1", "s0", "s00", "s1", "s2", "sp"]
+    assert [k for k, _ in want_jobs] == ["a1", "c1", "ro1", "s0", "s00", "s1", "s2", "s3",
+                                         "sp"]
     assert got_jobs == want_jobs
-    for img in ("act", "mid", "base"):
+    for img in ("act", "mid", "base", "m2", "b2"):
         r = subprocess.run(["qemu-img", "compare", str(qdir / f"{img}.qcow2"),
                             str(edir / f"{img}.qcow2")], capture_output=True, text=True)
         assert r.returncode == 0, img + r.stdout + r.stderr
