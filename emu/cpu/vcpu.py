@@ -788,7 +788,8 @@ class VCPU:
         # stop_request is set (any kick), even before reaching the matching hook; RDTSC
         # then returns the *host* TSC (guest saw its TSC jump to ~1e13 and "go backwards").
         # Only the first hook in the list is always called: it is RDTSC's, the instruction
-        # guests execute most.  The others keep that window (see _hook_rdtscp).
+        # guests execute most.  On the stock library the others keep that window (see
+        # _hook_rdtscp); patch 0006 ("insn-hooks-kick") closes it for all of them.
         self._add_c_insn_hook(x86.UC_X86_INS_RDTSC, _INSN_CB(self._hook_rdtsc))
         self._add_c_insn_hook(x86.UC_X86_INS_RDTSCP, _INSN_CB(self._hook_rdtscp))
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
@@ -964,9 +965,9 @@ class VCPU:
             return 0
 
     def _hook_rdtscp(self, _uch: int, _ud: int) -> int:
-        # Second in the hook list: a kick between the start of the RDTSCP's block and the
-        # instruction makes libunicorn skip this hook and return the host TSC.  CPUID no
-        # longer advertises RDTSCP (features.py), so only guests that ignore CPUID meet it.
+        # Second in the hook list: without patch 0006, a kick between the start of the
+        # RDTSCP's block and the instruction makes libunicorn skip this hook and return the
+        # host TSC.  CPUID does not advertise RDTSCP (features.py, as QEMU's qemu64).
         try:
             self._hook_rdtsc(_uch, _ud)
             self._uc.reg_write(x86.UC_X86_REG_RCX, self._uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF)

@@ -148,7 +148,8 @@ def test_unicorn_dma_patched_function_is_exported_as_reported() -> None:
     info = library_info()
     assert info.patched == PATCHED
     if PATCHED:
-        assert info.patches == ("notdirty-code-pages", "invalidate-phys", "native-irq", "native-halt")
+        assert info.patches == ("notdirty-code-pages", "invalidate-phys", "native-irq", "native-halt",
+                                 "insn-hooks-kick")
     else:
         assert info.patches == ()
 

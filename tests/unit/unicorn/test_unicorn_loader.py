@@ -88,7 +88,8 @@ def test_unicorn_loader_picks_patched_build() -> None:
     assert got["path"] == str(uclib.patched_dir() / uclib.LIB_NAME)
     assert got["leaked"] is None  # LIBUNICORN_PATH is not left in the environment
     assert "Warning" not in err
-    assert got["line"].startswith("libunicorn 2.1.4 patched (notdirty-code-pages invalidate-phys native-irq native-halt)")
+    assert got["line"].startswith("libunicorn 2.1.4 patched (notdirty-code-pages invalidate-phys native-irq native-halt "
+                                   "insn-hooks-kick)")
 
 
 @needs_patched_build
