@@ -677,7 +677,8 @@ class BlockBackend:
             self._done()
 
     def _aio(self, fn: Callable[[], Any], callback: Callback | None, check: Callable[[], Any],
-             kind: str = "", nbytes: int = 0, account: bool = False) -> None:
+             kind: str = "", nbytes: int = 0, account: bool = False,
+             native: tuple[str, int, bytes | None] | None = None) -> None:
         try:
             check()
         except BlockError as err:
@@ -686,32 +687,113 @@ class BlockBackend:
             if callback is not None:
                 callback(err)
             return
+        if native is not None and self._native_aio(native[0], native[1], nbytes, native[2],
+                                                   callback, kind, account):
+            return
         self._submit(self._accounted(kind, nbytes, fn, account), callback)
 
+    def _native_target(self, write: bool) -> tuple[BlockDriverState, int] | None:
+        """``(protocol node, byte offset of the guest's 0 on it)`` when requests may go
+        straight to that node's driver's asynchronous I/O (``aio_submit``: rbd): root is
+        the protocol node or a raw node on it, no throttling, no copy-before-write hook,
+        write-back cache (a write-through write needs its flush after it), all open."""
+        node = self._root
+        if node is None or self._throttle is not None:
+            return None
+        base = 0
+        if node.drv == "raw" and node.file is not None:
+            if node.before_write or node.closed or (write and not node.cache_writeback):
+                return None
+            base = getattr(node.impl, "offset", 0)
+            node = node.file
+        if node.closed or node.before_write or (write and not node.cache_writeback):
+            return None
+        if getattr(node.impl, "aio_submit", None) is None:
+            return None
+        return node, base
+
+    def _native_aio(self, op: str, offset: int, length: int, data: bytes | None,
+                    callback: Callback | None, kind: str, account: bool) -> bool:
+        """Submit ``op`` straight to the protocol driver's async I/O, without a worker:
+        the whole queue depth is in the library at once, as QEMU keeps it (a worker would
+        hold one request at a time).  Completions arrive on the driver's completion
+        thread (rbd: one per image, never librbd's own) and are handled as a worker's are:
+        accounting, ``callback(result)``, then the request leaves :attr:`in_flight`.  False when this
+        backend has no such path (or is drained: the ordinary path queues the request)."""
+        target = self._native_target(op != "read")
+        if target is None:
+            return False
+        node, base = target
+        root = self._root
+        with self._cond:
+            if self._quiesce and self._drain_owner != threading.get_ident():
+                return False
+            self._in_flight += 1
+        cookie = self.acct.start(kind, length) if account else None
+        pos = base + offset
+
+        def finish(ret: int, got: bytes | None) -> None:
+            result: Any = None
+            try:
+                if isinstance(ret, BaseException):
+                    result = ret
+                elif ret < 0:
+                    result = node.impl.aio_error(op, pos, ret)
+                elif op == "read":
+                    got = got or b""
+                    result = got if ret >= length else got[:ret] + bytes(length - ret)
+                elif op in ("write", "write_zeroes"):
+                    if root is not node:
+                        root._note_write(offset + length)
+                    node._note_write(pos + length)
+                if cookie is not None:
+                    if isinstance(result, BaseException):
+                        self.acct.failed(cookie)
+                    else:
+                        self.acct.done(cookie)
+                if callback is not None:
+                    callback(result)
+            except Exception:
+                log.exception("block completion callback of '%s' failed", self.name)
+            finally:
+                self._done()
+
+        try:
+            node.impl.aio_submit(op, pos, length, data, finish)
+        except BaseException as err:    # refused before any I/O: completes as a failure
+            finish(err, None)
+        return True
+
     def aio_read(self, offset: int, length: int, callback: Callback, *, account: bool = True) -> None:
-        """Read on a worker thread; ``callback(bytes | Exception)``."""
+        """Read on a worker thread (or the driver's own async I/O); ``callback(bytes | Exception)``."""
         self._aio(self._throttled(lambda: self._node().read(offset, length), length, False), callback,
-                  lambda: self._check(offset, length, False), ACCT_READ, length, account)
+                  lambda: self._check(offset, length, False), ACCT_READ, length, account,
+                  ("read", offset, None))
 
     def aio_write(self, offset: int, data: bytes, callback: Callback | None = None, *,
                   account: bool = True) -> None:
-        """Write on a worker thread; ``callback(None | Exception)``."""
+        """Write on a worker thread (or the driver's own async I/O); ``callback(None | Exception)``."""
         data = bytes(data)
         self._aio(self._throttled(lambda: self._node().write(offset, data), len(data), True), callback,
-                  lambda: self._check(offset, len(data), True), ACCT_WRITE, len(data), account)
+                  lambda: self._check(offset, len(data), True), ACCT_WRITE, len(data), account,
+                  ("write", offset, data))
 
     def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None, *,
                          account: bool = True) -> None:
         self._aio(lambda: self._node().write_zeroes(offset, length), callback,
-                  lambda: self._check(offset, length, True), ACCT_WRITE, length, account)
+                  lambda: self._check(offset, length, True), ACCT_WRITE, length, account,
+                  ("write_zeroes", offset, None))
 
     def aio_discard(self, offset: int, length: int, callback: Callback | None = None, *,
                     account: bool = True) -> None:
         self._aio(lambda: self._node().discard(offset, length), callback,
-                  lambda: self._check(offset, length, True), ACCT_UNMAP, length, account)
+                  lambda: self._check(offset, length, True), ACCT_UNMAP, length, account,
+                  ("discard", offset, None))
 
     def aio_flush(self, callback: Callback | None = None, *, account: bool = True) -> None:
-        self._aio(lambda: self._node().flush(), callback, self._node, ACCT_FLUSH, 0, account)
+        root = self._root
+        native = ("flush", 0, None) if root is not None and not root.read_only else None
+        self._aio(lambda: self._node().flush(), callback, self._node, ACCT_FLUSH, 0, account, native)
 
     # --- drain ----------------------------------------------------------------------------
     def drain(self, timeout: float | None = None) -> None:

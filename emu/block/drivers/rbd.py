@@ -17,9 +17,10 @@ Naming follows QEMU's block/rbd.c:
 * error texts: ``error reading conf file X``, ``error connecting``, ``error opening pool P``,
   ``error reading header from IMAGE`` (each followed by ``: strerror``).
 
-I/O uses librbd's asynchronous calls (``rbd_aio_*``); completion arrives on librbd's own
-finisher thread through one cffi callback.  :meth:`RbdDriver.aio_submit` returns at once and
-calls back on completion (nothing of the caller's thread waits on the network); the
+I/O uses librbd's asynchronous calls (``rbd_aio_*``).  :meth:`RbdDriver.aio_submit` returns
+at once and calls back on completion from the image's completion thread (:class:`_Reaper`,
+which waits for librbd's completions in submission order; librbd's own threads never run
+Python) (nothing of the caller's thread waits on the network); the
 synchronous :class:`~emu.block.node.BlockDriver` methods are that plus a wait, and run on
 the BlockBackend's worker threads.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import threading
 from typing import Any, Callable
 
@@ -329,13 +331,13 @@ def _raw_alloc(ffi: Any) -> Any:
 class _Request:
     """One aio request: keeps the buffer alive until librbd is done with it."""
 
-    __slots__ = ("buf", "length", "callback", "event", "result", "handle")
+    __slots__ = ("buf", "length", "callback", "done", "result", "comp")
 
     def __init__(self, buf: Any, length: int, callback: Callable[[int, bytes | None], None] | None) -> None:
         self.buf, self.length, self.callback = buf, length, callback
-        self.event = threading.Event()
+        self.done = False       # set once completed (after the callback ran)
         self.result = 0
-        self.handle = None
+        self.comp = None
 
     def finish(self, ret: int) -> None:
         self.result = ret
@@ -349,12 +351,54 @@ class _Request:
                 cb(ret, data)
             except Exception:  # a broken callback must not unwind into librbd
                 log.exception("rbd completion callback failed")
-        self.event.set()
+        self.done = True
         _pending.discard(self)
 
 
 #: Requests librbd still holds (their handles and buffers must stay alive).
 _pending: set[_Request] = set()
+
+
+class _Reaper:
+    """The thread that completes one image's :meth:`RbdDriver.aio_submit` requests.
+
+    Their librbd completions have no callback: this thread waits for each in submission
+    order (``rbd_aio_wait_for_complete``, the GIL released) and then runs its Python side.
+    So librbd's finisher thread never takes the GIL (a cffi callback would, once per
+    request, competing with the submitting thread), a busy queue completes in a batch
+    without any wake-up, and a Python callback that blocks stalls only this thread, never
+    librbd's own.  A request completing before an older one waits for it: completions are
+    delivered in submission order.
+    """
+
+    def __init__(self, lib: Any, name: str) -> None:
+        self._lib = lib
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, req: _Request) -> None:
+        self._q.put(req)
+
+    def _loop(self) -> None:
+        lib, get = self._lib, self._q.get
+        while True:
+            req = get()
+            if req is None:
+                return
+            comp, req.comp = req.comp, None
+            try:
+                lib.rbd_aio_wait_for_complete(comp)
+                ret = int(lib.rbd_aio_get_return_value(comp))
+            finally:
+                lib.rbd_aio_release(comp)
+            req.finish(ret)
+
+    def stop(self) -> None:
+        """Complete everything submitted, then end the thread."""
+        self._q.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 @register_driver("rbd")
@@ -370,6 +414,9 @@ class RbdDriver(BlockDriver):
         self.image = None
         self.snapshot: str | None = None
         self.opts: dict[str, Any] = {}
+        self._reaper: _Reaper | None = None
+        self._reaper_lock = threading.Lock()
+        self._size: int | None = None
 
     # --- open/close ----------------------------------------------------------------------
     def open(self, options: dict[str, Any]) -> None:
@@ -407,6 +454,9 @@ class RbdDriver(BlockDriver):
         self.image_name = name
 
     def close(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.stop()                         # completes every submitted request
         if self.image is not None:
             self.conn.rbd.rbd_close(self.image)   # waits for librbd's outstanding aio
             self.image = None
@@ -433,9 +483,9 @@ class RbdDriver(BlockDriver):
                    callback: Callable[[int, bytes | None], None] | None = None) -> _Request:
         """Start ``op`` (``read``, ``write``, ``discard``, ``write_zeroes``, ``flush``) and return at once.
 
-        :param callback: ``callback(ret, data)`` on librbd's completion thread; ``ret`` is
+        :param callback: ``callback(ret, data)`` on the image's completion thread; ``ret`` is
             librbd's return value (negative errno on failure), ``data`` the bytes read.
-        :returns: the request (``request.event`` is set once it completed).
+        :returns: the request (``request.done`` once it completed).
         """
         if self.image is None:
             raise BlockError(f"Node '{self.bs.node_name}' is closed")
@@ -450,16 +500,29 @@ class RbdDriver(BlockDriver):
             length = len(data)
         else:
             req = _Request(None, 0, callback)
-        req.handle = ffi.new_handle(req)
         comp = ffi.new("rbd_completion_t *")
-        _check(lib.rbd_aio_create_completion(req.handle, _callback, comp), "aio completion")
+        _check(lib.rbd_aio_create_completion(ffi.NULL, ffi.NULL, comp), "aio completion")
+        reaper = self._reaper
+        if reaper is None:
+            with self._reaper_lock:
+                reaper = self._reaper
+                if reaper is None:
+                    reaper = self._reaper = _Reaper(lib, f"rbd-{self.bs.node_name}-done")
         _pending.add(req)
         r = self._start(op, offset, length, cbuf if op in ("read", "write") else None, comp[0])
         if r < 0:
             _pending.discard(req)
             lib.rbd_aio_release(comp[0])
             raise RbdError(f"rbd aio {op} failed: {_strerror(r)}", -r)
+        req.comp = comp[0]
+        reaper.put(req)
         return req
+
+    @staticmethod
+    def aio_error(op: str, offset: int, ret: int) -> BlockError:
+        """The error a failed :meth:`aio_submit` request completes with (``ret`` < 0), the
+        same as the synchronous calls raise."""
+        return RbdError(f"rbd {op} at {offset} failed: {_strerror(ret)}", -ret)
 
     def _start(self, op: str, offset: int, length: int, cbuf: Any, comp: Any) -> int:
         lib = self.conn.rbd
@@ -505,10 +568,16 @@ class RbdDriver(BlockDriver):
     # --- BlockDriver ---------------------------------------------------------------------
     @property
     def size(self) -> int:
-        ffi, lib = self.conn.ffi, self.conn.rbd
-        out = ffi.new("uint64_t *")
-        _check(lib.rbd_get_size(self.image, out), "error getting image size")
-        return int(out[0])
+        """The image size, asked of librbd once and after a resize or rollback of ours
+        (QEMU keeps rbd's length in bs->total_sectors the same way: a resize by another
+        client is not seen until then); every request's range check reads it."""
+        n = self._size
+        if n is None:
+            ffi, lib = self.conn.ffi, self.conn.rbd
+            out = ffi.new("uint64_t *")
+            _check(lib.rbd_get_size(self.image, out), "error getting image size")
+            n = self._size = int(out[0])
+        return n
 
     def read(self, offset: int, length: int) -> bytes:
         ffi = self.conn.ffi
@@ -533,6 +602,7 @@ class RbdDriver(BlockDriver):
     def truncate(self, size: int) -> None:
         if self.snapshot:
             raise BlockError("Cannot resize a read-only snapshot")
+        self._size = None
         _check(self.conn.rbd.rbd_resize(self.image, size), "failed to resize rbd image")
 
     def actual_size(self) -> int:
@@ -618,6 +688,7 @@ class RbdDriver(BlockDriver):
         found = [sn for sn in self.snapshot_list() if sn["name"] == id_or_name]
         if not found:
             raise RbdError(f"Snapshot '{id_or_name}' not found", errno.ENOENT)
+        self._size = None                   # the rollback takes the snapshot's size
         _check(self.conn.rbd.rbd_snap_rollback(self.image, id_or_name.encode()),
                f"Failed to roll back to snapshot '{id_or_name}'")
         return found[0]
