@@ -68,12 +68,18 @@ def probe_format(filename: str, fmt: str | None) -> str:
         raise ImgError(f"Could not open '{filename}': Unknown driver '{fmt}'")
     try:
         with open(filename, "rb") as f:
-            magic = f.read(4)
+            magic = f.read(8)
     except OSError as err:
         raise ImgError(f"Could not open '{filename}': Could not open '{filename}': "
                        f"{os.strerror(err.errno) if err.errno else err}") from None
     if fmt is not None:
-        if fmt == "qcow2" and magic != QCOW2_MAGIC:
+        if fmt == "qcow2" and magic[:4] != QCOW2_MAGIC:
             raise ImgError(f"Could not open '{filename}': Image is not in qcow2 format")
         return fmt
-    return "qcow2" if magic == QCOW2_MAGIC else "raw"
+    return "qcow2" if _probe_qcow2(magic) else "raw"
+
+
+def _probe_qcow2(head: bytes) -> bool:
+    """QEMU's qcow2_probe: the magic and a version of at least 2 (zeroes past the end)."""
+    head = head.ljust(8, b"\0")
+    return head[:4] == QCOW2_MAGIC and int.from_bytes(head[4:8], "big") >= 2

@@ -136,7 +136,7 @@ def read_header(io: "FileIO | NodeIO", path: str, snapshots: bool = True) -> _Im
     if rt_off % cs or rt_off > (1 << 63) - 1 - rt_clusters * cs:
         raise _open_error(path, "Reference count table offset invalid")
     if h.nb_snapshots > QCOW_MAX_SNAPSHOTS and snapshots:
-        raise _open_error(path, "Too many snapshots")
+        raise _open_error(path, "Snapshot table too large")
     if l1_size > QCOW_MAX_L1_SIZE // 8:
         raise _open_error(path, "Active L1 table too large")
     if l1_size and (l1_off % cs or l1_off > (1 << 63) - 1 - l1_size * 8):
@@ -144,8 +144,12 @@ def read_header(io: "FileIO | NodeIO", path: str, snapshots: bool = True) -> _Im
     # The L1 table must cover the virtual size (QEMU: "L1 table is too small").
     l2_bits = h.cluster_bits - 3
     need = -(-h.size // (1 << (h.cluster_bits + l2_bits))) if h.size else 0
+    if need > 0x7FFFFFFF:
+        raise _open_error(path, "Image is too big")
     if l1_size < need:
         raise _open_error(path, "L1 table is too small")
+    if h.extension_error:     # QEMU reads the header extensions after the tables
+        raise _open_error(path, h.extension_error)
     if h.nb_snapshots and snapshots:
         snap_off = h.snapshots_offset
         if snap_off % cs or snap_off >= file_size:
@@ -691,8 +695,8 @@ class _Checker:
                 res.corruptions += 1
                 self.log(f"ERROR snapshot table entry {i} is incomplete\n")
             pos += extra
-            id_str = self.pread(pos, id_len).decode("utf-8", "replace")
-            name = self.pread(pos + id_len, name_len).decode("utf-8", "replace")
+            id_str = self.pread(pos, id_len).split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = self.pread(pos + id_len, name_len).split(b"\0", 1)[0].decode("utf-8", "replace")
             pos = (pos + id_len + name_len + 7) & ~7
             if pos - off > QCOW_MAX_SNAPSHOTS_SIZE:
                 res.check_errors += 1

@@ -69,12 +69,15 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
         file = bs.file
         self._file_size = fsize = file.size
         self.alloc_end = 0
-        head = file.read(0, min(fsize, 4096)) if fsize else b""
-        if len(head) < f.HEADER_V2.size or head[:4] != f.QCOW_MAGIC_BYTES:
+        # As QEMU, everything past the end of the file reads as zeroes: a truncated header
+        # fails on the field it lost ("Unsupported cluster size: 2^0", "qcow2 header too
+        # short", ...), not on its length.
+        head = self._read_padded(0, 4096)
+        if head[:4] != f.QCOW_MAGIC_BYTES:
             raise ImageFormatError("Image is not in qcow2 format")
         cb = struct.unpack_from(">I", head, 20)[0]
         if f.MIN_CLUSTER_BITS <= cb <= f.MAX_CLUSTER_BITS and (1 << cb) > len(head):
-            head = file.read(0, min(fsize, 1 << cb))
+            head = self._read_padded(0, 1 << cb)
         h = f.parse_header(head)
         f.check_features(h)
         self.header = h
@@ -90,48 +93,62 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
         self._marked_dirty = False
         if h.incompatible_features & f.QCOW2_INCOMPAT_CORRUPT and not bs.read_only:
             raise ImageFormatError("qcow2: Image is corrupt; cannot be opened read/write")
-        # L1 table.
-        needed = self._l1_entries_for(h.size)
-        if h.l1_size * 8 > f.QCOW_MAX_L1_SIZE:
-            raise ImageFormatError("Active L1 table too large")
-        if h.l1_size < needed:
-            raise ImageFormatError("L1 table is too small")
-        self._check_table("L1 table", h.l1_table_offset, h.l1_size * 8, fsize)
-        self.l1 = f.parse_table(file.read(h.l1_table_offset, h.l1_size * 8), h.l1_size) if h.l1_size else []
-        # Refcount table.
+        # QEMU's order (qcow2_do_open): refcount table, snapshot table and active L1 table
+        # validated (size limit, then offset), the image size, the L1 read, the refcount
+        # table read, then header extensions, backing name and snapshots.  Tables past the
+        # end of the file read as zeroes.
         if h.refcount_table_clusters == 0:
             raise ImageFormatError("Image does not contain a reference count table")
-        if h.refcount_table_clusters * cs > f.QCOW_MAX_REFTABLE_SIZE:
-            raise ImageFormatError("Reference count table too large")
-        self._check_table("Reference count table", h.refcount_table_offset, h.refcount_table_clusters * cs, fsize)
-        rt = f.parse_table(file.read(h.refcount_table_offset, h.refcount_table_clusters * cs),
+        self._validate_table("Reference count table", h.refcount_table_offset,
+                             h.refcount_table_clusters, cs, f.QCOW_MAX_REFTABLE_SIZE)
+        self._validate_table("Snapshot table", h.snapshots_offset, h.nb_snapshots,
+                             f.SNAPSHOT_HEADER.size, f.SNAPSHOT_HEADER.size * f.QCOW_MAX_SNAPSHOTS)
+        self._validate_table("Active L1 table", h.l1_table_offset, h.l1_size, 8, f.QCOW_MAX_L1_SIZE)
+        if not bs.read_only:
+            # emu's rule for writers (QEMU reads zeroes there and would grow the file to
+            # wherever a hostile header points): tables lie inside the file.
+            for name, off, length in (("Reference count table", h.refcount_table_offset,
+                                       h.refcount_table_clusters * cs),
+                                      ("L1 table", h.l1_table_offset, h.l1_size * 8)):
+                if length and off + length > fsize:
+                    raise ImageFormatError(f"{name} at {off:#x} extends beyond the end of the image file")
+        needed = self._l1_entries_for(h.size)
+        if needed > 0x7FFFFFFF:
+            raise ImageFormatError("Image is too big")
+        if h.l1_size < needed:
+            raise ImageFormatError("L1 table is too small")
+        self.l1 = f.parse_table(self._read_padded(h.l1_table_offset, h.l1_size * 8), h.l1_size) if h.l1_size else []
+        rt = f.parse_table(self._read_padded(h.refcount_table_offset, h.refcount_table_clusters * cs),
                            h.refcount_table_clusters * cs // 8)
         # One C-level OR over the table; the culprit is looked up only when there is one.
-        if reduce(or_, rt, 0) & (cs - 1):
+        if reduce(or_, rt, 0) & (cs - 1) and not bs.read_only:   # QEMU: an error for writers and check
             for i, e in enumerate(rt):
                 if e & ~f.REFT_OFFSET_MASK & 0x1FF or (e and e & (cs - 1)):
                     raise ImageFormatError(f"Refblock offset {e:#x} unaligned (reftable index: {i:#x})")
-        # Snapshot table.
-        if h.nb_snapshots > f.QCOW_MAX_SNAPSHOTS:
-            raise ImageFormatError("Too many snapshots")
+        if h.extension_error:
+            raise ImageFormatError(h.extension_error)
+        # Snapshot table: entries past the end of the file read as zeroes (40 bytes each),
+        # as in QEMU; the slack covers a cut entry's id, name and extra data.
         self.snapshots: list[f.QCowSnapshot] = []
         self.snapshots_size = 0
         if h.nb_snapshots:
-            if h.snapshots_offset & (cs - 1) or h.snapshots_offset == 0:
-                raise ImageFormatError("Invalid snapshot table offset")
-            avail = min(fsize - h.snapshots_offset, f.QCOW_MAX_SNAPSHOTS_SIZE) if fsize > h.snapshots_offset else 0
-            if avail <= 0:
-                raise ImageFormatError("Invalid snapshot table offset")
-            if h.nb_snapshots * f.SNAPSHOT_HEADER.size > avail:
-                raise ImageFormatError("Snapshot table too large")
-            buf = file.read(h.snapshots_offset, avail)
+            have = min(max(0, fsize - h.snapshots_offset), f.QCOW_MAX_SNAPSHOTS_SIZE)
+            want = min(have + h.nb_snapshots * f.SNAPSHOT_HEADER.size + (1 << 17) + 2048,
+                       f.QCOW_MAX_SNAPSHOTS_SIZE + (1 << 17))
+            buf = self._read_padded(h.snapshots_offset, want)
             self.snapshots, self.snapshots_size = f.parse_snapshot_table_ex(buf, h.nb_snapshots)
-            for sn in self.snapshots:
+            if self.snapshots_size > f.QCOW_MAX_SNAPSHOTS_SIZE:
+                raise ImageFormatError("Snapshot table exceeds the maximum size")
+            if not bs.read_only and h.snapshots_offset >= fsize:   # (its last entry's padding may be missing)
+                raise ImageFormatError(f"Snapshot table at {h.snapshots_offset:#x} extends beyond "
+                                       "the end of the image file")
+            for sn in self.snapshots if not bs.read_only else ():   # readers: as QEMU, unchecked
                 if sn.l1_size * 8 > f.QCOW_MAX_L1_SIZE:
                     raise ImageFormatError("Snapshot L1 table too large")
                 if sn.l1_table_offset & (cs - 1):
                     raise ImageFormatError("Snapshot L1 table offset invalid")
-        # Metadata must not overlap the header or each other.
+        # Metadata must not overlap the header or each other (emu's own rule for writers;
+        # QEMU opens such images and refuses the writes, and so does a read-only open here).
         ranges = [("qcow2_header", 0, cs), ("active L1 table", h.l1_table_offset, h.l1_size * 8),
                   ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs),
                   ("snapshot table", h.snapshots_offset, self.snapshots_size)]
@@ -139,7 +156,7 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
             for b in range(a + 1, len(ranges)):
                 na, oa, la = ranges[a]
                 nb, ob, lb = ranges[b]
-                if la and lb and oa < ob + lb and ob < oa + la:
+                if la and lb and oa < ob + lb and ob < oa + la and not bs.read_only:
                     raise ImageFormatError(f"Metadata overlap: {na} and {nb}")
         self.refs = RefcountManager(self, rt)
         cap = max(4, min(L2_CACHE_BYTES // cs, 4096))
@@ -158,14 +175,21 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
             h.autoclear_features = 0
             self.file_write(88, struct.pack(">Q", 0))
 
-    def _check_table(self, name: str, offset: int, length: int, fsize: int) -> None:
-        if not length:
-            return
-        if offset & (self.cluster_size - 1) or offset == 0:
-            raise ImageFormatError(f"Invalid {name} offset" if name != "Reference count table"
-                                   else "Invalid reference count table offset")
-        if offset + length > fsize:
-            raise ImageFormatError(f"{name} at {offset:#x} extends beyond the end of the image file")
+    def _read_padded(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the image file, zeroes past its end (QEMU's
+        reads of a protocol node past EOF)."""
+        have = max(0, min(length, self._file_size - offset))
+        data = self.bs.file.read(offset, have) if have else b""
+        return data if have == length else data + bytes(length - have)
+
+    def _validate_table(self, name: str, offset: int, entries: int, entry_len: int,
+                        max_bytes: int) -> None:
+        """QEMU's qcow2_validate_table: a size limit, then an aligned offset whose end does
+        not overflow (a table past the end of the file reads as zeroes)."""
+        if entries > max_bytes // entry_len:
+            raise ImageFormatError(f"{name} too large")
+        if (1 << 63) - 1 - entries * entry_len < offset or offset & (self.cluster_size - 1):
+            raise ImageFormatError(f"{name} offset invalid")
 
     def _l1_entries_for(self, size: int) -> int:
         per_l1 = 1 << (self.cluster_bits + self.l2_bits)

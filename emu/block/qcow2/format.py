@@ -260,6 +260,9 @@ class QCowHeader(_Record):
         "feature_table": None,        # list[tuple[int, int, str]], [] by default
         "unknown_extensions": None,   # list[HeaderExtension] emu does not interpret, kept on rewrite
         "has_data_file_ext": False,
+        # A header extension error found while parsing; QEMU reports it late in its open
+        # (after the tables are validated), so the opener raises it in that order.
+        "extension_error": None,
     }
     _fields = tuple(_defaults)
 
@@ -300,8 +303,10 @@ def parse_header(buf: bytes) -> QCowHeader:
     :param buf: the first bytes of the image; the whole first cluster for extensions.
     :raises ImageFormatError: not qcow2, truncated, or values the spec forbids.
     """
-    if len(buf) < HEADER_V2.size or buf[:4] != QCOW_MAGIC_BYTES:
+    if buf[:4] != QCOW_MAGIC_BYTES:
         raise ImageFormatError("Image is not in qcow2 format")
+    if len(buf) < QCOW2_V3_MIN_HEADER_LENGTH:   # past the end of the file reads as zeroes
+        buf = bytes(buf) + bytes(QCOW2_V3_MIN_HEADER_LENGTH - len(buf))
     (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
      nb_snap, snap_off) = HEADER_V2.unpack_from(buf, 0)
     if version not in (2, 3):
@@ -314,42 +319,54 @@ def parse_header(buf: bytes) -> QCowHeader:
                    refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
                    snapshots_offset=snap_off)
     cluster_size = 1 << cluster_bits
+    if len(buf) < cluster_size:    # the whole header cluster, zeroes past the end of the file
+        buf = bytes(buf) + bytes(cluster_size - len(buf))
+    # The checks come in QEMU's order (qcow2_do_open), so a header with several faults gets
+    # the message qemu-img gives.
     if version == 2:
         h.refcount_order = 4
         h.header_length = QCOW2_V2_HEADER_LENGTH
         h.incompatible_features = h.compatible_features = h.autoclear_features = 0
     else:
-        if len(buf) < QCOW2_V3_MIN_HEADER_LENGTH:
-            raise ImageFormatError("qcow2 header exceeds cluster size")
         (h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
          h.header_length) = HEADER_V3_EXT.unpack_from(buf, HEADER_V2.size)
         if h.header_length < QCOW2_V3_MIN_HEADER_LENGTH:
             raise ImageFormatError("qcow2 header too short")
-        if h.header_length > cluster_size or h.header_length > len(buf):
-            raise ImageFormatError("qcow2 header exceeds cluster size")
-        if h.header_length > QCOW2_COMPRESSION_TYPE_OFFSET:
-            h.compression_type = buf[QCOW2_COMPRESSION_TYPE_OFFSET]
-            h.header_tail = bytes(buf[QCOW2_COMPRESSION_TYPE_OFFSET + 1:h.header_length])
-        if h.refcount_order > 6:
-            raise ImageFormatError("Reference count entry width too large; may not exceed 64 bits")
+    if h.header_length > cluster_size:
+        raise ImageFormatError("qcow2 header exceeds cluster size")
+    if bfo > cluster_size:
+        raise ImageFormatError("Invalid backing file offset")
+    if h.header_length > QCOW2_COMPRESSION_TYPE_OFFSET:
+        h.compression_type = buf[QCOW2_COMPRESSION_TYPE_OFFSET]
+        h.header_tail = bytes(buf[QCOW2_COMPRESSION_TYPE_OFFSET + 1:h.header_length])
+    if h.compression_type not in (QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD):
+        raise ImageFormatError(f"qcow2: unknown compression type: {h.compression_type}")
+    if h.compression_type == QCOW2_COMPRESSION_TYPE_ZLIB:
+        if h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
+            raise ImageFormatError("qcow2: Compression type incompatible feature bit must not be set")
+    elif not h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION:
+        raise ImageFormatError("qcow2: Compression type incompatible feature bit must be set")
+    # Header extensions start after the header (v2: after 72 bytes) and end at the
+    # backing file name or the end of the first cluster.  QEMU reads them later in its
+    # open; unknown incompatible features are reported first (with the feature table's
+    # names), so an extension error waits until then.
+    ext_end = cluster_size if bfo == 0 else bfo
+    try:
+        _parse_extensions(h, buf, h.header_length, ext_end)
+    except ImageFormatError as err:
+        h.extension_error = str(err)
+    if h.incompatible_features & ~QCOW2_INCOMPAT_MASK:
+        return h      # check_features reports them
+    if h.refcount_order > 6:
+        raise ImageFormatError("Reference count entry width too large; may not exceed 64 bits")
     if size >= QCOW2_MAX_SIZE:
         raise ImageFormatError("Image size too large")
-    if h.compression_type not in (QCOW2_COMPRESSION_TYPE_ZLIB, QCOW2_COMPRESSION_TYPE_ZSTD):
-        raise ImageFormatError(f"Unknown compression type '{h.compression_type}'")
-    if h.compression_type != QCOW2_COMPRESSION_TYPE_ZLIB and not (
-            h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION):
-        raise ImageFormatError("Compression type incompatible feature bit must be set if compression type is not zlib")
-    # Header extensions start after the header (v2: after 72 bytes) and end at the
-    # backing file name or the end of the first cluster.
-    ext_end = cluster_size if bfo == 0 else min(bfo, cluster_size)
-    _parse_extensions(h, buf, h.header_length, min(ext_end, len(buf)))
     if bfo:
-        if bfs > QCOW2_MAX_BACKING_FILE_SIZE or bfs == 0:
+        if bfs > min(QCOW2_MAX_BACKING_FILE_SIZE, cluster_size - bfo):
             raise ImageFormatError("Backing file name too long")
-        if bfo + bfs > cluster_size or bfo + bfs > len(buf):
-            raise ImageFormatError("Invalid backing file offset")
         try:
-            h.backing_file = bytes(buf[bfo:bfo + bfs]).decode("utf-8")
+            # A C string in QEMU: a NUL ends it (an empty name means no backing file).
+            h.backing_file = bytes(buf[bfo:bfo + bfs]).split(b"\0", 1)[0].decode("utf-8")
         except UnicodeDecodeError as err:
             raise ImageFormatError("Backing file name is not valid UTF-8") from err
     return h
@@ -357,13 +374,13 @@ def parse_header(buf: bytes) -> QCowHeader:
 
 def _parse_extensions(h: QCowHeader, buf: bytes, start: int, end: int) -> None:
     off = start
-    while off + EXT_HEADER.size <= end:
+    while off < end:
         magic, length = EXT_HEADER.unpack_from(buf, off)
         off += EXT_HEADER.size
+        if off > end or length > end - off:
+            raise ImageFormatError("Header extension too large")
         if magic == QCOW2_EXT_MAGIC_END:
             return
-        if length > end - off:
-            raise ImageFormatError("Invalid header extension: length exceeds the header cluster")
         data = bytes(buf[off:off + length])
         off += _ext_padded(length)
         if magic == QCOW2_EXT_MAGIC_BACKING_FORMAT:
@@ -528,9 +545,9 @@ def parse_snapshot_table_ex(buf: bytes, nb_snapshots: int) -> tuple[list[QCowSna
         if extra_size >= SNAPSHOT_EXTRA_ICOUNT_END:
             s.icount = struct.unpack_from(">Q", extra, 16)[0]
         s.unknown_extra = extra[SNAPSHOT_EXTRA.size:]
-        s.id_str = bytes(buf[off:off + id_len]).decode("utf-8", "replace")
+        s.id_str = bytes(buf[off:off + id_len]).split(b"\0", 1)[0].decode("utf-8", "replace")
         off += id_len
-        s.name = bytes(buf[off:off + name_len]).decode("utf-8", "replace")
+        s.name = bytes(buf[off:off + name_len]).split(b"\0", 1)[0].decode("utf-8", "replace")
         off += name_len
         off = _ext_padded(off)
         snaps.append(s)

@@ -164,14 +164,14 @@ def test_named_hostile_images(tmp_path):
         "huge refcount table": (_patch(img, 56, ">I", 0x7FFFFFFF), "Reference count table too large"),
         "refcount table beyond EOF": (_patch(img, 48, ">Q", 1 << 40), "beyond the end"),
         "L1 overlaps refcount table": (_patch(img, 40, ">Q", h.refcount_table_offset), "overlap"),
-        "L1 inside the header": (_patch(img, 40, ">Q", 0), "Invalid L1 table offset"),
+        "L1 inside the header": (_patch(img, 40, ">Q", 0), "Metadata overlap"),
         "L2 entry into the header": (_patch(img, l2_off + 8, ">Q", f.QCOW_OFLAG_COPIED | 0), None),
         "L2 entry into the L1 table": (_patch(img, l2_off + 8, ">Q", f.QCOW_OFLAG_COPIED | h.l1_table_offset),
                                        "Preventing invalid write on metadata"),
         "L2 entry into the refcount table": (_patch(img, l2_off + 8, ">Q",
                                                     f.QCOW_OFLAG_COPIED | h.refcount_table_offset),
                                              "Preventing invalid write on metadata"),
-        "too many snapshots": (_patch(img, 60, ">I", 1 << 20), "Too many snapshots"),
+        "too many snapshots": (_patch(img, 60, ">I", 1 << 20), "Snapshot table too large"),
     }
     for name, (data, want) in cases.items():
         p = str(tmp_path / "h.qcow2")
