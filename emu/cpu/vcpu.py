@@ -1324,10 +1324,12 @@ class _Waker:
         self._lock.acquire()
 
     def set(self) -> None:
-        try:
-            self._lock.release()
-        except RuntimeError:   # already set
-            pass
+        lock = self._lock
+        if lock.locked():      # a running vCPU's waker is usually set already: no exception
+            try:
+                lock.release()
+            except RuntimeError:   # set meanwhile by another thread
+                pass
 
     def clear(self) -> None:
         self._lock.acquire(False)
