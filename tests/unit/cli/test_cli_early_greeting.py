@@ -102,18 +102,24 @@ def test_nothing_heavy_is_imported_before_the_greeting(tmp_path) -> None:
 
 def test_early_commands_are_answered_in_order_after_one_greeting(tmp_path) -> None:
     """A client that connects at once and sends commands before reading anything gets the
-    greeting once, then every reply in order; a second client waits, ungreeted, until the
+    greeting once, then every reply in order (the errors before negotiation as usual); a second client waits, ungreeted, until the
     first leaves, then gets its own greeting."""
     path = str(tmp_path / "q.sock")
     p = _launch("-qmp", f"unix:{path},server=on,wait=off")
     try:
         s = _connect(path, p)
-        s.sendall(b'{"execute": "qmp_capabilities", "id": 1}\n'
+        s.sendall(b'{"execute": "query-status", "id": 0}\n{"execute": 1}\n'
+                  b'{"execute": "qmp_capabilities", "id": 1}\n'
                   b'{"execute": "query-status", "id": 2}\n')
         buf = bytearray()
-        first = _lines(s, 3, buf)
+        first = _lines(s, 5, buf)
         assert first[0] == GREETING_LINE.rstrip(b"\r\n")
         assert [json.loads(x) for x in first[1:]] == [
+            {"error": {"class": "CommandNotFound",
+                       "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"},
+             "id": 0},
+            {"error": {"class": "GenericError",
+                       "desc": "QMP input member 'execute' must be a string"}},
             {"return": {}, "id": 1},
             {"return": {"status": "prelaunch", "singlestep": False, "running": False}, "id": 2}]
         s2 = _connect(path, p)
