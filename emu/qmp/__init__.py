@@ -8,6 +8,8 @@ Which module owns what:
                            ``query-qmp-schema`` introspection builder
 - :mod:`emu.qmp.protocol`  greeting, negotiation, oob, dispatch, sessions, the server that
                            serves every monitor on one I/O loop and fans events out
+- :mod:`emu.qmp.greeting`  the greeting as constant bytes, importable before anything else
+                           (the launcher greets before the monitor is imported)
 - :mod:`emu.qmp.errors`    error classes and the error reply shape
 - :mod:`emu.qmp.events`    the table of events emu emits (for introspection)
 - :mod:`emu.qmp.commands`  the ``@command`` registry: ``core`` (run state, version, schema),
