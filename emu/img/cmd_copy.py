@@ -59,6 +59,9 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
     cache = "unsafe"
     src_cache = None
     sparse = 4096
+    out_base = out_basefmt = None
+    sn_opts: dict | None = None
+    snapshot_name = None
     for o, v in opts:
         if o == "-f":
             fmt = v
@@ -92,8 +95,15 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
                 raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are multiples "
                                "of 512 up to 16777216. Select 0 to disable sparse detection (fully "
                                "allocates output).")
+        elif o == "-l":
+            if v.startswith("snapshot."):
+                sn_opts = _snapshot_opts(v)
+            else:
+                snapshot_name = v
         elif o == "-B":
-            raise ImgError("emu-img convert does not support -B")
+            out_base = v
+        elif o == "-F":
+            out_basefmt = v
     if len(args) < 2:
         raise ImgError("Must specify image file name")
     if out_fmt not in ("qcow2", "raw"):
@@ -104,17 +114,36 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
     with session() as s:
         nodes = [s.open(f, fmt, read_only=True, force_share=share, cache=src_cache) for f in srcs]
         total = sum(vsize(n) for n in nodes)
+        if sn_opts is not None or snapshot_name is not None:
+            if sn_opts is None and len(nodes) > 1:
+                raise ImgError("No support for concatenating multiple snapshot")
+            _load_snapshot(nodes[0], sn_opts, snapshot_name)
+        if out_base is not None:
+            # qemu-img: the target gets this backing file, and only what the sources' top
+            # layers allocate is copied (the rest is left to the backing file).
+            if out_fmt == "raw":
+                raise ImgError("Backing file not supported for file format 'raw'")
+            if out_basefmt is None:
+                raise ImgError("Use of backing file requires explicit backing format")
         if not no_create:
             try:
                 o = parse_o(out_fmt, olist, target)
             except ImgError as err:
                 raise ImgError(str(err).removeprefix(f"{target}: ")) from None
+            if out_base is not None:
+                o["backing_file"], o["backing_fmt"] = out_base, out_basefmt
             try:
                 create_image(target, out_fmt, total, o, quiet=True)
             except ImgError as err:
                 msg = str(err).removeprefix(f"{target}: ")
                 raise ImgError(f"{target}: error while converting {out_fmt}: {msg}") from None
-        dst = s.open(target, out_fmt, read_only=False, cache=cache)
+        try:
+            dst = s.open(target, out_fmt, read_only=False, cache=cache)
+        except ImgError as err:
+            if out_base is None or "Could not open backing file" not in str(err):
+                raise
+            raise ImgError(str(err).split(": Could not open backing file:")[0]
+                           + ": Could not open backing file: " + str(err).split("backing file: ", 1)[1]) from None
         if no_create and dst.size < total:
             raise ImgError("Error while writing to target image")  # qemu: size check before copy
         fresh = not no_create
@@ -133,7 +162,9 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
 
         try:
             for src in nodes:
-                _convert_one(src, dst, base, fresh, sparse, compress, gran, tick)
+                _convert_one(src, dst, base, fresh, sparse, compress, gran, tick,
+                             top_only=out_base is not None,
+                             backing_end=dst.backing.size if dst.backing is not None else -1)
                 base += vsize(src)
             dst.flush()
         except EmuError as err:
@@ -143,12 +174,55 @@ def cmd_convert(opts: list[tuple[str, str]], args: list[str]) -> int:
     return 0
 
 
-def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, gran: int, tick) -> None:
+def _snapshot_opts(text: str) -> dict:
+    """``-l snapshot.id=ID,snapshot.name=NAME`` (either or both), as qemu-img parses it."""
+    from emu.img.main import PROG
+    out: dict = {}
+    for part in text.split(","):
+        key, eq, val = part.partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise ImgError(f"Invalid parameter '{key}'\n{PROG}: Failed in parsing snapshot param '{text}'")
+        if not eq:   # QEMU's deprecated short-form boolean: the value is "on"
+            sys.stderr.write(f"{PROG}: warning: short-form boolean option '{key}' deprecated\n"
+                             f"Please use {key}=on instead\n")
+            val = "on"
+        out[key[9:]] = val
+    return out
+
+
+def _load_snapshot(bs, sn_opts: dict | None, name: str | None) -> None:
+    """qemu-img convert -l: the first source reads as the snapshot (bdrv_snapshot_load_tmp;
+    a bare name is tried as an id first, then as a name)."""
+    load = getattr(bs.impl, "snapshot_load_tmp", None)
+    try:
+        if load is None:
+            raise EmuError(f"Block format '{bs.drv}' used by device '' does not support temporarily "
+                           "loading internal snapshots")
+        with bs.lock:
+            if sn_opts is not None:
+                load(sn_opts.get("id"), sn_opts.get("name"))
+            else:
+                try:
+                    load(name, None)
+                except EmuError:
+                    load(None, name)
+    except EmuError as err:
+        raise ImgError(f"Failed to load snapshot: {err}") from None
+
+
+def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, gran: int, tick,
+                 top_only: bool = False, backing_end: int = -1) -> None:
     step = max(sparse, SECTOR)
     zstep = bytes(step)
     buf = bytearray(max(COPY_BUF_SIZE, step))  # every chunk is read into this one buffer
     zeros = memoryview(bytes(COPY_BUF_SIZE)) if sparse == 0 and not compress else None
-    for pos, n in _source_chunks(src, buf):
+    if top_only:
+        # The target has a backing file: it does not read as zeroes (qemu-img's
+        # has_zero_init is off), so zero ranges of the top layer are written as zeroes.
+        fresh = False
+    for pos, n in _source_chunks(src, buf, top_only, backing_end - base if backing_end >= 0 else -1):
+        if n == 0:    # not allocated in the top layer (or zeroes past the target's backing
+            continue  # file's end): left to the backing file
         if n < 0:  # the source reads as zeroes here
             n = -n
             if zeros is not None:
@@ -173,7 +247,7 @@ def _convert_one(src, dst, base: int, fresh: bool, sparse: int, compress: bool, 
         tick(n)
 
 
-def _source_chunks(src, buf: bytearray):
+def _source_chunks(src, buf: bytearray, top_only: bool = False, backing_end: int = -1):
     """Walk ``src`` by block status: yields ``(offset, -length)`` for a range that reads as
     zeroes (no data anywhere in the chain) and ``(offset, length)`` for data just read into
     ``buf`` (at most ``len(buf)`` bytes; the caller is done with it before the next step).
@@ -182,7 +256,28 @@ def _source_chunks(src, buf: bytearray):
     size = src.size
     off = 0
     while off < size:
-        ent, n = block_status_above(src, off, min(size - off, 1 << 30))
+        if top_only:
+            # ``-B``: the top layer alone decides (bdrv_block_status, not _above); what it
+            # leaves unallocated yields ``(offset, 0)`` and is skipped.
+            kind, n, _ = src.block_status(off, min(size - off, 1 << 30))
+            n = max(1, min(n, size - off))
+            if kind in ("unallocated", "zero-unallocated") and src.backing is not None:
+                yield off, 0
+                off += n
+                continue
+            ent = {"data": kind == "data" or (kind == "unallocated" and src.backing is None)}
+            if kind == "zero-unallocated":
+                ent["data"] = False
+            if not ent["data"] and backing_end >= 0:
+                # qemu-img's post_backing_zero: zeroes past the end of the target's backing
+                # file need no writing (the target reads zeroes there anyway).
+                if off >= backing_end:
+                    yield off, 0
+                    off += n
+                    continue
+                n = min(n, backing_end - off)
+        else:
+            ent, n = block_status_above(src, off, min(size - off, 1 << 30))
         if not ent["data"]:
             yield off, -n
             off += n

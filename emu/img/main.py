@@ -78,7 +78,8 @@ SYNTAX = {
     "commit": "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename",
     "compare": "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
     "convert": "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
-               "[-o options] [-S sparse_size] filename [filename2 [...]] output_filename",
+               "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] "
+               "filename [filename2 [...]] output_filename",
     "create": "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
     "info": "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
     "map": "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",

@@ -565,6 +565,20 @@ class SnapshotMixin:
         self.invalidate_meta()
         return sn.info()
 
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
+        """Make a read-only image read as one of its snapshots until closed (QEMU's
+        qcow2_snapshot_load_tmp, for ``qemu-img convert -l``): the snapshot's L1 table
+        replaces the active one in memory; the virtual size stays.  Nothing is written."""
+        if not self.bs.read_only:
+            raise BlockError("Device is not readonly")
+        sn = next((sn for sn in self.snapshots
+                   if (snapshot_id is None or sn.id_str == snapshot_id)
+                   and (name is None or sn.name == name)), None)
+        if sn is None or (snapshot_id is None and name is None):
+            raise SnapshotNotFound("Can't find snapshot")
+        l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
+        self.l1 = l1 + [0] * (len(self.l1) - len(l1)) if len(l1) < len(self.l1) else l1
+
     def snapshot_goto(self, id_or_name: str) -> dict:
         sn = self._find_id_or_name(id_or_name)
         self._settle_all()
