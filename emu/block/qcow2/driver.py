@@ -354,11 +354,79 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
 
     def truncate(self, size: int) -> None:
         h = self.header
+        if size % 512:
+            raise BlockError("The new size must be a multiple of 512")
+        if self.snapshots and self.version < 3:
+            raise BlockError("Can't resize a v2 image which has snapshots")
         if size < h.size:
-            raise BlockError("qcow2 doesn't support shrinking images yet")
-        if self.snapshots and size != h.size:
-            pass  # QEMU allows growing with snapshots (their disk_size keeps the old size)
+            self._shrink(size)
+            return
+        # v3 images allow growing with snapshots (their disk_size keeps the old size).
+        old = h.size
+        backing = self.bs.backing
+        if size > old and backing is not None and backing.size > old and self.version < 3:
+            raise BlockError("Failed to zero out new clusters: Operation not supported")
         self.grow_l1(self._l1_entries_for(size))
         h.size = size
         self.file_write(24, struct.pack(">Q", size))
         self.barrier()
+        if size > old and backing is not None and backing.size > old and self.version >= 3:
+            # QEMU's bdrv_co_truncate: a backing file that reaches into the new area must
+            # not show through it, so the new area is zeroed (zero clusters, explicit
+            # zeroes for a partial first cluster).
+            cs = self.cluster_size
+            a = (old + cs - 1) & ~(cs - 1)
+            if a > old:
+                self.write(old, bytes(min(a, size) - old))
+            if size > a:
+                self.mark_dirty_for_write()
+                self._zero_clusters(a, min((size + cs - 1) & ~(cs - 1), self.l1_coverage()) - a, True)
+
+    def _shrink(self, size: int) -> None:
+        """``resize --shrink`` as QEMU 7.2's qcow2_co_truncate: the clusters past the new end
+        are discarded (unallocated, their data freed; a table shared with a snapshot is
+        copied first, as any write), L1 entries past the new end cleared and their L2
+        tables freed, the new size written, and the image file cut after its last cluster
+        in use.  A crash in between leaves the old size with that range reading as zeroes
+        (or the backing file) and at worst leaked clusters."""
+        h, cs = self.header, self.cluster_size
+        self._settle_all()     # no snapshot may still owe references to a table freed here
+        start = (size + cs - 1) & ~(cs - 1)
+        end = min((h.size + cs - 1) & ~(cs - 1), self.l1_coverage())
+        if start < end:
+            self.mark_dirty_for_write()
+            self._zero_clusters(start, end - start, False)
+        self._write_caches()
+        self.barrier()
+        # 2. L1 entries past the new end (the table keeps its size, as in QEMU).
+        keep = self._l1_entries_for(size)
+        freed = []
+        for i in range(keep, len(self.l1)):
+            off = self.l1[i] & f.L1E_OFFSET_MASK
+            if self.l1[i]:
+                self.l1[i] = 0
+                if off:
+                    freed.append(off)
+        if len(self.l1) > keep:
+            self.file_write(h.l1_table_offset + keep * 8, bytes(8 * (len(self.l1) - keep)))
+            self.barrier()
+        for off in freed:
+            self.l2cache.forget(off)
+            self.refs.update(off, cs, -1)
+        self.refs.flush()
+        # 3. The new size, then the file cut after its last cluster in use.
+        h.size = size
+        self.file_write(24, struct.pack(">Q", size))
+        self.barrier()
+        last = -1
+        c = (max(self._file_size, self.alloc_end) + cs - 1) // cs - 1
+        while c >= 0:
+            if self.refs.get(c):
+                last = c
+                break
+            c -= 1
+        if last >= 0 and (last + 1) * cs < self.bs.file.size:
+            self.bs.file.truncate((last + 1) * cs)
+            self._file_size = (last + 1) * cs
+            self.alloc_end = min(self.alloc_end, self._file_size)
+

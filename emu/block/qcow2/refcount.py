@@ -88,7 +88,10 @@ class RefcountManager:
         """
         if length <= 0:
             return
-        if not allocating and offset + length > self.drv.file_size_limit():
+        # (The limit is rounded up to a cluster: the last compressed cluster of a file
+        # qemu-img wrote is not padded, but its sectors count whole.)
+        cs = self.drv.cluster_size
+        if not allocating and offset + length > (self.drv.file_size_limit() + cs - 1) & ~(cs - 1):
             raise ImageFormatError(f"Cluster {offset:#x} referenced by metadata is beyond the end "
                                    "of the image file")
         while True:
