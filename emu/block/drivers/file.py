@@ -95,6 +95,7 @@ class FileDriver(BlockDriver):
         # atomic under the GIL; a late store of an older number only costs a redundant sync);
         # a flush that finds the number it synced last skips the fdatasync.  Flushes run one
         # at a time so they complete in generation order.
+        self._size: int | None = None
         self._gens = itertools.count(1)
         self._write_gen = 0
         self._flushed_gen = 0
@@ -109,6 +110,7 @@ class FileDriver(BlockDriver):
         self.path = path
         self.options = dict(options)
         self.fd = self._open_fd(self.bs.read_only)
+        self._size = None
 
     def _open_fd(self, read_only: bool) -> int:
         bs, path, options = self.bs, self.path, self.options
@@ -162,6 +164,7 @@ class FileDriver(BlockDriver):
         """Switch between read-only and read-write (new descriptor, new locks)."""
         fd = self._open_fd(read_only)
         old, self.fd = self.fd, fd
+        self._size = None
         if old >= 0:
             os.close(old)
 
@@ -170,13 +173,25 @@ class FileDriver(BlockDriver):
 
     @property
     def size(self) -> int:
+        # Cached as QEMU's total_sectors (every request's range check asks): set at open and
+        # by our own writes past the end and truncates; block and character devices ask
+        # the kernel each time.
+        n = self._size
+        if n is not None:
+            return n
         st = os.fstat(self.fd)
-        if st.st_size == 0 and not os.path.isfile(self.path):
+        if st.st_size == 0 and not stat.S_ISREG(st.st_mode):
             try:
                 return os.lseek(self.fd, 0, os.SEEK_END)
             except OSError:
                 return 0
+        if stat.S_ISREG(st.st_mode):
+            self._size = st.st_size
         return st.st_size
+
+    def refresh_size(self) -> None:
+        """Forget the cached size (the file was changed behind this node)."""
+        self._size = None
 
     # --- I/O ----------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -237,6 +252,7 @@ class FileDriver(BlockDriver):
     def write(self, offset: int, data: bytes) -> None:
         try:
             if self.direct:
+                self._size = None   # (alignment padding and ftruncate: ask again)
                 self._write_direct(offset, data)
                 return
             view = memoryview(data)
@@ -244,9 +260,13 @@ class FileDriver(BlockDriver):
             while done < len(data):
                 done += os.pwritev(self.fd, [view[done:]], offset + done)
         except OSError as err:
+            self._size = None     # a partial write may have grown the file
             raise self._err("Write", err) from err
         finally:
             self._write_gen = next(self._gens)
+        n = self._size
+        if n is not None and offset + len(data) > n:
+            self._size = offset + len(data)
 
     def _write_direct(self, offset: int, data: bytes) -> None:
         start, alen = self._aligned(offset, len(data))
@@ -326,6 +346,7 @@ class FileDriver(BlockDriver):
                 self.write(o, bytes(min(step, offset + length - o)))
 
     def truncate(self, size: int) -> None:
+        self._size = None
         try:
             os.ftruncate(self.fd, size)
         except OSError as err:

@@ -105,3 +105,23 @@ def test_convert_snapshot_refusals(images: Path, args: list[str]) -> None:
     assert e == q
     if q[0] == 0:
         assert (images / "e.raw").read_bytes() == qdata
+
+
+def test_convert_copy_offload_raw(tmp_path: Path) -> None:
+    """-C (copy_file_range) between raw files: same bytes and map as qemu-img -C, and its
+    refusals with -c and -S."""
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as fh:
+        fh.write(bytes(range(256)) * 4096)        # 1 MiB of data
+        fh.truncate(8 << 20)                      # then a hole
+        fh.seek(5 << 20)
+        fh.write(b"\xff" * 65536)
+    for args in (["-C", "-f", "raw", "-O", "raw", "src.raw"], ["-C", "-c", "-O", "qcow2", "src.raw"],
+                 ["-C", "-S", "0", "-O", "raw", "src.raw"]):
+        q = _run("qemu", tmp_path, ["convert", *args], "q.raw")
+        qdata = (tmp_path / "q.raw").read_bytes() if q[0] == 0 else None
+        e = _run("emu", tmp_path, ["convert", *args], "e.raw")
+        assert e == q
+        if q[0] == 0:
+            assert (tmp_path / "e.raw").read_bytes() == qdata
+            assert _map(tmp_path, "e.raw") == _map(tmp_path, "q.raw")
