@@ -472,6 +472,13 @@ class BlockBackend:
         #: The machine's idle path (:class:`IdleQueue`); None: the default queue of
         #: :func:`idle_hook` if one was made, else workers only.
         self.idle_queue: IdleQueue | None = None
+        #: QEMU's ``discard=unmap`` (True) / ``ignore``: with ``ignore`` a discard is
+        #: checked, accounted and succeeds, but does nothing (QEMU's bdrv_co_pdiscard
+        #: without BDRV_O_UNMAP).  True by default here; ``-drive`` defaults to ignore.
+        self.discard_unmap = True
+        #: QEMU's ``detect-zeroes``: ``off``, ``on`` (a write of all zeroes becomes a
+        #: write-zeroes request) or ``unmap`` (the same; emu's zero writes take no unmap flag).
+        self.detect_zeroes = "off"
         #: I/O accounting for query-blockstats (see :class:`BlockAcctStats`).
         self.acct = BlockAcctStats()
 
@@ -600,8 +607,16 @@ class BlockBackend:
         """Write ``data`` at ``offset``."""
         node = self._checked(ACCT_WRITE, offset, len(data), True, account)
         data = bytes(data)
-        self._run(self._accounted(ACCT_WRITE, len(data), self._throttled(
-            lambda: node.write(offset, data), len(data), True), account))
+        n = len(data)
+        if self._zero_write(data):
+            op = lambda: node.write_zeroes(offset, n)   # noqa: E731
+        else:
+            op = lambda: node.write(offset, data)       # noqa: E731
+        self._run(self._accounted(ACCT_WRITE, n, self._throttled(op, n, True), account))
+
+    def _zero_write(self, data: bytes) -> bool:
+        """detect-zeroes: this write is all zeroes and should become a write-zeroes."""
+        return self.detect_zeroes != "off" and len(data) > 0 and data.count(0) == len(data)
 
     def write_zeroes(self, offset: int, length: int, *, account: bool = True) -> None:
         """Make the range read as zeroes (accounted as a write of ``length`` bytes, as
@@ -612,7 +627,8 @@ class BlockBackend:
     def discard(self, offset: int, length: int, *, account: bool = True) -> None:
         """Discard (trim) the range; advisory (accounted as unmap)."""
         node = self._checked(ACCT_UNMAP, offset, length, True, account)
-        self._run(self._accounted(ACCT_UNMAP, length, lambda: node.discard(offset, length), account))
+        op = (lambda: node.discard(offset, length)) if self.discard_unmap else (lambda: None)
+        self._run(self._accounted(ACCT_UNMAP, length, op, account))
 
     def flush(self, *, account: bool = True) -> None:
         """Write back caches and make completed writes durable."""
@@ -774,8 +790,14 @@ class BlockBackend:
                   account: bool = True) -> None:
         """Write on a worker thread (or the driver's own async I/O); ``callback(None | Exception)``."""
         data = bytes(data)
-        self._aio(self._throttled(lambda: self._node().write(offset, data), len(data), True), callback,
-                  lambda: self._check(offset, len(data), True), ACCT_WRITE, len(data), account,
+        n = len(data)
+        if self._zero_write(data):
+            self._aio(self._throttled(lambda: self._node().write_zeroes(offset, n), n, True), callback,
+                      lambda: self._check(offset, n, True), ACCT_WRITE, n, account,
+                      ("write_zeroes", offset, None))
+            return
+        self._aio(self._throttled(lambda: self._node().write(offset, data), n, True), callback,
+                  lambda: self._check(offset, n, True), ACCT_WRITE, n, account,
                   ("write", offset, data))
 
     def aio_write_zeroes(self, offset: int, length: int, callback: Callback | None = None, *,
@@ -786,6 +808,10 @@ class BlockBackend:
 
     def aio_discard(self, offset: int, length: int, callback: Callback | None = None, *,
                     account: bool = True) -> None:
+        if not self.discard_unmap:      # discard=ignore: checked and accounted, no I/O
+            self._aio(lambda: None, callback, lambda: self._check(offset, length, True),
+                      ACCT_UNMAP, length, account)
+            return
         self._aio(lambda: self._node().discard(offset, length), callback,
                   lambda: self._check(offset, length, True), ACCT_UNMAP, length, account,
                   ("discard", offset, None))

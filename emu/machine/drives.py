@@ -46,8 +46,40 @@ def _backend_for(node: Any, name: str, readonly: bool) -> Any:
         return BlockBackend(node)
 
 
+#: QEMU's bdrv_parse_discard_flags: ``-drive discard=`` values -> unmap?
+_DRIVE_DISCARD = {"off": False, "ignore": False, "on": True, "unmap": True}
+_DETECT_ZEROES = ("off", "on", "unmap")
+
+
+def _drive_discard_options(d: DriveConfig) -> tuple[bool, str]:
+    """``-drive`` ``discard=`` (default ignore: guest discards succeed and do nothing) and
+    ``detect-zeroes=``, with QEMU 7.2's texts for bad values."""
+    disc = d.options.get("discard", "ignore")
+    if disc not in _DRIVE_DISCARD:
+        raise ConfigError("Invalid discard option")
+    dz = d.options.get("detect-zeroes", "off")
+    if dz not in _DETECT_ZEROES:
+        raise ConfigError(f"invalid parameter value: {dz}")
+    return _DRIVE_DISCARD[disc], dz
+
+
+def _blockdev_discard_options(options: dict[str, Any]) -> None:
+    """``-blockdev`` ``discard=ignore|unmap`` and ``detect-zeroes=off|on|unmap`` (QAPI enums,
+    QEMU 7.2's texts); detect-zeroes=unmap needs discard=unmap (bdrv_open_common)."""
+    disc = options.get("discard", "ignore")
+    if disc not in ("ignore", "unmap"):
+        raise BlockError(f"Parameter 'discard' does not accept value '{disc}'")
+    dz = options.get("detect-zeroes", "off")
+    if dz not in _DETECT_ZEROES:
+        raise BlockError(f"Parameter 'detect-zeroes' does not accept value '{dz}'")
+    if dz == "unmap" and disc != "unmap":
+        raise BlockError("setting detect-zeroes to unmap is not allowed without setting "
+                         "discard operation to unmap")
+
+
 def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
     """Open one drive (or register an empty cdrom) and add it to ``machine``."""
+    discard_unmap, detect_zeroes = _drive_discard_options(d)
     # a BlockBackend without a device counts as removable (QEMU: no device, no tray)
     dev = BlockDevice(name=d.id, qdev=qdev, media=d.media,
                       removable=d.media == "cdrom" or not qdev)
@@ -78,6 +110,9 @@ def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
             raise OptionError("Block node is read-only")
         dev.node = node
         dev.backend = _backend_for(node, d.id, d.readonly)
+        if dev.backend is not None:
+            dev.backend.discard_unmap = discard_unmap
+            dev.backend.detect_zeroes = detect_zeroes
     machine.add_block_device(dev)
     return dev
 
@@ -94,6 +129,7 @@ def open_drives(machine: Machine) -> None:
         if machine.block_graph is None:
             break
         try:
+            _blockdev_discard_options(b.options)
             machine.block_graph.blockdev_add(b.options)
         except (BlockError, EmuError) as e:
             raise OptionError(str(e), f"-blockdev {b.spec}") from e

@@ -318,6 +318,8 @@ def query_block(ctx: CommandContext) -> list:
         e["locked"] = dev.locked
         if dev.node is not None:
             e["inserted"] = block_device_info(dev.node, writeback=dev.writeback)
+            # -drive detect-zeroes= (kept on the BlockBackend, which applies it)
+            e["inserted"]["detect_zeroes"] = getattr(dev.backend, "detect_zeroes", "off")
         if dev.removable and dev.qdev:
             e["tray_open"] = False
         if dev.qdev:            # I/O status is tracked once a device is attached
