@@ -102,21 +102,28 @@ class I8259:
         return p
 
     def get_irq(self) -> int:
-        """The input that would be delivered now, or -1."""
-        mask = self.irr & ~self.imr
-        priority = self._priority(mask)
-        if priority == 8:
+        """The input that would be delivered now, or -1 (``_priority`` inlined: this runs
+        several times per interrupt)."""
+        mask = self.irr & ~self.imr & 0xFF
+        if not mask:
             return -1
+        add = self.priority_add
+        rot = ((mask >> add) | (mask << (8 - add))) & 0xFF
+        priority = (rot & -rot).bit_length() - 1
         # Compare with the highest in service; in special mask mode masked in-service levels
         # do not block, and in special fully nested mode the cascade input never does.
         mask = self.isr
-        if self.special_mask:
-            mask &= ~self.imr
-        if self.special_fully_nested and self.master:
-            mask &= ~(1 << CASCADE_IRQ)
-        if priority < self._priority(mask):
-            return (priority + self.priority_add) & 7
-        return -1
+        if mask:
+            if self.special_mask:
+                mask &= ~self.imr
+            if self.special_fully_nested and self.master:
+                mask &= ~(1 << CASCADE_IRQ)
+            mask &= 0xFF
+            if mask:
+                rot = ((mask >> add) | (mask << (8 - add))) & 0xFF
+                if priority >= (rot & -rot).bit_length() - 1:
+                    return -1
+        return (priority + add) & 7
 
     def set_input(self, irq: int, level: bool) -> None:
         """Drive input ``irq`` (0-7) to ``level``."""
