@@ -184,3 +184,38 @@ def test_icw1_resets_masks_and_bad_input_is_harmless():
         bus.port_read(0x20, 1)
     with pytest.raises(ValueError):
         pic.irq_line(16)
+
+
+def _reference_get_irq(chip) -> int:
+    """QEMU's pic_get_irq written out plainly: priority p (0 highest) of input (p + priority_add) & 7."""
+    def prio(mask: int) -> int:
+        for p in range(8):
+            if mask & (1 << ((p + chip.priority_add) & 7)):
+                return p
+        return 8
+
+    pending = prio(chip.irr & ~chip.imr)
+    if pending == 8:
+        return -1
+    serving = chip.isr
+    if chip.special_mask:
+        serving &= ~chip.imr
+    if chip.special_fully_nested and chip.master:
+        serving &= ~(1 << 2)
+    return (pending + chip.priority_add) & 7 if pending < prio(serving) else -1
+
+
+def test_get_irq_agrees_with_the_plain_priority_rule_on_every_rotation():
+    import random
+
+    from emu.hw.pc.pic import I8259
+
+    rng = random.Random(8259)
+    for _ in range(20000):
+        chip = I8259(rng.random() < 0.5)
+        chip.irr, chip.imr = rng.getrandbits(8), rng.getrandbits(8)
+        chip.isr = rng.getrandbits(8) if rng.random() < 0.7 else 0
+        chip.priority_add = rng.randrange(8)
+        chip.special_mask = rng.random() < 0.3
+        chip.special_fully_nested = rng.random() < 0.3
+        assert chip.get_irq() == _reference_get_irq(chip), vars(chip)
