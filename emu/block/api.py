@@ -479,6 +479,7 @@ class BlockBackend:
         #: QEMU's ``detect-zeroes``: ``off``, ``on`` (a write of all zeroes becomes a
         #: write-zeroes request) or ``unmap`` (the same; emu's zero writes take no unmap flag).
         self.detect_zeroes = "off"
+        self._resize_notifiers: list[Callable[[], None]] = []
         #: I/O accounting for query-blockstats (see :class:`BlockAcctStats`).
         self.acct = BlockAcctStats()
 
@@ -522,6 +523,18 @@ class BlockBackend:
     def set_root(self, node: BlockDriverState | None) -> None:
         """Switch the root node (external snapshot, change medium); call while drained."""
         self._root = node
+
+    def add_resize_notifier(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after the device's node was resized (QEMU's BlockDevOps.resize_cb)."""
+        self._resize_notifiers.append(fn)
+
+    def resized(self) -> None:
+        """The root node's size changed (``block_resize``): tell the device."""
+        for fn in list(self._resize_notifiers):
+            try:
+                fn()
+            except Exception:
+                log.exception("resize notifier of '%s' failed", self.name)
 
     @property
     def size(self) -> int:

@@ -458,8 +458,9 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
     from emu.hw.ide import attach_piix_ide
 
     backends, write_cache = _ide_backends(machine)
+    # TRIM goes to the backend, whose -drive discard= (default ignore) decides, as in QEMU
     ide = attach_piix_ide(board, cpu.ram, cpu.invalidate_code, backends, write_cache=write_cache,
-                          dma_view=cpu.dma_view)
+                          dma_view=cpu.dma_view, discard=[b is not None for b in backends])
     geometry: list[tuple[int, ...] | None] = [None] * 4
     for i, drive in enumerate(ide.drives):
         if drive.present:

@@ -142,6 +142,8 @@ class IdeDrive:
         # and, as in QEMU, no reset restores it.
         self.heads = self.geometry.heads
         self.sectors = self.geometry.sectors
+        if blk is not None and hasattr(blk, "add_resize_notifier"):
+            blk.add_resize_notifier(self.resized)
         self.reset()
 
     @property
@@ -226,7 +228,9 @@ class IdeDrive:
             self.nsector = (self.hob_nsector << 8) | (self.nsector & 0xFF)
 
     def range_ok(self, sector: int, count: int) -> bool:
-        total = self.nb_sectors
+        # the backend's current size, as QEMU's ide_sect_range_ok (after a block_resize it
+        # is the new one even where nb_sectors and IDENTIFY keep the old)
+        total = (self.blk.size >> SECTOR_BITS) if self.blk is not None else 0
         return not (sector > total or count > total - sector)
 
     # ---- IDENTIFY -------------------------------------------------------------------
@@ -237,6 +241,21 @@ class IdeDrive:
                                    self.version, self.mult_sectors, self.write_cache)
             self.identify_data = bytearray(words_to_bytes(words))
         return bytes(self.identify_data)
+
+    def resized(self) -> None:
+        """The backend's size changed (block_resize): QEMU's ide_resize_cb.  Once IDENTIFY
+        data exists, the sector count and its capacity words (60-61 LBA28, capped; 100-103
+        LBA48) follow the new size, with no interrupt; the CHS geometry (words 1-6, 54-58)
+        stays.  Before the first IDENTIFY nothing changes (QEMU returns early the same way;
+        the first IDENTIFY then shows the start-up size).  Range checks need nothing from
+        here: :meth:`range_ok` reads the backend's size."""
+        if self.identify_data is None or self.blk is None:
+            return
+        n = self.nb_sectors = self.blk.size >> SECTOR_BITS
+        lba28 = min(n, (1 << 28) - 1)
+        for word, value in ((60, lba28), (61, lba28 >> 16), (100, n), (101, n >> 16),
+                            (102, n >> 32), (103, n >> 48)):
+            self.patch_identify(word, value)
 
     def patch_identify(self, word: int, value: int) -> None:
         if self.identify_data is None:

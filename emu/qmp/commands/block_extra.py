@@ -162,8 +162,8 @@ def resize_node(machine: Any, bs: Any, size: int) -> None:
     Checks in QEMU's order (permission of a protocol node under a format node, maximum
     length, read-only, qcow2's 512-byte multiple), then the resize inside a drained
     section of the devices on ``bs``; after it, each virtio-blk device on ``bs`` raises
-    its configuration-change interrupt (QEMU's virtio_blk_resize).  IDE is not told
-    (QEMU's IDE only refreshes its IDENTIFY data, without an interrupt).
+    its configuration-change interrupt (QEMU's virtio_blk_resize); every backend on ``bs``
+    calls its resize notifiers (IDE refreshes its IDENTIFY data, without an interrupt, as QEMU).
 
     :raises QmpError: with QEMU's texts.
     """
@@ -199,6 +199,8 @@ def resize_node(machine: Any, bs: Any, size: int) -> None:
         raise QmpError(desc_of(e)) from e
     except OSError as e:
         raise QmpError(f"Could not resize file: {os.strerror(e.errno or 5)}") from e
+    for b in backends:
+        b.resized()             # devices that listen (IDE: its IDENTIFY capacity words)
     hw = getattr(machine, "hardware", None)
     for fn in (getattr(hw, "virtio", None) or {}).values():
         dev = getattr(fn, "device", None)
