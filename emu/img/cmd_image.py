@@ -929,3 +929,125 @@ class Progress:
 
 
 cmd_resize.preparse = pre_resize_args  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- measure
+
+def _refcount_metadata_size(clusters: int, cs: int, refcount_order: int) -> int:
+    """QEMU's qcow2_refcount_metadata_size: refcount blocks and table clusters for
+    ``clusters`` host clusters, found as the fixed point (they count themselves)."""
+    per_table_cluster = cs // 8
+    per_block = cs * 8 // (1 << refcount_order)
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cs
+
+
+def _qcow2_prealloc_size(total: int, cs: int, refcount_order: int) -> int:
+    """QEMU's qcow2_calc_prealloc_size: data plus every metadata cluster a fully
+    allocated image of ``total`` bytes needs."""
+    aligned = -(-total // cs) * cs
+    meta = cs                                   # header
+    per_table = cs // 8
+    nl2e = -(-(aligned // cs) // per_table) * per_table
+    meta += nl2e * 8                            # L2 tables
+    nl1e = -(-(nl2e * 8 // cs) // per_table) * per_table
+    meta += nl1e * 8                            # L1 table
+    meta += _refcount_metadata_size((meta + aligned) // cs, cs, refcount_order)
+    return meta + aligned
+
+
+@command("measure", "hf:O:o:l:U", ["output=", "size=", "object=", "image-opts", "force-share"])
+def cmd_measure(opts: list[tuple[str, str]], args: list[str]) -> int:
+    """``measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snap]
+    filename]``: the size a converted or new image needs, as qemu-img 7.2 computes it."""
+    fmt = None
+    out_fmt = "raw"
+    olist: list[str] = []
+    out = "human"
+    size_text = snap = None
+    share = False
+    for o, v in opts:
+        if o == "-f":
+            fmt = v
+        elif o == "-O":
+            out_fmt = v
+        elif o == "-o":
+            olist.append(v)
+        elif o == "-l":
+            snap = v
+        elif o == "--size":
+            size_text = v
+        elif o == "--output":
+            out = v
+        elif o in ("-U", "--force-share"):
+            share = True
+    out = output_format(out)
+    if size_text is not None:
+        try:
+            size = parse_size(size_text)
+        except ValueError:
+            raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+                           f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    if len(args) > 1:
+        raise UsageError("Expecting one image file name")   # (qemu-img: only one filename)
+    if size_text is not None and args:
+        raise ImgError("--size N cannot be used together with a filename.")
+    if size_text is None and not args:
+        raise ImgError("Either --size N or one filename must be specified.")
+    if out_fmt not in ("qcow2", "raw"):
+        raise ImgError(f"Unknown file format '{out_fmt}'")
+    o = parse_o(out_fmt, olist, "")
+    with session() as s:
+        bs = None
+        if args:
+            bs = s.open(args[0], fmt, read_only=True, force_share=share, no_backing=False)
+            if snap is not None:
+                from emu.img.cmd_copy import _load_snapshot, _snapshot_opts
+                if snap.startswith("snapshot."):
+                    _load_snapshot(bs, _snapshot_opts(snap), None)
+                else:
+                    _load_snapshot(bs, None, snap)
+        has_bitmaps = False
+        if out_fmt == "raw":
+            required = bs.size if bs is not None else (size + 511) & ~511
+            full = required
+        else:
+            cs = int(o.get("cluster_size", 65536))
+            refcount_order = int(o.get("refcount_bits", 16)).bit_length() - 1
+            v3 = o.get("compat", "1.1") not in ("0.10", "v2")
+            if bs is None:
+                vsize = (size + 511) & ~511
+                data = 0        # a new image: metadata only
+            else:
+                ssize = bs.size
+                vsize = -(-ssize // cs) * cs
+                data = 0
+                off = 0
+                while off < ssize:
+                    ent, n = block_status_above(bs, off, ssize - off)
+                    if ent["data"] and not ent["zero"] and ent["present"]:
+                        # whole clusters, counted from the cluster's start (QEMU's loop)
+                        n = -(-(off + n) // cs) * cs - off
+                        data += off % cs + n
+                    off += n
+                # bitmaps: both the target and the source (qcow2 v3) could hold them
+                has_bitmaps = v3 and bs.drv == "qcow2" and getattr(bs.impl, "version", 2) >= 3
+            full = _qcow2_prealloc_size(vsize, cs, refcount_order)
+            required = full - (-(-vsize // cs) * cs) + data
+    if out == "json":
+        d: dict[str, Any] = {"required": required, "fully-allocated": full}
+        if has_bitmaps:
+            d["bitmaps"] = 0
+        sys.stdout.write(to_json_pretty(d) + "\n")
+    else:
+        text = f"required size: {required}\nfully allocated size: {full}\n"
+        if has_bitmaps:
+            text += "bitmaps size: 0\n"
+        sys.stdout.write(text)
+    return 0

@@ -86,6 +86,8 @@ SYNTAX = {
     "snapshot": "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
     "rebase": "rebase [-U] [-q] [-f fmt] [-t cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
     "resize": "resize [-f fmt] [-q] [--shrink] filename [+ | -]size",
+    "measure": "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] "
+               "[-l snapshot_param] filename]",
 }
 
 
