@@ -12,7 +12,7 @@ emu's runs count while emu's machine is being built:
   added there.
 
 A third entry boots the same images on QEMU with emu's own BIOS (``-bios firmware/bios.bin``), a
-cross-check of the firmware with real guests; it is ``xfail(strict=False)`` unless strict.
+cross-check of the firmware with real guests; it must pass like the others.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ BANNER = "emu-guest cpu/{name} start"
 #: Seconds the serial guest gets to boot on emu before emu counts as not booting yet.
 PROBE_TIMEOUT = 15.0
 #: Guests that must pass on emu (not xfail) once emu boots; grow this as emu's layers land.
-#: Not yet: unassigned (emu's vCPU reads all ones from unassigned memory, QEMU 7.2 reads 0).
+#: (unassigned is in: its test checks emu's deliberate all-ones reads instead of QEMU's zeros.)
 EMU_CONFORMANT: frozenset[str] = frozenset({"serial", "pic-pit", "rtc", "pm-exceptions", "lm-exceptions",
-                                            "bench", "reset"})
+                                            "bench", "reset", "unassigned"})
 
 
 @dataclass(frozen=True)
@@ -211,10 +211,6 @@ def prepare(emulator: Emulator, guest: str, request: pytest.FixtureRequest, work
     if emulator is QEMU_OUR_BIOS:
         if not OUR_BIOS.is_file():
             pytest.skip("firmware/bios.bin is not built")
-        if not strict:
-            # Informative until the firmware is declared done: XPASS is the expected outcome.
-            request.applymarker(pytest.mark.xfail(
-                strict=False, reason="our BIOS on QEMU is a cross-check of another area's work"))
         return
     if emulator is not EMU:
         return

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cpu_guest_runner import (BANNER, EMULATORS, GUESTS_DIR, STATUS_DISK, Emulator, assert_passed,
-                              prepare, run_guest)
+from cpu_guest_runner import (BANNER, EMU, EMULATORS, GUESTS_DIR, STATUS_DISK, Emulator,
+                              assert_passed, prepare, run_guest)
 
 
 @pytest.fixture(params=EMULATORS)
@@ -156,7 +156,16 @@ def test_cpu_guest_triple_fault_no_reboot(emulator: Emulator, request: pytest.Fi
 
 def test_cpu_guest_unassigned(emulator: Emulator, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     # QEMU 7.2 reads 0 from unassigned memory (PCI hole, above RAM) and drops writes there.
+    # emu reads all ones there, as a PC's floating bus does: issue 4 asks for all-ones reads
+    # where nothing is mapped (docs/architecture.md, departures).  The guest checks QEMU's
+    # values, so on emu it reports those two probes BAD with exactly the all-ones values.
     run = boot(emulator, "unassigned", request, tmp_path)
+    if emulator is EMU:
+        assert run.results()["ram_end"].endswith(" ok"), run.describe()
+        for test in ("pci_hole", "above_ram"):
+            assert run.fields(test) == {"dword": 0xFFFFFFFF, "word": 0xFFFF, "byte": 0xFF,
+                                        "after_write": 0xFFFFFFFF}, run.describe()
+        return
     assert_passed(run, ["pci_hole", "above_ram", "ram_end"])
     for test in ("pci_hole", "above_ram"):
         assert run.fields(test) == {"dword": 0, "word": 0, "byte": 0, "after_write": 0}, test
