@@ -138,6 +138,40 @@ def load_libs() -> tuple[Any, Any, Any]:
         return _libs
 
 
+_fast_libs: tuple[Any, Any] | None = None
+
+
+def _fast() -> tuple[Any, Any]:
+    """librbd's aio calls through ctypes, for the request hot path: ``(held, released)``.
+
+    ``held`` (a PyDLL) keeps the GIL during the call: creating, starting, reading and
+    releasing a completion take microseconds and never wait for Python, and each GIL
+    release (as cffi's ABI mode does at every call) lets the other thread of the pair
+    (submitter / completion thread) take it, so the two ping-pong on it per request.
+    ``released`` (a CDLL) drops the GIL: only ``rbd_aio_wait_for_complete`` uses it.
+    """
+    global _fast_libs
+    if _fast_libs is None:
+        import ctypes
+        held, released = ctypes.PyDLL("librbd.so.1"), ctypes.CDLL("librbd.so.1")
+        vp, u64, sz, cp = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_char_p
+        for name, args, res in (
+                ("rbd_aio_create_completion", [vp, vp, ctypes.POINTER(vp)], ctypes.c_int),
+                ("rbd_aio_get_return_value", [vp], ctypes.c_ssize_t),
+                ("rbd_aio_release", [vp], None),
+                ("rbd_aio_read", [vp, u64, sz, vp, vp], ctypes.c_int),
+                ("rbd_aio_write", [vp, u64, sz, cp, vp], ctypes.c_int),
+                ("rbd_aio_discard", [vp, u64, u64, vp], ctypes.c_int),
+                ("rbd_aio_write_zeroes", [vp, u64, sz, vp, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+                ("rbd_aio_flush", [vp, vp], ctypes.c_int)):
+            fn = getattr(held, name)
+            fn.argtypes, fn.restype = args, res
+        released.rbd_aio_wait_for_complete.argtypes = [vp]
+        released.rbd_aio_wait_for_complete.restype = ctypes.c_int
+        _fast_libs = (held, released)
+    return _fast_libs
+
+
 # --- filename and options (QEMU block/rbd.c qemu_rbd_parse_filename) --------------------
 def _next_tok(s: str, delims: str) -> tuple[str, str | None, str]:
     """Split ``s`` at the first unescaped char of ``delims``: ``(token, delim, rest)``."""
@@ -331,22 +365,26 @@ def _raw_alloc(ffi: Any) -> Any:
 class _Request:
     """One aio request: keeps the buffer alive until librbd is done with it."""
 
-    __slots__ = ("buf", "length", "callback", "done", "result", "comp")
+    __slots__ = ("buf", "length", "callback", "done", "result", "comp", "data")
 
     def __init__(self, buf: Any, length: int, callback: Callable[[int, bytes | None], None] | None) -> None:
         self.buf, self.length, self.callback = buf, length, callback
         self.done = False       # set once completed (after the callback ran)
         self.result = 0
         self.comp = None
+        self.data = None
 
     def finish(self, ret: int) -> None:
         self.result = ret
         cb = self.callback
         if cb is not None:
             data = None
-            if ret >= 0 and self.length and isinstance(self.buf, tuple):
-                ffi, cbuf = self.buf
-                data = ffi.buffer(cbuf, self.length)[:]
+            buf = self.buf
+            if ret >= 0 and self.length and buf is not None:
+                if type(buf) is tuple:
+                    data = buf[0].buffer(buf[1], self.length)[:]
+                else:
+                    data = buf.raw[:self.length]
             try:
                 cb(ret, data)
             except Exception:  # a broken callback must not unwind into librbd
@@ -371,8 +409,7 @@ class _Reaper:
     delivered in submission order.
     """
 
-    def __init__(self, lib: Any, name: str) -> None:
-        self._lib = lib
+    def __init__(self, name: str) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -381,17 +418,20 @@ class _Reaper:
         self._q.put(req)
 
     def _loop(self) -> None:
-        lib, get = self._lib, self._q.get
+        held, released = _fast()
+        wait, value, release = (released.rbd_aio_wait_for_complete, held.rbd_aio_get_return_value,
+                                held.rbd_aio_release)
+        get = self._q.get
         while True:
             req = get()
             if req is None:
                 return
             comp, req.comp = req.comp, None
             try:
-                lib.rbd_aio_wait_for_complete(comp)
-                ret = int(lib.rbd_aio_get_return_value(comp))
+                wait(comp)
+                ret = value(comp)
             finally:
-                lib.rbd_aio_release(comp)
+                release(comp)
             req.finish(ret)
 
     def stop(self) -> None:
@@ -417,6 +457,7 @@ class RbdDriver(BlockDriver):
         self._reaper: _Reaper | None = None
         self._reaper_lock = threading.Lock()
         self._size: int | None = None
+        self._image_ptr: int | None = None     # self.image as an address (ctypes hot path)
 
     # --- open/close ----------------------------------------------------------------------
     def open(self, options: dict[str, Any]) -> None:
@@ -457,6 +498,7 @@ class RbdDriver(BlockDriver):
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.stop()                         # completes every submitted request
+        self._image_ptr = None
         if self.image is not None:
             self.conn.rbd.rbd_close(self.image)   # waits for librbd's outstanding aio
             self.image = None
@@ -489,32 +531,50 @@ class RbdDriver(BlockDriver):
         """
         if self.image is None:
             raise BlockError(f"Node '{self.bs.node_name}' is closed")
-        ffi, lib = self.conn.ffi, self.conn.rbd
-        if op == "read":
-            cbuf = _raw_alloc(ffi)("char[]", max(length, 1))   # librbd fills it
-            req = _Request((ffi, cbuf), length, callback)
-        elif op == "write":
-            assert data is not None
-            cbuf = ffi.from_buffer(data)
-            req = _Request(cbuf, 0, callback)
-            length = len(data)
-        else:
-            req = _Request(None, 0, callback)
-        comp = ffi.new("rbd_completion_t *")
-        _check(lib.rbd_aio_create_completion(ffi.NULL, ffi.NULL, comp), "aio completion")
+        import ctypes
+        held, _ = _fast()
+        image = self._image_ptr
+        if image is None:
+            image = self._image_ptr = int(self.conn.ffi.cast("uintptr_t", self.image))
+        comp = ctypes.c_void_p()
+        _check(held.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "aio completion")
         reaper = self._reaper
         if reaper is None:
             with self._reaper_lock:
                 reaper = self._reaper
                 if reaper is None:
-                    reaper = self._reaper = _Reaper(lib, f"rbd-{self.bs.node_name}-done")
-        _pending.add(req)
-        r = self._start(op, offset, length, cbuf if op in ("read", "write") else None, comp[0])
+                    reaper = self._reaper = _Reaper(f"rbd-{self.bs.node_name}-done")
+        if op == "read":
+            if length <= 65536:         # zeroing it costs less than a cffi cast
+                buf: Any = ctypes.create_string_buffer(max(length, 1))
+                addr: Any = buf
+            else:                       # large: not zeroed (librbd fills it)
+                ffi = self.conn.ffi
+                cbuf = _raw_alloc(ffi)("char[]", length)
+                buf, addr = (ffi, cbuf), int(ffi.cast("uintptr_t", cbuf))
+            req = _Request(buf, length, callback)
+            r = held.rbd_aio_read(image, offset, length, addr, comp)
+        elif op == "write":
+            assert data is not None
+            data = bytes(data)
+            req = _Request(None, 0, callback)
+            req.data = data                                   # alive until completion
+            r = held.rbd_aio_write(image, offset, len(data), data, comp)
+        else:
+            req = _Request(None, 0, callback)
+            if op == "discard":
+                r = held.rbd_aio_discard(image, offset, length, comp)
+            elif op == "write_zeroes":
+                r = held.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
+            elif op == "flush":
+                r = held.rbd_aio_flush(image, comp)
+            else:
+                r = -errno.EINVAL
         if r < 0:
-            _pending.discard(req)
-            lib.rbd_aio_release(comp[0])
+            held.rbd_aio_release(comp)
             raise RbdError(f"rbd aio {op} failed: {_strerror(r)}", -r)
-        req.comp = comp[0]
+        _pending.add(req)
+        req.comp = comp
         reaper.put(req)
         return req
 
