@@ -341,13 +341,64 @@ class ClusterMixin:
             self.write(b, bytes(end - b))
 
     def discard(self, offset: int, length: int) -> None:
+        """A guest discard as QEMU 7.2's qcow2_co_pdiscard / discard_in_l2_slice
+        (full_discard=false): partial clusters are ignored (the image's short last cluster
+        counts as whole); refused on a v2 image with a backing file (it cannot read as zeroes
+        there).  Every whole cluster that is allocated (data, compressed, preallocated
+        zero) -- or any cluster when there is a backing file -- becomes a zero cluster on v3
+        and unallocated on v2; the rest stay as they are.  As QEMU's get_cluster_table, each
+        L2 table touched is allocated (or copied from a snapshot's) even when no entry
+        changes.  Host clusters whose refcount drops to 0 are discarded in the image file
+        (punched) when ``pass-discard-request`` is on (QEMU's default under discard=unmap,
+        the only way a discard reaches the driver)."""
         a, b, _ = self._split_aligned(offset, length)
         if b <= a:
             return
-        if self.bs.backing is not None and self.version < 3:
-            return  # cannot make it read as zeroes without data; discard is advisory
+        backing = self.bs.backing is not None
+        if backing and self.version < 3:
+            return
         self.mark_dirty_for_write()
-        self._zero_clusters(a, min(b, self.l1_coverage()) - a, self.bs.backing is not None)
+        cs, cb = self.cluster_size, self.cluster_bits
+        new = f.QCOW_OFLAG_ZERO if self.version >= 3 else 0
+        freed: list[int] = []
+        pos, end = a, min(b, self.l1_coverage())
+        while pos < end:
+            l1i = pos >> (cb + self.l2_bits)
+            seg_end = min(end, (l1i + 1) << (cb + self.l2_bits))
+            l2off, l2 = self._l2_for_write(l1i)
+            changed = False
+            for c in range(pos, seg_end, cs):
+                i = (c >> cb) & (self.l2_size - 1)
+                e = self._entry(l2, i)
+                if e == new:
+                    continue
+                compressed = bool(e & f.QCOW_OFLAG_COMPRESSED)
+                if not backing and not compressed and not e & f.L2E_OFFSET_MASK:
+                    continue        # unallocated or a plain zero cluster: reads as zeroes already
+                self._set_entry(l2, i, new)
+                self._free_entry_later(e)
+                freed.append(e & self.clayout.offset_mask & ~(cs - 1) if compressed
+                             else e & f.L2E_OFFSET_MASK)
+                changed = True
+            if changed:
+                self.l2cache.mark_dirty(l2off)
+            pos = seg_end
+        freed = [h for h in freed if h]
+        if freed and self.pass_discard_request:
+            # The L2 tables reach the file before the refcounts drop (as every free here),
+            # then the clusters now unused are punched, merged into runs as QEMU's
+            # update_refcount_discard; none can be reused in between.
+            self._write_caches()
+            runs: list[list[int]] = []
+            for h in sorted(set(freed)):
+                if self.refs.get(h >> cb):
+                    continue
+                if runs and runs[-1][1] == h:
+                    runs[-1][1] = h + cs
+                else:
+                    runs.append([h, h + cs])
+            for s0, s1 in runs:
+                self.bs.file.discard(s0, s1 - s0)
 
     def preallocate_metadata(self) -> None:
         """Allocate every L2 table and data cluster (preallocation=metadata); data reads as zero."""

@@ -89,6 +89,9 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
         self.clayout = f.CompressedLayout.for_cluster_bits(cb)
         self.free_byte_offset = 0
         self.writethrough = False
+        # QEMU's pass-discard-request (default: the node's discard=unmap, which any discard
+        # reaching this driver has): clusters a guest discard frees are discarded in the file.
+        self.pass_discard_request = options.get("pass-discard-request", True) not in (False, "off", "false")
         self._meta: set[int] | None = None
         self._marked_dirty = False
         if h.incompatible_features & f.QCOW2_INCOMPAT_CORRUPT and not bs.read_only:
