@@ -27,3 +27,29 @@ requires_nasm = _need("nasm")
 requires_shared = pytest.mark.skipif(
     not (SHARED / "qmp-golden").is_dir(), reason="../shared/qmp-golden is not beside the checkout"
 )
+
+
+class SocketLines:
+    """Text lines over a connected socket, read and written through separate buffers.
+
+    One ``sock.makefile("rw")`` text file drops the lines it has read ahead whenever it is
+    written to (TextIOWrapper.write discards its decoded-but-unread text), so a QMP client
+    built on it loses events that arrived together with a reply.
+    """
+
+    def __init__(self, sock) -> None:
+        self._r = sock.makefile("r", encoding="utf-8")
+        self._w = sock.makefile("w", encoding="utf-8")
+
+    def readline(self) -> str:
+        return self._r.readline()
+
+    def write(self, text: str) -> int:
+        return self._w.write(text)
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, requires_qemu_img, requires_qemu_system
+from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_system]
 
@@ -85,7 +85,7 @@ def _session(argv0: list[str], w: Path) -> tuple[list, str]:
             break
         except OSError:
             time.sleep(0.05)
-    f = s.makefile("rw")
+    f = SocketLines(s)
     f.readline()
 
     def cmd(name: str, args: dict | None = None) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, requires_qemu_img, requires_qemu_system
+from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_system]
 
@@ -84,7 +84,7 @@ def _session(argv0: list[str], work: Path) -> list:
             break
         except OSError:
             time.sleep(0.05)
-    f = s.makefile("rw")
+    f = SocketLines(s)
     f.readline()
     out: list = []
     events: list = []

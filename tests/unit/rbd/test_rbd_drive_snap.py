@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import rbd_ceph_cluster
-from conftest import requires_qemu_system
+from conftest import SocketLines, requires_qemu_system
 from emu.cli import OptionError, parse_args
 from emu.machine.drives import open_drives
 from emu.machine.pc import Machine
@@ -78,7 +78,7 @@ def _qemu_nodes(argv: list[str], tmp: Path) -> list[dict]:
             time.sleep(0.05)
         s = socket.socket(socket.AF_UNIX)
         s.connect(sock)
-        f = s.makefile("rw")
+        f = SocketLines(s)
         f.readline()
         for cmd in ("qmp_capabilities", "query-named-block-nodes"):
             f.write(json.dumps({"execute": cmd}) + "\n")

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import rbd_ceph_cluster
+from conftest import SocketLines
 from emu.block.api import BlockBackend
 from emu.block.drivers import rbd
 from emu.block.node import BlockGraph
@@ -278,7 +279,7 @@ def test_unreachable_cluster_does_not_stop_other_monitor_clients(tmp_path):
                 assert p.poll() is None and time.monotonic() < end
                 time.sleep(0.05)
         s.settimeout(60)                   # a regression fails instead of hanging the run
-        f = s.makefile("rw")
+        f = SocketLines(s)
         assert "QMP" in json.loads(f.readline())
         f.write('{"execute": "qmp_capabilities"}\n')
         f.flush()
