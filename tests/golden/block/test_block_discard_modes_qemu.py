@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, requires_qemu_img, requires_qemu_io, requires_qemu_system
+from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_io, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_io, requires_qemu_system]
 
@@ -50,7 +50,7 @@ def _session(argv0: list[str], w: Path, drive: str) -> list:
             if p.poll() is not None:
                 raise AssertionError(p.communicate()[0].decode())
             time.sleep(0.05)
-    f = s.makefile("rw")
+    f = SocketLines(s)
     f.readline()
 
     def cmd(name: str, args: dict | None = None) -> dict:

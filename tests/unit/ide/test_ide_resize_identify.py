@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import requires_qemu_system
+from conftest import SocketLines, requires_qemu_system
 from ide_harness import (
     EmuRig,
     QtestRig,
@@ -55,7 +55,7 @@ class QmpQtestRig(QtestRig):
                 break
             except OSError:
                 time.sleep(0.05)
-        self._qmp = s.makefile("rw")
+        self._qmp = SocketLines(s)
         self._qmp.readline()
         self.qmp("qmp_capabilities")
 
