@@ -149,7 +149,7 @@ def test_unicorn_dma_patched_function_is_exported_as_reported() -> None:
     assert info.patched == PATCHED
     if PATCHED:
         assert info.patches == ("notdirty-code-pages", "invalidate-phys", "native-irq", "native-halt",
-                                 "insn-hooks-kick")
+                                 "insn-hooks-kick", "inline-exit-check")
     else:
         assert info.patches == ()
 

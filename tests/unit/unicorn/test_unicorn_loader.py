@@ -89,7 +89,7 @@ def test_unicorn_loader_picks_patched_build() -> None:
     assert got["leaked"] is None  # LIBUNICORN_PATH is not left in the environment
     assert "Warning" not in err
     assert got["line"].startswith("libunicorn 2.1.4 patched (notdirty-code-pages invalidate-phys native-irq native-halt "
-                                   "insn-hooks-kick)")
+                                   "insn-hooks-kick inline-exit-check)")
 
 
 @needs_patched_build
