@@ -14,8 +14,13 @@ from conftest import REPO
 
 pexpect = pytest.importorskip("pexpect")
 
+#: qemu.qmp's console script, looked up beside this interpreter first: README's test command
+#: runs `.venv/bin/python -m pytest`, which does not put .venv/bin on PATH.
+QMP_SHELL = shutil.which("qmp-shell", path=os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
-@pytest.mark.skipif(shutil.which("qmp-shell") is None, reason="qmp-shell is not installed")
+
+@pytest.mark.skipif(QMP_SHELL is None, reason="qmp-shell is not installed")
 def test_qmp_shell_session(tmp_path) -> None:
     sock = str(tmp_path / "q.sock")
     p = subprocess.Popen([sys.executable, "-m", "emu", "-nodefaults", "-display", "none", "-S",
@@ -26,7 +31,7 @@ def test_qmp_shell_session(tmp_path) -> None:
             if os.path.exists(sock):
                 break
             time.sleep(0.05)
-        sh = pexpect.spawn("qmp-shell", [sock], encoding="utf-8", timeout=20)
+        sh = pexpect.spawn(QMP_SHELL, [sock], encoding="utf-8", timeout=20)
         sh.expect(r"\(QEMU\) ")
         sh.sendline("query-status")
         sh.expect(r'"status": "prelaunch"')
