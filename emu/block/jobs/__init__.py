@@ -21,6 +21,7 @@ monitor's reply always follows the events its command caused, as QEMU's does.
 from __future__ import annotations
 
 import enum
+import errno
 import threading
 from typing import Any, Callable, Iterable
 
@@ -258,6 +259,25 @@ class Job:
             return True
 
     # ----------------------------------------------------------- pause / resume
+    def _apply_error_policy(self, policy: str, is_read: bool, err_no: int) -> str:
+        """QEMU's block_job_error_action: pick the action for ``policy`` (enospc/auto stop
+        only on ENOSPC), emit BLOCK_JOB_ERROR, and on ``stop`` pause the job with its
+        iostatus set.  Returns the action (report, ignore, stop)."""
+        if policy in ("enospc", "auto"):
+            action = "stop" if err_no == errno.ENOSPC else "report"
+        else:
+            action = policy
+        self.registry.emit("BLOCK_JOB_ERROR", {"device": self.id,
+                                               "operation": "read" if is_read else "write",
+                                               "action": action})
+        if action == "stop":
+            with self._lock:
+                self.iostatus = "nospace" if err_no == errno.ENOSPC else "failed"
+                if not self.user_paused:
+                    self.user_paused = True
+                    self._pause()
+        return action
+
     def _pause(self) -> None:
         self.pause_count += 1
         if self.pause_count == 1 and self.started and not self.cancelled:

@@ -117,20 +117,7 @@ class ChainCopyJob(Job):
 
     def _error_action(self, err: _IOError) -> str:
         policy = self.on_error
-        if policy in ("enospc", "auto"):
-            action = "stop" if err.errno == errno_mod.ENOSPC else "report"
-        else:
-            action = policy
-        self.registry.emit("BLOCK_JOB_ERROR", {"device": self.id,
-                                               "operation": "read" if err.is_read else "write",
-                                               "action": action})
-        if action == "stop":
-            with self._lock:
-                self.iostatus = "nospace" if err.errno == errno_mod.ENOSPC else "failed"
-                if not self.user_paused:
-                    self.user_paused = True
-                    self._pause()
-        return action
+        return self._apply_error_policy(policy, err.is_read, err.errno)
 
     def run(self) -> str | None:
         if not self.prepare_run():
