@@ -269,7 +269,8 @@ class _IdleDispatcher:
         self.parked = False
         self.closed = False
         self.submitted = 0      # requests seen since the start (tells the poller to linger)
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, job: _Job) -> None:
         """A new idle-path request is in the queue (submitting thread)."""
@@ -344,8 +345,12 @@ class IdleQueue:
         self._name = name
         self._lock = threading.Lock()
         self._dispatcher: _IdleDispatcher | None = None
+        self.closed = False
 
     def _submit(self, job: _Job) -> None:
+        if self.closed:                 # the machine is gone: no vCPU will claim it
+            job.hand_to_workers()
+            return
         d = self._dispatcher
         if d is None:
             with self._lock:
@@ -375,11 +380,16 @@ class IdleQueue:
             if job.backend is backend:
                 job.hand_to_workers()
 
-    def close(self) -> None:
-        """Stop the dispatcher thread; waiting requests go to the workers."""
-        d = self._dispatcher
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the dispatcher thread (and wait up to ``timeout`` s for it to end); waiting
+        requests, and any submitted later, go to the workers."""
+        self.closed = True
+        with self._lock:
+            d = self._dispatcher
         if d is not None:
             d.close()
+            if d.thread is not threading.current_thread():
+                d.thread.join(timeout)
 
 
 #: The queue of :func:`idle_hook` (backends with no queue of their own use it once it exists).

@@ -129,6 +129,8 @@ class Hardware:
     virtio: dict[str, Any] = field(default_factory=dict)
     #: exit status the guest asked for through isa-debug-exit (None: not yet)
     exit_status: int | None = None
+    #: this machine's idle path (:class:`emu.block.api.IdleQueue`), closed with the machine
+    idle_queue: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -472,7 +474,7 @@ def build_hardware(machine: Machine, *, start_time: float | None = None,
 
     _forget_probe_io(machine)
     runner = VcpuRunner(cpu, clock)
-    hw = Hardware(clock, board, cpu, runner, ide, virtio=virtio)
+    hw = Hardware(clock, board, cpu, runner, ide, virtio=virtio, idle_queue=idleq)
     machine.add_reset_handler(board.reset)
     if cfg.boot_once is not None:
         once_pending = [True]

@@ -531,6 +531,12 @@ class Machine:
                     graph.close_all()
                 except Exception:   # noqa: BLE001
                     pass
+            # the idle path's dispatcher thread: the backends are closed, nothing is left
+            # for it (a process that builds many machines, as tests do, must not keep one
+            # parked thread per machine)
+            idle = getattr(getattr(self, "hardware", None), "idle_queue", None)
+            if idle is not None:
+                idle.close()
 
 
 def _drain_begin(blk: Any) -> None:

@@ -60,3 +60,34 @@ def test_closing_a_queue_hands_waiting_requests_to_the_workers(tmp_path, monkeyp
     finally:
         blk.close()
         g.close_all()
+
+
+def test_closing_a_machine_ends_its_idle_dispatcher(emu_inprocess, tmp_path):
+    """A machine's close stops its idle queue's dispatcher thread (a process that builds many
+    machines, as a test run does, kept one parked thread per machine), and a request submitted
+    to that queue afterwards still completes, on the workers."""
+    m = _machine(emu_inprocess, tmp_path, "gone")
+    [d] = m.machine.block_devices
+    q = d.backend.idle_queue
+    assert q is m.hardware.idle_queue
+    first = threading.Event()               # an idle-path request starts the dispatcher; the
+    d.backend.aio_write(0, b"\x17" * 512, lambda r: first.set())   # paused vCPU leaves it to
+    assert first.wait(30)                   # the workers past the grace
+    thread = q._dispatcher.thread
+    assert thread.is_alive()
+    m.close()
+    assert q.closed and not thread.is_alive()
+
+    from emu.block.node import BlockGraph
+    img = tmp_path / "late.img"
+    img.write_bytes(bytes(1 << 20))
+    g = BlockGraph()
+    blk = api.BlockBackend(g.open_image(str(img), "raw"), "late")
+    blk.idle_queue = q
+    done = threading.Event()
+    try:
+        blk.aio_write(512, b"\x42" * 512, lambda r: done.set())
+        assert done.wait(30) and blk.read(512, 512) == b"\x42" * 512
+    finally:
+        blk.close()
+        g.close_all()
