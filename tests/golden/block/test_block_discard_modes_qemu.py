@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_io, requires_qemu_system
+from conftest import REPO, QmpProcess, requires_qemu_img, requires_qemu_io, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_io, requires_qemu_system]
 
@@ -34,47 +32,15 @@ def _image(path: Path, fmt: str) -> None:
 
 
 def _session(argv0: list[str], w: Path, drive: str) -> list:
-    sock = w / "qmp.sock"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen(argv0 + [
-        "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{sock},server=on,wait=off", "-drive", drive,
-        "-device", "virtio-blk-pci,drive=d0,id=vdev"], cwd=w, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(600):
-        try:
-            s.connect(str(sock))
-            break
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError(p.communicate()[0].decode())
-            time.sleep(0.05)
-    f = SocketLines(s)
-    f.readline()
-
-    def cmd(name: str, args: dict | None = None) -> dict:
-        msg: dict = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        f.write(json.dumps(msg) + "\n")
-        f.flush()
-        while True:
-            r = json.loads(f.readline())
-            if "event" not in r:
-                return r
-
     replies = []
-    try:
-        cmd("qmp_capabilities")
+    with QmpProcess(argv0 + ["-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none",
+                             "-S", "-drive", drive, "-device", "virtio-blk-pci,drive=d0,id=vdev"],
+                    w / "qmp.sock", cwd=w) as q:
+        q.cmd("qmp_capabilities")
         for line in HMP:
-            replies.append(cmd("human-monitor-command", {"command-line": line}))
-        blk = cmd("query-block")["return"][0]
+            replies.append(q.cmd("human-monitor-command", {"command-line": line}))
+        blk = q.cmd("query-block")["return"][0]
         replies.append((blk["qdev"], blk["inserted"]["detect_zeroes"]))
-        cmd("quit")
-    finally:
-        s.close()
-        p.communicate(timeout=60)
     return replies
 
 

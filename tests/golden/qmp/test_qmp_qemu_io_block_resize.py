@@ -5,15 +5,12 @@ figures are masked, and images of the same size afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_system
+from conftest import QmpProcess, requires_qemu_img, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_system]
 
@@ -68,55 +65,28 @@ def _images(w: Path) -> None:
 
 
 def _session(argv0: list[str], w: Path) -> tuple[list, str]:
-    sock = w / "qmp.sock"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen(argv0 + [
+    replies: list = []
+    q = QmpProcess(argv0 + [
         "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{sock},server=on,wait=off",
         "-drive", f"file={w}/a.qcow2,format=qcow2,if=ide",
         "-drive", f"file={w}/r.img,format=raw,if=virtio",
         "-drive", f"file={w}/ro.img,format=raw,if=none,id=vro,readonly=on",
-        "-device", "virtio-blk-pci,drive=vro,id=vdev"], cwd=w, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(600):
-        try:
-            s.connect(str(sock))
-            break
-        except OSError:
-            time.sleep(0.05)
-    f = SocketLines(s)
-    f.readline()
-
-    def cmd(name: str, args: dict | None = None) -> dict:
-        msg: dict = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        f.write(json.dumps(msg) + "\n")
-        f.flush()
-        while True:
-            r = json.loads(f.readline())
-            if "event" not in r:
-                return r
-
-    replies: list = []
+        "-device", "virtio-blk-pci,drive=vro,id=vdev"], w / "qmp.sock", cwd=w)
     try:
-        cmd("qmp_capabilities")
-        cmd("blockdev-add", {"driver": "qcow2", "node-name": "nd", "file": {
+        q.cmd("qmp_capabilities")
+        q.cmd("blockdev-add", {"driver": "qcow2", "node-name": "nd", "file": {
             "driver": "file", "filename": f"{w}/n.qcow2", "node-name": "ndfile"}})
-        cmd("blockdev-add", {"driver": "raw", "node-name": "nro", "read-only": True,
-                             "file": {"driver": "file", "filename": f"{w}/n2.img"}})
+        q.cmd("blockdev-add", {"driver": "raw", "node-name": "nro", "read-only": True,
+                               "file": {"driver": "file", "filename": f"{w}/n2.img"}})
         for line in HMP:
-            replies.append((line, cmd("human-monitor-command", {"command-line": line})))
+            replies.append((line, q.cmd("human-monitor-command", {"command-line": line})))
         for name, args in QMP:
-            r = cmd(name, args)
+            r = q.cmd(name, args)
             if name == "query-block":
                 r = [(b["device"], b["inserted"]["image"]["virtual-size"]) for b in r["return"]]
             replies.append((name, args, r))
-        cmd("quit")
     finally:
-        s.close()
-        out = p.communicate(timeout=60)[0].decode()
+        out = q.close()
     return replies, _TIMING.sub("T", out)
 
 

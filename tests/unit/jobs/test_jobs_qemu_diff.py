@@ -4,16 +4,12 @@ get the same replies from emu (errors included) and leave equal files behind."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO, SocketLines, requires_qemu_img, requires_qemu_system
+from conftest import QmpProcess, requires_qemu_img, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_system]
 
@@ -69,60 +65,27 @@ SCRIPT = [
 
 
 def _session(argv0: list[str], work: Path) -> list:
-    sock = work / "qmp.sock"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen(argv0 + [
-        "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{sock},server=on,wait=off",
-        "-drive", f"file={work}/a.qcow2,format=qcow2,if=ide",
-        "-drive", f"file={work}/r.img,format=raw,if=virtio"], cwd=work, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(200):
-        try:
-            s.connect(str(sock))
-            break
-        except OSError:
-            time.sleep(0.05)
-    f = SocketLines(s)
-    f.readline()
     out: list = []
-    events: list = []
-
-    def cmd(name: str, args: dict) -> dict:
-        msg: dict = {"execute": name}
-        if args:
-            msg["arguments"] = json.loads(json.dumps(args).replace("$W", str(work)))
-        f.write(json.dumps(msg) + "\n")
-        f.flush()
-        while True:
-            r = json.loads(f.readline())
-            if "event" in r:
-                events.append(r)
-                continue
-            return r
-
-    try:
-        cmd("qmp_capabilities", {})
+    with QmpProcess(argv0 + [
+            "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
+            "-drive", f"file={work}/a.qcow2,format=qcow2,if=ide",
+            "-drive", f"file={work}/r.img,format=raw,if=virtio"], work / "qmp.sock", cwd=work) as q:
+        q.cmd("qmp_capabilities")
         for name, args in SCRIPT:
             if name == "WAIT":
                 end = time.monotonic() + 10
                 while time.monotonic() < end and not any(
                         e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {
-                            "status": "null", "id": args["id"]} for e in events):
-                    cmd("query-status", {})
+                            "status": "null", "id": args["id"]} for e in q.events):
+                    q.cmd("query-status")
                     time.sleep(0.02)
                 continue
-            r = cmd(name, args)
+            r = q.cmd(name, json.loads(json.dumps(args).replace("$W", str(work))))
             if name == "query-block":
                 r = [(b["device"], b["inserted"].get("dirty-bitmaps"),
                       [s["name"] for s in b["inserted"]["image"].get("snapshots", [])])
                      for b in r["return"]]
             out.append((name, r))
-        cmd("quit", {})
-    finally:
-        s.close()
-        p.communicate(timeout=30)
     return out
 
 

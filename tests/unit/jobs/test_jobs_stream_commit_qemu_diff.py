@@ -6,14 +6,12 @@ same status events and BLOCK_JOB_COMPLETED/READY data, and the chains end up the
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, requires_qemu_img, requires_qemu_io, requires_qemu_system
+from conftest import QmpProcess, requires_qemu_img, requires_qemu_io, requires_qemu_system
 
 pytestmark = [requires_qemu_img, requires_qemu_io, requires_qemu_system]
 
@@ -105,65 +103,30 @@ def _strip(v):
 
 
 def _session(argv0: list[str], work: Path) -> tuple[list, list]:
-    sock = work / "qmp.sock"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.Popen(argv0 + [
-        "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
-        "-qmp", f"unix:{sock},server=on,wait=off",
-        "-drive", f"file={work}/base.qcow2,format=qcow2,if=virtio,node-name=base"],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(400):
-        try:
-            s.connect(str(sock))
-            break
-        except OSError:
-            time.sleep(0.05)
-    # separate reader and writer: a text "rw" file drops the lines it has read ahead
-    # (events that came with a reply) when it is written to
-    f = s.makefile("r")
-    fw = s.makefile("w")
-    f.readline()
     out: list = []
-    events: list = []
-
-    def cmd(name: str, args: dict) -> dict:
-        msg: dict = {"execute": name}
-        if args:
-            msg["arguments"] = json.loads(json.dumps(args).replace("$W", str(work)))
-        fw.write(json.dumps(msg) + "\n")
-        fw.flush()
-        while True:
-            r = json.loads(f.readline())
-            if "event" in r:
-                events.append(r)
-                continue
-            return r
-
-    try:
-        cmd("qmp_capabilities", {})
+    with QmpProcess(argv0 + [
+            "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none", "-S",
+            "-drive", f"file={work}/base.qcow2,format=qcow2,if=virtio,node-name=base"],
+            work / "qmp.sock", cwd=work) as q:
+        q.cmd("qmp_capabilities")
         for name, args in SCRIPT:
             if name == "WAIT":
                 end = time.monotonic() + 30
                 while time.monotonic() < end:
-                    st = [j["status"] for j in cmd("query-jobs", {})["return"]
+                    st = [j["status"] for j in q.cmd("query-jobs")["return"]
                           if j["id"] == args["id"]]
                     if st == [args["status"]] or (args["status"] == "null" and not st):
                         break
                     time.sleep(0.02)
                 continue
-            r = cmd(name, args)
+            r = q.cmd(name, json.loads(json.dumps(args).replace("$W", str(work))))
             if name == "query-named-block-nodes":
                 # automatic names (#blockNNN) are random in both
                 r = sorted(("#auto" if n["node-name"].startswith("#") else n["node-name"],
                             n["ro"], n.get("backing_file")) for n in r["return"])
             out.append((name, _strip(r)))
-        cmd("quit", {})
-    finally:
-        s.close()
-        p.communicate(timeout=30)
     jobs: dict = {}
-    for e in events:
+    for e in q.events:
         d = e.get("data") or {}
         if e["event"].startswith(("JOB_", "BLOCK_JOB")):
             key = d.get("id", d.get("device"))

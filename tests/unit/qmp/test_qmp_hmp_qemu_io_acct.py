@@ -4,15 +4,11 @@ are; ``-i`` is an invalid request; an aio request past the end is a failed one."
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import requires_qemu_system
+from conftest import QmpProcess, requires_qemu_system
 from emu.cli import parse_args
 from emu.machine.drives import open_drives
 from emu.machine.pc import Machine
@@ -100,32 +96,11 @@ def test_qmp_hmp_qemu_io_malformed(tmp_path: Path, capfd: Any) -> None:
 
 
 def _qemu_stats(img: Path, tmp_path: Path) -> dict[str, Any]:
-    sock = tmp_path / "q.sock"
-    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-display", "none",
-                             "-nodefaults", "-S", "-drive", f"file={img},format=raw,if=ide,id=d0",
-                             "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                s.connect(str(sock))
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-        s.settimeout(30)
-        f = s.makefile("rwb")
-        f.readline()
-
+    with QmpProcess(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-display", "none",
+                     "-nodefaults", "-S", "-drive", f"file={img},format=raw,if=ide,id=d0"],
+                    tmp_path / "q.sock") as q:
         def ex(cmd: str, **args: Any) -> Any:
-            f.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
-            f.flush()
-            while "event" in (msg := json.loads(f.readline())):
-                pass
-            return msg["return"]
+            return q.cmd(cmd, args)["return"]
 
         ex("qmp_capabilities")
         for c in SEQUENCE:
@@ -139,9 +114,6 @@ def _qemu_stats(img: Path, tmp_path: Path) -> dict[str, Any]:
             prev = cur
             time.sleep(0.05)
         return cur
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @requires_qemu_system
