@@ -206,9 +206,21 @@ class LinearMem:
             cache.walks[key] = (pa & ~0xFFF, read)
         return pa
 
-    def _walk(self, lin: int, write: bool, user: bool) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    def debug_translate(self, lin: int) -> int:
+        """Linear to physical as a debugger sees it (QEMU's ``cpu_get_phys_page_debug``, behind
+        the monitor's ``x`` and ``memsave``): no permission check, no Accessed/Dirty bit
+        set, nothing cached; raises :class:`GuestFault` where nothing is mapped."""
+        if not self.lma:
+            lin &= 0xFFFFFFFF
+        if not (self.cr0 & CR0_PG):
+            return lin & self.a20
+        return self._walk(lin, False, False, debug=True)[0]
+
+    def _walk(self, lin: int, write: bool, user: bool,
+              debug: bool = False) -> tuple[int, tuple[tuple[int, int, int], ...]]:
         """One page walk; returns the physical address and the ``(address, value, size)`` of
-        every paging-structure entry read, with the values the walk left in memory."""
+        every paging-structure entry read, with the values the walk left in memory
+        (``debug``: only the address; no checks, memory left as it is)."""
         err = (PF_W if write else 0) | (PF_U if user else 0)
         wp = bool(self.cr0 & CR0_WP)
         phys = self.phys
@@ -263,6 +275,8 @@ class LinearMem:
                 rw = bool(pde & PTE_W) and bool(pte & PTE_W)
                 us = bool(pde & PTE_U) and bool(pte & PTE_U)
                 pa = (pte & 0xFFFFF000) | (lin & 0xFFF)
+        if debug:
+            return pa & self.a20, ()
         if user and not us:
             raise fault(True)
         if write and not rw and (user or wp):

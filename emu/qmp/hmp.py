@@ -45,7 +45,9 @@ def run_hmp(machine: Any, line: str) -> str:
     text = line.strip()
     if not text:
         return ""
-    name, _, rest = text.partition(" ")
+    # QEMU's get_command_name: the name ends at white space or '/' (``xp/4x 0``)
+    end = next((i for i, c in enumerate(text) if c.isspace() or c == "/"), len(text))
+    name, rest = text[:end], text[end:]
     if name == "info":
         sub, _, rest2 = rest.strip().partition(" ")
         fn = INFO_COMMANDS.get(sub)
@@ -54,6 +56,8 @@ def run_hmp(machine: Any, line: str) -> str:
         elif sub in NO_ARGS and rest2.strip():
             out = (f"{sub}: extraneous characters at the end of line\n"
                    f"Try \"help info {sub}\" for more information\n")
+        elif getattr(fn, "hmp_raw", False):
+            out = fn(machine, rest2)
         else:
             out = fn(machine, _split(rest2))
     else:
@@ -483,3 +487,7 @@ async def hmp_session(machine: Any, executor: Any, reader: Any, writer: Any) -> 
                 return
             writer.write(PROMPT.encode())
             await writer.drain()
+
+
+# the vCPU and memory commands (info registers, x, xp) register themselves
+from emu.qmp import hmp_cpu  # noqa: E402,F401

@@ -397,26 +397,6 @@ def pmemsave(ctx: CommandContext, val: int, size: int, filename: str) -> dict:
     return {}
 
 
-def _translator(cpu: Any) -> Any:
-    """Linear -> physical through the vCPU's current paging (QEMU's debug page walk);
-    ``None`` where the walk faults."""
-    from emu.cpu.mmu import GuestFault, LinearMem
-
-    st, phys = getattr(cpu, "_st", None), getattr(cpu, "_phys", None)
-    if st is None or phys is None:
-        return lambda lin: lin if lin < (1 << 32) else None
-    lm = LinearMem(st, phys)
-
-    def translate(lin: int) -> int | None:
-        if not lm.lma and lin >= (1 << 32):
-            return None
-        try:
-            return lm.translate(lin, False, False)
-        except GuestFault:
-            return None
-    return translate
-
-
 @qemu_command("memsave")
 def memsave(ctx: CommandContext, val: int, size: int, filename: str,
             cpu_index: int | None = None) -> dict:
@@ -426,7 +406,9 @@ def memsave(ctx: CommandContext, val: int, size: int, filename: str,
     cpu = _vcpu(ctx)
     val &= (1 << 64) - 1
     size &= (1 << 64) - 1
-    translate = _translator(cpu)
+    from emu.cpu.dump import debug_translator
+
+    translate = debug_translator(cpu)
     try:
         fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as e:
