@@ -17,7 +17,11 @@ Fixtures:
   killed at teardown.
 * ``emu_inprocess`` — a factory: ``emu_inprocess(*args)`` builds an in-process
   :class:`emu.machine.pc.Machine` (vCPU, board, disks) with COM1 captured in memory, for tests
-  that look at device state directly; closed at teardown.
+  that look at device state directly; closed at teardown.  It is a monitor too, with no
+  socket: ``vm.qmp(command, **args)`` returns the command's ``return`` value (or raises
+  :class:`QmpCommandError` with QEMU's error), ``vm.hmp(line)`` returns HMP text,
+  ``vm.events`` collects every event, ``vm.registers()`` names the vCPU's registers and
+  ``vm.read_physical()`` / ``vm.read_virtual()`` read guest memory.
 
 ``--emu-emulator "qemu-system-x86_64 -accel tcg"`` runs the same tests on another emulator that
 takes QEMU's command line (the reference), so a test proves emu behaves as QEMU does.
@@ -36,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-__all__ = ["EmuProcess", "InProcessMachine", "DEFAULT_ARGS", "emulator_argv"]
+__all__ = ["EmuProcess", "InProcessMachine", "QmpCommandError", "DEFAULT_ARGS", "emulator_argv"]
 
 #: options added unless the test gives its own value for them
 DEFAULT_ARGS = {"-machine": "pc", "-nodefaults": None, "-display": "none", "-serial": "stdio"}
@@ -208,6 +212,87 @@ class InProcessMachine:
         self.hardware = build_hardware(self.machine)
         self._loop: threading.Thread | None = None
         self.exit_status: int | None = None
+        #: every event the machine emitted, as QMP sends them: ``{"event": name, "data": …}``
+        self.events: list[dict[str, Any]] = []
+        self.machine.add_event_listener(self._on_event)
+        self._cmd_lock = threading.Lock()      # QMP runs one command at a time (QEMU's BQL)
+
+    def _on_event(self, name: str, data: dict[str, Any] | None) -> None:
+        ev: dict[str, Any] = {"event": name}
+        if data is not None:
+            ev["data"] = data
+        with self._lock:
+            self.events.append(ev)
+
+    # ------------------------------------------------------------- monitor, in process
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None, **args: Any) -> Any:
+        """Run QMP ``command`` as a monitor client would (arguments checked against QEMU
+        7.2's schema, the same handlers) and return its ``return`` value.
+
+        Arguments come as a dict (QMP names keep their dashes) and/or keywords:
+        ``vm.qmp("blockdev-snapshot-internal-sync", device="ide0-hd0", name="s1")``.
+
+        :raises QmpCommandError: QEMU's error reply (``error_class``, ``desc``).
+        """
+        from emu.qmp.commands import CommandContext, load_all
+        from emu.qmp.protocol import dispatch
+
+        load_all()
+        req: dict[str, Any] = {"execute": command}
+        merged = dict(arguments or {}, **args)
+        if merged:
+            req["arguments"] = merged
+        with self._cmd_lock:
+            rsp = dispatch(req, CommandContext(self.machine, _InProcessSession()),
+                           negotiated=True, oob_enabled=False)
+        if "error" in rsp:
+            raise QmpCommandError(rsp["error"]["class"], rsp["error"]["desc"])
+        return rsp["return"]
+
+    def hmp(self, line: str) -> str:
+        """Run one human-monitor command line (``info registers``, ``x /4xb 0x7c00``,
+        ``qemu-io ide0-hd0 "read 0 512"`` ...); its output with LF line ends."""
+        return self.qmp("human-monitor-command", {"command-line": line}).replace("\r\n", "\n")
+
+    def registers(self) -> dict[str, int]:
+        """The vCPU's registers by name (general, segment caches, descriptor tables,
+        control, debug, x87 and SSE: :func:`emu.cpu.dump.named_registers`), read with the
+        vCPU parked for a moment if it runs; what ``info registers`` prints."""
+        from emu.cpu.dump import named_registers, read_state
+
+        return named_registers(read_state(self.hardware.cpu))
+
+    def read_physical(self, address: int, length: int) -> bytes:
+        """Guest-physical RAM or ROM bytes (ValueError where there is neither)."""
+        view = self.hardware.cpu._lookup
+        out = bytearray()
+        while length > 0:
+            hit = view(address)
+            if hit is None:
+                raise ValueError(f"nothing readable at guest-physical {address:#x}")
+            buf, off, avail, _ram = hit
+            n = min(length, avail)
+            out += bytes(buf[off:off + n])
+            address += n
+            length -= n
+        return bytes(out)
+
+    def read_virtual(self, address: int, length: int) -> bytes:
+        """Bytes at a guest-virtual (linear) address, through the page tables as they are
+        now (no Accessed bits set); ValueError where a page is not mapped."""
+        from emu.cpu.dump import debug_translator
+
+        translate = debug_translator(self.hardware.cpu)
+        out = bytearray()
+        while length > 0:
+            n = min(length, 4096 - (address & 4095))
+            pa = translate(address)
+            if pa is None:
+                raise ValueError(f"guest-virtual {address:#x} is not mapped")
+            out += self.read_physical(pa, n)
+            address += n
+            length -= n
+        return bytes(out)
 
     def start(self) -> "InProcessMachine":
         """Leave prelaunch (unless ``-S``) and serve guest requests on a thread."""
@@ -250,6 +335,22 @@ class InProcessMachine:
         if self._loop is not None:
             self._loop.join(timeout=5)
         self.machine.close()
+
+
+class QmpCommandError(Exception):
+    """A QMP command's error reply, raised by :meth:`InProcessMachine.qmp`."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(f"{error_class}: {desc}")
+        self.error_class = error_class
+        self.desc = desc
+
+
+class _InProcessSession:
+    """The monitor session an in-process command runs in (negotiated, no OOB)."""
+
+    negotiated = True
+    oob_enabled = False
 
 
 class _MemoryConsole:

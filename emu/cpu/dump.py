@@ -69,6 +69,36 @@ def read_state(cpu: Any) -> dict[str, Any]:
     return out
 
 
+def named_registers(s: dict[str, Any]) -> dict[str, int]:
+    """:func:`read_state`'s result as flat names: ``rax`` .. ``r15``, ``rip``, ``rflags``,
+    ``cpl``, ``es`` .. ``gs`` (selectors) with ``cs_base``/``cs_limit``/``cs_flags`` and so on,
+    ``ldtr``/``tr`` likewise, ``gdt_base``/``gdt_limit``, ``idt_base``/``idt_limit``,
+    ``cr0`` .. ``cr4``, ``dr0`` .. ``dr7``, ``efer``, ``fpcw``, ``fpsw``, ``fptag``, ``st0``
+    .. ``st7`` (80-bit values of the physical x87 registers as ints), ``mxcsr``, ``xmm0`` ..
+    ``xmm15``, ``a20``, ``halted``, ``interrupt_shadow``."""
+    out: dict[str, int] = {name: s[name] for name in _GPR}
+    out.update(rip=s["rip"], rflags=s["eflags"], cpl=s["hflags"] & L.HF_CPL_MASK,
+               interrupt_shadow=(s["hflags"] >> 3) & 1, efer=s["efer"], a20=s["a20"],
+               halted=s["halted"], fpcw=s["fpuc"], fpsw=s["fpus"], fptag=s["fptag"],
+               mxcsr=s["mxcsr"])
+    for name, cache in [*zip(_SEGS, s["segs"]), ("ldtr", s["ldt"]), ("tr", s["tr"])]:
+        sel, base, limit, flags = cache
+        out[name] = sel & 0xFFFF
+        out[name + "_base"], out[name + "_limit"], out[name + "_flags"] = base, limit, flags
+    for name in ("gdt", "idt"):
+        _sel, base, limit, _flags = s[name]
+        out[name + "_base"], out[name + "_limit"] = base, limit
+    for n in (0, 2, 3, 4):
+        out[f"cr{n}"] = s["cr"][n]
+    for n in range(8):
+        out[f"dr{n}"] = s["dr"][n]
+        mant, exp = s["fpregs"][n]
+        out[f"st{n}"] = ((exp & 0xFFFF) << 64) | (mant & (2**64 - 1))
+    for n in range(16):
+        out[f"xmm{n}"] = s["xmm"][n]
+    return out
+
+
 def _seg_line(s: dict[str, Any], name: str, cache: tuple[int, int, int, int]) -> str:
     sel, base, limit, flags = cache
     hf = s["hflags"]
