@@ -4,6 +4,12 @@ Like QEMU: cluster 0 holds the header, cluster 1 the refcount table, cluster 2 t
 refcount block (counting clusters 0-2); the image is then opened and grown to its size,
 which places the L1 table at cluster 3; the backing file name and format are written into
 the header last.  ``qemu-img create`` makes the same bytes for the default options.
+
+When that result is known in advance (no preallocation, and the header, refcount table and
+block and the L1 table are all counted by the first refcount block: any size up to 2^63
+with 64 KiB clusters) the finished image is written in one ``pwrite`` instead (the same
+bytes; ``tests/unit/block/test_block_qcow2_create_direct.py`` compares both ways), which
+an external snapshot's overlay creation waits on.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import os
 import struct
 
 from emu.block.qcow2 import format as f
-from emu.errors import BlockError, ImageOpenError
+from emu.errors import BlockError, ImageFormatError, ImageOpenError
 
 PREALLOC_MODES = ("off", "metadata")
 
@@ -35,13 +41,16 @@ def _parse_size(value: int | str) -> int:
 def create_qcow2(filename: str, size: int | str | None, *, cluster_size: int | str = 65536,
                  compat: str = "1.1", lazy_refcounts: bool = False, preallocation: str = "off",
                  backing_file: str | None = None, backing_fmt: str | None = None,
-                 refcount_bits: int = 16) -> None:
+                 refcount_bits: int = 16, durable: bool = True) -> None:
     """Create a qcow2 image as ``qemu-img create -f qcow2`` does.
 
     :param size: virtual size in bytes (suffixes allowed); ``None`` takes the backing file's size.
     :param compat: ``"0.10"`` (version 2) or ``"1.1"`` (version 3; also ``"v2"``/``"v3"``).
     :param preallocation: ``off`` or ``metadata``.
     :param backing_file: stored as given; relative names are relative to the new image.
+    :param durable: end with an fdatasync of the file.  ``False``: the caller must make the
+        file durable (:func:`sync_file`) before anything refers to it (QMP overlays sync it
+        while they open it).
     :raises BlockError: an invalid option combination, with QEMU's message.
     """
     from emu.block.node import BlockGraph, resolve_backing_path
@@ -88,24 +97,46 @@ def create_qcow2(filename: str, size: int | str | None, *, cluster_size: int | s
         raise BlockError("Image size must be a multiple of 512 bytes")
     order = refcount_bits.bit_length() - 1
 
-    h = f.QCowHeader(version=version, cluster_bits=cluster_bits, size=0,
-                     refcount_table_offset=cluster_size, refcount_table_clusters=1,
-                     refcount_order=order,
-                     compatible_features=f.QCOW2_COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
-    header = f.serialize_header(h, cluster_size)
-    reftable = struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8)
-    refblock = bytearray(cluster_size)
-    for c in range(3):
-        f.write_refcount(refblock, c, order, 1)
-    try:
-        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise ImageOpenError(f"Could not create '{filename}': {os.strerror(err.errno)}") from err
-    try:
-        os.pwrite(fd, header + bytes(cluster_size - len(header)) + reftable + bytes(refblock), 0)
-    finally:
-        os.close(fd)
+    h = initial_header(version, cluster_bits, order, lazy_refcounts)
+    per_l1 = 1 << (2 * cluster_bits - 3)
+    l1_entries = (size + per_l1 - 1) // per_l1
+    l1_clusters = (l1_entries * 8 + cluster_size - 1) // cluster_size
+    if (preallocation == "off" and l1_entries * 8 <= f.QCOW_MAX_L1_SIZE
+            and 3 + l1_clusters <= (cluster_size * 8) >> order):
+        # What opening and growing the image would write, at once: the L1 table at
+        # cluster 3 and every cluster so far counted in the first refcount block.
+        final = initial_header(version, cluster_bits, order, lazy_refcounts)
+        final.size = size
+        if l1_entries:
+            final.l1_size, final.l1_table_offset = l1_entries, 3 * cluster_size
+        if backing_file:
+            final.backing_file, final.backing_format = backing_file, backing_fmt
+        try:
+            header = f.serialize_header(final, cluster_size)
+        except ImageFormatError:
+            pass    # a backing name too long for the header: fails as QEMU's does, below
+        else:
+            _write_image(filename, header, final, 3 + l1_clusters, l1_entries * 8, durable)
+            return
+    create_by_growing(filename, h, size, backing_file, backing_fmt, preallocation, durable)
 
+
+def initial_header(version: int, cluster_bits: int, refcount_order: int,
+                   lazy_refcounts: bool) -> f.QCowHeader:
+    """The header of a new image of size 0: refcount table at cluster 1, no L1 table."""
+    return f.QCowHeader(version=version, cluster_bits=cluster_bits, size=0,
+                        refcount_table_offset=1 << cluster_bits, refcount_table_clusters=1,
+                        refcount_order=refcount_order,
+                        compatible_features=f.QCOW2_COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
+
+
+def create_by_growing(filename: str, h: f.QCowHeader, size: int, backing_file: str | None,
+                      backing_fmt: str | None, preallocation: str, durable: bool) -> None:
+    """QEMU's way: write an empty image (header ``h`` of size 0), open it, grow it to
+    ``size``, record the backing file, preallocate; any layout (checked arguments)."""
+    from emu.block.node import BlockGraph
+
+    _write_image(filename, f.serialize_header(h, h.cluster_size), h, 3, 0, False)
     g = BlockGraph()
     try:
         # Nothing refers to the new file yet, so the ordering barriers inside truncate and
@@ -121,6 +152,38 @@ def create_qcow2(filename: str, size: int | str | None, *, cluster_size: int | s
         bs.flush()
     finally:
         g.close_all()
+    if durable:
+        sync_file(filename)
+
+
+def _write_image(filename: str, header: bytes, h: f.QCowHeader, counted: int, tail: int,
+                 durable: bool) -> None:
+    """Write the header cluster (``header``, serialized ``h``), the refcount table (cluster
+    1) and block (cluster 2, ``counted`` clusters in use) and ``tail`` zero bytes after
+    them, in one ``pwrite``."""
+    cluster_size = h.cluster_size
+    reftable = struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8)
+    refblock = bytearray(cluster_size)
+    for c in range(counted):
+        f.write_refcount(refblock, c, h.refcount_order, 1)
+    try:
+        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ImageOpenError(f"Could not create '{filename}': {os.strerror(err.errno)}") from err
+    try:
+        data = b"".join((header, bytes(cluster_size - len(header)), reftable, refblock,
+                         bytes(tail)))
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, memoryview(data)[done:], done)
+        if durable:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_file(filename: str) -> None:
+    """fdatasync ``filename`` (a file this process wrote through another descriptor)."""
     fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fdatasync(fd)

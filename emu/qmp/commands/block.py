@@ -9,11 +9,13 @@ that take them are registered once, in :mod:`.jobs` (drive-backup, blockdev-back
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 from typing import Any
 
 from emu.block.bitmaps import bitmap_info_list
+from emu.block.qcow2.create import create_qcow2, sync_file
 from emu.errors import BlockError, EmuError, QmpError
 from emu.img.output import qdict_order
 from emu.qmp.commands import CommandContext, command
@@ -506,6 +508,33 @@ def _known_format(fmt: str) -> bool:
         return fmt in ("qcow2", "raw")
 
 
+class _Background:
+    """``fn(*args)`` on a thread of its own; :meth:`join` waits for it and re-raises its
+    exception.  (A bare ``_thread``: ``threading.Thread.start`` would wait until the new
+    thread got the GIL and said it runs, a scheduler round trip on a busy host.)"""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._error: BaseException | None = None
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as err:    # noqa: BLE001 - re-raised by join
+                self._error = err
+            finally:
+                self._done.release()
+
+        _thread.start_new_thread(run, ())
+
+    def join(self) -> None:
+        self._done.acquire()
+        self._done.release()
+        if self._error is not None:
+            raise self._error
+
+
 def _backing_parent(ctx: CommandContext, bs: Any) -> Any:
     g = ctx.machine.block_graph
     for n in g.nodes() if g is not None else []:
@@ -559,22 +588,35 @@ def external_snapshot_prepare(ctx: CommandContext, device: str | None, node_name
         if snapshot_file == old.filename:
             raise QmpError("Error: Trying to create an image with the same filename as the "
                            "backing file")
-        from emu.block.qcow2.create import create_qcow2
-
         try:
             create_qcow2(snapshot_file, old.size, backing_file=old.filename,
-                         backing_fmt=old.drv)
+                         backing_fmt=old.drv, durable=False)
         except EmuError as e:
             raise QmpError(desc_of(e)) from e
         _print_formatting(snapshot_file, old.size, old.filename, old.drv)
+        # The new file's fdatasync runs while it is opened (the open reads what this
+        # process wrote; the overlay is attached only once the sync returned).
+        syncing = _Background(sync_file, snapshot_file)
     elif not _known_format(fmt):
         raise QmpError(f"Unknown file format '{fmt}'")
+    else:
+        syncing = None
     try:
         new = g.open_image(snapshot_file, fmt, node_name=snapshot_node_name, backing=None)
     except EmuError as e:
+        if syncing is not None:
+            syncing.join()
         raise QmpError(desc_of(e)) from e
     except OSError as e:
+        if syncing is not None:
+            syncing.join()
         raise QmpError(f"Could not open '{snapshot_file}': {e.strerror}") from e
+    if syncing is not None:
+        try:
+            syncing.join()
+        except BaseException:
+            g.remove(new)
+            raise
     if new.backing is not None:
         g.remove(new)
         raise QmpError("The overlay already has a backing image")
