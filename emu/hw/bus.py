@@ -10,8 +10,10 @@ implements::
 where ``offset`` is relative to the registered ``base`` (as QEMU's MemoryRegionOps
 and Firecracker's BusDevice do), so a device behind a relocatable PCI BAR never
 needs to know where the guest put it.  ``size`` is 1, 2 or 4.  A device that sets
-``io_max_size = 1`` gets wide accesses split into byte accesses on consecutive
-ports (little-endian), which is how an 8-bit ISA device sees ``inw``.
+``io_max_size = 1`` gets wide accesses as byte accesses at offsets +0, +1, ... of itself
+(little-endian), also past its last port, as QEMU's memory core splits them
+(``access_with_adjusted_size``): ``inw`` from a one-port device reads that port twice.
+Unaligned accesses are cut at the offset's alignment first (see ``IOBus._pieces``).
 
 The dispatch path is one list index and one call: the vCPU's IN/OUT hook costs
 ~0.5 µs already (shared/research/unicorn-lab Q2), so no dict lookups or loops.
@@ -128,31 +130,61 @@ class IOBus:
     def port_read(self, port: int, size: int) -> int:
         """Dispatch an ``IN`` of ``size`` bytes (the vCPU's callback)."""
         read, _, base, max_size = self._table[port & 0xFFFF]
-        if size <= max_size:
-            return read(port - base, size)
+        off = port - base
+        if size <= max_size and not off & (size - 1):
+            return read(off, size)
         return self._split_read(port, size)
 
     def port_write(self, port: int, size: int, value: int) -> None:
         """Dispatch an ``OUT`` of ``size`` bytes (the vCPU's callback)."""
         _, write, base, max_size = self._table[port & 0xFFFF]
-        if size <= max_size:
-            write(port - base, size, value)
+        off = port - base
+        if size <= max_size and not off & (size - 1):
+            write(off, size, value)
         else:
             self._split_write(port, size, value)
 
+    # Wider or unaligned accesses, as QEMU's memory core cuts them (flatview_read_continue,
+    # memory_access_size, access_with_adjusted_size): a piece goes to the device the port
+    # belongs to, as wide as the rest of the access, at most 4 bytes and at most the
+    # alignment of the offset in that device's region (but not bounded by the region's end);
+    # a device taking narrower accesses (``io_max_size``) gets the piece as accesses of its
+    # width at offsets +0, +1, ...  So ``inl`` from the one-port 0x61 reads it four times,
+    # ``inl`` from 0x42 (offset 2 of the PIT) reads PIT offsets 2 and 3 and then 0x44-0x45.
+    def _pieces(self, port: int, size: int):
+        done = 0
+        while done < size:
+            p = (port + done) & 0xFFFF
+            read, write, base, max_size = self._table[p]
+            off = p - base
+            n = size - done
+            align = off & -off
+            if align and align < n:
+                n = align
+            n = 1 << (n.bit_length() - 1)
+            yield done, n, off, read, write, max_size
+            done += n
+
     def _split_read(self, port: int, size: int) -> int:
         value = 0
-        for i in range(size):
-            p = (port + i) & 0xFFFF
-            read, _, base, _ = self._table[p]
-            value |= (read(p - base, 1) & 0xFF) << (8 * i)
+        for done, n, off, read, _write, max_size in self._pieces(port, size):
+            if n <= max_size:
+                piece = read(off, n) & ((1 << (8 * n)) - 1)
+            else:
+                piece = 0
+                for i in range(0, n, max_size):
+                    piece |= (read(off + i, max_size) & ((1 << (8 * max_size)) - 1)) << (8 * i)
+            value |= piece << (8 * done)
         return value
 
     def _split_write(self, port: int, size: int, value: int) -> None:
-        for i in range(size):
-            p = (port + i) & 0xFFFF
-            _, write, base, _ = self._table[p]
-            write(p - base, 1, (value >> (8 * i)) & 0xFF)
+        for done, n, off, _read, write, max_size in self._pieces(port, size):
+            piece = (value >> (8 * done)) & ((1 << (8 * n)) - 1)
+            if n <= max_size:
+                write(off, n, piece)
+            else:
+                for i in range(0, n, max_size):
+                    write(off + i, max_size, (piece >> (8 * i)) & ((1 << (8 * max_size)) - 1))
 
 
 MapListener = Callable[[int, int], None]

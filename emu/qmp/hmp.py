@@ -489,5 +489,6 @@ async def hmp_session(machine: Any, executor: Any, reader: Any, writer: Any) -> 
             await writer.drain()
 
 
-# the vCPU and memory commands (info registers, x, xp) register themselves
-from emu.qmp import hmp_cpu  # noqa: E402,F401
+# the vCPU and memory commands (info registers, x, xp), the block and port commands
+# (info blockstats/block-jobs, snapshot_blkdev_internal, block_job_*, i, o) register themselves
+from emu.qmp import hmp_block, hmp_cpu  # noqa: E402,F401

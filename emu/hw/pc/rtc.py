@@ -308,8 +308,10 @@ class Rtc:
 
     # ---- guest ports ----------------------------------------------------------------------------
 
+    # Even offsets are the index port, odd ones the data port (QEMU's cmos_ioport_read/write
+    # test ``addr & 1``: a wide access split into bytes alternates between the two).
     def io_read(self, offset: int, size: int) -> int:
-        if offset == 0:
+        if not offset & 1:
             return 0xFF  # the index register is write-only
         with self._lock:
             return self.read_cmos(self.index)
@@ -317,7 +319,7 @@ class Rtc:
     def io_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         with self._lock:
-            if offset == 0:
+            if not offset & 1:
                 self.index = value & 0x7F
                 self.nmi_disabled = bool(value & 0x80)
             else:

@@ -58,13 +58,32 @@ def test_overlap_refused_and_unregister_frees():
 
 
 def test_byte_devices_get_wide_accesses_split():
+    """As QEMU's memory core: the device the access starts in gets it all, as byte accesses
+    at offsets +0..+3 (past its two ports too), when the offset is 4-aligned."""
     bus = IOBus()
     dev = Recorder(max_size=1)
     bus.register_ports(0x70, 2, dev)
-    # 0x70 -> 0x10, 0x71 -> 0x11, 0x72/0x73 unmapped -> 0xFF
-    assert bus.port_read(0x70, 4) == 0xFFFF1110
+    assert bus.port_read(0x70, 4) == 0x13121110
+    assert dev.log[-4:] == [("r", 0, 1), ("r", 1, 1), ("r", 2, 1), ("r", 3, 1)]
     bus.port_write(0x70, 2, 0xBBAA)
     assert dev.log[-2:] == [("w", 0, 1, 0xAA), ("w", 1, 1, 0xBB)]
+
+
+def test_unaligned_wide_accesses_are_cut_at_the_offsets_alignment():
+    """A piece is at most as wide as its offset's alignment in the region it falls in:
+    ``inl`` at offset 1 reads one byte there, then goes on at the next port's owner."""
+    bus = IOBus()
+    dev = Recorder(max_size=1)
+    bus.register_ports(0x70, 2, dev)
+    # offset 1 (0x71) -> one byte; 0x72/0x73 unmapped (all ones, at 0x72: 2-aligned, 2 bytes)
+    # then 0x74 -> one byte of the unmapped space
+    assert bus.port_read(0x71, 4) == 0xFFFFFF11
+    wide = Recorder(max_size=4)
+    bus.register_ports(0x40, 4, wide)
+    assert bus.port_read(0x42, 4) == 0xFFFF0012    # offset 2: a 2-byte piece, then 0x44-0x45
+    assert wide.log[-1] == ("r", 2, 2)
+    bus.port_write(0x41, 2, 0xBBAA)
+    assert wide.log[-2:] == [("w", 1, 1, 0xAA), ("w", 2, 1, 0xBB)]
 
 
 def test_mmio_bus_overlap_lookup_and_listeners():
