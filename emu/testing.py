@@ -264,35 +264,22 @@ class InProcessMachine:
 
     def read_physical(self, address: int, length: int) -> bytes:
         """Guest-physical RAM or ROM bytes (ValueError where there is neither)."""
-        view = self.hardware.cpu._lookup
-        out = bytearray()
-        while length > 0:
-            hit = view(address)
-            if hit is None:
-                raise ValueError(f"nothing readable at guest-physical {address:#x}")
-            buf, off, avail, _ram = hit
-            n = min(length, avail)
-            out += bytes(buf[off:off + n])
-            address += n
-            length -= n
-        return bytes(out)
+        from emu.cpu.dump import read_physical
+
+        data = read_physical(self.hardware.cpu, address, length)
+        if data is None:
+            raise ValueError(f"nothing readable in guest-physical {address:#x}+{length:#x}")
+        return data
 
     def read_virtual(self, address: int, length: int) -> bytes:
         """Bytes at a guest-virtual (linear) address, through the page tables as they are
         now (no Accessed bits set); ValueError where a page is not mapped."""
-        from emu.cpu.dump import debug_translator
+        from emu.cpu.dump import virtual_reader
 
-        translate = debug_translator(self.hardware.cpu)
-        out = bytearray()
-        while length > 0:
-            n = min(length, 4096 - (address & 4095))
-            pa = translate(address)
-            if pa is None:
-                raise ValueError(f"guest-virtual {address:#x} is not mapped")
-            out += self.read_physical(pa, n)
-            address += n
-            length -= n
-        return bytes(out)
+        data = virtual_reader(self.hardware.cpu)(address, length)
+        if data is None:
+            raise ValueError(f"guest-virtual {address:#x}+{length:#x} is not all mapped")
+        return data
 
     def start(self) -> "InProcessMachine":
         """Leave prelaunch (unless ``-S``) and serve guest requests on a thread."""

@@ -232,3 +232,41 @@ def debug_translator(cpu: Any) -> Callable[[int], int | None]:
         except GuestFault:
             return None
     return translate
+
+
+def read_physical(cpu: Any, address: int, length: int) -> bytes | None:
+    """Guest-physical RAM/ROM bytes as a debugger reads them (the vCPU's own buffers, no
+    device access); None if any byte of the range is neither."""
+    out = bytearray()
+    while length > 0:
+        if address >= 2**64:
+            return None
+        hit = cpu._lookup(address)
+        if hit is None:
+            return None
+        buf, off, avail, _is_ram = hit
+        n = min(length, avail)
+        out += bytes(buf[off:off + n])
+        address += n
+        length -= n
+    return bytes(out)
+
+
+def virtual_reader(cpu: Any) -> Callable[[int, int], bytes | None]:
+    """``read(address, length)`` of guest-virtual memory through the paging as it is when
+    this is called (:func:`debug_translator`); None where a page is not mapped."""
+    translate = debug_translator(cpu)
+
+    def read(address: int, length: int) -> bytes | None:
+        out = bytearray()
+        while length > 0:
+            n = min(length, 4096 - (address & 4095))
+            pa = translate(address & (2**64 - 1))
+            data = read_physical(cpu, pa, n) if pa is not None else None
+            if data is None:
+                return None
+            out += data
+            address += n
+            length -= n
+        return bytes(out)
+    return read

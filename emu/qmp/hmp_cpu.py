@@ -246,46 +246,12 @@ def _parse_fmt(text: str, pos: int) -> tuple[int, str, int, int]:
 
 
 def _memory_reader(machine: Any, physical: bool) -> Callable[[int, int], bytes | None]:
+    from emu.cpu.dump import read_physical, virtual_reader
+
     cpu = _cpu(machine)
-
-    def phys(addr: int, n: int) -> bytes | None:
-        out = bytearray()
-        while n > 0:
-            if addr >= 2**64:
-                return None
-            hit = cpu._lookup(addr)
-            if hit is None:
-                return None
-            buf, off, avail, _is_ram = hit
-            k = min(n, avail)
-            out += bytes(buf[off:off + k])
-            addr += k
-            n -= k
-        return bytes(out)
-
     if physical:
-        return phys
-    translate: list[Any] = []
-
-    def virt(addr: int, n: int) -> bytes | None:
-        if not translate:
-            from emu.cpu.dump import debug_translator
-
-            translate.append(debug_translator(cpu))
-        out = bytearray()
-        while n > 0:
-            k = min(n, 4096 - (addr & 4095))
-            pa = translate[0](addr & (2**64 - 1))
-            if pa is None:
-                return None
-            data = phys(pa, k)
-            if data is None:
-                return None
-            out += data
-            addr += k
-            n -= k
-        return bytes(out)
-    return virt
+        return lambda address, length: read_physical(cpu, address, length)
+    return virtual_reader(cpu)
 
 
 def _printc(v: int) -> str:
