@@ -36,6 +36,10 @@ class TableCache:
         self.tables: OrderedDict[int, bytearray] = OrderedDict()
         self.dirty: set[int] = set()
         self.depends_on: TableCache | None = None
+        #: set while a snapshot operation runs in shadow mode (see :mod:`.snapshot`): dirty
+        #: tables stay in memory (never evicted, :meth:`flush` writes nothing) until the
+        #: operation writes them itself, at new places
+        self.hold = False
 
     def get(self, offset: int) -> bytearray:
         """The table at ``offset`` (loaded if needed); modify it, then :meth:`mark_dirty`."""
@@ -62,6 +66,13 @@ class TableCache:
         self.tables[offset] = t
         self.tables.move_to_end(offset)
         while len(self.tables) > self.capacity:
+            if self.hold:
+                # Only clean tables may go; with none left the cache grows until the commit.
+                old = next((o for o in self.tables if o not in self.dirty), None)
+                if old is None:
+                    return
+                del self.tables[old]
+                continue
             old, table = next(iter(self.tables.items()))
             if old in self.dirty:
                 self._writeback(old)
@@ -79,8 +90,9 @@ class TableCache:
         self.dirty.discard(offset)
 
     def flush(self) -> None:
-        """Write every dirty table (dependencies first), in offset order."""
-        if not self.dirty:
+        """Write every dirty table (dependencies first), in offset order (nothing while
+        :attr:`hold` is set)."""
+        if not self.dirty or self.hold:
             return
         if self.depends_on is not None and self.depends_on.dirty:
             self.depends_on.flush()

@@ -166,7 +166,10 @@ class ClusterMixin:
         self.file_write(new, content)
         # The L2 table is on disk before the L1 entry that points to it.
         self.l1[l1i] = new | f.QCOW_OFLAG_COPIED
-        self.file_write(self.header.l1_table_offset + l1i * 8, struct.pack(">Q", self.l1[l1i]))
+        if self._shadow is not None:
+            self._shadow.l1_dirty = True    # a snapshot session writes a new L1 at its commit
+        else:
+            self.file_write(self.header.l1_table_offset + l1i * 8, struct.pack(">Q", self.l1[l1i]))
         self.invalidate_meta()
         if old:
             self.refs.defer_free(old, self.cluster_size)
@@ -384,7 +387,7 @@ class ClusterMixin:
                 self.l2cache.mark_dirty(l2off)
             pos = seg_end
         freed = [h for h in freed if h]
-        if freed and self.pass_discard_request:
+        if freed and self.pass_discard_request and self._shadow is None:
             # The L2 tables reach the file before the refcounts drop (as every free here),
             # then the clusters now unused are punched, merged into runs as QEMU's
             # update_refcount_discard; none can be reused in between.

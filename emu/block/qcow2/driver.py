@@ -269,6 +269,10 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
             self.barrier()
 
     def _write_caches(self) -> None:
+        # An open snapshot session (pending snapshot) is committed first: what the guest
+        # wrote meanwhile is reachable from the header only after its commit.
+        if self._shadow is not None:
+            self._settle_all()
         # L2 tables reach the disk (after the refcounts they depend on) before the
         # clusters they stopped using are freed.
         self.l2cache.flush()
@@ -314,6 +318,7 @@ class Qcow2Driver(ClusterMixin, SnapshotMixin, BlockDriver):
     # --- header rewrites ------------------------------------------------------------------
     def rewrite_header(self) -> None:
         """Write the whole header cluster (fields, extensions, backing name) in place."""
+        self._settle_all()
         raw = f.serialize_header(self.header, self.cluster_size)
         self.file_write(0, raw + bytes(self.cluster_size - len(raw)) if len(raw) < self.cluster_size
                         and self.file_size_limit() >= self.cluster_size else raw)

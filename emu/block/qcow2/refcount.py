@@ -11,13 +11,20 @@ Invariants kept here (so an interrupted process only ever leaks clusters):
 Frees of clusters that active L2 tables stopped referencing are deferred until those L2
 tables are on disk (:meth:`RefcountManager.defer_free`), so a freed cluster is never
 reused while an on-disk table still points at it.
+
+Shadow mode (:attr:`RefcountManager.shadow`, set by a snapshot operation, see
+:mod:`.snapshot`): refcount blocks change in memory only (the cache holds them), clusters
+allocated are recorded as *fresh*, a new refcount block only enters the in-memory table,
+and a decrement that would reach 0 is not applied but recorded, to be applied after the
+commit: a cluster the on-disk (committed) image still uses keeps a nonzero count, so it is
+never handed out again before the header stops naming it.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from array import array
 from typing import TYPE_CHECKING, Mapping
 
@@ -31,6 +38,19 @@ if TYPE_CHECKING:
 
 class _Again(Exception):
     """Metadata was allocated while updating refcounts: search for free clusters again."""
+
+
+def _runs(cl: list[int]) -> list[tuple[int, int]]:
+    """Index ranges ``[a, b)`` of the runs of consecutive values in sorted, distinct ``cl``
+    (``cl[k] - k`` is constant along a run and grows between runs: a bisection per run)."""
+    runs = []
+    a, n = 0, len(cl)
+    idx = range(n)
+    while a < n:
+        b = bisect_right(idx, cl[a] - a, a, n, key=lambda k: cl[k] - k)
+        runs.append((a, b))
+        a = b
+    return runs
 
 
 class RefcountManager:
@@ -47,6 +67,8 @@ class RefcountManager:
         self.table = table
         self.free_hint = 0
         self.pending_free: list[tuple[int, int]] = []
+        #: the open shadow session (:class:`emu.block.qcow2.snapshot.Shadow`) or ``None``
+        self.shadow = None
         cap = max(4, (4 << 20) // self.cluster_size)
         self.cache = TableCache("Refcount block", drv.file_read, drv.file_write, self.cluster_size,
                                 cap, validate=self._validate_block)
@@ -80,11 +102,14 @@ class RefcountManager:
         return ti < len(self.table) and bool(self.table[ti] & f.REFT_OFFSET_MASK)
 
     # --- update ---------------------------------------------------------------------------
-    def update(self, offset: int, length: int, delta: int, allocating: bool = False) -> None:
+    def update(self, offset: int, length: int, delta: int, allocating: bool = False,
+               undo: bool = False) -> None:
         """Add ``delta`` to the refcount of every cluster touched by ``[offset, offset+length)``.
 
         :param allocating: the range was just allocated (it may lie past the end of the file);
             otherwise a range past the end comes from corrupt metadata and is refused.
+        :param undo: takes back an increment of this call's caller (a count that returns to
+            0 is applied at once, also in shadow mode).
         """
         if length <= 0:
             return
@@ -96,12 +121,12 @@ class RefcountManager:
                                    "of the image file")
         while True:
             try:
-                self._update(offset, length, delta)
+                self._update(offset, length, delta, undo)
                 return
             except _Again:
                 continue
 
-    def _update(self, offset: int, length: int, delta: int) -> None:
+    def _update(self, offset: int, length: int, delta: int, undo: bool = False) -> None:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         if delta > 0 and last > first and self._raise_run(first, last, delta):
@@ -119,6 +144,11 @@ class RefcountManager:
                     raise ImageFormatError(f"Refcount of cluster {c << self.cluster_bits:#x} would become negative")
                 if v > self.max_refcount:
                     raise ImageFormatError(f"Refcount of cluster {c << self.cluster_bits:#x} would overflow")
+                if v == 0 and self.shadow is not None and not undo:
+                    # The committed image may still use it: free it after the commit.
+                    self.shadow.zero.append((c, delta))
+                    done = c + 1
+                    continue
                 self._set(c, v)
                 done = c + 1
                 if v == 0:
@@ -128,7 +158,8 @@ class RefcountManager:
         except _Again:
             # Undo what this call changed so the caller's search starts over (QEMU's -EAGAIN).
             if done > first and delta > 0:
-                self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta)
+                self._update(first << self.cluster_bits, (done - first) << self.cluster_bits, -delta,
+                             undo=True)
             raise
 
     def _raise_run(self, first: int, last: int, delta: int) -> bool:
@@ -214,6 +245,12 @@ class RefcountManager:
                 if single and cl[-1] - cl[0] + 1 == len(cl):
                     # A contiguous run touched once each (the usual case): whole-slice math.
                     new = list(map(delta.__add__, vals[lo:lo + len(cl)]))
+                elif single:
+                    # A few contiguous runs (data clusters and their table elsewhere): per run.
+                    new = []
+                    for a, b in _runs(cl):
+                        lo = cl[a] - base
+                        new += map(delta.__add__, vals[lo:lo + b - a])
                 else:
                     new = [vals[c - base] + delta * counts[c] for c in cl]
             else:
@@ -228,7 +265,21 @@ class RefcountManager:
         # Everything checked: store.  Blocks are looked up again because staging many of
         # them may have evicted (clean, hence unchanged) ones from the cache.
         result: dict[int, int] = {}
-        for boff, vals, cl, new in staged:
+        shadow = self.shadow
+        for boff, vals, cl, logical in staged:
+            new = logical
+            if shadow is not None and delta < 0 and 0 in new:
+                # Shadow mode: counts reaching 0 keep their value until after the commit.
+                new = list(logical)
+                k = new.index(0)
+                while True:
+                    c = cl[k]
+                    new[k] = -delta * counts[c]
+                    shadow.zero.append((c, delta * counts[c]))
+                    try:
+                        k = new.index(0, k + 1)
+                    except ValueError:
+                        break
             block = self.cache.get(boff)
             base = (cl[0] // be) * be
             if vals is not None:
@@ -236,15 +287,16 @@ class RefcountManager:
                 if cl[-1] - cl[0] + 1 == len(cl):
                     vals[lo:lo + len(cl)] = array("H", new)
                 else:
-                    for c, v in zip(cl, new):
-                        vals[c - base] = v
+                    for a, b in _runs(cl):
+                        lo = cl[a] - base
+                        vals[lo:lo + b - a] = array("H", new[a:b])
                 vals.byteswap()
                 block[:] = vals.tobytes()
             else:
                 for c, v in zip(cl, new):
                     f.write_refcount(block, c - base, self.order, v)
             self.cache.mark_dirty(boff)
-            result.update(zip(cl, new))
+            result.update(zip(cl, logical))
             if delta < 0 and 0 in new:
                 for c, v in zip(cl, new):
                     if v == 0:
@@ -263,7 +315,7 @@ class RefcountManager:
         except BaseException:
             for c, n in reversed(done):
                 try:
-                    self.update(c << cb, cs, -delta * n)
+                    self.update(c << cb, cs, -delta * n, undo=True)
                 except ImageFormatError:
                     pass
             raise
@@ -287,6 +339,8 @@ class RefcountManager:
             k = self._free_run(c + 1, n - 1) + 1 if n > 1 else 1
             if k == n:
                 self.free_hint = c + n
+                if self.shadow is not None:
+                    self.shadow.fresh.update(range(c, c + n))
                 return c
             self.free_hint = c + k + 1  # c + k is in use: search again after it
 
@@ -369,6 +423,8 @@ class RefcountManager:
     def _alloc_refcount_block(self, c: int) -> None:
         """Create the refcount block covering cluster ``c``; always ends with :class:`_Again`."""
         ti = c // self.block_entries
+        if self.shadow is not None:
+            self._alloc_refcount_block_shadow(ti)
         if ti >= len(self.table):
             self._grow_table(ti)
             raise _Again()
@@ -390,6 +446,26 @@ class RefcountManager:
         self.table[ti] = boff
         self.drv.file_write(self.drv.header.refcount_table_offset + ti * 8, struct.pack(">Q", boff))
         self.cache.forget(boff)
+        self.drv.invalidate_meta()
+        raise _Again()
+
+    def _alloc_refcount_block_shadow(self, ti: int) -> None:
+        """Shadow mode: a new refcount block for table index ``ti`` (the in-memory table
+        grows as needed), in memory only; the commit writes it and a new table.  Always
+        ends with :class:`_Again`."""
+        if ti >= len(self.table):
+            self.table.extend([0] * (ti + 1 - len(self.table)))
+        fc = self._alloc_noref(1)
+        boff = fc << self.cluster_bits
+        block = bytearray(self.cluster_size)
+        if fc // self.block_entries == ti:
+            f.write_refcount(block, fc % self.block_entries, self.order, 1)
+        else:
+            self._update(boff, self.cluster_size, 1)
+        self.drv.note_allocated(boff + self.cluster_size)
+        self.table[ti] = boff
+        self.shadow.table_changed = True
+        self.cache.put_new(boff, block)
         self.drv.invalidate_meta()
         raise _Again()
 

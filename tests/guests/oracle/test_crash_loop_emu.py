@@ -38,7 +38,7 @@ def _module():
 @requires_qemu_img
 def test_kill9_emu_loses_no_flushed_write(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(RUNS), "--seed", str(SEED),
-                        "--dir", str(tmp_path), "--allow-copied-window"],
+                        "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("verdict: PASS"), r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("run ")]
@@ -66,7 +66,7 @@ def test_flushed_write_check_catches_loss(tmp_path: Path) -> None:
     runs = [tmp_path / "a"]
     # seed 5: a 64-sector region, unpaced, killed after 3.5 s: every LBA is overwritten
     r = subprocess.run([sys.executable, str(SCRIPT), "--runs", "1", "--seed", "5",
-                        "--dir", str(runs[0]), "--quiet", "--allow-copied-window"],
+                        "--dir", str(runs[0]), "--quiet"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     run = runs[0] / "run000"
