@@ -330,8 +330,18 @@ def halt_set_callback(uc: "unicorn.Uc", cb: object) -> None:
         raise unicorn.UcError(err)
 
 
+#: True when the loaded library runs a halted guest's timer tick in C (patch 0008,
+#: ``emu_hot_attach``): the 8259 pair, 8254 channel 0 and clock state then live in
+#: :mod:`emu.hw.hot`'s shared structures for devices created from now on.
+NATIVE_TICK: bool = False
+if NATIVE_HALT:
+    from emu.hw import hot as _hot
+
+    NATIVE_TICK = _hot.install(_LIBRARY.path)
+
+
 __all__ = [
-    "IRQ_ACK_CB", "NATIVE_IRQ", "irq_set_ack", "irq_raise", "irq_clear",
+    "NATIVE_TICK", "IRQ_ACK_CB", "NATIVE_IRQ", "irq_set_ack", "irq_raise", "irq_clear",
     "HALT_CB", "NATIVE_HALT", "halt_set_callback",
     "unicorn", "PATCHED", "UNICORN_VERSION", "SlowUnicornWarning", "UnicornLibrary",
     "library_info", "which_library", "invalidate_code", "patch_hash", "patched_dir",

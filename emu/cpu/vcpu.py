@@ -35,7 +35,9 @@ takes a timer tick without leaving ``emu_start``.  No interrupt is taken in a ru
 recorded an event (the event is completed on the state it was raised in).  With patch 0004 a HLT
 with IF=1 does not end the run either: :meth:`VCPU._hlt_wait` waits inside ``emu_start`` (idle
 hook, then the device timers' ``idle_wait``, which fires due timers on this thread) until an
-interrupt is pending; a kick or request makes the HLT end the run as before.
+interrupt is pending; a kick or request makes the HLT end the run as before.  With patch 0008
+and the 8259 pair as interrupt controller (:mod:`emu.hw.hot`) that wait, the INTA cycle and EOIs
+run in C on the devices' shared state: an idle guest's timer tick never enters Python.
 
 Stopping a run: :meth:`VCPU.kick` calls ``emu_stop``, which takes effect at the next
 translation-block boundary, never inside an instruction (stock Unicorn rewinds an instruction
@@ -86,6 +88,7 @@ from emu.cpu.mmu import GuestFault, LinearMem, PhysMem
 from emu.cpu import uclib
 from emu.cpu.uclib import unicorn
 from emu.errors import CpuError
+from emu.hw import hot
 
 log = logging.getLogger("emu.cpu")
 
@@ -244,19 +247,29 @@ class VCPU:
         self._msrs = MsrFile(self._tsc_ticks)
         self._callbacks: list[object] = []   # ctypes callbacks that must stay alive
         self._reports: dict[object, int] = {}
-        self._install_hooks()
         if native_irq is None:   # EMU_NATIVE_IRQ=0: the Python delivery path (comparisons, debugging)
             native_irq = uclib.NATIVE_IRQ and os.environ.get("EMU_NATIVE_IRQ", "1") != "0"
         self._native_irq = bool(native_irq)
-        if self._native_irq:
-            self._ack_cb = uclib.IRQ_ACK_CB(self._inta)
-            uclib.irq_set_ack(uc, self._ack_cb)
         if native_halt is None:  # EMU_NATIVE_HALT=0: every HLT leaves emu_start (comparisons)
             native_halt = uclib.NATIVE_HALT and os.environ.get("EMU_NATIVE_HALT", "1") != "0"
         self._native_halt = bool(native_halt) and self._native_irq
-        if self._native_halt:
-            self._halt_cb = uclib.HALT_CB(self._hlt_wait)
-            uclib.halt_set_callback(uc, self._halt_cb)
+        # The C tick (patch 0008): with the 8259 pair's state shared with C, the halted wait,
+        # INTA and EOIs run in C (EMU_NATIVE_TICK=0 turns it off).
+        self._hot: Optional[hot.CpuHot] = None
+        if (self._native_halt and hot.native() and getattr(intc, "native", False)
+                and os.environ.get("EMU_NATIVE_TICK", "1") != "0"):
+            self._hot = hot.CpuHot()
+        self._event_v: Optional[tuple] = None
+        self._install_hooks()
+        if self._hot is not None:
+            self._attach_hot(uc, intc)
+        else:
+            if self._native_irq:
+                self._ack_cb = uclib.IRQ_ACK_CB(self._inta)
+                uclib.irq_set_ack(uc, self._ack_cb)
+            if self._native_halt:
+                self._halt_cb = uclib.HALT_CB(self._hlt_wait)
+                uclib.halt_set_callback(uc, self._halt_cb)
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self._reset_bytes = self._make_reset_state()
@@ -264,7 +277,7 @@ class VCPU:
         # Requests from other threads (all guarded by _lock / _cond).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._wake = _Waker()
+        self._wake = _Waker() if self._hot is None else hot.HotWaker(self._hot)
         self._state = RunState.CREATED
         self._pause_req = False
         self._stop_req = False
@@ -289,11 +302,90 @@ class VCPU:
         #: some work (the loop then looks at interrupts again instead of waiting).  The
         #: machine sets the block layer's: a request the guest waits for runs here.
         self.idle_hook: Optional[Callable[[], bool]] = None
-        #: The machine's device timers (:class:`emu.hw.clock.VirtualClock`): while the guest
-        #: halts the vCPU sleeps until their next deadline and fires them itself
-        #: (``idle_wait``), so an idle guest's timer tick wakes this thread only.
-        self.timers: Optional[TimerSource] = None
+        self._timers: Optional[TimerSource] = None
         self._do_reset()
+
+    @property
+    def timers(self) -> Optional[TimerSource]:
+        """The machine's device timers (:class:`emu.hw.clock.VirtualClock`): while the guest
+        halts the vCPU sleeps until their next deadline and fires them itself (``idle_wait``,
+        or the C tick's wait for a native clock), so an idle guest's timer tick wakes this
+        thread only."""
+        return self._timers
+
+    @timers.setter
+    def timers(self, timers: Optional[TimerSource]) -> None:
+        self._timers = timers
+        cpu = self._hot
+        if cpu is not None:
+            state = getattr(timers, "state", None) if getattr(timers, "native", False) else None
+            with hot.LOCK:
+                cpu.clk = None if state is None else ctypes.pointer(state)
+
+    @property
+    def _event(self) -> Optional[tuple]:
+        """The event a hook recorded for the loop (mirrored for the C INTA, which must not
+        take an interrupt before the loop completed it)."""
+        return self._event_v
+
+    @_event.setter
+    def _event(self, event: Optional[tuple]) -> None:
+        self._event_v = event
+        if self._hot is not None:
+            self._hot.event = event is not None
+
+    def _attach_hot(self, uc: "unicorn.Uc", intc: object) -> None:
+        """Hand HLT, INTA and OUT to the C tick (see :mod:`emu.hw.hot`)."""
+        cpu = self._hot
+        cpu.uc = uc._uch
+        cpu.pic = ctypes.pointer(intc.state)
+        self._slow_cb = hot.SLOW_CB(self._hot_slow)
+        cpu.slow = self._slow_cb
+        cpu.py_out = self._out_cb
+        self._hot_hook = ctypes.c_size_t()
+        err = hot.lib.emu_hot_attach(cpu, ctypes.byref(self._hot_hook))
+        if err != uc_const.UC_ERR_OK:
+            raise UcError(err)
+        with hot.LOCK:
+            intc.state.cpu = ctypes.addressof(cpu)
+
+    def _detach_hot(self) -> None:
+        """The vCPU is going away: the PIC and the clock must not reach it any more."""
+        cpu = self._hot
+        if cpu is None:
+            return
+        with hot.LOCK:
+            pic = self._intc.state
+            if pic.cpu == ctypes.addressof(cpu):
+                pic.cpu = None
+            cpu.clk = None
+
+    def _hot_slow(self, _opaque: object, reason: int) -> int:
+        """The C halted wait calls back (without the shared lock): ``SLOW_POKE`` a Python port
+        or MMIO access ran since the last wait (a block request may wait for the idle hook),
+        ``SLOW_TIMERS`` a Python timer is due, ``SLOW_WAIT`` no native clock (wait here).
+        -1 ends the wait as a kick does (the HLT then leaves ``emu_start``)."""
+        try:
+            cpu = self._hot
+            if reason == hot.SLOW_POKE:
+                cpu.poke = 0
+                hook = self.idle_hook
+                if hook is not None and hook():
+                    cpu.poke = 1           # it did work: look at interrupts, then again
+            elif reason == hot.SLOW_TIMERS:
+                self._timers._fire_due()
+            else:
+                timers = self._timers
+                if timers is None:
+                    self._wake.wait(0.05)
+                else:
+                    timers.idle_wait(self._wake)
+            if self._kick_pending or self._inval or self._rom_dirty or self._event_v is not None:
+                return -1
+            return 0
+        except Exception as err:
+            self._report("halt", "halted wait failed: %s", err)
+            return -1
 
     # ================================================================== public API
     @property
@@ -309,7 +401,7 @@ class VCPU:
     @property
     def halted(self) -> bool:
         """True while the guest sits in HLT (or is shut down after a triple fault)."""
-        return self._halted or self._shutdown
+        return self._halted or self._shutdown or bool(self._hot is not None and self._hot.halted)
 
     def clock_ns(self) -> int:
         """The virtual clock in ns (stands still while paused unless a clock was given)."""
@@ -360,6 +452,8 @@ class VCPU:
         Safe from any thread, including device callbacks on the vCPU thread.
         """
         self._kick_pending = True
+        if self._hot is not None:
+            self._hot.attention = 1
         self._uc.emu_stop()
         self._wake.set()
         # The stopper only matters inside emu_start; the vCPU checks _kick_pending itself
@@ -423,10 +517,12 @@ class VCPU:
         self.kick()
         if self._thread is not None and not self._on_cpu_thread():
             self._thread.join()
+            self._detach_hot()
         if self._stopper is not None and threading.current_thread() is not self._stopper:
             self._stopper.join(timeout=1)
         if self._thread is None:
             self._state = RunState.STOPPED
+            self._detach_hot()
 
     def set_a20(self, enabled: bool) -> None:
         """Drive the A20 gate (port 0x92 / the i8042 output port)."""
@@ -514,8 +610,12 @@ class VCPU:
         self._check_free(start, end)
         skew = base - start
 
+        hot_cpu = self._hot
+
         def on_read(_uc: object, offset: int, width: int, _ud: object) -> int:
             ones = (1 << (8 * width)) - 1
+            if hot_cpu is not None:
+                hot_cpu.poke = 1
             off = offset - skew
             if off < 0 or off + width > size:
                 return ones
@@ -526,6 +626,8 @@ class VCPU:
                 return ones
 
         def on_write(_uc: object, offset: int, width: int, value: int, _ud: object) -> None:
+            if hot_cpu is not None:
+                hot_cpu.poke = 1
             off = offset - skew
             if off < 0 or off + width > size:
                 return
@@ -808,7 +910,9 @@ class VCPU:
         # IN/OUT go through the C API, for speed (see _IN_CB); their helpers call the
         # matching hook whatever stop_request says, so their place in the list is free.
         self._add_c_insn_hook(x86.UC_X86_INS_IN, _IN_CB(self._hook_in))
-        self._add_c_insn_hook(x86.UC_X86_INS_OUT, _OUT_CB(self._hook_out))
+        self._out_cb = _OUT_CB(self._hook_out)
+        if self._hot is None:       # else the C tick's OUT hook calls it for other ports
+            self._add_c_insn_hook(x86.UC_X86_INS_OUT, self._out_cb)
 
     def _add_c_insn_hook(self, insn: int, fptr: object) -> None:
         """Append a raw ctypes UC_HOOK_INSN callback (the Python binding offers no
@@ -829,6 +933,8 @@ class VCPU:
 
     def _hook_in(self, _uch: int, port: int, size: int, _ud: int) -> int:
         mask = (1 << (8 * size)) - 1
+        if self._hot is not None:
+            self._hot.poke = 1    # a request may be queued: the next halt runs the idle hook
         try:
             return self._port_read(port, size) & mask
         except Exception as err:
@@ -936,6 +1042,8 @@ class VCPU:
         self._restore_rom_bytes()
         self._rom_dirty.append((address, size))
         self._kick_pending = True
+        if self._hot is not None:
+            self._hot.attention = 1
         with self._cond:
             self._cond.notify_all()
         return True
@@ -1017,6 +1125,8 @@ class VCPU:
         while True:
             self._wake.clear()
             self._kick_pending = False
+            if self._hot is not None:
+                self._hot.attention = 0
             with self._cond:
                 if self._pause_req and not self._stop_req:
                     self._park()

@@ -13,7 +13,9 @@ Two ways to drive it:
   on a timerfd set to the next deadline, so arming a timer never wakes it.  A halted vCPU
   takes the timers over in :meth:`VirtualClock.idle_wait`: it sleeps until the next
   deadline itself and fires what is due on its own thread, the timer thread's alarm
-  disarmed meanwhile, so a timer tick of an idle guest wakes one thread, not two.
+  disarmed meanwhile, so a timer tick of an idle guest wakes one thread, not two.  With the
+  C tick (:mod:`emu.hw.hot`) the clock's state is shared with C: 8254 channel 0's timer
+  (:meth:`VirtualClock.attach_pit`) and the halted vCPU's wait then run there.
 * ``VirtualClock(manual=True)`` moves only when :meth:`VirtualClock.advance` is
   called (QEMU's qtest ``clock_step``): timers fire in deadline order in the
   caller's thread with ``now()`` equal to each deadline.  Tests use it to get
@@ -34,6 +36,8 @@ import os
 import threading
 import time
 from typing import Callable
+
+from emu.hw import hot
 
 NS_PER_SEC = 1_000_000_000
 #: When a halted vCPU stops firing the timers (an interrupt woke its guest), the timer thread's
@@ -83,22 +87,88 @@ class VirtualClock:
 
     def __init__(self, manual: bool = False) -> None:
         self.manual = manual
-        self._lock = threading.Lock()
+        #: Offset, pause, alarm and holder live in :class:`emu.hw.hot.ClockState`, which the C
+        #: tick reads when it is loaded (:attr:`native`; never for a manual clock).
+        self.state = st = hot.ClockState()
+        self.native = hot.native() and not manual
+        self._lock = hot.device_lock() if self.native else threading.Lock()
         self._heap: list[tuple[int, int, int, Timer]] = []
         self._seq = itertools.count()
+        st.py_deadline = st.hold_deadline = st.armed = hot.NONE
+        st.timerfd = -1
+        st.grace = HOLD_GRACE_NS
         # Host mode: now = monotonic - offset while running; frozen at _paused_at while paused.
         self._offset = time.monotonic_ns()
-        self._paused_at: int | None = None
         self._manual_now = 0
         self._thread: threading.Thread | None = None
-        self._stopping = False
         # The timer thread sleeps on _host until _armed (host monotonic ns, or None: disarmed).
         self._host: _TimerFd | _CondAlarm | None = None
-        self._armed: int | None = None
         # A thread firing the timers itself while it waits (idle_wait): its wake-up event and
-        # the deadline it waits for; the timer thread's alarm is disarmed meanwhile.
-        self._holder: threading.Event | None = None
-        self._hold_deadline: int | None = None
+        # the deadline it waits for; the timer thread's alarm is disarmed meanwhile.  The C
+        # tick's halted vCPU holds them the same way (state.holder), with its own wake-up.
+        self._holder_ev: threading.Event | None = None
+        # 8254 channel 0's timer when it runs in C (attach_pit), and the PIC it pulses.
+        self._pit: hot.Pit0State | None = None
+        self._pit_pic = None
+        self._ref = ctypes.pointer(st)
+
+    # The fields shared with C, as the Python code used them before (None = no value).
+    @property
+    def _offset(self) -> int:
+        return self.state.offset
+
+    @_offset.setter
+    def _offset(self, v: int) -> None:
+        self.state.offset = v
+
+    @property
+    def _paused_at(self) -> int | None:
+        st = self.state
+        return st.paused_at if st.paused else None
+
+    @_paused_at.setter
+    def _paused_at(self, v: int | None) -> None:
+        st = self.state
+        if v is None:
+            st.paused = 0
+        else:
+            st.paused_at = v
+            st.paused = 1
+
+    @property
+    def _armed(self) -> int | None:
+        v = self.state.armed
+        return None if v == hot.NONE else v
+
+    @_armed.setter
+    def _armed(self, v: int | None) -> None:
+        self.state.armed = hot.NONE if v is None else v
+
+    @property
+    def _hold_deadline(self) -> int | None:
+        v = self.state.hold_deadline
+        return None if v == hot.NONE else v
+
+    @_hold_deadline.setter
+    def _hold_deadline(self, v: int | None) -> None:
+        self.state.hold_deadline = hot.NONE if v is None else v
+
+    @property
+    def _holder(self) -> threading.Event | None:
+        return self._holder_ev
+
+    @_holder.setter
+    def _holder(self, ev: threading.Event | None) -> None:
+        self._holder_ev = ev
+        self.state.py_holder = ev is not None
+
+    @property
+    def _stopping(self) -> bool:
+        return bool(self.state.stopping)
+
+    @_stopping.setter
+    def _stopping(self, v: bool) -> None:
+        self.state.stopping = v
 
     # ---- time ---------------------------------------------------------------------------------
 
@@ -164,21 +234,60 @@ class VirtualClock:
             timer._gen += 1
             timer.deadline = deadline
             heapq.heappush(self._heap, (deadline, next(self._seq), timer._gen, timer))
-            holder = self._holder
-            if holder is not None:
-                if self._hold_deadline is None or deadline < self._hold_deadline:
-                    self._hold_deadline = deadline
-                    holder.set()           # the waiter in idle_wait fires it
-            elif self._host is not None and self._paused_at is None:
-                host_ns = deadline + self._offset
-                if self._armed is None or host_ns < self._armed:
-                    self._host.arm(host_ns)
-                    self._armed = host_ns
+            st = self.state
+            if deadline < st.py_deadline:
+                st.py_deadline = deadline
+            self._deadline_moved(deadline)
+
+    def _deadline_moved(self, deadline: int) -> None:
+        """A timer was armed for ``deadline``: wake whoever fires the timers if it is earlier
+        than what they wait for (lock held)."""
+        st = self.state
+        holder = self._holder
+        if holder is not None:
+            if self._hold_deadline is None or deadline < self._hold_deadline:
+                self._hold_deadline = deadline
+                holder.set()           # the waiter in idle_wait fires it
+        elif st.holder:
+            if deadline < st.hold_deadline:
+                st.hold_deadline = deadline
+                hot.lib.emu_hot_clk_wake_holder(self._ref)   # the C halted wait fires it
+        elif self._host is not None and not st.paused:
+            host_ns = deadline + st.offset
+            if host_ns < st.armed:
+                self._host.arm(host_ns)
+                st.armed = host_ns
+
+    def attach_pit(self, pit: "hot.Pit0State", pic: object) -> None:
+        """Let 8254 channel 0's timer run in C (native clocks only): its deadline is
+        ``pit.deadline_ns``, its expiry ``emu_hot_pit_fire``, whether on the timer thread
+        (:meth:`_fire_due`) or in the C halted wait; ``pic.notify()`` is called when the C side
+        could not raise the interrupt itself (no native vCPU)."""
+        if not self.native:
+            raise ValueError("attach_pit needs a native clock")
+        with self._lock:
+            self._pit = pit
+            self._pit_pic = pic
+            self.state.pit = ctypes.pointer(pit)
+
+    def pit_armed(self, deadline: int) -> None:
+        """The attached PIT's deadline was set to ``deadline`` (lock held)."""
+        self._deadline_moved(deadline)
 
     def _disarm(self, timer: Timer) -> None:
         with self._lock:
             timer._gen += 1
             timer.deadline = None
+
+    def _py_next(self) -> int:
+        """The earliest live Python timer's deadline or :data:`hot.NONE`, also recorded for
+        the C halted wait (lock held)."""
+        heap = self._heap
+        while heap and heap[0][2] != heap[0][3]._gen:
+            heapq.heappop(heap)
+        nxt = heap[0][0] if heap else hot.NONE
+        self.state.py_deadline = nxt
+        return nxt
 
     def _pop_due(self, now: int) -> tuple[int, Callable[[], None]] | None:
         """Pop the first live timer whose deadline is <= now (lock held)."""
@@ -207,9 +316,11 @@ class VirtualClock:
         if self.manual or self._thread is not None:
             return
         self._stopping = False
-        self._host = _host_timer()
+        self._host = host = _host_timer()
         self._armed = None
         with self._lock:
+            self.state.timerfd = host.fd if isinstance(host, _TimerFd) else -1
+            self.state.thread = 1
             self._rearm()
         self._thread = threading.Thread(target=self._run, name="emu-timer", daemon=True)
         self._thread.start()
@@ -223,11 +334,15 @@ class VirtualClock:
             self._stopping = True
             self._host.poke()
             holder = self._holder
+            if self.state.holder:
+                hot.lib.emu_hot_clk_wake_holder(self._ref)
         if holder is not None:
             holder.set()
         thread.join()
         with self._lock:
             self._thread = None
+            self.state.thread = 0
+            self.state.timerfd = -1
             host, self._host, self._armed = self._host, None, None
         if host is not None:
             host.close()
@@ -278,7 +393,12 @@ class VirtualClock:
         heap = self._heap
         while heap and heap[0][2] != heap[0][3]._gen:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        nxt = heap[0][0] if heap else None
+        self.state.py_deadline = hot.NONE if nxt is None else nxt
+        pit = self._pit
+        if pit is not None and pit.deadline_ns != hot.NONE and (nxt is None or pit.deadline_ns < nxt):
+            return pit.deadline_ns
+        return nxt
 
     def _rearm(self, grace: int = 0, lazy: bool = False) -> None:
         """Point the timer thread's host timer at the next deadline, ``grace`` ns late (lock
@@ -291,7 +411,7 @@ class VirtualClock:
             host.poke()
             return
         target = None
-        if self._paused_at is None and self._holder is None:
+        if self._paused_at is None and self._holder is None and not self.state.holder:
             deadline = self._next_locked()
             if deadline is not None:
                 target = deadline + self._offset
@@ -308,13 +428,24 @@ class VirtualClock:
 
     def _fire_due(self) -> None:
         """Fire every due timer on the calling thread, in deadline order (no lock held)."""
+        pit = self._pit
         while True:
             with self._lock:
                 if self._paused_at is not None:
                     return
-                due = self._pop_due(time.monotonic_ns() - self._offset)
+                now = time.monotonic_ns() - self._offset
+                if pit is not None and pit.deadline_ns <= now and pit.deadline_ns <= self._py_next():
+                    notify = hot.lib.emu_hot_pit_fire(pit, now)
+                    due = None
+                else:
+                    due = self._pop_due(now)
+                    if due is None:
+                        self._py_next()
+                        return
             if due is None:
-                return
+                if notify and self._pit_pic.notify is not None:
+                    self._pit_pic.notify()
+                continue
             try:
                 due[1]()
             except Exception:  # a device bug must not kill the thread that fires timers

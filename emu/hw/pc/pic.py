@@ -16,9 +16,10 @@ the vCPU thread (port I/O, INTA) and the timer / I/O threads (IRQ lines) race.
 
 from __future__ import annotations
 
-import threading
+import ctypes
 from typing import Callable
 
+from emu.hw import hot
 from emu.hw.bus import IOBus
 from emu.hw.irq import IrqLine
 
@@ -58,13 +59,25 @@ ELCR_MASK_MASTER = 0xF8
 ELCR_MASK_SLAVE = 0xDE
 
 
-class I8259:
-    """One 8259A chip; the pair's lock is held by every caller.
+class I8259(hot.I8259State):
+    """One 8259A chip; the pair's lock is held by every caller.  Its registers are the fields
+    of :class:`emu.hw.hot.I8259State` (shared with the C tick when that is loaded).
 
     :param master: True for the master (its IRQ 2 input is the cascade).
     """
 
     def __init__(self, master: bool) -> None:
+        super().__init__()
+        self._setup(master)
+
+    @classmethod
+    def view(cls, buffer: ctypes.Structure, offset: int, master: bool) -> "I8259":
+        """A chip whose registers live at ``offset`` in ``buffer`` (kept alive by the chip)."""
+        chip = cls.from_buffer(buffer, offset)
+        chip._setup(master)
+        return chip
+
+    def _setup(self, master: bool) -> None:
         self.master = master
         self.elcr = 0
         self.elcr_mask = ELCR_MASK_MASTER if master else ELCR_MASK_SLAVE
@@ -240,16 +253,34 @@ class PicPair:
     """
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
-        self.master = I8259(master=True)
-        self.slave = I8259(master=False)
+        #: Both chips' registers and the INTR output, shared with the C tick when it is loaded
+        #: (:attr:`native`): the vCPU then takes INTR, INTA and EOIs there.
+        self.state = st = hot.PicState()
+        self.native = hot.native()
+        self.master = I8259.view(st, hot.PicState.m.offset, master=True)
+        self.slave = I8259.view(st, hot.PicState.s.offset, master=False)
         self.notify = notify
-        self._lock = threading.Lock()
-        #: INTR output level; read lock-free by the vCPU.
-        self.output = False
-        self._slave_out = False
+        self._lock = hot.device_lock()
         self._master_io = _PicPort(self, self.master)
         self._slave_io = _PicPort(self, self.slave)
         self._elcr_io = _ElcrPorts(self)
+
+    @property
+    def output(self) -> bool:
+        """INTR output level; read lock-free by the vCPU."""
+        return bool(self.state.output)
+
+    @output.setter
+    def output(self, level: bool) -> None:
+        self.state.output = level
+
+    @property
+    def _slave_out(self) -> bool:
+        return bool(self.state.slave_out)
+
+    @_slave_out.setter
+    def _slave_out(self, level: bool) -> None:
+        self.state.slave_out = level
 
     def register(self, bus: IOBus) -> None:
         """Claim 0x20-0x21, 0xA0-0xA1 and 0x4D0-0x4D1 on ``bus``."""
@@ -330,7 +361,7 @@ class PicPair:
 
     def has_interrupt(self) -> bool:
         """True while INTR is asserted (an unmasked request outranks everything in service)."""
-        return self.output
+        return self.state.output != 0
 
     def acknowledge(self) -> int:
         """The INTA cycle: the vector to deliver (a spurious IRQ 7/15 vector if the request went away)."""

@@ -28,8 +28,9 @@ Intel 82C54 datasheet.
 
 from __future__ import annotations
 
-import threading
+import ctypes
 
+from emu.hw import hot
 from emu.hw.bus import IOBus
 from emu.hw.clock import NS_PER_SEC, VirtualClock
 from emu.hw.irq import IrqLine
@@ -262,15 +263,51 @@ class Pit:
     def __init__(self, clock: VirtualClock, irq0: IrqLine | None) -> None:
         self.clock = clock
         self.irq0 = irq0
-        self._lock = threading.Lock()
+        self._lock = hot.device_lock()
+        #: Channel 0's timer state (next transition, OUT0), shared with the C tick when the
+        #: clock and the PIC behind IRQ 0 are native: channel 0's expiries then run in C
+        #: (:meth:`VirtualClock.attach_pit`), the Python copy of mode/count/load time is
+        #: pushed there after every change (:meth:`_sync0`).
+        self.state = st = hot.Pit0State()
+        st.deadline_ticks = -1
+        st.deadline_ns = hot.NONE
+        sink = irq0.sink if irq0 is not None else None
+        self.native = bool(getattr(clock, "native", False) and getattr(sink, "native", False))
         self.channels = [PitChannel(self, i) for i in range(3)]
         self.port61 = 0  # bits 0-3 as written (gate2, speaker, parity/IOCHK enables)
         self._timer = clock.timer(self._on_timer)
-        self._deadline_ticks: int | None = None
-        self._irq_level = False
         self._refresh = 0
         self.port61_io = _Port61(self)
+        if self.native:
+            st.pic = ctypes.pointer(sink.state)
+            st.irq = irq0.irq
+            clock.attach_pit(st, sink)
         self.reset()
+
+    @property
+    def _irq_level(self) -> bool:
+        return bool(self.state.irq_level)
+
+    @_irq_level.setter
+    def _irq_level(self, level: bool) -> None:
+        self.state.irq_level = level
+
+    @property
+    def _deadline_ticks(self) -> int | None:
+        d = self.state.deadline_ticks
+        return None if d < 0 else d
+
+    @_deadline_ticks.setter
+    def _deadline_ticks(self, d: int | None) -> None:
+        self.state.deadline_ticks = -1 if d is None else d
+
+    def _sync0(self) -> None:
+        """Copy channel 0's mode, count and load time to the shared state (lock held)."""
+        ch = self.channels[0]
+        st = self.state
+        st.mode = ch.mode
+        st.count = ch.count
+        st.load_time = ch.load_time
 
     def register(self, bus: IOBus) -> None:
         """Claim 0x40-0x43 and 0x61."""
@@ -287,6 +324,7 @@ class Pit:
             self._irq_level = False
             if self.irq0 is not None:
                 self.irq0.lower()
+            self._sync0()
             self._irq_update(self.clock.now())
 
     # ---- guest ports ----------------------------------------------------------------------------
@@ -312,8 +350,11 @@ class Pit:
                                 ch.latch_status()
                     return
                 self.channels[sel].control(value)
+                if sel == 0:
+                    self._sync0()
                 return
             if self.channels[offset].write(value) and offset == 0:
+                self._sync0()
                 self._irq_update(self.clock.now())
 
     # ---- channel 0 -> IRQ 0 ---------------------------------------------------------------------
@@ -334,7 +375,15 @@ class Pit:
     def _arm(self, d: int) -> None:
         ch = self.channels[0]
         nxt = ch.next_transition(d)
-        if nxt is None:
+        if self.native:
+            st = self.state
+            if nxt is None:
+                st.deadline_ticks, st.deadline_ns = -1, hot.NONE
+            else:
+                st.deadline_ticks = nxt
+                st.deadline_ns = deadline = ch.tick_time(nxt)
+                self.clock.pit_armed(deadline)
+        elif nxt is None:
             self._timer.cancel()
             self._deadline_ticks = None
         else:
