@@ -571,7 +571,8 @@ class BlockBackend:
     def _done(self) -> None:
         with self._cond:
             self._in_flight -= 1
-            self._cond.notify_all()
+            if not self._in_flight:         # drain() waits for 0; nothing else waits on it
+                self._cond.notify_all()
 
     def _node(self) -> BlockDriverState:
         if self._root is None:
@@ -803,8 +804,21 @@ class BlockBackend:
             finish(err, None)
         return True
 
+    def _native_rw(self, op: str, offset: int, length: int, data: bytes | None,
+                   callback: Callback | None, kind: str, account: bool) -> bool:
+        """aio_read/aio_write straight to :meth:`_native_aio` (rbd) without building the
+        worker path's closures: a valid request on an unthrottled backend only; False
+        sends it the ordinary way (which also reports a bad one)."""
+        root = self._root
+        if (root is None or self._throttle is not None or offset < 0 or length < 0
+                or offset + length > root.size or (data is not None and root.read_only)):
+            return False
+        return self._native_aio(op, offset, length, data, callback, kind, account)
+
     def aio_read(self, offset: int, length: int, callback: Callback, *, account: bool = True) -> None:
         """Read on a worker thread (or the driver's own async I/O); ``callback(bytes | Exception)``."""
+        if self._native_rw("read", offset, length, None, callback, ACCT_READ, account):
+            return
         self._aio(self._throttled(lambda: self._node().read(offset, length), length, False), callback,
                   lambda: self._check(offset, length, False), ACCT_READ, length, account,
                   ("read", offset, None))
@@ -818,6 +832,8 @@ class BlockBackend:
             self._aio(self._throttled(lambda: self._node().write_zeroes(offset, n), n, True), callback,
                       lambda: self._check(offset, n, True), ACCT_WRITE, n, account,
                       ("write_zeroes", offset, None))
+            return
+        if self._native_rw("write", offset, n, data, callback, ACCT_WRITE, account):
             return
         self._aio(self._throttled(lambda: self._node().write(offset, data), n, True), callback,
                   lambda: self._check(offset, n, True), ACCT_WRITE, n, account,

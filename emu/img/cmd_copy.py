@@ -588,9 +588,41 @@ def cmd_bench(opts: list[tuple[str, str]], args: list[str]) -> int:
                 errors.append(result)
             slots.release()
 
+        # Requests straight to a driver whose completions this thread can reap itself (rbd):
+        # one Python thread submits and completes, as qemu-img's event loop does.
+        poll = None
+        target = blk._native_target(write) if depth > 1 else None
+        if target is not None and hasattr(target[0].impl, "inline_completions"):
+            poll = target[0].impl.inline_completions()
+        inflight = 0
+
+        def done_inline(result) -> None:
+            nonlocal inflight
+            inflight -= 1
+            if isinstance(result, BaseException):
+                errors.append(result)
+
         start = time.monotonic()
         pos = offset
         try:
+            if poll is not None:
+                submit = blk.aio_write if write else blk.aio_read
+                arg = buf if write else size
+                for i in range(count):
+                    if pos + size > image_size:
+                        pos = 0
+                    while inflight >= depth:
+                        poll()
+                    if errors:
+                        break
+                    inflight += 1
+                    submit(pos, arg, done_inline)
+                    if write and flush_interval and (i + 1) % flush_interval == 0:
+                        blk.flush()
+                    pos = (pos + step) % image_size
+                while inflight:
+                    poll()
+                count = 0                   # done: skip the threaded loop below
             for i in range(count):
                 if pos + size > image_size:
                     pos = 0

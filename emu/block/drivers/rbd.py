@@ -18,11 +18,11 @@ Naming follows QEMU's block/rbd.c:
   ``error reading header from IMAGE`` (each followed by ``: strerror``).
 
 I/O uses librbd's asynchronous calls (``rbd_aio_*``).  :meth:`RbdDriver.aio_submit` returns
-at once and calls back on completion from the image's completion thread (:class:`_Reaper`,
-which waits for librbd's completions in submission order; librbd's own threads never run
-Python) (nothing of the caller's thread waits on the network); the
-synchronous :class:`~emu.block.node.BlockDriver` methods are that plus a wait, and run on
-the BlockBackend's worker threads.
+at once and calls back on completion from the image's completion thread, which takes
+finished completions off librbd's event queue in batches, in the order they finish
+(:class:`_Completions`; librbd's own threads never run Python), or from the thread of a
+loop that polls them itself (:meth:`RbdDriver.inline_completions`, emu-img bench); the
+synchronous :class:`~emu.block.node.BlockDriver` methods wait on the calling thread.
 
 Snapshots have RBD's semantics as QEMU presents them: no ids (``id`` = ``name``), an id
 given on create is refused, the date and VM clock are zero, ``vm-state-size`` is the
@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import threading
 from typing import Any, Callable
 
@@ -101,7 +100,6 @@ _LUKS_MAGIC = b"LUKS\xba\xbe"
 
 _lib_lock = threading.Lock()
 _libs: tuple[Any, Any, Any] | None = None   # (ffi, librados, librbd)
-_callback = None
 
 
 class RbdUnavailable(BlockError):
@@ -113,7 +111,7 @@ def load_libs() -> tuple[Any, Any, Any]:
 
     :raises RbdUnavailable: cffi or the Ceph client libraries are missing.
     """
-    global _libs, _callback
+    global _libs
     with _lib_lock:
         if _libs is None:
             try:
@@ -125,30 +123,36 @@ def load_libs() -> tuple[Any, Any, Any]:
             except (ImportError, OSError) as err:
                 raise RbdUnavailable(f"Ceph client libraries are not available: {err}") from err
 
-            @ffi.callback("void(rbd_completion_t, void *)")
-            def _complete(comp: Any, arg: Any) -> None:
-                # Runs on librbd's finisher thread: never raise into C.
-                req = ffi.from_handle(arg)
-                try:
-                    req.finish(int(rbd.rbd_aio_get_return_value(comp)))
-                finally:
-                    rbd.rbd_aio_release(comp)
-            _callback = _complete
             _libs = (ffi, rados, rbd)
         return _libs
 
 
-_fast_libs: tuple[Any, Any] | None = None
+#: librbd.h's EVENT_TYPE_EVENTFD (rbd_set_image_notification).
+EVENT_TYPE_EVENTFD = 2
+#: Completions taken from librbd's event queue per rbd_poll_io_events call.
+POLL_BATCH = 64
+
+_fast_libs: tuple[Any, Any, Any, Any, Any, Any] | None = None
+#: Where a bytes object's data starts, from its id() (PyBytes_AsString(b) - id(b), measured
+#: once: the same for every bytes object of the interpreter).
+_BYTES_DATA = 0
+#: Reads up to this size get a zeroed ``bytes(n)`` (cheaper than a ctypes call), larger ones
+#: CPython's uninitialised PyBytes_FromStringAndSize(NULL, n) (no memset of megabytes).
+SMALL_READ = 65536
 
 
-def _fast() -> tuple[Any, Any]:
-    """librbd's aio calls through ctypes, for the request hot path: ``(held, released)``.
+def _fast() -> tuple[Any, Any, Any, Any, Any, Any]:
+    """librbd's aio calls through ctypes, for the request hot path:
+    ``(held, released, new_bytes, bytes_addr, c_void_p, byref)``.
 
-    ``held`` (a PyDLL) keeps the GIL during the call: creating, starting, reading and
-    releasing a completion take microseconds and never wait for Python, and each GIL
-    release (as cffi's ABI mode does at every call) lets the other thread of the pair
-    (submitter / completion thread) take it, so the two ping-pong on it per request.
-    ``released`` (a CDLL) drops the GIL: only ``rbd_aio_wait_for_complete`` uses it.
+    ``held`` (a PyDLL) keeps the GIL during the call: creating, starting, reading, polling
+    and releasing completions take microseconds and never wait for Python, and each GIL
+    release (as cffi's ABI mode does at every call) would let another Python thread take
+    it in between.  ``released`` (a CDLL) drops the GIL: only ``rbd_aio_wait_for_complete``
+    (a synchronous request) uses it.  ``new_bytes(NULL, n)`` is CPython's
+    PyBytes_FromStringAndSize: a bytes object whose contents librbd then fills (at
+    ``as_string(obj)``, PyBytes_AsString, i.e. ``id(obj) +`` :data:`_BYTES_DATA`) before
+    anyone else sees it, so a large read is neither zeroed first nor copied after.
     """
     global _fast_libs
     if _fast_libs is None:
@@ -163,12 +167,21 @@ def _fast() -> tuple[Any, Any]:
                 ("rbd_aio_write", [vp, u64, sz, cp, vp], ctypes.c_int),
                 ("rbd_aio_discard", [vp, u64, u64, vp], ctypes.c_int),
                 ("rbd_aio_write_zeroes", [vp, u64, sz, vp, ctypes.c_int, ctypes.c_int], ctypes.c_int),
-                ("rbd_aio_flush", [vp, vp], ctypes.c_int)):
+                ("rbd_aio_flush", [vp, vp], ctypes.c_int),
+                ("rbd_poll_io_events", [vp, vp, ctypes.c_int], ctypes.c_int),
+                ("rbd_set_image_notification", [vp, ctypes.c_int, ctypes.c_int], ctypes.c_int)):
             fn = getattr(held, name)
             fn.argtypes, fn.restype = args, res
         released.rbd_aio_wait_for_complete.argtypes = [vp]
         released.rbd_aio_wait_for_complete.restype = ctypes.c_int
-        _fast_libs = (held, released)
+        new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new_bytes.argtypes, new_bytes.restype = [vp, ctypes.c_ssize_t], ctypes.py_object
+        as_string = ctypes.pythonapi.PyBytes_AsString
+        as_string.argtypes, as_string.restype = [ctypes.py_object], vp
+        probe = bytes(8)
+        global _BYTES_DATA
+        _BYTES_DATA = as_string(probe) - id(probe)
+        _fast_libs = (held, released, new_bytes, as_string, vp, ctypes.byref)
     return _fast_libs
 
 
@@ -351,94 +364,137 @@ class Connection:
             self.cluster = None
 
 
-_allocators: dict[int, Any] = {}
+class _SyncWait:
+    """A synchronous request's completion, released by whichever of the waiting thread
+    (after reading the result) and the completion harvester (after taking it off librbd's
+    event queue, which still holds it then) comes last."""
+
+    __slots__ = ("popped", "read")
+    lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.popped = self.read = False
 
 
-def _raw_alloc(ffi: Any) -> Any:
-    """An allocator that skips zero-filling (read buffers are filled by librbd)."""
-    a = _allocators.get(id(ffi))
-    if a is None:
-        a = _allocators[id(ffi)] = ffi.new_allocator(should_clear_after_alloc=False)
-    return a
+class _Completions:
+    """One image's librbd completions, harvested through an event fd (librbd's event
+    socket: ``rbd_set_image_notification`` + ``rbd_poll_io_events``).
 
+    librbd queues each finished completion of the image and bumps the eventfd; nothing of
+    librbd's threads runs Python.  :meth:`reap` takes every finished completion off the
+    queue with one call per :data:`POLL_BATCH`, in the order they finished (a fast request
+    behind a slow one is not held back), releases them and runs their requests' callbacks.
+    Who reaps: a completion thread per image that blocks on the eventfd with the GIL
+    released (:meth:`start_thread`, the default), or, in *inline* mode, the thread that
+    owns the requests' loop, calling :meth:`wait` (``emu-img bench``: one Python thread,
+    no hand-off per request, as QEMU's event loop).
 
-class _Request:
-    """One aio request: keeps the buffer alive until librbd is done with it."""
-
-    __slots__ = ("buf", "length", "callback", "done", "result", "comp", "data")
-
-    def __init__(self, buf: Any, length: int, callback: Callable[[int, bytes | None], None] | None) -> None:
-        self.buf, self.length, self.callback = buf, length, callback
-        self.done = False       # set once completed (after the callback ran)
-        self.result = 0
-        self.comp = None
-        self.data = None
-
-    def finish(self, ret: int) -> None:
-        self.result = ret
-        cb = self.callback
-        if cb is not None:
-            data = None
-            buf = self.buf
-            if ret >= 0 and self.length and buf is not None:
-                if type(buf) is tuple:
-                    data = buf[0].buffer(buf[1], self.length)[:]
-                else:
-                    data = buf.raw[:self.length]
-            try:
-                cb(ret, data)
-            except Exception:  # a broken callback must not unwind into librbd
-                log.exception("rbd completion callback failed")
-        self.done = True
-        _pending.discard(self)
-
-
-#: Requests librbd still holds (their handles and buffers must stay alive).
-_pending: set[_Request] = set()
-
-
-class _Reaper:
-    """The thread that completes one image's :meth:`RbdDriver.aio_submit` requests.
-
-    Their librbd completions have no callback: this thread waits for each in submission
-    order (``rbd_aio_wait_for_complete``, the GIL released) and then runs its Python side.
-    So librbd's finisher thread never takes the GIL (a cffi callback would, once per
-    request, competing with the submitting thread), a busy queue completes in a batch
-    without any wake-up, and a Python callback that blocks stalls only this thread, never
-    librbd's own.  A request completing before an older one waits for it: completions are
-    delivered in submission order.
+    Every completion created on the image goes through the queue once librbd has the event
+    fd, so all of them are in :attr:`inflight` (address -> request) until reaped.
     """
 
-    def __init__(self, name: str) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, image: int, name: str) -> None:
+        held = _fast()[0]
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC)
+        r = held.rbd_set_image_notification(image, self.efd, EVENT_TYPE_EVENTFD)
+        if r < 0:
+            os.close(self.efd)
+            raise RbdError(f"error setting the image notification: {_strerror(r)}", -r)
+        self.image, self.name = image, name
+        f = _fast()
+        self.held, self.new_bytes, self.c_void_p, self.byref = f[0], f[2], f[4], f[5]
+        self.create, self.read, self.write = (held.rbd_aio_create_completion, held.rbd_aio_read,
+                                              held.rbd_aio_write)
+        self.poll, self.value, self.release = (held.rbd_poll_io_events, held.rbd_aio_get_return_value,
+                                               held.rbd_aio_release)
+        #: completion address -> ``(callback, buffer, read length)`` or a :class:`_SyncWait`
+        self.inflight: dict[int, Any] = {}
+        self.inline = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        import ctypes
+        self._batch = (ctypes.c_void_p * POLL_BATCH)()
 
-    def put(self, req: _Request) -> None:
-        self._q.put(req)
+    def start_thread(self) -> None:
+        """Reap on a completion thread of this image (unless inline or already running)."""
+        if self._thread is None and not self.inline:
+            with self._lock:
+                if self._thread is None:
+                    t = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                    t.start()
+                    self._thread = t
+
+    def reap(self) -> int:
+        """Complete every request librbd has finished (any thread); returns how many."""
+        poll, value, release = self.poll, self.value, self.release
+        batch, inflight, image = self._batch, self.inflight, self.image
+        done: list[tuple[tuple, int]] = []
+        with self._lock:
+            while True:
+                n = poll(image, batch, POLL_BATCH)
+                for i in range(n):
+                    comp = batch[i]
+                    entry = inflight.pop(comp, None)
+                    if type(entry) is tuple:
+                        done.append((entry, value(comp)))
+                        release(comp)
+                    elif entry is None:
+                        log.error("rbd: completion %#x of no request", comp)
+                        release(comp)
+                    else:                           # a synchronous request's
+                        with _SyncWait.lock:
+                            entry.popped = True
+                            if entry.read:
+                                release(comp)
+                if n < POLL_BATCH:
+                    break
+        for (callback, buf, length), ret in done:
+            if callback is None:
+                continue
+            data = None
+            if length and ret >= 0:                 # a read: librbd filled buf
+                data = buf if ret >= length else buf[:ret] + bytes(length - ret)
+            try:
+                callback(ret, data)
+            except Exception:  # a broken callback must not stop the completions
+                log.exception("rbd completion callback failed")
+        return len(done)
+
+    def wait(self) -> int:
+        """Inline mode: block (GIL released) until librbd finished something, then reap.
+        Returns at once (0) when nothing is in flight."""
+        if not self.inflight:
+            return self.reap()
+        os.read(self.efd, 8)
+        return self.reap()
 
     def _loop(self) -> None:
-        held, released = _fast()
-        wait, value, release = (released.rbd_aio_wait_for_complete, held.rbd_aio_get_return_value,
-                                held.rbd_aio_release)
-        get = self._q.get
+        read, efd = os.read, self.efd
         while True:
-            req = get()
-            if req is None:
-                return
-            comp, req.comp = req.comp, None
+            read(efd, 8)
             try:
-                wait(comp)
-                ret = value(comp)
-            finally:
-                release(comp)
-            req.finish(ret)
+                self.reap()
+            except Exception:  # never let the completion thread die
+                log.exception("rbd completion thread of %s failed", self.name)
+            if self._stopping and not self.inflight:
+                return
 
-    def stop(self) -> None:
-        """Complete everything submitted, then end the thread."""
-        self._q.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+    def close(self) -> None:
+        """Complete everything submitted (on the thread, or here in inline mode), end the
+        thread; the eventfd closes after librbd closed the image (:meth:`close_fd`)."""
+        t = self._thread
+        if t is not None:
+            self._stopping = True
+            os.write(self.efd, (1).to_bytes(8, "little"))
+            if t is not threading.current_thread():
+                t.join()
+        else:
+            while self.inflight:
+                self.wait()
+
+    def close_fd(self) -> None:
+        os.close(self.efd)
 
 
 @register_driver("rbd")
@@ -454,10 +510,9 @@ class RbdDriver(BlockDriver):
         self.image = None
         self.snapshot: str | None = None
         self.opts: dict[str, Any] = {}
-        self._reaper: _Reaper | None = None
-        self._reaper_lock = threading.Lock()
         self._size: int | None = None
         self._image_ptr: int | None = None     # self.image as an address (ctypes hot path)
+        self._comps: _Completions | None = None
 
     # --- open/close ----------------------------------------------------------------------
     def open(self, options: dict[str, Any]) -> None:
@@ -493,15 +548,23 @@ class RbdDriver(BlockDriver):
             raise ImageOpenError(f"error reading header from {name}: {_strerror(r)}")
         self.image = img[0]
         self.image_name = name
+        self._image_ptr = int(ffi.cast("uintptr_t", self.image))
+        try:
+            self._comps = _Completions(self._image_ptr, f"rbd-{self.bs.node_name}-done")
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        reaper, self._reaper = self._reaper, None
-        if reaper is not None:
-            reaper.stop()                         # completes every submitted request
+        comps, self._comps = self._comps, None
+        if comps is not None:
+            comps.close()                         # completes every submitted request
         self._image_ptr = None
         if self.image is not None:
             self.conn.rbd.rbd_close(self.image)   # waits for librbd's outstanding aio
             self.image = None
+        if comps is not None:
+            comps.close_fd()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -521,62 +584,66 @@ class RbdDriver(BlockDriver):
         return d
 
     # --- asynchronous I/O ----------------------------------------------------------------
+    def inline_completions(self) -> Callable[[], int]:
+        """Switch this image to inline completions and return its ``wait()``: from now on
+        callbacks run on the thread that calls it (it blocks, the GIL released, until librbd
+        finished a request, then completes all that finished; returns at once when nothing
+        is in flight).  For a loop that owns every request of the image (``emu-img bench``);
+        the caller must keep calling it until its requests are done.  Synchronous requests
+        still complete by themselves."""
+        comps = self._comps
+        if comps is None:
+            raise BlockError(f"Node '{self.bs.node_name}' is closed")
+        if comps._thread is not None:
+            raise BlockError("rbd completions already run on their thread")
+        comps.inline = True
+        return comps.wait
+
     def aio_submit(self, op: str, offset: int = 0, length: int = 0, data: bytes | None = None,
-                   callback: Callable[[int, bytes | None], None] | None = None) -> _Request:
+                   callback: Callable[[int, bytes | None], None] | None = None) -> None:
         """Start ``op`` (``read``, ``write``, ``discard``, ``write_zeroes``, ``flush``) and return at once.
 
-        :param callback: ``callback(ret, data)`` on the image's completion thread; ``ret`` is
-            librbd's return value (negative errno on failure), ``data`` the bytes read.
-        :returns: the request (``request.done`` once it completed).
+        :param callback: ``callback(ret, data)`` on the image's completion thread (or the
+            inline poller, :meth:`inline_completions`); ``ret`` is librbd's return value
+            (negative errno on failure), ``data`` the bytes read.  Requests complete in the
+            order librbd finishes them.
         """
-        if self.image is None:
+        comps = self._comps
+        if self.image is None or comps is None:
             raise BlockError(f"Node '{self.bs.node_name}' is closed")
-        import ctypes
-        held, _ = _fast()
-        image = self._image_ptr
-        if image is None:
-            image = self._image_ptr = int(self.conn.ffi.cast("uintptr_t", self.image))
-        comp = ctypes.c_void_p()
-        _check(held.rbd_aio_create_completion(None, None, ctypes.byref(comp)), "aio completion")
-        reaper = self._reaper
-        if reaper is None:
-            with self._reaper_lock:
-                reaper = self._reaper
-                if reaper is None:
-                    reaper = self._reaper = _Reaper(f"rbd-{self.bs.node_name}-done")
+        comp = comps.c_void_p()
+        if comps.create(None, None, comps.byref(comp)) < 0:
+            raise RbdError("aio completion: out of memory", errno.ENOMEM)
+        comp = comp.value
+        inflight = comps.inflight
         if op == "read":
-            if length <= 65536:         # zeroing it costs less than a cffi cast
-                buf: Any = ctypes.create_string_buffer(max(length, 1))
-                addr: Any = buf
-            else:                       # large: not zeroed (librbd fills it)
-                ffi = self.conn.ffi
-                cbuf = _raw_alloc(ffi)("char[]", length)
-                buf, addr = (ffi, cbuf), int(ffi.cast("uintptr_t", cbuf))
-            req = _Request(buf, length, callback)
-            r = held.rbd_aio_read(image, offset, length, addr, comp)
+            # librbd fills the bytes object: the request's result as it is, never copied
+            buf = bytes(length or 1) if length <= SMALL_READ else comps.new_bytes(None, length)
+            inflight[comp] = (callback, buf, length)
+            r = comps.read(comps.image, offset, length, id(buf) + _BYTES_DATA, comp)
         elif op == "write":
             assert data is not None
-            data = bytes(data)
-            req = _Request(None, 0, callback)
-            req.data = data                                   # alive until completion
-            r = held.rbd_aio_write(image, offset, len(data), data, comp)
+            if type(data) is not bytes:
+                data = bytes(data)
+            inflight[comp] = (callback, data, 0)        # data alive until completion
+            r = comps.write(comps.image, offset, len(data), data, comp)
         else:
-            req = _Request(None, 0, callback)
+            inflight[comp] = (callback, None, 0)
+            held = comps.held
             if op == "discard":
-                r = held.rbd_aio_discard(image, offset, length, comp)
+                r = held.rbd_aio_discard(comps.image, offset, length, comp)
             elif op == "write_zeroes":
-                r = held.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
+                r = held.rbd_aio_write_zeroes(comps.image, offset, length, comp, 0, 0)
             elif op == "flush":
-                r = held.rbd_aio_flush(image, comp)
+                r = held.rbd_aio_flush(comps.image, comp)
             else:
                 r = -errno.EINVAL
-        if r < 0:
-            held.rbd_aio_release(comp)
+        if r < 0:                   # librbd did not take it: no completion will come
+            inflight.pop(comp, None)
+            comps.held.rbd_aio_release(comp)
             raise RbdError(f"rbd aio {op} failed: {_strerror(r)}", -r)
-        _pending.add(req)
-        req.comp = comp
-        reaper.put(req)
-        return req
+        if comps._thread is None and not comps.inline:
+            comps.start_thread()
 
     @staticmethod
     def aio_error(op: str, offset: int, ret: int) -> BlockError:
@@ -584,43 +651,49 @@ class RbdDriver(BlockDriver):
         same as the synchronous calls raise."""
         return RbdError(f"rbd {op} at {offset} failed: {_strerror(ret)}", -ret)
 
-    def _start(self, op: str, offset: int, length: int, cbuf: Any, comp: Any) -> int:
-        lib = self.conn.rbd
-        if op == "read":
-            return lib.rbd_aio_read(self.image, offset, length, cbuf, comp)
-        if op == "write":
-            return lib.rbd_aio_write(self.image, offset, length, cbuf, comp)
-        if op == "discard":
-            return lib.rbd_aio_discard(self.image, offset, length, comp)
-        if op == "write_zeroes":
-            return lib.rbd_aio_write_zeroes(self.image, offset, length, comp, 0, 0)
-        if op == "flush":
-            return lib.rbd_aio_flush(self.image, comp)
-        return -errno.EINVAL
-
     def _wait(self, op: str, offset: int = 0, length: int = 0, data: bytes | None = None,
-              cbuf: Any = None) -> int:
+              buf: bytes | None = None) -> int:
         """Run ``op`` through librbd's aio and wait for it on this (worker) thread.
 
-        No completion callback: ``rbd_aio_wait_for_complete`` blocks with the GIL released,
-        so librbd's finisher thread never has to take the GIL for a synchronous request.
+        ``rbd_aio_wait_for_complete`` blocks with the GIL released, so no other thread has
+        to run for a synchronous request; the completion is released once the harvester
+        (which gets it from librbd's event queue too) is done with it (:class:`_SyncWait`).
         :returns: librbd's return value (bytes read for a read).
         """
-        if self.image is None:
+        comps = self._comps
+        if self.image is None or comps is None:
             raise BlockError(f"Node '{self.bs.node_name}' is closed")
-        ffi, lib = self.conn.ffi, self.conn.rbd
-        if op == "write":
-            cbuf = ffi.from_buffer(data)
-            length = len(data)
-        comp = ffi.new("rbd_completion_t *")
-        _check(lib.rbd_aio_create_completion(ffi.NULL, ffi.NULL, comp), "aio completion")
-        try:
-            r = self._start(op, offset, length, cbuf, comp[0])
-            if r >= 0:
-                lib.rbd_aio_wait_for_complete(comp[0])
-                r = int(lib.rbd_aio_get_return_value(comp[0]))
-        finally:
-            lib.rbd_aio_release(comp[0])
+        held, released, _, _, c_void_p, byref = _fast()
+        image = self._image_ptr
+        comp = c_void_p()
+        _check(held.rbd_aio_create_completion(None, None, byref(comp)), "aio completion")
+        comp = comp.value
+        sync = _SyncWait()
+        comps.inflight[comp] = sync
+        if op == "read":
+            r = held.rbd_aio_read(image, offset, length, id(buf) + _BYTES_DATA, comp)
+        elif op == "write":
+            r = held.rbd_aio_write(image, offset, len(data), data, comp)
+        elif op == "discard":
+            r = held.rbd_aio_discard(image, offset, length, comp)
+        elif op == "write_zeroes":
+            r = held.rbd_aio_write_zeroes(image, offset, length, comp, 0, 0)
+        elif op == "flush":
+            r = held.rbd_aio_flush(image, comp)
+        else:
+            r = -errno.EINVAL
+        if r < 0:
+            comps.inflight.pop(comp, None)
+            held.rbd_aio_release(comp)
+        else:
+            released.rbd_aio_wait_for_complete(comp)
+            r = held.rbd_aio_get_return_value(comp)
+            with _SyncWait.lock:
+                sync.read = True
+                if sync.popped:
+                    held.rbd_aio_release(comp)
+            if comps._thread is None:   # nobody else may reap soon: take it off the queue
+                comps.reap()
         if r < 0:
             raise RbdError(f"rbd {op} at {offset} failed: {_strerror(r)}", -r)
         return r
@@ -640,14 +713,14 @@ class RbdDriver(BlockDriver):
         return n
 
     def read(self, offset: int, length: int) -> bytes:
-        ffi = self.conn.ffi
-        cbuf = _raw_alloc(ffi)("char[]", max(length, 1))   # librbd fills it
-        n = self._wait("read", offset, length, cbuf=cbuf)
-        data = ffi.buffer(cbuf, length)[:n]
-        return data if n == length else data + bytes(length - n)
+        buf = bytes(length or 1) if length <= SMALL_READ else _fast()[2](None, length)  # librbd fills it
+        n = self._wait("read", offset, length, buf=buf)
+        if n >= length:
+            return buf if length else b""
+        return buf[:n] + bytes(length - n)
 
     def write(self, offset: int, data: bytes) -> None:
-        self._wait("write", offset, len(data), data)
+        self._wait("write", offset, len(data), data if type(data) is bytes else bytes(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._wait("write_zeroes", offset, length)
