@@ -42,8 +42,9 @@ Creation has two halves so a running guest is held only for the first (the monit
   session first (:meth:`SnapshotMixin._settle_all` from ``_write_caches``), so no flush
   completes before its writes are reachable from the header;
 * :meth:`SnapshotMixin.snapshot_create_finish` (guest running; the caller's reply waits for
-  it) settles the remaining tables a few per hold of the node lock, then commits (the lock
-  is held from the copies to the header write, one fdatasync) and makes the header durable
+  it) settles the remaining tables a few per hold of the node lock, makes what the guest
+  wrote meanwhile durable without the lock, then commits (the lock is held from the copies
+  to the header write, one fdatasync of those few clusters) and makes the header durable
   without the lock.
 """
 
@@ -742,6 +743,11 @@ class SnapshotMixin:
             except (BlockError, OSError):
                 self.snapshot_create_cancel(p)
                 raise
+        if lock is not None and not p.done:
+            # Most of what the commit's fdatasync must cover (the guest's data, tables the
+            # guest copied) is made durable first without the lock, so the one taken with
+            # the lock held below covers only the commit's own few clusters.
+            barrier()
         # 2. Commit (unless a guest flush did it meanwhile): new clusters, one header write.
         post = None
         with hold:
