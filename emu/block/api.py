@@ -569,10 +569,14 @@ class BlockBackend:
             self._in_flight += 1
 
     def _done(self) -> None:
-        with self._cond:
+        cond = self._cond
+        cond.acquire()                      # the lock's own acquire: no Python-level __enter__
+        try:
             self._in_flight -= 1
             if not self._in_flight:         # drain() waits for 0; nothing else waits on it
-                self._cond.notify_all()
+                cond.notify_all()
+        finally:
+            cond.release()
 
     def _node(self) -> BlockDriverState:
         if self._root is None:
@@ -765,10 +769,14 @@ class BlockBackend:
             return False
         node, base = target
         root = self._root
-        with self._cond:
+        cond = self._cond
+        cond.acquire()
+        try:
             if self._quiesce and self._drain_owner != threading.get_ident():
                 return False
             self._in_flight += 1
+        finally:
+            cond.release()
         cookie = self.acct.start(kind, length) if account else None
         pos = base + offset
 
