@@ -109,9 +109,10 @@ def parse_qemu_opts(text: str, implied: str | None = None) -> list[tuple[str, st
 
 
 def parse_keyval(text: str) -> dict[str, Any]:
-    """``-blockdev`` keyval syntax: ``driver=qcow2,file.driver=file`` -> nested dict."""
+    """``-blockdev`` keyval syntax: ``driver=qcow2,file.driver=file`` -> nested dict (a bare
+    first word is the driver, as QEMU's ``keyval_parse(optarg, "driver", ...)``)."""
     root: dict[str, Any] = {}
-    for k, v in parse_qemu_opts(text):
+    for k, v in parse_qemu_opts(text, "driver"):
         node = root
         keys = k.split(".")
         for part in keys[:-1]:
@@ -282,6 +283,20 @@ def _opt_hda(b: _Builder, arg: str) -> None:
 
 
 def _opt_blockdev(b: _Builder, arg: str) -> None:
+    if arg.lstrip().startswith("{"):
+        # QEMU's -blockdev takes a JSON object too (the QMP blockdev-add arguments)
+        import json
+
+        try:
+            opts = json.loads(arg)
+        except ValueError as e:
+            raise OptionError(f"JSON parse error, {e.msg.lower()}") from None
+        if not isinstance(opts, dict):
+            raise OptionError("Invalid parameter type for 'null', expected: object")
+        if "driver" not in opts:
+            raise OptionError("Parameter 'driver' is missing")
+        b.cfg.blockdevs.append(BlockdevConfig(arg, opts, json=True))
+        return
     opts = parse_keyval(arg)
     if "driver" not in opts:
         raise OptionError("Parameter 'driver' is missing")
@@ -710,6 +725,10 @@ def _resolve(b: _Builder) -> None:
     # devices: explicit -device first, then those implied by if=virtio drives (QEMU
     # appends them to the -device list when it processes the drives)
     drives = {d.id: d for d in cfg.drives}
+    # a device's drive= is a -drive id or else a node name (QEMU's blk_by_name, then
+    # bdrv_lookup_bs: the device gets a BlockBackend of its own on that node)
+    nodes = {name for bd in cfg.blockdevs for name in _node_names(bd.options)}
+    nodes |= {d.node_name for d in cfg.drives if getattr(d, "node_name", None)}
     claimed: set[str] = {d.id for d in cfg.drives if d.interface in ("ide", "virtio")}
     anon = 0
     dev_ids: set[str] = set()
@@ -730,13 +749,14 @@ def _resolve(b: _Builder) -> None:
         if driver in BLOCK_DEVICE_MODELS:
             drv = props.get("drive")
             if drv is not None:
-                if drv not in drives:
+                if drv not in drives and drv not in nodes:
                     raise OptionError(f"Property '{BLOCK_DEVICE_MODELS[driver]}.drive' can't "
                                       f"find value '{drv}'", f"-device {spec}")
-                if drv in claimed:
+                if drv in drives and drv in claimed:
                     raise OptionError(f"Drive '{drv}' is already in use by another device",
                                       f"-device {spec}")
-                claimed.add(drv)
+                if drv in drives:
+                    claimed.add(drv)
             bus = props.get("bus")
             if driver.startswith("ide-") and bus is not None and bus not in ("ide.0", "ide.1"):
                 raise OptionError(f"Bus '{bus}' not found", f"-device {spec}")
@@ -770,6 +790,15 @@ def _resolve(b: _Builder) -> None:
         if s not in known:
             raise OptionError(f"could not connect serial device to character backend '{s}'",
                               f"-serial chardev:{s}")
+
+
+def _node_names(options: dict[str, Any]) -> list[str]:
+    """Every ``node-name`` in a -blockdev's options, nested ones (``file.node-name``) too."""
+    out = [str(options["node-name"])] if isinstance(options.get("node-name"), str) else []
+    for v in options.values():
+        if isinstance(v, dict):
+            out += _node_names(v)
+    return out
 
 
 def _make_drive(spec: str, opts: dict[str, str], used: dict, ids: set[str]) -> DriveConfig:

@@ -112,6 +112,9 @@ class BlockdevConfig(_Record):
 
     spec: str
     options: dict[str, Any]
+    #: given as JSON (``-blockdev '{"driver": ...}'``): the options are typed already;
+    #: else keyval, every leaf a string until :func:`emu.qmp.schema.keyval_typed`
+    json: bool = False
 
 
 class DeviceConfig(_Record):

@@ -77,9 +77,22 @@ def _blockdev_discard_options(options: dict[str, Any]) -> None:
                          "discard operation to unmap")
 
 
+def _checked_blockdev_options(b: Any) -> dict[str, Any]:
+    """A ``-blockdev``'s options as QMP ``blockdev-add`` takes them: keyval strings typed by
+    the schema (``read-only=off`` is False, ``offset=4096`` an integer), then checked with
+    QEMU's texts, as QEMU's visitor does for both of its syntaxes."""
+    from emu.qmp.commands.block import BLOCKDEV_OPTIONS
+    from emu.qmp.schema import keyval_typed
+
+    options = b.options if b.json else keyval_typed(BLOCKDEV_OPTIONS, b.options)
+    return BLOCKDEV_OPTIONS.check(options, "", None)
+
+
 def open_drive(machine: Machine, d: DriveConfig, qdev: str) -> BlockDevice:
     """Open one drive (or register an empty cdrom) and add it to ``machine``."""
     discard_unmap, detect_zeroes = _drive_discard_options(d)
+    if machine.block_graph is not None and machine.block_graph.lookup(d.id) is not None:
+        raise ConfigError(f"Device name '{d.id}' conflicts with an existing node name")
     # a BlockBackend without a device counts as removable (QEMU: no device, no tray)
     dev = BlockDevice(name=d.id, qdev=qdev, media=d.media,
                       removable=d.media == "cdrom" or not qdev)
@@ -129,8 +142,9 @@ def open_drives(machine: Machine) -> None:
         if machine.block_graph is None:
             break
         try:
-            _blockdev_discard_options(b.options)
-            machine.block_graph.blockdev_add(b.options)
+            options = _checked_blockdev_options(b)
+            _blockdev_discard_options(options)
+            machine.block_graph.blockdev_add(options)
         except (BlockError, EmuError) as e:
             raise OptionError(str(e), f"-blockdev {b.spec}") from e
     for d in cfg.drives:
@@ -140,3 +154,57 @@ def open_drives(machine: Machine) -> None:
             raise
         except ConfigError as e:
             raise OptionError(str(e), f"-drive {d.spec}") from e
+    _attach_node_devices(machine)
+
+
+def _attach_node_devices(machine: Machine) -> None:
+    """Devices whose ``drive=`` names a node (``-blockdev ...,node-name=n0 -device
+    virtio-blk-pci,drive=n0``): each gets a BlockBackend of its own on that node, with no
+    name (query-block lists it as device ``""`` with its qdev path), as QEMU's drive
+    property does (blk_by_name, then bdrv_lookup_bs and blk_new).  A device that writes
+    takes the node's write permission and shares none: a second one on the same node is
+    QEMU's permission conflict; an ``ide-hd`` on a read-only node is refused, a virtio-blk
+    one becomes a read-only disk."""
+    from emu.cli import OptionError
+
+    cfg = machine.config
+    graph = machine.block_graph
+    if graph is None:
+        return
+    drive_ids = {d.id for d in cfg.drives}
+    writers: dict[int, str] = {}        # id(node) -> qdev path of the device writing to it
+    for dev in cfg.devices:
+        drv = dev.props.get("drive")
+        if drv is None or drv in drive_ids or not dev.driver.startswith(("virtio-blk", "ide-")):
+            continue
+        where = f"-device {dev.spec}"
+        node = graph.lookup(drv)
+        if node is None:
+            raise OptionError(f"Property '{_model(dev.driver)}.drive' can't find value '{drv}'", where)
+        writes = not node.read_only
+        if dev.driver.startswith("ide-") and node.read_only:
+            raise OptionError("Block node is read-only", where)
+        other = writers.get(id(node))
+        if other is None:
+            other = next((b.qdev or b.name for b in machine.block_devices
+                          if b.node is node and b.qdev and b.backend is not None
+                          and not b.backend.read_only), None)
+        if writes and other is not None:
+            raise OptionError(
+                f"Permission conflict on node '{drv}': permissions 'write' are both required by "
+                f"block device '{other}' (uses node '{drv}' as 'root' child) and unshared by block "
+                f"device '{dev.qdev_path}' (uses node '{drv}' as 'root' child).", where)
+        if writes:
+            writers[id(node)] = dev.qdev_path
+        bdev = BlockDevice(name="", qdev=dev.qdev_path, removable=False)
+        bdev.node = node
+        bdev.backend = _backend_for(node, "", node.read_only)
+        bdev.extra["node_attached"] = drv
+        bdev.extra["device"] = dev
+        machine.add_block_device(bdev)
+
+
+def _model(driver: str) -> str:
+    from emu.cli import BLOCK_DEVICE_MODELS
+
+    return BLOCK_DEVICE_MODELS.get(driver, driver)

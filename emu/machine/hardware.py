@@ -219,13 +219,22 @@ def _ide_backends(machine: Machine) -> tuple[list[Any], list[bool]]:
         if dev.driver == "ide-cd":
             raise ConfigError("'ide-cd' is not supported by emu (no ATAPI): use media=disk")
         index = _ide_index(dev, backends)
-        drive = dev.props.get("drive")
-        bdev = machine.find_block_device(drive) if drive is not None else None
+        bdev = _device_bdev(machine, dev)
         if bdev is None or bdev.backend is None:
             raise ConfigError(f"Device needs media, but drive is empty ({dev.spec})")
         backends[index] = bdev.backend
         write_cache[index] = _write_cache(bdev)
     return backends, write_cache
+
+
+def _device_bdev(machine: Machine, dev: DeviceConfig) -> BlockDevice | None:
+    """The block device a ``-device`` is attached to: its own BlockBackend on a node
+    (``drive=<node-name>``, :func:`emu.machine.drives.open_drives`) or the ``-drive`` named."""
+    for bdev in machine.block_devices:
+        if bdev.extra.get("device") is dev:
+            return bdev
+    drive = dev.props.get("drive")
+    return machine.find_block_device(drive) if drive is not None else None
 
 
 def _write_cache(bdev: BlockDevice) -> bool:
@@ -289,7 +298,7 @@ def _virtio_plan(machine: Machine) -> list[_VirtioPlan]:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from err
         drive = dev.props.get("drive")
-        bdev = machine.find_block_device(drive) if drive is not None else None
+        bdev = _device_bdev(machine, dev)
         if bdev is None or bdev.backend is None:
             raise ConfigError(f"{where}: Drive property not set" if drive is None else
                               f"{where}: Device needs media, but drive is empty")

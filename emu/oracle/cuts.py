@@ -55,7 +55,8 @@ def backend_counters(blk: Any) -> dict[str, int] | None:
 class DeviceCut:
     """One block device at a cut.
 
-    :param device: the BlockBackend/device name (``ide0-hd0``, ``virtio0``).
+    :param device: the BlockBackend/device name (``ide0-hd0``, ``virtio0``), or the qdev path of
+        a device attached to a node by ``drive=<node-name>`` (its BlockBackend has no name).
     :param node_name: its root node's name ('' with no medium).
     :param counters: :data:`COUNTER_KEYS` values, or None when the backend keeps no accounting.
     :param in_flight: requests in flight after the drain (0 unless the drain failed).
@@ -126,7 +127,9 @@ class CutLog:
             dev = names.get(id(blk))
             root = getattr(blk, "root", None)
             devices.append(DeviceCut(
-                device=dev.name if dev is not None else str(getattr(blk, "name", "")),
+                # a device's own BlockBackend on a -blockdev node has no name: its qdev
+                # path keys it (several such devices would all be "")
+                device=(dev.name or dev.qdev) if dev is not None else str(getattr(blk, "name", "")),
                 node_name=str(getattr(root, "node_name", "") or "") if root is not None else "",
                 counters=backend_counters(blk),
                 in_flight=int(getattr(blk, "in_flight", 0) or 0)))

@@ -161,9 +161,11 @@ def _block_entry(machine: Any, dev: Any, verbose: bool) -> str:
     from emu.qmp.commands.block import block_device_info
 
     ins = block_device_info(dev.node, writeback=dev.writeback) if dev.node is not None else None
-    out = dev.name
+    if dev.name:
+        out = dev.name + (f" ({ins['node-name']})" if ins is not None else "")
+    else:               # a device's own BlockBackend (drive=<node-name>) has no name
+        out = ins["node-name"] if ins is not None else (dev.qdev or "<anonymous>")
     if ins is not None:
-        out += f" ({ins['node-name']})"
         out += f": {ins['file']} ({ins['drv']}{', read-only' if ins['ro'] else ''})\n"
     else:
         out += ": [not inserted]\n"

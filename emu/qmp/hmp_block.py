@@ -64,8 +64,8 @@ def info_blockstats(machine: Any, args: list[str]) -> str:
     out = []
     for s in stats:
         st = s["stats"]
-        dev = s.get("device", "")
-        out.append(f"{dev}{':' if dev else ''} rd_bytes={st['rd_bytes']} wr_bytes={st['wr_bytes']} "
+        dev = s.get("device")
+        out.append(f"{dev + ':' if dev is not None else ''} rd_bytes={st['rd_bytes']} wr_bytes={st['wr_bytes']} "
                    f"rd_operations={st['rd_operations']} wr_operations={st['wr_operations']} "
                    f"flush_operations={st['flush_operations']} "
                    f"wr_total_time_ns={st['wr_total_time_ns']} "

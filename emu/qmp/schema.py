@@ -319,6 +319,77 @@ class Alternate(QType):
         raise _type_error(name or "null", self.name)
 
 
+# ----------------------------------------------------------------- keyval input
+
+_KEYVAL_TRUE = ("on", "yes", "true", "y")
+_KEYVAL_FALSE = ("off", "no", "false", "n")
+
+
+def keyval_typed(qtype: QType, value: Any, full: str = "") -> Any:
+    """Command-line keyval (``-blockdev driver=raw,read-only=on,file.filename=x``: every
+    leaf a string) to the typed value QEMU's keyval input visitor makes of it for
+    ``qtype``: booleans from on/off/yes/no/true/false, integers in C notation, sizes with
+    suffixes, alternates by shape (a dict or a string); enums and strings stay strings.
+    Keys the type lacks stay as they are, for :meth:`QType.check` to refuse with QEMU's text.
+
+    :raises QmpError: QEMU's ``Parameter 'x' expects ...`` for a leaf that does not parse.
+    """
+    if isinstance(qtype, Alternate):
+        for c in qtype.choices:
+            if isinstance(value, dict) and isinstance(c, (Struct, Union)):
+                return keyval_typed(c, value, full)
+            if isinstance(value, str) and isinstance(c, (Builtin, Enum)) and c.json_kind() == "string":
+                return value
+        scalars = [c for c in qtype.choices if isinstance(c, Builtin) and c.json_type != "null"]
+        return keyval_typed(scalars[0], value, full) if scalars and isinstance(value, str) else value
+    if isinstance(qtype, Union):
+        if not isinstance(value, dict):
+            return value
+        out = _keyval_members(qtype.base, value, full)
+        branch = qtype.branches.get(out.get(qtype.discriminator))
+        return _keyval_members(branch, out, full) if branch is not None else out
+    if isinstance(qtype, Struct):
+        return _keyval_members(qtype, value, full) if isinstance(value, dict) else value
+    if isinstance(qtype, List) or not isinstance(value, str) or not isinstance(qtype, Builtin):
+        return value
+    jt = qtype.json_type
+    if jt == "boolean":
+        if value in _KEYVAL_TRUE:
+            return True
+        if value in _KEYVAL_FALSE:
+            return False
+        raise QmpError(f"Parameter '{full}' expects 'on' or 'off'")
+    if jt == "int":
+        if qtype.name == "size":
+            from emu.img.util import parse_size
+
+            try:
+                n = parse_size(value)
+            except ValueError:
+                raise QmpError(f"Parameter '{full}' expects a non-negative number below 2^64\n"
+                               "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                               "tera-, peta-\nand exabytes, respectively.") from None
+            return n
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise QmpError(f"Parameter '{full}' expects {'integer' if qtype.name in ('int', 'int64') else qtype.name}") from None
+    if jt == "number":
+        try:
+            return float(value)
+        except ValueError:
+            raise QmpError(f"Parameter '{full}' expects number") from None
+    return value
+
+
+def _keyval_members(struct: Struct, d: dict, full: str) -> dict:
+    out = dict(d)
+    for m in struct.members:
+        if m.name in d:
+            out[m.name] = keyval_typed(m.type, d[m.name], child_name(full, m.name))
+    return out
+
+
 # ----------------------------------------------------------------- introspection
 
 class SchemaBuilder:
